@@ -33,13 +33,15 @@ FROM python:${PYTHON_VERSION}-slim-bookworm
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 ARG CREATED=unknown
+# Where the source lives; set it in CI (the project has no public address yet).
+ARG SOURCE_URL=unknown
 LABEL org.opencontainers.image.title="preloader" \
       org.opencontainers.image.description="Makes an LLM's weight files resident in the Linux page cache, proves it, and tells Kubernetes and Prometheus." \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.created="${CREATED}" \
-      org.opencontainers.image.source="https://example.invalid/preloader" \
+      org.opencontainers.image.source="${SOURCE_URL}" \
       org.opencontainers.image.base.name="python:${PYTHON_VERSION}-slim-bookworm"
 # The venv's python is a symlink to this stage's identical /usr/local/bin/python3.
 COPY --from=build /opt/preloader /opt/preloader

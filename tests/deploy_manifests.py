@@ -9,12 +9,18 @@ skipped.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
+import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +30,7 @@ import yaml
 
 __all__ = [
     "AGREED_METRICS",
+    "DEFAULT_CONTAINER_CAPS",
     "DEPLOY",
     "IMAGE_UID",
     "OVERLAYS",
@@ -31,10 +38,15 @@ __all__ = [
     "Invocation",
     "containers",
     "invocations",
+    "is_preloader_image",
     "pod_specs",
+    "readonly_root_prefix",
     "render",
     "render_python",
     "setpriv_args",
+    "shared_tmpdir",
+    "system_python",
+    "zipapp",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -244,3 +256,77 @@ def setpriv_args(security_context: dict[str, Any]) -> list[str]:
     if security_context.get("allowPrivilegeEscalation") is False:
         args.append("--no-new-privs")
     return args
+
+
+#: Capabilities a container runtime (containerd, Docker) gives a container that does not
+#: drop any: the identity a postStart hook in an unhardened server container runs with.
+DEFAULT_CONTAINER_CAPS = (
+    "chown,dac_override,fowner,fsetid,kill,setgid,setuid,setpcap,"
+    "net_bind_service,net_raw,sys_chroot,mknod,audit_write,setfcap"
+)
+
+
+def shared_tmpdir(prefix: str) -> Path:
+    """A temporary folder every uid can traverse (pytest's tmp_path is root-only)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+@functools.cache
+def zipapp() -> Path:
+    """Build dist/preloader.pyz once per test session, into a world-readable folder."""
+    spec = importlib.util.spec_from_file_location(
+        "build_zipapp", REPO / "scripts" / "build_zipapp.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["build_zipapp"] = module
+    spec.loader.exec_module(module)
+    output: Path = module.build(shared_tmpdir("preloader-pyz-") / "preloader.pyz")
+    output.chmod(0o755)
+    return output
+
+
+@functools.cache
+def system_python() -> str | None:
+    """An interpreter >= 3.10 that is not the one running the tests and that every uid
+    can execute (the Debian one), standing in for a server image's python3."""
+    ours = Path(sys.base_prefix).resolve()
+    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3", "/usr/bin/python3.12"):
+        if not os.access(candidate, os.X_OK) or Path(candidate).resolve().is_relative_to(ours):
+            continue
+        probe = subprocess.run(
+            [candidate, "-c", "import sys; print(sys.version_info >= (3, 10))"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if probe.stdout.strip() == "True":
+            return candidate
+    return None
+
+
+@functools.cache
+def readonly_root_prefix() -> tuple[str, ...] | None:
+    """Command prefix that runs the rest with ``/`` remounted read-only, in a private
+    mount namespace (like readOnlyRootFilesystem), or None where that is not allowed."""
+    prefix = (
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        'mount --bind / / && mount -o remount,bind,ro / && exec "$@"',
+        "readonly-root",
+    )
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        return None
+    probe = subprocess.run(
+        [*prefix, "sh", "-c", "! touch /.preloader-ro-probe 2>/dev/null"],
+        capture_output=True,
+        check=False,
+    )
+    return prefix if probe.returncode == 0 else None
