@@ -20,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ import zipapp
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -104,12 +106,14 @@ def runtime_requirements(pyproject: Path) -> list[str]:
     ]
 
 
-def _marker_class() -> type:
-    try:
-        from packaging.markers import Marker
-    except ImportError:  # the Docker build stage has pip, which vendors packaging
-        from pip._vendor.packaging.markers import Marker  # type: ignore[no-redef]
-    return Marker
+def _marker_class() -> Any:
+    # The Docker build stage has no packaging, but pip vendors it.
+    for module_name in ("packaging.markers", "pip._vendor.packaging.markers"):
+        try:
+            return importlib.import_module(module_name).Marker
+        except ImportError:
+            continue
+    raise RuntimeError("evaluating markers needs packaging (or pip)")
 
 
 def _dist_requirements(site: Path) -> Iterator[tuple[str, str]]:

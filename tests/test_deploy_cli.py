@@ -24,10 +24,7 @@ from typing import Any
 import click
 import pytest
 
-try:
-    from . import deploy_manifests as dm
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-    import deploy_manifests as dm  # type: ignore[no-redef]
+from . import deploy_manifests as dm
 
 INVOCATIONS = [inv for folder in dm.OVERLAYS for inv in dm.invocations(folder, dm.render(folder))]
 

@@ -16,10 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-try:
-    from . import deploy_manifests as dm
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-    import deploy_manifests as dm  # type: ignore[no-redef]
+from . import deploy_manifests as dm
 
 # Native sidecars (restartPolicy on an initContainer) are GA from 1.29; the rest must also
 # work on older clusters, which is the point of sidecar-wait.
@@ -139,7 +136,7 @@ def test_model_volumes_are_mounted_read_only_except_for_the_downloader() -> None
 def _preloader_port(container: dict[str, Any]) -> dict[str, Any]:
     ports = [p for p in container.get("ports", []) if p.get("name") == "preloader"]
     assert len(ports) == 1, container["name"]
-    return ports[0]
+    return dict(ports[0])
 
 
 def _probe(container: dict[str, Any], kind: str) -> tuple[str, Any] | None:
@@ -350,7 +347,10 @@ def test_podmonitor_scrapes_the_preloader_port_of_labelled_pods() -> None:
 
 
 def _dashboard() -> dict[str, Any]:
-    return json.loads((dm.DEPLOY / "monitoring" / "grafana-dashboard.json").read_text())
+    dashboard: dict[str, Any] = json.loads(
+        (dm.DEPLOY / "monitoring" / "grafana-dashboard.json").read_text()
+    )
+    return dashboard
 
 
 def test_dashboard_uses_only_agreed_metric_names() -> None:

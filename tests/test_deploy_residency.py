@@ -27,10 +27,7 @@ from typing import Any
 
 import pytest
 
-try:
-    from . import deploy_manifests as dm
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-    import deploy_manifests as dm  # type: ignore[no-redef]
+from . import deploy_manifests as dm
 
 MiB = 1024 * 1024
 OTHER_UID = 4321  # an owner that is neither root nor the preloader (NFS, other tooling)

@@ -18,10 +18,7 @@ from types import ModuleType
 
 import pytest
 
-try:
-    from . import deploy_manifests as dm
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-    import deploy_manifests as dm  # type: ignore[no-redef]
+from . import deploy_manifests as dm
 
 MiB = 1024 * 1024
 
