@@ -390,3 +390,18 @@ def test_yaml_files_parse_and_carry_comments() -> None:
         text = path.read_text()
         list(yaml.safe_load_all(text))
         assert text.lstrip().startswith("#"), f"{path} should start with a comment saying why"
+
+
+def test_readme_section_covers_every_folder_and_the_sizing_rule() -> None:
+    text = (dm.DEPLOY / "README-section.md").read_text()
+    for folder in dm.OVERLAYS:
+        assert f"deploy/{folder}" in text, folder
+    for topic in (
+        "request = limit",
+        "I/O isolation",
+        "GGUF",
+        "--weight-loader-prefetch-checkpoints",
+        "--safetensors-load-strategy",
+        "CAP_FOWNER",
+    ):
+        assert topic in text, topic

@@ -7,6 +7,7 @@ warm the model with the server image's python3, and must say why when it cannot.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -32,9 +33,14 @@ def _server(folder: str) -> dict[str, Any]:
     raise AssertionError(folder)
 
 
-def _hook_script() -> list[str]:
+def _hook_script(container_log: str) -> list[str]:
+    """The hook, with the zipapp and the container's stderr (PID 1's) moved here."""
     command = _server("poststart")["lifecycle"]["postStart"]["exec"]["command"]
-    return [part.replace(MANIFEST_PYZ, str(dm.zipapp())) for part in command]
+    assert "/proc/1/fd/2" in command[-1]
+    return [
+        part.replace(MANIFEST_PYZ, str(dm.zipapp())).replace("/proc/1/fd/2", container_log)
+        for part in command
+    ]
 
 
 def _bin_dir(with_python: bool) -> Path:
@@ -52,9 +58,15 @@ def _bin_dir(with_python: bool) -> Path:
     return folder
 
 
-def _run_hook(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    script = _hook_script()
-    return subprocess.run(
+def _run_hook(env: dict[str, str], container_log: Path | None = None) -> tuple[int, str]:
+    """Run the hook; return its exit status and what reached the container's log.
+
+    With ``container_log`` None the log target is not writable, so the hook's output
+    stays on its own stderr, which is returned instead.
+    """
+    target = str(container_log) if container_log else "/nonexistent/container-stderr"
+    script = _hook_script(target)
+    result = subprocess.run(
         ["/bin/sh", *script[1:]],
         capture_output=True,
         text=True,
@@ -62,6 +74,10 @@ def _run_hook(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         timeout=120,
         check=False,
     )
+    if container_log is None:
+        return result.returncode, result.stderr
+    assert result.stderr == "", "everything goes to the container's log"
+    return result.returncode, container_log.read_text()
 
 
 def _resident(model: Path) -> int:
@@ -92,37 +108,49 @@ def _cold_model(tmp_path: Path) -> Path:
 def test_hook_warms_the_model_with_the_servers_python(tmp_path: Path) -> None:
     model = _cold_model(tmp_path)
     env = _server("poststart")["env"]
-    result = _run_hook(
+    log = tmp_path / "container.log"
+    log.touch()
+    status, logged = _run_hook(
         {
             "PATH": str(_bin_dir(with_python=True)),
             **{e["name"]: e["value"] for e in env},
             "MODEL_DIR": str(model),
-        }
+        },
+        container_log=log,
     )
-    assert result.returncode == 0, result.stderr
+    assert status == 0, logged
     assert _resident(model) == sum(p.stat().st_size for p in model.iterdir())
+    # PRELOADER_LOG_FORMAT=json in the manifest: the container log gets JSON lines.
+    lines = [line for line in logged.splitlines() if line.strip()]
+    assert lines, "the warm-up logged nothing to the container's log"
+    for line in lines:
+        json.loads(line)
 
 
 def test_hook_skips_when_model_dir_is_unset_or_missing(tmp_path: Path) -> None:
     bin_dir = str(_bin_dir(with_python=True))
-    assert _run_hook({"PATH": bin_dir}).returncode == 0
-    missing = _run_hook({"PATH": bin_dir, "MODEL_DIR": str(tmp_path / "absent")})
-    assert missing.returncode == 0, missing.stderr
+    assert _run_hook({"PATH": bin_dir})[0] == 0
+    status, logged = _run_hook({"PATH": bin_dir, "MODEL_DIR": str(tmp_path / "absent")})
+    assert status == 0, logged
 
 
 def test_hook_never_fails_without_python3(tmp_path: Path) -> None:
-    result = _run_hook({"PATH": str(_bin_dir(with_python=False)), "MODEL_DIR": str(tmp_path)})
-    assert result.returncode == 0
-    assert "python3 not found" in result.stderr
+    log = tmp_path / "container.log"
+    log.touch()
+    env = {"PATH": str(_bin_dir(with_python=False)), "MODEL_DIR": str(tmp_path)}
+    status, logged = _run_hook(env, container_log=log)
+    assert status == 0
+    assert "python3 not found" in logged
 
 
 def test_hook_never_fails_when_the_preloader_crashes(tmp_path: Path) -> None:
     broken = _bin_dir(with_python=False)
     (broken / "python3").write_text("#!/bin/sh\necho boom >&2\nexit 1\n")
     (broken / "python3").chmod(0o755)
-    result = _run_hook({"PATH": str(broken), "MODEL_DIR": str(tmp_path)})
-    assert result.returncode == 0
-    assert "the server loads cold" in result.stderr
+    status, logged = _run_hook({"PATH": str(broken), "MODEL_DIR": str(tmp_path)})
+    assert status == 0
+    assert "boom" in logged
+    assert "the server loads cold" in logged
 
 
 def _free_port() -> int:
