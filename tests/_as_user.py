@@ -10,15 +10,24 @@ import os
 import pkgutil
 import sys
 
+# This checkout's preloader, not whichever one the environment installed (editable
+# installs of sibling worktrees share site-packages).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import anyio
+import click
 import structlog.dev  # noqa: F401
 
 import preloader.cli  # (import everything before dropping privileges)
 import preloader.demo
 
-# anyio imports its modules lazily; load them all while the files are still readable.
+# anyio and click import modules lazily (click's usage text needs click._textwrap); load
+# them all while the files are still readable.
 for module in pkgutil.walk_packages(anyio.__path__, "anyio."):
     if "trio" not in module.name and "pytest" not in module.name:
+        importlib.import_module(module.name)
+for module in pkgutil.walk_packages(click.__path__, "click."):
+    if "winconsole" not in module.name:
         importlib.import_module(module.name)
 
 uid = int(sys.argv[1])
