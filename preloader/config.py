@@ -65,6 +65,22 @@ def parse_concurrency(text: str | int | None) -> int:
     return value
 
 
+def _missing(path: str, follow: bool = False) -> bool:
+    """Whether ``path`` does not exist; a path that cannot be examined (EACCES on a
+    folder above it, EIO) exists as far as this goes, so the walk reports the real cause
+    instead of a misleading "does not exist"."""
+    try:
+        if follow:
+            os.stat(path)
+        else:
+            os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def resolve_selection(
     args: Sequence[str],
     model_dir: str | None,
@@ -86,13 +102,13 @@ def resolve_selection(
 
     if args:
         for path in args:
-            if not os.path.lexists(path):
+            if _missing(path):
                 raise UsageError(f"{path}: no such file or directory")
         return selection(tuple(args))
     candidates = [p for p in [model_dir or "", *env_paths] if p]
     if not candidates:
         return selection((), "MODEL_DIR is not set and no PATH was given")
-    existing = tuple(dict.fromkeys(p for p in candidates if os.path.exists(p)))
+    existing = tuple(dict.fromkeys(p for p in candidates if not _missing(p, follow=True)))
     if not existing:
         return selection((), f"{', '.join(candidates)}: does not exist")
     return selection(existing)

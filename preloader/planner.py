@@ -69,10 +69,15 @@ class FileSpec:
 
 @dataclass(frozen=True)
 class Skipped:
-    """A path the plan will not read, and why."""
+    """A path the plan will not read, and why.
+
+    :ivar error: the walk failed here (a folder that cannot be listed, a path that cannot
+        be stat'ed): what lies below was not read, which is a read error, not a choice.
+    """
 
     path: str
     reason: str
+    error: bool = False
 
 
 @dataclass(frozen=True)
@@ -165,16 +170,24 @@ class _Walk:
             elif err.errno == errno.ENOENT:
                 reason = "vanished while planning"
             else:
-                reason = f"cannot stat: {err.strerror}"
+                self.skipped.append(Skipped(path, f"cannot stat: {err.strerror}", error=True))
+                return None
             self.skipped.append(Skipped(path, reason))
             return None
 
     def walk_root(self, root: str) -> list[FileSpec]:
         found: list[tuple[str, FileSpec]] = []
-        if not os.path.lexists(root):
+        # lstat, not os.path.lexists: a folder above that may not be searched is an
+        # error to report (EACCES), not a root that "does not exist".
+        try:
+            is_link = stat.S_ISLNK(os.lstat(root).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
             self.skipped.append(Skipped(root, "does not exist"))
             return []
-        st = self.resolve(root, os.path.islink(root))
+        except OSError as err:
+            self.skipped.append(Skipped(root, f"cannot stat: {err.strerror}", error=True))
+            return []
+        st = self.resolve(root, is_link)
         if st is None:
             return []
         if stat.S_ISREG(st.st_mode):
@@ -219,7 +232,7 @@ class _Walk:
             try:
                 entries = sorted(os.scandir(directory), key=lambda e: e.name)
             except OSError as err:
-                self.skipped.append(Skipped(directory, f"cannot list: {err.strerror}"))
+                self.skipped.append(Skipped(directory, f"cannot list: {err.strerror}", error=True))
                 continue
             subdirs: list[tuple[str, str]] = []
             for entry in entries:
