@@ -26,6 +26,7 @@ from .planner import Chunk, FileSpec, Plan, Skipped, chunk_count, iter_batches
 
 __all__ = [
     "AUTO_CONCURRENCY",
+    "STOP_GRACE_SECONDS",
     "EngineEvent",
     "FileResidency",
     "FileResult",
@@ -33,6 +34,7 @@ __all__ = [
     "WarmOptions",
     "WarmProgress",
     "WarmReport",
+    "cancel_after_stop",
     "evict_plan",
     "measure_residency",
     "warm_plan",
@@ -47,6 +49,7 @@ _REFUSALS = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENODE
 _FALLBACK = {"sendfile": "read", "mmap": "read"}
 
 _T = TypeVar("_T")
+_R = TypeVar("_R")
 
 _AUTO_START = 2
 _AUTO_MAX = 64
@@ -56,6 +59,11 @@ _AUTO_WINDOW_SECONDS = 0.5
 # A file counts as resident when at least this share of it is; the last page and races
 # with concurrent eviction make exact equality too strict.
 _RESIDENT_SHARE = 0.999
+
+# Once stop is set (a signal, or --timeout), reads notice it within one 8 MiB step; one
+# stuck in the kernel (storage that stopped answering) is abandoned after this long.
+STOP_GRACE_SECONDS = 1.0
+_STOP_POLL_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -248,6 +256,11 @@ class WarmReport:
         return tuple(f for f in self.files if f.error is not None)
 
     @property
+    def walk_errors(self) -> tuple[Skipped, ...]:
+        """Folders that could not be listed, paths that could not be stat'ed."""
+        return tuple(s for s in self.skipped if s.error)
+
+    @property
     def not_resident(self) -> tuple[FileResult, ...]:
         return tuple(f for f in self.files if f.error is None and f.cause is not None)
 
@@ -280,8 +293,9 @@ class WarmReport:
             "residency_unknown_reason": self.residency_unknown_reason,
             "seconds": round(self.seconds, 6),
             "cpu_seconds": round(self.cpu_seconds, 6),
-            "errors": len(self.errors),
-            "error_details": [{"path": f.path, "cause": f.error} for f in self.errors],
+            "errors": len(self.errors) + len(self.walk_errors),
+            "error_details": [{"path": f.path, "cause": f.error} for f in self.errors]
+            + [{"path": s.path, "cause": s.reason} for s in self.walk_errors],
             "not_resident": [
                 {
                     "path": f.path,
@@ -291,8 +305,10 @@ class WarmReport:
                 }
                 for f in self.not_resident
             ],
-            "skipped": len(self.skipped),
-            "skipped_details": [{"path": s.path, "reason": s.reason} for s in self.skipped],
+            "skipped": len(self.skipped) - len(self.walk_errors),
+            "skipped_details": [
+                {"path": s.path, "reason": s.reason} for s in self.skipped if not s.error
+            ],
             "concurrency": self.concurrency,
             "chunk_size": self.chunk_size,
             "method": self.method,
@@ -378,7 +394,11 @@ def _read_with_fallback(
                 outcome.fallback = f"{method} -> {_FALLBACK[method]}: {_describe(err)}"
                 method = _FALLBACK[method]
                 continue
-            raise
+            # Which range failed tells a bad object or disk region from a dead mount.
+            last = chunk.offset + max(chunk.length, 1) - 1
+            raise OSError(
+                err.errno, f"{_describe(err)} reading bytes {chunk.offset}-{last}"
+            ) from err
 
 
 def _after_read(fd: int, size: int) -> int | None:
@@ -390,27 +410,61 @@ def _after_read(fd: int, size: int) -> int | None:
         return None
 
 
+class _Handoff:
+    """Results a worker thread hands back one by one, so a stall blames only its file.
+
+    Once the event loop gives up on the thread (:meth:`abandon`), the thread hands back
+    nothing more and stops at its next file.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._results: list[object] = []
+
+    def put(self, result: object) -> bool:
+        with self._lock:
+            if not self._abandoned:
+                self._results.append(result)
+            return not self._abandoned
+
+    def abandon(self) -> list[object]:
+        with self._lock:
+            self._abandoned = True
+            return list(self._results)
+
+    @property
+    def abandoned(self) -> bool:
+        return self._abandoned
+
+
 def _whole_files_in_thread(
-    specs: Sequence[FileSpec], batch: Sequence[Chunk], method: str, stop: Callable[[], bool]
-) -> list[_Outcome]:
-    """Open, read, measure and close each small file in one thread hand-off."""
-    outcomes = []
+    specs: Sequence[FileSpec],
+    batch: Sequence[Chunk],
+    method: str,
+    stop: Callable[[], bool],
+    handoff: _Handoff,
+) -> bool:
+    """Open, read, measure and close each small file in one thread hand-off.
+
+    :return: ``True`` once every file of the batch was handed back.
+    """
     for chunk in batch:
         outcome = _Outcome(method=method)
-        outcomes.append(outcome)
-        if stop():
-            continue
-        spec = specs[chunk.file_index]
-        try:
-            fd = _open_regular(spec)
+        if not stop() and not handoff.abandoned:
+            spec = specs[chunk.file_index]
             try:
-                _read_with_fallback(fd, chunk, method, stop, outcome)
-                outcome.resident_after_read = _after_read(fd, spec.size)
-            finally:
-                os.close(fd)
-        except OSError as err:
-            outcome.error = _describe(err)
-    return outcomes
+                fd = _open_regular(spec)
+                try:
+                    _read_with_fallback(fd, chunk, method, stop, outcome)
+                    outcome.resident_after_read = _after_read(fd, spec.size)
+                finally:
+                    os.close(fd)
+            except OSError as err:
+                outcome.error = _describe(err)
+        if not handoff.put(outcome):
+            return False
+    return True
 
 
 class _Engine:
@@ -453,8 +507,9 @@ class _Engine:
         self.progress.bytes_total = self.plan.total_bytes
         self.set_state("warming")
         async with anyio.create_task_group() as workers:
+            workers.start_soon(cancel_after_stop, self.stop, workers.cancel_scope)
             if self.options.timeout is not None:
-                workers.start_soon(self._deadline, self.options.timeout, workers.cancel_scope)
+                workers.start_soon(self._deadline, self.options.timeout)
             if self.options.concurrency == AUTO_CONCURRENCY:
                 workers.start_soon(self._autotune)
             async with anyio.create_task_group() as pool:
@@ -463,14 +518,10 @@ class _Engine:
             workers.cancel_scope.cancel()  # the pool is done: stop deadline and tuner
         self._close_leftovers()
 
-    async def _deadline(self, seconds: float, scope: anyio.CancelScope) -> None:
+    async def _deadline(self, seconds: float) -> None:
         await anyio.sleep(seconds)
         self.timed_out = True
-        self.stop.set()
-        # Reads notice the stop within one 8 MiB step; give stuck ones a moment, then
-        # abandon them (the thread finishes, or not, on its own).
-        await anyio.sleep(1.0)
-        scope.cancel()
+        self.stop.set()  # cancel_after_stop abandons reads still stuck after the grace
 
     async def _autotune(self) -> None:
         """Raise concurrency while throughput still grows by 10%; settle at the knee."""
@@ -512,10 +563,6 @@ class _Engine:
                     await self._big_file_chunk(states[0], batch[0])
                 else:
                     await self._whole_files(states, batch)
-            except anyio.get_cancelled_exc_class():
-                for state in states:
-                    state.stalled = True  # its thread may still be using the descriptor
-                raise
             finally:
                 for state in states:
                     state.in_flight -= 1
@@ -560,21 +607,49 @@ class _Engine:
             )
 
     async def _whole_files(self, states: Sequence[_FileState], batch: Sequence[Chunk]) -> None:
-        outcomes = await self._in_thread(
-            _whole_files_in_thread, self.plan.files, batch, self.method, self.stop.is_set
-        )
-        if outcomes is None:
-            self._stalled(states)
-            return
-        for state, chunk, outcome in zip(states, batch, outcomes, strict=True):
+        while batch:
+            handoff = _Handoff()
+            try:
+                finished = await self._in_thread(
+                    _whole_files_in_thread,
+                    self.plan.files,
+                    batch,
+                    self.method,
+                    self.stop.is_set,
+                    handoff,
+                )
+            except anyio.get_cancelled_exc_class():
+                # What the thread finished still counts; only the file in hand may still
+                # be in the kernel (never re-opened: that could hang too).
+                done = self._take(states, batch, handoff)
+                for state in states[done : done + 1]:
+                    state.stalled = True
+                raise
+            done = self._take(states, batch, handoff)
+            if finished is not None or self.stop.is_set():
+                return
+            # Only the file in hand stalled: blame it, and read the rest of the batch anew.
+            self._stalled(states[done : done + 1])
+            states, batch = states[done + 1 :], batch[done + 1 :]
+
+    def _take(self, states: Sequence[_FileState], batch: Sequence[Chunk], handoff: _Handoff) -> int:
+        """Apply what a small-file thread handed back; return how many files that was."""
+        outcomes = handoff.abandon()
+        for state, chunk, outcome in zip(states, batch, outcomes, strict=False):
+            assert isinstance(outcome, _Outcome)
             self._apply(state, chunk, outcome)
             if state.error is None:
                 state.resident_after_read = outcome.resident_after_read
+        return len(outcomes)
 
     async def _big_file_chunk(self, state: _FileState, chunk: Chunk) -> None:
         if state.error is not None:
             return
-        outcome = await self._in_thread(self._chunk_in_thread, state, chunk, state.method)
+        try:
+            outcome = await self._in_thread(self._chunk_in_thread, state, chunk, state.method)
+        except anyio.get_cancelled_exc_class():
+            state.stalled = True  # its thread may still be using the descriptor
+            raise
         if outcome is None:
             self._stalled([state])
             return
@@ -617,8 +692,14 @@ class _Engine:
                 os.close(fd)
 
 
-def _explain(spec: FileSpec, after_read: int | None, now: int) -> str | None:
-    """Why a file that was read in full is not resident now, or ``None`` if it is."""
+def _explain(
+    spec: FileSpec, after_read: int | None, now: int, bypass: bool | None = None
+) -> str | None:
+    """Why a file that was read in full is not resident now, or ``None`` if it is.
+
+    :param bypass: a fresh plain read left the page cache untouched (see
+        :func:`pagecache.read_bypasses_cache`); ``None`` when not probed or unknown.
+    """
     if spec.size == 0 or now >= spec.size * _RESIDENT_SHARE:
         return None
     share = now / spec.size
@@ -626,6 +707,11 @@ def _explain(spec: FileSpec, after_read: int | None, now: int) -> str | None:
         return (
             f"only {after_read / spec.size:.1%} resident right after reading: the filesystem "
             "bypasses the page cache (FUSE direct_io, some network mounts) or memory is short"
+        )
+    if after_read is not None and now == 0 and bypass:
+        return (
+            "reads bypass the page cache (FUSE direct_io or a similar mount): a server "
+            "reading this file goes to the storage every time; warming cannot help here"
         )
     if after_read is not None and now == 0:
         return (
@@ -645,7 +731,17 @@ def _residency_of(spec: FileSpec) -> FileResidency:
     except OSError as err:
         return FileResidency(spec.path, spec.size, None, f"cannot open: {_describe(err)}")
     try:
-        return FileResidency(spec.path, spec.size, pagecache.fd_residency(fd, spec.size))
+        resident = pagecache.fd_residency(fd, spec.size)
+        size_now = os.fstat(fd).st_size
+        if size_now > spec.size:  # still being written (a download in progress)
+            return FileResidency(
+                spec.path,
+                spec.size,
+                resident,
+                f"grew from {spec.size} to {size_now} bytes since planning; the bytes "
+                "after the planned size were not read (warm again once it is complete)",
+            )
+        return FileResidency(spec.path, spec.size, resident)
     except pagecache.ResidencyUnknownError as unknown:
         return FileResidency(spec.path, spec.size, None, unknown.reason)
     except OSError as err:
@@ -654,22 +750,90 @@ def _residency_of(spec: FileSpec) -> FileResidency:
         os.close(fd)
 
 
+def _bypass_probe(spec: FileSpec) -> bool | None:
+    try:
+        fd = _open_regular(spec)
+    except OSError:
+        return None
+    try:
+        return pagecache.read_bypasses_cache(fd, spec.size)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+async def cancel_after_stop(
+    stop: threading.Event, scope: anyio.CancelScope, grace: float = STOP_GRACE_SECONDS
+) -> None:
+    """Cancel ``scope`` once ``stop`` has been set for ``grace`` seconds.
+
+    Work that polls ``stop`` ends on its own well within the grace; this bounds the rest
+    (a read or an open stuck in the kernel on storage that stopped answering).
+    """
+    while not stop.is_set():
+        await anyio.sleep(_STOP_POLL_SECONDS)
+    await anyio.sleep(grace)
+    scope.cancel()
+
+
 async def _map_files(
-    func: Callable[[FileSpec], FileResidency], files: Sequence[FileSpec], concurrency: int
-) -> list[FileResidency]:
+    func: Callable[[FileSpec], _R],
+    files: Sequence[FileSpec],
+    concurrency: int,
+    unmeasured: Callable[[FileSpec, str], _R],
+    *,
+    timeout: float | None = None,
+    stop: threading.Event | None = None,
+) -> list[_R]:
+    """``func`` over ``files`` in worker threads, bounded when asked.
+
+    :param unmeasured: the result for a file ``func`` did not finish, given the reason.
+    :param timeout: seconds one file may take; a file that takes longer is given up (its
+        thread abandoned) and the rest go on.
+    :param stop: once set, the remaining files are given up after the stop grace.
+    """
     # Batches keep thread hand-offs few for 100,000 small files and the loop responsive.
-    results: list[FileResidency] = []
+    results: list[_R] = []
     limiter = anyio.CapacityLimiter(max(1, concurrency))
     batch = 256
 
-    def run_batch(specs: Sequence[FileSpec]) -> list[FileResidency]:
-        return [func(spec) for spec in specs]
+    def run_batch(specs: Sequence[FileSpec], handoff: _Handoff) -> None:
+        for spec in specs:
+            if handoff.abandoned or not handoff.put(func(spec)):
+                return
 
-    for start in range(0, len(files), batch):
-        results.extend(
-            await anyio.to_thread.run_sync(run_batch, files[start : start + batch], limiter=limiter)
-        )
+    def take(handoff: _Handoff) -> None:
+        results.extend(handoff.abandon())  # type: ignore[arg-type]  # only _R were put
+
+    async with anyio.create_task_group() as group:
+        if stop is not None:
+            group.start_soon(cancel_after_stop, stop, group.cancel_scope)
+        while len(results) < len(files):
+            handoff = _Handoff()
+            with anyio.CancelScope() as deadline:
+                if timeout is not None:
+                    deadline.deadline = anyio.current_time() + timeout
+                try:
+                    await anyio.to_thread.run_sync(
+                        run_batch,
+                        files[len(results) : len(results) + batch],
+                        handoff,
+                        limiter=limiter,
+                        abandon_on_cancel=True,
+                    )
+                finally:
+                    take(handoff)
+            if deadline.cancelled_caught and len(results) < len(files):
+                stuck = files[len(results)]
+                results.append(unmeasured(stuck, f"stalled for more than {timeout:g} s"))
+        group.cancel_scope.cancel()
+    results.extend(unmeasured(spec, "the pass was stopped") for spec in files[len(results) :])
     return results
+
+
+def _unknown(spec: FileSpec, why: str) -> FileResidency:
+    return FileResidency(spec.path, spec.size, None, f"not measured: {why}")
 
 
 async def measure_residency(plan: Plan, concurrency: int = 4) -> ResidencyReport:
@@ -677,7 +841,7 @@ async def measure_residency(plan: Plan, concurrency: int = 4) -> ResidencyReport
 
     :return: per-file and total residency; unknown entries carry their reason.
     """
-    files = await _map_files(_residency_of, plan.files, concurrency)
+    files = await _map_files(_residency_of, plan.files, concurrency, _unknown)
     return ResidencyReport(tuple(files), plan.skipped)
 
 
@@ -703,7 +867,7 @@ async def evict_plan(plan: Plan, concurrency: int = 4) -> ResidencyReport:
 
     :return: residency measured right after eviction (pages mapped or dirty elsewhere stay).
     """
-    files = await _map_files(_evict_one, plan.files, concurrency)
+    files = await _map_files(_evict_one, plan.files, concurrency, _unknown)
     return ResidencyReport(tuple(files), plan.skipped)
 
 
@@ -731,23 +895,65 @@ async def warm_plan(
     started = time.monotonic()
     engine = _Engine(plan, options, progress, on_event, stop)
     await engine.run()
-    interrupted = stop.is_set() and not engine.timed_out
 
+    workers = max(1, options.concurrency or 4)
+    residency: dict[FileSpec, FileResidency] = {}
+    bypass: dict[FileSpec, bool | None] = {}
     if options.verify:
         engine.set_state("verifying")
-        residency = await _map_files(_residency_of, plan.files, max(1, options.concurrency or 4))
-    else:
-        residency = [FileResidency(s.path, s.size, None, "not verified") for s in plan.files]
+        # A file whose read stalled is not opened again: on a filesystem that invalidates
+        # the cache at open, that open waits for the stuck read's locked page, for ever.
+        healthy = [state.spec for state in engine.files if not state.stalled]
+        measured_list = await _map_files(
+            _residency_of,
+            healthy,
+            workers,
+            _unknown,
+            timeout=options.read_timeout,
+            stop=stop,
+        )
+        residency = dict(zip(healthy, measured_list, strict=True))
+        # Read in full, resident then, gone at the next open: tell a filesystem that drops
+        # the cache at open from one whose reads bypass it (direct_io), with one page.
+        suspects = [
+            state.spec
+            for state in engine.files
+            if state.error is None
+            and state.resident_after_read
+            and state.spec in residency
+            and residency[state.spec].resident_bytes == 0
+        ]
+        probed = await _map_files(
+            _bypass_probe,
+            suspects,
+            workers,
+            lambda spec, why: None,
+            timeout=options.read_timeout,
+            stop=stop,
+        )
+        bypass = dict(zip(suspects, probed, strict=True))
 
     results = []
-    for state, measured in zip(engine.files, residency, strict=True):
+    for state in engine.files:
         spec = state.spec
+        if not options.verify:
+            measured = FileResidency(spec.path, spec.size, None, "not verified")
+        elif state.stalled:
+            measured = _unknown(spec, "its read stalled, and opening it again could hang too")
+        else:
+            measured = residency[spec]
         cause = None
         complete = state.error is None and state.read_bytes >= spec.size
         if options.verify and complete and measured.resident_bytes is not None:
-            cause = _explain(spec, state.resident_after_read, measured.resident_bytes)
+            cause = _explain(
+                spec, state.resident_after_read, measured.resident_bytes, bypass.get(spec)
+            )
+            if cause is None and measured.reason is not None:
+                cause = measured.reason  # measured, with a caveat (it grew)
             if cause is not None:
                 engine.emit("not_resident", spec.path, cause)
+        elif state.error is None and state.stalled:
+            cause = "not read in full: its read did not return before the pass stopped"
         elif state.error is None and not complete:
             cause = "not read: the pass was stopped before this file"
         results.append(
@@ -763,6 +969,7 @@ async def warm_plan(
             )
         )
     engine.set_state("done")
+    interrupted = stop.is_set() and not engine.timed_out  # a signal while verifying counts
     return WarmReport(
         files=tuple(results),
         skipped=plan.skipped,

@@ -32,6 +32,7 @@ __all__ = [
     "evict",
     "fd_residency",
     "mincore_resident_pages",
+    "read_bypasses_cache",
     "read_range",
     "resident_bytes_from_pages",
 ]
@@ -381,3 +382,28 @@ def read_range(
 def kernel_release() -> str:
     """The running kernel's release string, for reports."""
     return platform.release()
+
+
+def read_bypasses_cache(fd: int, size: int) -> bool | None:
+    """Whether a plain read of this file leaves the page cache untouched.
+
+    FUSE ``direct_io`` files read straight from the filesystem daemon, so the cache
+    never holds what a server reads. Reads one byte of the first page, only when that
+    page is not cached already.
+
+    :return: ``True`` when the page is still not cached after the read, ``False`` when
+        reading cached it, ``None`` when this cannot tell (empty file, page cached
+        already, residency refused).
+    :raises OSError: when the read fails.
+    """
+    if size == 0:
+        return None
+    try:
+        if cachestat(fd, 0, PAGE_SIZE).cached:
+            return None
+    except OSError:
+        return None
+    # No readahead: one page from the storage is all this question costs.
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    os.pread(fd, 1, 0)
+    return cachestat(fd, 0, PAGE_SIZE).cached == 0
