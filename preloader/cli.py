@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import anyio
+import anyio.abc
+import anyio.to_thread
 import click
 
 from . import api, errors
@@ -28,9 +30,16 @@ from .config import (
     parse_concurrency,
     resolve_selection,
 )
-from .engine import EngineEvent, ResidencyReport, WarmOptions, WarmProgress, WarmReport
+from .engine import (
+    EngineEvent,
+    ResidencyReport,
+    WarmOptions,
+    WarmProgress,
+    WarmReport,
+    cancel_after_stop,
+)
 from .logs import FORMATS, LEVELS, configure, get_logger
-from .planner import printable
+from .planner import Plan, printable
 from .progress import show_progress
 from .units import format_bytes, parse_size
 
@@ -64,7 +73,9 @@ class _Size(click.ParamType):  # type: ignore[type-arg]
 def _selection_options(func: _F) -> _F:
     """PATH arguments plus the options every command uses to pick files."""
     decorators = [
-        click.argument("paths", nargs=-1, type=click.Path(), metavar="[PATH]..."),
+        # readable=False: an unreadable PATH is a read error the walk names (exit 3),
+        # as for MODEL_DIR, not a usage error with click's multi-line usage text.
+        click.argument("paths", nargs=-1, type=click.Path(readable=False), metavar="[PATH]..."),
         click.option(
             "--model-dir",
             envvar="MODEL_DIR",
@@ -75,7 +86,7 @@ def _selection_options(func: _F) -> _F:
             "--path",
             "env_paths",
             multiple=True,
-            type=click.Path(),
+            type=click.Path(readable=False),
             envvar="PRELOADER_PATHS",
             show_envvar=True,
             help="Extra root, repeatable; in the environment ':'-separated. Used, with "
@@ -130,33 +141,91 @@ def _print_json(document: dict[str, object]) -> None:
     click.echo(json.dumps(document, sort_keys=False))
 
 
+# After the first SIGINT/SIGTERM, the body has this long to return its report before it
+# is cancelled; a second signal cancels at once. Well inside Kubernetes' default 30 s
+# termination grace period.
+SHUTDOWN_GRACE_SECONDS = 5.0
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    """A signal after the run: the process is about to exit with its summary anyway."""
+
+
 async def _run_with_signals(
     body: Callable[[threading.Event], Awaitable[_T]], stop: threading.Event
 ) -> tuple[_T | None, int | None]:
     """Run ``body(stop)``; the first SIGINT/SIGTERM sets ``stop``, a second one cancels.
+
+    The body is also cancelled :data:`SHUTDOWN_GRACE_SECONDS` after the first signal, so a
+    stop always ends in bounded time whatever the storage does.
 
     :return: the body's result (``None`` if cancelled) and the signal received, if any.
     """
     received: list[int] = []
     result: list[_T] = []
 
-    async def watch(scope: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                received.append(signum)
-                log = get_logger()
-                if len(received) == 1:
-                    log.warning("stopping", signal=signal.Signals(signum).name)
-                    stop.set()
-                else:
-                    log.warning("stopping now", signal=signal.Signals(signum).name)
-                    scope.cancel()
+    async def cancel_later(scope: anyio.CancelScope) -> None:
+        await anyio.sleep(SHUTDOWN_GRACE_SECONDS)
+        get_logger().error("stop grace ran out", seconds=SHUTDOWN_GRACE_SECONDS)
+        scope.cancel()
+
+    async def watch(scope: anyio.CancelScope, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        try:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                task_status.started()
+                async for signum in signals:
+                    received.append(signum)
+                    log = get_logger()
+                    if len(received) == 1:
+                        log.warning("stopping", signal=signal.Signals(signum).name)
+                        stop.set()
+                        group.start_soon(cancel_later, scope)
+                    else:
+                        log.warning("stopping now", signal=signal.Signals(signum).name)
+                        scope.cancel()
+        finally:
+            # The receiver put back the default dispositions (die; KeyboardInterrupt).
+            # Until the process exits, a further signal must not cut the summary short.
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, _ignore_signal)
 
     async with anyio.create_task_group() as group:
-        group.start_soon(watch, group.cancel_scope)
+        # Handlers in place before the body starts: a signal during planning counts.
+        await group.start(watch, group.cancel_scope)
         result.append(await body(stop))
         group.cancel_scope.cancel()
     return (result[0] if result else None), (received[0] if received else None)
+
+
+async def _plan_until_stopped(selection: Selection, stop: threading.Event) -> Plan | None:
+    """Walk the selection in a worker thread; ``None`` when a stop came first.
+
+    In a thread, so signals are seen while a walk waits on slow storage; abandoned on
+    stop, because a ``readdir`` stuck in the kernel cannot be interrupted.
+    """
+    plan: list[Plan] = []
+    async with anyio.create_task_group() as group:
+        group.start_soon(cancel_after_stop, stop, group.cancel_scope, 0.0)
+        plan.append(
+            await anyio.to_thread.run_sync(
+                lambda: api.plan(
+                    selection.paths, include=selection.include, exclude=selection.exclude
+                ),
+                abandon_on_cancel=True,
+            )
+        )
+        group.cancel_scope.cancel()
+    return plan[0] if plan else None
+
+
+def _log_plan_problems(plan: Plan, log: Any) -> None:
+    for skipped in plan.skipped:
+        if skipped.error:
+            log.error("cannot read", path=printable(skipped.path), cause=skipped.reason)
+        else:
+            log.warning("skipped", path=printable(skipped.path), reason=skipped.reason)
+    if not plan.files:
+        log.warning("no files found", paths=[printable(p) for p in plan.roots])
 
 
 def _finish(code: int) -> None:
@@ -178,7 +247,7 @@ def warm_exit_code(report: WarmReport, config: WarmConfig) -> int:
         return errors.EXIT_INTERRUPTED
     if report.timed_out:
         return errors.EXIT_TIMEOUT
-    if report.errors:
+    if report.errors or report.walk_errors:
         return errors.EXIT_READ_ERRORS
     ratio = report.resident_ratio
     if ratio is None:
@@ -429,10 +498,12 @@ def _run_warm(config: WarmConfig, log: Any) -> int:
 
     progress = WarmProgress()
 
-    async def body(stop: threading.Event) -> WarmReport:
-        plan = api.plan(selection.paths, include=selection.include, exclude=selection.exclude)
-        for skipped in plan.skipped:
-            log.warning("skipped", path=printable(skipped.path), reason=skipped.reason)
+    async def body(stop: threading.Event) -> WarmReport | None:
+        log.info("planning", paths=[printable(p) for p in selection.paths])
+        plan = await _plan_until_stopped(selection, stop)
+        if plan is None:
+            return None
+        _log_plan_problems(plan, log)
         log.info(
             "warming",
             paths=[printable(p) for p in selection.paths],
@@ -460,11 +531,51 @@ def _run_warm(config: WarmConfig, log: Any) -> int:
 
     report, signum = anyio.run(_run_with_signals, body, threading.Event())
     if report is None:
-        log.error("stopped before a report could be made", signal=signum)
+        _summarise_stopped(progress, config, log, signum)
         return errors.EXIT_OK if config.best_effort else errors.EXIT_INTERRUPTED
     code = warm_exit_code(report, config)
     _summarise(report, config, code, log)
     return errors.EXIT_OK if config.best_effort else code
+
+
+def _summarise_stopped(
+    progress: WarmProgress, config: WarmConfig, log: Any, signum: int | None
+) -> None:
+    """The summary when a stop cut the run short of a report: what the counters saw."""
+    code = errors.EXIT_OK if config.best_effort else errors.EXIT_INTERRUPTED
+    fields: dict[str, object] = {
+        "state": progress.state,
+        "files": progress.files_total,
+        "files_done": progress.files_done,
+        "bytes": progress.bytes_total,
+        "read_bytes": progress.bytes_read,
+        "errors": progress.errors,
+        "seconds": round(progress.elapsed, 2),
+        "signal": signal.Signals(signum).name if signum else None,
+        "exit_code": code,
+    }
+    log.error("stopped before the pass could finish; residency not measured", **fields)
+    if config.json:
+        _print_json(
+            {
+                "files": progress.files_total,
+                "bytes": progress.bytes_total,
+                "read_bytes": progress.bytes_read,
+                "resident_bytes": None,
+                "resident_ratio": None,
+                "residency_unknown_reason": f"stopped while {progress.state}, before "
+                "residency was measured",
+                "seconds": round(progress.elapsed, 6),
+                "errors": progress.errors,
+                "error_details": [],
+                "state": progress.state,
+                "timed_out": False,
+                "interrupted": True,
+                "exit_code": code,
+                "paths": list(config.selection.paths),
+                "version": __version__,
+            }
+        )
 
 
 def _summarise(report: WarmReport, config: WarmConfig, code: int, log: Any) -> None:
@@ -479,7 +590,7 @@ def _summarise(report: WarmReport, config: WarmConfig, code: int, log: Any) -> N
         "rate": f"{format_bytes(rate)}/s",
         "cpu_seconds": round(report.cpu_seconds, 2),
         "concurrency": report.concurrency,
-        "errors": len(report.errors),
+        "errors": len(report.errors) + len(report.walk_errors),
         "exit_code": code,
     }
     if ratio is None:
@@ -605,8 +716,7 @@ def _run_residency(
             )
         return errors.EXIT_OK
     plan = api.plan(selection.paths, include=selection.include, exclude=selection.exclude)
-    for skipped in plan.skipped:
-        log.warning("skipped", path=printable(skipped.path), reason=skipped.reason)
+    _log_plan_problems(plan, log)
     action = api.evict if evict else api.residency
     report: ResidencyReport = anyio.run(lambda: action(plan))
     if as_json:
@@ -622,7 +732,8 @@ def _run_residency(
             resident_bytes_after=report.resident_bytes,
         )
     failures = [f for f in report.files if f.reason and f.reason.startswith("cannot")]
-    return errors.EXIT_READ_ERRORS if failures else errors.EXIT_OK
+    walk_errors = [s for s in plan.skipped if s.error]
+    return errors.EXIT_READ_ERRORS if failures or walk_errors else errors.EXIT_OK
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
