@@ -5,19 +5,27 @@ Tests evict only their own files (POSIX_FADV_DONTNEED), never the whole cache.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from preloader import pagecache
 from preloader.demo import write_demo_model
+
+from .fusefs import FuseMount
 
 NOBODY = 65534
 AS_USER = str(Path(__file__).with_name("_as_user.py"))
@@ -155,3 +163,205 @@ def big_file(shared_tmp: Path) -> Path:
         os.fsync(handle.fileno())
     evict_tree(path)
     return path
+
+
+# ------------------------------------------------------------ reliability matrix helpers
+
+
+def tree_snapshot(root: str | os.PathLike[str]) -> dict[bytes, tuple[object, ...]]:
+    """Everything preloader must never change under root: for each entry (names as bytes,
+    links not followed) its type and mode, size, mtime and ctime, a SHA-256 of a regular
+    file's contents and a link's target. FIFOs, sockets and devices are only lstat'ed."""
+    top = os.fsencode(root)
+    snapshot: dict[bytes, tuple[object, ...]] = {}
+    for directory, dirnames, filenames in os.walk(top, followlinks=False):
+        for name in [*dirnames, *filenames]:
+            path = os.path.join(directory, name)
+            st = os.lstat(path)
+            extra: object = None
+            if stat.S_ISREG(st.st_mode):
+                digest = hashlib.sha256()
+                with open(path, "rb") as handle:
+                    for block in iter(lambda handle=handle: handle.read(1 << 20), b""):
+                        digest.update(block)
+                extra = digest.hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                extra = os.readlink(path)
+            snapshot[os.path.relpath(path, top)] = (
+                st.st_mode,
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+                extra,
+            )
+    return snapshot
+
+
+@pytest.fixture
+def unchanged() -> Iterator[Callable[[Path], Path]]:
+    """``unchanged(root)`` snapshots a tree; the test fails if it differs at teardown."""
+    watched: list[tuple[Path, dict[bytes, tuple[object, ...]]]] = []
+
+    def watch(root: Path) -> Path:
+        watched.append((root, tree_snapshot(root)))
+        return root
+
+    yield watch
+    for root, before in watched:
+        after = tree_snapshot(root)
+        assert after == before, f"{root} changed: {set(before) ^ set(after) or 'metadata'}"
+
+
+def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment run_cli uses: no PRELOADER_* or MODEL_DIR leaking in, JSON logs."""
+    base = {
+        k: v for k, v in os.environ.items() if not k.startswith("PRELOADER_") and k != "MODEL_DIR"
+    }
+    base["PRELOADER_LOG_FORMAT"] = "json"
+    base.update(env or {})
+    return base
+
+
+class CliProcess:
+    """The real CLI running in the background, its JSON log lines collected as they come.
+
+    Tests synchronise on log lines (:meth:`wait_for`), never on sleeps; every wait is
+    bounded, so a hang fails the test instead of stalling the run.
+    """
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "preloader", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_env(env),
+        )
+        self.stderr_lines: list[str] = []
+        self.stdout_text = ""
+        self._stderr_closed = False
+        self._changed = threading.Condition()
+        self._readers = [
+            threading.Thread(target=self._read_stderr, daemon=True),
+            threading.Thread(target=self._read_stdout, daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._changed:
+                self.stderr_lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._stderr_closed = True
+            self._changed.notify_all()
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        self.stdout_text = self.proc.stdout.read()
+
+    @property
+    def logs(self) -> list[dict[str, Any]]:
+        with self._changed:
+            return [json.loads(line) for line in self.stderr_lines if line.startswith("{")]
+
+    def wait_for(self, *events: str, timeout: float = 60) -> dict[str, Any]:
+        """Block until a log line with one of these ``event`` values appears; return it."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.stderr_lines:
+                    if line.startswith("{") and json.loads(line).get("event") in events:
+                        return dict(json.loads(line))
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stderr_closed:
+                    raise AssertionError(f"no {events} log line: {self.stderr_lines}")
+                self._changed.wait(left)
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def finish(self, timeout: float = 60) -> tuple[int, str]:
+        """Wait for the exit; return the exit code and stdout."""
+        code = self.proc.wait(timeout=timeout)
+        for reader in self._readers:
+            reader.join(timeout=timeout)
+        return code, self.stdout_text
+
+    def close(self) -> None:
+        """Kill the process if it still runs (a failed test), and release its pipes."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.wait(timeout=30)
+        finally:
+            for reader in self._readers:
+                reader.join(timeout=30)
+            for pipe in (self.proc.stdout, self.proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+
+
+@pytest.fixture
+def start_cli() -> Iterator[Callable[..., CliProcess]]:
+    """Start the CLI in the background; whatever the test does, it is killed at the end."""
+    started: list[CliProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> CliProcess:
+        process = CliProcess(*args, env=env)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.close()
+
+
+needs_fuse = pytest.mark.skipif(
+    not (os.path.exists("/dev/fuse") and shutil.which("fusermount3") and os.geteuid() == 0),
+    reason="needs /dev/fuse, fusermount3 and root",
+)
+
+
+@pytest.fixture
+def fuse_fs(
+    shared_tmp: Path, start_cli: Callable[..., CliProcess]
+) -> Iterator[Callable[..., FuseMount]]:
+    """``fuse_fs(spec)`` mounts a failing FUSE filesystem (see tests/fusefs.py).
+
+    Every mount is unmounted (lazily, when a read still hangs in it) and its process
+    killed at teardown, even when the test failed half-way. It tears down before
+    ``start_cli`` (hence the dependency): a CLI thread stuck in a request the filesystem
+    never answers is released only when the filesystem goes.
+    """
+    mounts: list[FuseMount] = []
+
+    def mount(spec: dict[str, Any], name: str = "mnt") -> FuseMount:
+        fs = FuseMount(shared_tmp / name, spec)
+        mounts.append(fs)
+        return fs.__enter__()
+
+    try:
+        yield mount
+    finally:
+        for fs in reversed(mounts):
+            fs.__exit__(None, None, None)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        help="also run tests marked slow (the 100,000-file measurement)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
