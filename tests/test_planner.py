@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from preloader.pagecache import PAGE_SIZE
 from preloader.planner import (
     FileSpec,
+    _natural_key,
     build_plan,
     chunk_count,
     iter_batches,
@@ -225,3 +229,129 @@ def test_batches_keep_plan_order_and_group_only_whole_small_files(
         if len(batch) > 1:
             assert all(files[c.file_index].size <= chunk_size for c in batch)
             assert sum(c.length for c in batch) <= chunk_size
+
+
+# ------------------------------------------------ properties of globbing and ordering
+
+_SEGMENTS = st.sampled_from(["a", "b", "sub", "model-2", "model-10", "x.y"])
+_FILE_NAMES = st.sampled_from(
+    ["config.json", "w.bin", "model-00002.safetensors", "model-00010.safetensors", "t.txt", "a"]
+)
+_RELPATHS = st.builds(
+    lambda dirs, name: "/".join([*dirs, name]),
+    st.lists(_SEGMENTS, max_size=3),
+    _FILE_NAMES,
+)
+_PATTERNS = st.sampled_from(
+    ["*.json", "*.bin", "model-*", "sub", "sub/*", "a/*", "*/w.bin", "?", "*", "model-1*", "b"]
+)
+
+
+def _reference_match(relpath: str, pattern: str) -> bool:
+    """The documented rule: without '/' a glob matches the name, with '/' the relative path."""
+    import fnmatch
+
+    target = relpath if "/" in pattern else relpath.rsplit("/", 1)[-1]
+    return fnmatch.fnmatchcase(target, pattern.strip("/"))
+
+
+def _tree_of(root: Path, relpaths: set[str]) -> set[str]:
+    """Create the files; drop paths that collide with a directory of another one."""
+    made = set()
+    for relpath in sorted(relpaths, key=lambda p: (p.count("/"), p)):
+        target = root / relpath
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                continue
+            target.write_bytes(b"x")
+        except (FileExistsError, NotADirectoryError, IsADirectoryError):
+            continue
+        made.add(relpath)
+    return {p for p in made if (root / p).is_file()}
+
+
+@given(
+    relpaths=st.sets(_RELPATHS, min_size=1, max_size=12),
+    include=st.lists(_PATTERNS, max_size=2),
+    exclude=st.lists(_PATTERNS, max_size=2),
+)
+def test_include_and_exclude_partition_the_tree_as_documented(
+    relpaths: set[str], include: list[str], exclude: list[str]
+) -> None:
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as scratch:
+        root = Path(scratch)
+        files = _tree_of(root, relpaths)
+        plan = build_plan([str(root)], include=include, exclude=exclude)
+
+        def excluded(relpath: str) -> bool:
+            parts = relpath.split("/")
+            ancestors = ["/".join(parts[:i]) for i in range(1, len(parts))]
+            return any(_reference_match(a, p) for a in ancestors for p in exclude) or any(
+                _reference_match(relpath, p) for p in exclude
+            )
+
+        expected = {
+            p
+            for p in files
+            if not excluded(p) and (not include or any(_reference_match(p, i) for i in include))
+        }
+        planned = [os.path.relpath(f.path, root) for f in plan.files]
+        assert sorted(planned) == sorted(expected)
+        assert len(planned) == len(set(planned))
+        # everything not planned is accounted for by a skip at itself or a pruned folder
+        skipped = {os.path.relpath(s.path, root) for s in plan.skipped}
+        for relpath in files - expected:
+            parts = relpath.split("/")
+            assert any("/".join(parts[:i]) in skipped for i in range(1, len(parts) + 1))
+        assert not any(s.error for s in plan.skipped)
+
+
+@given(relpaths=st.sets(_RELPATHS, min_size=1, max_size=12), seed=st.randoms())
+def test_plan_order_is_metadata_first_then_natural_whatever_the_creation_order(
+    relpaths: set[str], seed: random.Random
+) -> None:
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as scratch:
+        root = Path(scratch)
+        shuffled = list(relpaths)
+        seed.shuffle(shuffled)
+        files = _tree_of(root, set(shuffled))
+        plan = build_plan([str(root)])
+        again = build_plan([str(root)])
+    assert plan.files == again.files
+    assert {os.path.relpath(f.path, root) for f in plan.files} == files
+    flags = [f.metadata for f in plan.files]
+    assert flags == sorted(flags, reverse=True)  # every metadata file before any weight
+    for group in (True, False):
+        names = [os.path.relpath(f.path, root) for f in plan.files if f.metadata is group]
+        assert names == sorted(names, key=_natural_key)
+
+
+@given(numbers=st.lists(st.integers(min_value=0, max_value=10**6), min_size=1, unique=True))
+def test_shards_sort_by_number_not_by_text(numbers: list[int]) -> None:
+    names = [f"model-{n}-of-x.safetensors" for n in numbers]
+    assert sorted(names, key=_natural_key) == [
+        f"model-{n}-of-x.safetensors" for n in sorted(numbers)
+    ]
+
+
+@given(
+    size=st.integers(min_value=0, max_value=1 << 44),
+    pages=st.integers(min_value=1, max_value=1 << 18),
+)
+def test_chunks_of_huge_files_are_page_aligned_and_cover_the_file(size: int, pages: int) -> None:
+    """The engine rounds chunk sizes to pages, so every chunk offset is page aligned (mmap
+    needs it) and the last chunk ends exactly at the end of the file, even for 16 TiB."""
+    chunk_size = pages * PAGE_SIZE
+    count = chunk_count(size, chunk_size)
+    spec = FileSpec("f", size, 1, 1)
+    first = next(iter_chunks((spec,), chunk_size))  # lazily: 2**32 chunks exist
+    assert (first.offset, first.length) == (0, min(size, chunk_size))
+    assert (count - 1) * chunk_size < size <= count * chunk_size or size == 0 == count - 1
+    last_offset = (count - 1) * chunk_size
+    assert last_offset % PAGE_SIZE == 0
+    assert last_offset + max(0, min(chunk_size, size - last_offset)) == size
+    if count <= 64:
+        chunks = list(iter_chunks((spec,), chunk_size))
+        assert sum(c.length for c in chunks) == size
+        assert all(c.offset % PAGE_SIZE == 0 for c in chunks)
