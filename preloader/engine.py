@@ -14,7 +14,7 @@ import resource
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -22,19 +22,24 @@ import anyio
 import anyio.to_thread
 
 from . import pagecache
-from .planner import Chunk, FileSpec, Plan, Skipped, chunk_count, iter_batches
+from .planner import Chunk, FileSpec, Plan, Skipped, chunk_count, iter_batches, iter_chunks
 
 __all__ = [
     "AUTO_CONCURRENCY",
+    "ChunkResidency",
     "EngineEvent",
     "FileResidency",
     "FileResult",
     "ResidencyReport",
+    "RewarmReport",
     "WarmOptions",
     "WarmProgress",
     "WarmReport",
+    "effective_chunk_size",
     "evict_plan",
+    "measure_chunks",
     "measure_residency",
+    "rewarm_chunks",
     "warm_plan",
 ]
 
@@ -47,6 +52,8 @@ _REFUSALS = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENODE
 _FALLBACK = {"sendfile": "read", "mmap": "read"}
 
 _T = TypeVar("_T")
+_I = TypeVar("_I")
+_R = TypeVar("_R")
 
 _AUTO_START = 2
 _AUTO_MAX = 64
@@ -421,6 +428,7 @@ class _Engine:
         progress: WarmProgress,
         on_event: Callable[[EngineEvent], None] | None,
         stop: threading.Event,
+        chunks: Sequence[Chunk] | None = None,
     ) -> None:
         self.plan = plan
         self.options = options
@@ -428,12 +436,23 @@ class _Engine:
         self.on_event = on_event
         self.stop = stop
         self.method = "sendfile" if options.method == "auto" else options.method
-        self.chunk_size = options.chunk_size - options.chunk_size % pagecache.PAGE_SIZE
+        self.chunk_size = effective_chunk_size(options.chunk_size)
+        if chunks is None:
+            counts = [chunk_count(spec.size, self.chunk_size) for spec in plan.files]
+            self.batches = iter_batches(plan.files, self.chunk_size)
+            self.bytes_total = plan.total_bytes
+        else:
+            # Only the chunks asked for (keep-warm re-reads what lost pages); a file with
+            # none selected is never opened.
+            counts = [0] * len(plan.files)
+            for chunk in chunks:
+                counts[chunk.file_index] += 1
+            self.batches = _selected_batches(plan.files, chunks, self.chunk_size)
+            self.bytes_total = sum(chunk.length for chunk in chunks)
         self.files = [
-            _FileState(spec, chunk_count(spec.size, self.chunk_size), self.method)
-            for spec in plan.files
+            _FileState(spec, count, self.method)
+            for spec, count in zip(plan.files, counts, strict=True)
         ]
-        self.batches = iter_batches(plan.files, self.chunk_size)
         auto = options.concurrency == AUTO_CONCURRENCY
         self.max_workers = _AUTO_MAX if auto else options.concurrency
         self.limiter = anyio.CapacityLimiter(_AUTO_START if auto else options.concurrency)
@@ -449,8 +468,8 @@ class _Engine:
         self.emit("state", detail=state)
 
     async def run(self) -> None:
-        self.progress.files_total = len(self.plan.files)
-        self.progress.bytes_total = self.plan.total_bytes
+        self.progress.files_total = sum(1 for state in self.files if state.chunks_total)
+        self.progress.bytes_total = self.bytes_total
         self.set_state("warming")
         async with anyio.create_task_group() as workers:
             if self.options.timeout is not None:
@@ -654,15 +673,13 @@ def _residency_of(spec: FileSpec) -> FileResidency:
         os.close(fd)
 
 
-async def _map_files(
-    func: Callable[[FileSpec], FileResidency], files: Sequence[FileSpec], concurrency: int
-) -> list[FileResidency]:
+async def _map_files(func: Callable[[_I], _R], files: Sequence[_I], concurrency: int) -> list[_R]:
     # Batches keep thread hand-offs few for 100,000 small files and the loop responsive.
-    results: list[FileResidency] = []
+    results: list[_R] = []
     limiter = anyio.CapacityLimiter(max(1, concurrency))
     batch = 256
 
-    def run_batch(specs: Sequence[FileSpec]) -> list[FileResidency]:
+    def run_batch(specs: Sequence[_I]) -> list[_R]:
         return [func(spec) for spec in specs]
 
     for start in range(0, len(files), batch):
@@ -774,4 +791,165 @@ async def warm_plan(
         timed_out=engine.timed_out,
         interrupted=interrupted,
         verified=options.verify,
+    )
+
+
+def effective_chunk_size(chunk_size: int) -> int:
+    """The chunk size the engine really uses: ``chunk_size`` rounded down to whole pages."""
+    return max(pagecache.PAGE_SIZE, chunk_size - chunk_size % pagecache.PAGE_SIZE)
+
+
+def _selected_batches(
+    files: Sequence[FileSpec], chunks: Sequence[Chunk], chunk_size: int, max_files: int = 64
+) -> Iterator[tuple[Chunk, ...]]:
+    """Like :func:`~preloader.planner.iter_batches`, over a selection of chunks."""
+    batch: list[Chunk] = []
+    batch_bytes = 0
+    for chunk in sorted(chunks, key=lambda c: (c.file_index, c.index)):
+        whole = chunk.index == 0 and files[chunk.file_index].size <= chunk_size
+        if batch and (
+            not whole or batch_bytes + chunk.length > chunk_size or len(batch) >= max_files
+        ):
+            yield tuple(batch)
+            batch, batch_bytes = [], 0
+        if whole:
+            batch.append(chunk)
+            batch_bytes += chunk.length
+        else:
+            yield (chunk,)
+    if batch:
+        yield tuple(batch)
+
+
+@dataclass(frozen=True)
+class ChunkResidency:
+    """Residency of one planned file, with the chunks that lost pages.
+
+    :ivar file_index: index into :attr:`Plan.files`.
+    :ivar resident_bytes: resident bytes of the whole file; ``None`` when unknown.
+    :ivar lost: chunks with at least one page out of the cache, in file order. When the
+        file cannot be opened or measured, every chunk (a re-read will retry it).
+    :ivar reason: why the kernel will not tell residency (the file itself is fine).
+    :ivar error: why the file could not be opened or measured.
+    """
+
+    file_index: int
+    path: str
+    size: int
+    resident_bytes: int | None
+    lost: tuple[Chunk, ...] = ()
+    reason: str | None = None
+    error: str | None = None
+
+
+def _file_chunks(file_index: int, spec: FileSpec, chunk_size: int) -> tuple[Chunk, ...]:
+    return tuple(
+        Chunk(file_index, chunk.index, chunk.offset, chunk.length)
+        for chunk in iter_chunks([spec], chunk_size)
+        if chunk.length > 0
+    )
+
+
+def _chunk_residency_of(item: tuple[int, FileSpec], chunk_size: int) -> ChunkResidency:
+    index, spec = item
+    try:
+        fd = _open_regular(spec)
+    except OSError as err:
+        return ChunkResidency(
+            index,
+            spec.path,
+            spec.size,
+            None,
+            _file_chunks(index, spec, chunk_size),
+            error=f"cannot open: {_describe(err)}",
+        )
+    try:
+        resident = pagecache.fd_residency(fd, spec.size)
+        if resident >= spec.size:
+            return ChunkResidency(index, spec.path, spec.size, resident)
+        # One call per file while everything is cached; chunk by chunk only where not.
+        lost = tuple(
+            chunk
+            for chunk in _file_chunks(index, spec, chunk_size)
+            if pagecache.range_resident_pages(fd, chunk.offset, chunk.length)
+            < -(-chunk.length // pagecache.PAGE_SIZE)
+        )
+        return ChunkResidency(index, spec.path, spec.size, resident, lost)
+    except pagecache.ResidencyUnknownError as unknown:
+        return ChunkResidency(index, spec.path, spec.size, None, reason=unknown.reason)
+    except OSError as err:
+        return ChunkResidency(
+            index,
+            spec.path,
+            spec.size,
+            None,
+            _file_chunks(index, spec, chunk_size),
+            error=f"cannot measure: {_describe(err)}",
+        )
+    finally:
+        os.close(fd)
+
+
+async def measure_chunks(
+    plan: Plan, chunk_size: int, concurrency: int = 4
+) -> tuple[ChunkResidency, ...]:
+    """Residency of every planned file and the chunks of it that lost pages.
+
+    A fully cached file costs one ``cachestat`` call; only a file with pages missing is
+    measured chunk by chunk. Chunks are cut as :func:`warm_plan` cuts them for the same
+    ``chunk_size``, so :func:`rewarm_chunks` can re-read exactly the lost ones.
+
+    :return: one entry per planned file, in plan order.
+    """
+    size = effective_chunk_size(chunk_size)
+    results = await _map_files(
+        lambda item: _chunk_residency_of(item, size), list(enumerate(plan.files)), concurrency
+    )
+    return tuple(results)
+
+
+@dataclass(frozen=True)
+class RewarmReport:
+    """What :func:`rewarm_chunks` re-read.
+
+    :ivar errors: ``(path, cause)`` of files that could not be read again.
+    """
+
+    chunks: int
+    read_bytes: int
+    seconds: float
+    errors: tuple[tuple[str, str], ...] = ()
+    interrupted: bool = False
+
+
+async def rewarm_chunks(
+    plan: Plan,
+    chunks: Sequence[Chunk],
+    options: WarmOptions | None = None,
+    *,
+    on_event: Callable[[EngineEvent], None] | None = None,
+    stop: threading.Event | None = None,
+) -> RewarmReport:
+    """Read only ``chunks`` of ``plan`` into the page cache again; no verification.
+
+    The same workers, limiter and per-file descriptor sharing as :func:`warm_plan`.
+
+    :param chunks: chunks from :func:`measure_chunks` with the same chunk size.
+    :param on_event: called for per-file errors and read method fallbacks.
+    :param stop: set it to end the re-read early.
+    :return: the report; per-file errors are in it, never raised.
+    """
+    options = options or WarmOptions()
+    stop = stop or threading.Event()
+    started = time.monotonic()
+    engine = _Engine(plan, options, WarmProgress(), on_event, stop, chunks=chunks)
+    await engine.run()
+    return RewarmReport(
+        chunks=len(chunks),
+        read_bytes=engine.progress.bytes_read,
+        seconds=time.monotonic() - started,
+        errors=tuple(
+            (state.spec.path, state.error) for state in engine.files if state.error is not None
+        ),
+        interrupted=stop.is_set(),
     )
