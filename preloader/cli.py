@@ -24,6 +24,8 @@ from ._version import __version__
 from .config import (
     DEFAULT_CHUNK_SIZE,
     Selection,
+    ServeConfig,
+    WaitConfig,
     WarmConfig,
     parse_concurrency,
     resolve_selection,
@@ -700,6 +702,268 @@ def _run_demo(size: int, directory: str | None, keep: bool, concurrency: str) ->
 def _ratio_text(report: ResidencyReport) -> str:
     ratio = report.resident_ratio
     return f"{ratio:.1%}" if ratio is not None else "unknown"
+
+
+SERVE_EXIT_CODES_HELP = (
+    "Exit codes: 0 stopped by SIGTERM/SIGINT (in-flight requests answered), 1 internal "
+    "error, 2 bad usage or input (including an address it cannot listen on)."
+)
+WAIT_EXIT_CODES_HELP = (
+    "Exit codes: 0 the URL answered 200, 2 bad usage (not an http(s) URL), 5 --timeout "
+    "reached first, 130 interrupted by SIGINT/SIGTERM."
+)
+
+
+def _read_options(func: _F) -> _F:
+    """How to read, as for warm (same environment twins)."""
+    decorators = [
+        click.option(
+            "-c",
+            "--concurrency",
+            envvar="PRELOADER_CONC",
+            show_envvar=True,
+            default="4",
+            show_default=True,
+            metavar="N|auto",
+            help="Chunks read in parallel; 'auto' raises it while throughput still grows.",
+        ),
+        click.option(
+            "--chunk-size",
+            type=_Size(),
+            default=DEFAULT_CHUNK_SIZE,
+            show_default="64MiB",
+            envvar="PRELOADER_CHUNK_SIZE",
+            show_envvar=True,
+            help="Bytes per chunk; also the unit keep-warm measures and re-reads.",
+        ),
+        click.option(
+            "--method",
+            type=click.Choice(["auto", "sendfile", "mmap", "read"]),
+            default="auto",
+            show_default=True,
+            envvar="PRELOADER_METHOD",
+            show_envvar=True,
+            help="How to read (see warm --help).",
+        ),
+        click.option(
+            "--read-timeout",
+            type=click.FloatRange(min=0),
+            default=600,
+            show_default=True,
+            envvar="PRELOADER_READ_TIMEOUT",
+            show_envvar=True,
+            help="Give up a file whose chunk read stalls this many seconds (0: never).",
+        ),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+@cli.command(epilog=SERVE_EXIT_CODES_HELP)
+@_selection_options
+@_read_options
+@click.option(
+    "--host",
+    default="0.0.0.0",  # noqa: S104 - probes and scrapes come from outside the pod
+    show_default=True,
+    envvar="PRELOADER_HOST",
+    show_envvar=True,
+    help="Address to listen on (127.0.0.1 for the pod only, :: for IPv6).",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=9400,
+    show_default=True,
+    envvar="PRELOADER_PORT",
+    show_envvar=True,
+    help="Port to listen on (0: any free port, logged at start).",
+)
+@click.option(
+    "--ready-ratio",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.99,
+    show_default=True,
+    envvar="PRELOADER_READY_RATIO",
+    show_envvar=True,
+    help="/readyz answers 200 once the first pass is over and at least this share of "
+    "every path's bytes is resident.",
+)
+@click.option(
+    "--ready-latch/--no-ready-latch",
+    default=True,
+    show_default=True,
+    envvar="PRELOADER_READY_LATCH",
+    show_envvar=True,
+    help="Once ready, stay ready even if pages are lost later (the server has loaded "
+    "its weights by then). --no-ready-latch makes /readyz follow residency.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=0,
+    show_default=True,
+    envvar="PRELOADER_TIMEOUT",
+    show_envvar=True,
+    help="Seconds from start after which --timeout-policy decides readiness (0: no "
+    "deadline). Reading goes on either way.",
+)
+@click.option(
+    "--timeout-policy",
+    type=click.Choice(["ready", "unready"]),
+    default="ready",
+    show_default=True,
+    envvar="PRELOADER_TIMEOUT_POLICY",
+    show_envvar=True,
+    help="At the deadline: 'ready' opens the gate anyway (an error log line and "
+    "preloader_timed_out 1), so slow storage never blocks a rollout for ever; 'unready' "
+    "keeps it closed.",
+)
+@click.option(
+    "--recheck-seconds",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    envvar="PRELOADER_RECHECK_SECONDS",
+    show_envvar=True,
+    help="Keep-warm: measure residency chunk by chunk this often and re-read only the "
+    "chunks that lost pages (0: keep-warm off).",
+)
+@click.option(
+    "--max-backoff",
+    type=click.FloatRange(min=0),
+    default=900.0,
+    show_default=True,
+    envvar="PRELOADER_MAX_BACKOFF_SECONDS",
+    show_envvar=True,
+    help="Longest keep-warm interval: while the same pages keep being lost, the interval "
+    "doubles up to this (state 'degraded').",
+)
+@click.pass_context
+def serve(
+    ctx: click.Context,
+    paths: tuple[str, ...],
+    model_dir: str | None,
+    env_paths: tuple[str, ...],
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    concurrency: str,
+    chunk_size: int,
+    method: str,
+    read_timeout: float,
+    host: str,
+    port: int,
+    ready_ratio: float,
+    ready_latch: bool,
+    timeout: float,
+    timeout_policy: str,
+    recheck_seconds: float,
+    max_backoff: float,
+) -> None:
+    """Sidecar: warm PATH (default $MODEL_DIR and --path), gate /readyz, keep it warm.
+
+    Serves /healthz (200 while the process serves), /readyz (503 with a JSON reason until
+    the paths are warm, then 200), /status (JSON progress) and /metrics (Prometheus) on
+    --host:--port. Without any path to warm it serves and is ready at once (logged).
+    SIGTERM or SIGINT stops reading, answers requests in flight and exits 0.
+    """
+
+    def run() -> int:
+        from . import server
+
+        log = get_logger()
+        if not paths:
+            for candidate in [model_dir or "", *env_paths]:
+                if candidate and not os.path.exists(candidate):
+                    log.warning("path does not exist; not served", path=printable(candidate))
+        try:
+            options = WarmOptions(
+                concurrency=parse_concurrency(concurrency),
+                chunk_size=chunk_size,
+                method=method,
+                read_timeout=read_timeout or None,
+            )
+        except ValueError as err:
+            raise errors.UsageError(str(err)) from None
+        config = ServeConfig(
+            selection=_selection(paths, model_dir, env_paths, include, exclude),
+            options=options,
+            host=host,
+            port=port,
+            ready_ratio=ready_ratio,
+            ready_latch=ready_latch,
+            timeout=timeout or None,
+            timeout_policy=timeout_policy,
+            recheck_seconds=recheck_seconds,
+            max_backoff_seconds=max_backoff,
+        )
+        sock = server.bind(config.host, config.port)
+        return anyio.run(server.serve, config, sock)
+
+    _finish(_guard(ctx, run))
+
+
+@cli.command(epilog=WAIT_EXIT_CODES_HELP)
+@click.option(
+    "--url",
+    default="http://127.0.0.1:9400/readyz",
+    show_default=True,
+    envvar="PRELOADER_WAIT_URL",
+    show_envvar=True,
+    help="The readiness URL to poll (http or https).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=0,
+    show_default=True,
+    envvar="PRELOADER_WAIT_TIMEOUT",
+    show_envvar=True,
+    help="Give up after this many seconds and exit 5 (0: wait for ever).",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.05),
+    default=1.0,
+    show_default=True,
+    envvar="PRELOADER_WAIT_INTERVAL",
+    show_envvar=True,
+    help="Seconds between polls.",
+)
+@click.pass_context
+def wait(ctx: click.Context, url: str, timeout: float, interval: float) -> None:
+    """Block until URL (default the local sidecar's /readyz) answers 200, then exit 0.
+
+    For a server container that must not start before the model is warm, where native
+    sidecars are not available: `preloader wait && exec python3 -m sglang.launch_server ...`.
+    Connection refused and 503 both mean "not yet".
+    """
+    from .wait import wait_ready
+
+    log = get_logger()
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    def on_change(answer: Any) -> None:
+        log.info("waiting", url=url, status=answer.status, detail=answer.detail)
+
+    def run() -> int:
+        config = WaitConfig(url=url, timeout=timeout or None, interval=interval)
+        signal.signal(signal.SIGTERM, interrupted)
+        try:
+            answer = wait_ready(config, on_change)
+        except KeyboardInterrupt:
+            log.warning("interrupted", url=url)
+            return errors.EXIT_INTERRUPTED
+        if answer is None:
+            log.error("not ready before the timeout", url=url, timeout=timeout)
+            return errors.EXIT_TIMEOUT
+        log.info("ready", url=url, detail=answer.detail)
+        return errors.EXIT_OK
+
+    _finish(_guard(ctx, run))
 
 
 def main() -> None:
