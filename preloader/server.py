@@ -149,6 +149,8 @@ async def serve(config: ServeConfig, sock: socket.socket) -> int:
             access_log=False,
             lifespan="off",
             http="h11",
+            ws="none",
+            loop="asyncio",
             proxy_headers=False,
             server_header=False,
             timeout_graceful_shutdown=max(1, round(config.shutdown_seconds)),

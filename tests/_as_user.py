@@ -10,16 +10,32 @@ import os
 import pkgutil
 import sys
 
+# This checkout's preloader, not whichever one `pip install -e` last pointed at.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import encodings.idna  # noqa: F401 (getaddrinfo encodes host names with it, lazily)
+
 import anyio
 import structlog.dev  # noqa: F401
+import uvicorn
 
 import preloader.cli  # (import everything before dropping privileges)
 import preloader.demo
+import preloader.server
 
 # anyio imports its modules lazily; load them all while the files are still readable.
 for module in pkgutil.walk_packages(anyio.__path__, "anyio."):
     if "trio" not in module.name and "pytest" not in module.name:
         importlib.import_module(module.name)
+# So does uvicorn (its protocol, loop and lifespan classes): load a config as serve does.
+uvicorn.Config(
+    preloader.server.Starlette(),
+    http="h11",
+    ws="none",
+    loop="asyncio",
+    lifespan="off",
+    log_config=None,
+).load()
 
 uid = int(sys.argv[1])
 os.setgroups([])
