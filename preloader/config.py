@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .budget import DEFAULT_HEADROOM, Headroom
 from .engine import AUTO_CONCURRENCY, WarmOptions
 from .errors import UsageError
 
@@ -34,6 +35,7 @@ class Selection:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     skip_reason: str | None = None
+    all_formats: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,9 @@ class WarmConfig:
     json: bool = False
     progress: bool | None = None
     progress_interval: float = 10.0
+    on_overflow: str = "trim"
+    headroom: Headroom = DEFAULT_HEADROOM
+    lock: bool = False
 
 
 def parse_concurrency(text: str | int | None) -> int:
@@ -71,6 +76,7 @@ def resolve_selection(
     env_paths: Sequence[str],
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    all_formats: bool = False,
 ) -> Selection:
     """Decide which roots to walk.
 
@@ -82,7 +88,7 @@ def resolve_selection(
     """
 
     def selection(paths: tuple[str, ...], skip_reason: str | None = None) -> Selection:
-        return Selection(paths, tuple(include), tuple(exclude), skip_reason)
+        return Selection(paths, tuple(include), tuple(exclude), skip_reason, all_formats)
 
     if args:
         for path in args:

@@ -234,7 +234,9 @@ def fd_residency(fd: int, size: int) -> int:
         return 0
     if not _cachestat_missing:
         try:
-            pages = cachestat(fd).cached
+            # The range, not the whole file: a plan may cover only a file's first bytes
+            # (a budget-trimmed plan), and residency is of what was planned.
+            pages = cachestat(fd, 0, size).cached
             tail = size % PAGE_SIZE
             last = bool(pages) and (not tail or cachestat(fd, size - tail, tail).cached > 0)
             return resident_bytes_from_pages(pages, size, last)
