@@ -380,8 +380,10 @@ class MemoryBudget:
 
 def _read(path: str) -> str | None:
     try:
-        with open(path, encoding="ascii", errors="replace") as handle:
-            return handle.read()
+        # Bytes, decoded as UTF-8 (built in): no codec import, which may be impossible
+        # after a process dropped privileges.
+        with open(path, "rb") as handle:
+            return handle.read().decode("utf-8", "replace")
     except OSError:
         return None
 

@@ -118,7 +118,7 @@ def memlock_permission() -> MemlockPermission:
     try:
         # Bytes decoded by hand: no codec import, which may be impossible after a setuid.
         with open("/proc/self/status", "rb") as handle:
-            text = handle.read().decode("ascii", "replace")
+            text = handle.read().decode("utf-8", "replace")
     except OSError:
         text = ""
     soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)

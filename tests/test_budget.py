@@ -112,7 +112,9 @@ def test_limits_max_and_the_v1_no_limit_number_mean_unlimited() -> None:
 
 
 def test_meminfo_in_bytes() -> None:
-    info = parse_meminfo("MemTotal:       24684084 kB\nMemAvailable:   23929076 kB\nHugePages_Total: 0\n")
+    info = parse_meminfo(
+        "MemTotal:       24684084 kB\nMemAvailable:   23929076 kB\nHugePages_Total: 0\n"
+    )
     assert info == {
         "MemTotal": 24684084 * 1024,
         "MemAvailable": 23929076 * 1024,
@@ -340,9 +342,12 @@ def test_warm_in_a_cgroup_smaller_than_the_model_trims_and_says_what_stayed_cold
     report = json.loads(done.stdout)
     budget = report["budget"]
     assert budget["limit_bytes"] == CGROUP_LIMIT
-    assert budget["limited_by"] == f"cgroup v{budget['cgroup_version']} " + (
-        "memory.limit_in_bytes" if budget["cgroup_version"] == 1 else "memory.max"
-    ) + f" of {cgroup}"
+    assert (
+        budget["limited_by"]
+        == f"cgroup v{budget['cgroup_version']} "
+        + ("memory.limit_in_bytes" if budget["cgroup_version"] == 1 else "memory.max")
+        + f" of {cgroup}"
+    )
     assert budget["on_overflow"] == "trim" and budget["over_budget"] is True
     planned = sum(p.stat().st_size for p in big_model.iterdir())
     assert budget["planned_bytes"] == budget["need_bytes"] == planned
