@@ -31,7 +31,7 @@ from preloader.budget import (
 from preloader.demo import write_demo_model
 from preloader.planner import FileSpec, Plan
 
-from .conftest import evict_tree, fincore_resident_bytes, run_cli_in_cgroup
+from .conftest import evict_tree, fincore_resident_bytes, run_cli, run_cli_in_cgroup
 from .test_cli import _log_lines
 
 MiB = 1024 * 1024
@@ -419,3 +419,35 @@ def test_plan_shows_what_trim_would_leave_cold(
     assert plan["cold_bytes"] > 0
     assert plan["bytes"] + plan["cold_bytes"] == plan["budget"]["planned_bytes"]
     assert all(fincore_resident_bytes(shard) == 0 for shard in _shards(big_model))
+
+
+# -- the budget in the other commands --------------------------------------------------------
+
+
+def test_status_shows_the_budget_and_whether_the_cold_part_fits(model_dir: Path) -> None:
+    document = json.loads(run_cli("status", str(model_dir), "--json", check=True).stdout)
+    budget = document["budget"]
+    assert budget["need_bytes"] == document["bytes"] - document["resident_bytes"]
+    assert budget["available_bytes"] > 0 and budget["over_budget"] is False
+    text = run_cli("status", str(model_dir), "--summary", check=True).stdout.splitlines()
+    assert text[-1].startswith("memory budget: ")
+    assert text[-1].endswith("after headroom)") and " not resident fit " in text[-1]
+
+
+def test_plan_text_lists_order_sizes_skips_and_the_budget(model_dir: Path) -> None:
+    (model_dir / "pytorch_model.bin").write_bytes(b"\0" * 4096)
+    lines = run_cli("plan", str(model_dir), check=True).stdout.splitlines()
+    assert lines[0] == "warm 8 files, 8.0 MiB, in this order:"
+    assert lines[1].split()[-1] == str(model_dir / "config.json")
+    assert [line.split()[-1] for line in lines[5:9]] == [
+        str(model_dir / f"model-0000{n}-of-00004.safetensors") for n in (1, 2, 3, 4)
+    ]
+    assert lines[9] == "skip 1:"
+    assert any(line.endswith("--all-formats warms it") for line in lines)
+    assert lines[-1].startswith("memory budget: ")
+
+
+def test_a_bad_headroom_is_a_usage_error(model_dir: Path) -> None:
+    done = run_cli("warm", str(model_dir), "--headroom", "lots")
+    assert done.returncode == errors.EXIT_USAGE
+    assert "headroom 'lots': not a size or a percentage" in done.stderr

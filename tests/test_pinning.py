@@ -103,11 +103,11 @@ def test_cap_ipc_lock_overrides_a_small_rlimit_memlock(model_dir: Path) -> None:
     if not _has_cap_ipc_lock():
         pytest.skip("this root lacks CAP_IPC_LOCK")
     with subprocess.Popen(
-        ["prlimit", "--memlock=65536:65536", *_cli("warm", str(model_dir), "--lock", "--json")],
+        ["prlimit", "--memlock=65536:65536", *_cli("warm", str(model_dir), "--json")],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env=_env(),
+        env={**_env(), "PRELOADER_LOCK": "1"},
     ) as holder:
         try:
             assert holder.stdout is not None
