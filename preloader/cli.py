@@ -950,13 +950,9 @@ def _plan_lines(the_plan: Plan, check: BudgetCheck) -> list[str]:
             where = f" from byte {cold.offset}" if cold.offset else ""
             lines.append(f"      {format_bytes(cold.length):>12}  {printable(cold.path)}{where}")
     elif check.over_budget:
-        lines.append(
-            f"over budget: --on-overflow {check.policy} would {_POLICY_WORDS[check.policy]}"
-        )
+        action = "exit 7 before reading" if check.policy == "fail" else "read everything anyway"
+        lines.append(f"over budget: --on-overflow {check.policy} would {action}")
     return lines
-
-
-_POLICY_WORDS = {"warn": "read everything anyway", "fail": "exit 7 before reading", "trim": ""}
 
 
 def _run_residency(selection: Selection, as_json: bool, summary: bool, evict: bool) -> int:

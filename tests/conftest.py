@@ -21,6 +21,9 @@ from preloader.demo import write_demo_model
 
 NOBODY = 65534
 AS_USER = str(Path(__file__).with_name("_as_user.py"))
+# Child processes import this checkout's preloader, even where another checkout is
+# pip-installed in editable mode (several worktrees share one interpreter here).
+REPO = str(Path(__file__).resolve().parent.parent)
 
 
 def evict_tree(root: str | os.PathLike[str]) -> None:
@@ -77,6 +80,7 @@ def run_cli(
         k: v for k, v in os.environ.items() if not k.startswith("PRELOADER_") and k != "MODEL_DIR"
     }
     base_env["PRELOADER_LOG_FORMAT"] = "json"
+    base_env["PYTHONPATH"] = REPO
     base_env.update(env or {})
     if user is None:
         cmd = [sys.executable, "-m", "preloader", *args]
@@ -222,6 +226,7 @@ def run_cli_in_cgroup(
         k: v for k, v in os.environ.items() if not k.startswith("PRELOADER_") and k != "MODEL_DIR"
     }
     base_env["PRELOADER_LOG_FORMAT"] = "json"
+    base_env["PYTHONPATH"] = REPO
     base_env.update(env or {})
     return subprocess.run(
         ["sh", "-c", wrapper, cgroup, sys.executable, "-m", "preloader", *args],

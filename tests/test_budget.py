@@ -31,7 +31,7 @@ from preloader.budget import (
 from preloader.demo import write_demo_model
 from preloader.planner import FileSpec, Plan
 
-from .conftest import evict_tree, fincore_resident_bytes, run_cli, run_cli_in_cgroup
+from .conftest import REPO, evict_tree, fincore_resident_bytes, run_cli, run_cli_in_cgroup
 from .test_cli import _log_lines
 
 MiB = 1024 * 1024
@@ -272,7 +272,11 @@ def test_the_real_budget_matches_the_files_it_comes_from() -> None:
 
 def _budget_in_child(prefix: list[str], code: str) -> dict[str, object]:
     out = subprocess.run(
-        [*prefix, sys.executable, "-c", code], capture_output=True, text=True, check=True
+        [*prefix, sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": REPO},
     ).stdout
     return dict(json.loads(out))
 

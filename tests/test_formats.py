@@ -68,13 +68,15 @@ def _names(root: Path, paths: list[str] | tuple[str, ...]) -> list[str]:
     return [os.path.relpath(p, root) for p in paths]
 
 
-def _planned(root: Path, **kwargs: object) -> list[str]:
-    return _names(root, [f.path for f in build_plan([str(root)], **kwargs).files])  # type: ignore[arg-type]
+def _planned(
+    root: Path, include: tuple[str, ...] | list[str] = (), all_formats: bool = False
+) -> list[str]:
+    plan = build_plan([str(root)], include=include, all_formats=all_formats)
+    return _names(root, [f.path for f in plan.files])
 
 
-def _reasons(root: Path, **kwargs: object) -> dict[str, str]:
-    plan = build_plan([str(root)], **kwargs)  # type: ignore[arg-type]
-    return {os.path.relpath(s.path, root): s.reason for s in plan.skipped}
+def _reasons(root: Path) -> dict[str, str]:
+    return {os.path.relpath(s.path, root): s.reason for s in build_plan([str(root)]).skipped}
 
 
 # -- safetensors -------------------------------------------------------------------------

@@ -14,10 +14,9 @@ import pytest
 from preloader import errors
 from preloader.pinning import MemlockPermission, parse_cap_eff, parse_vm_locked
 
-from .conftest import AS_USER, NOBODY, needs_root, needs_vmtouch, run_cli, vmtouch_resident
+from .conftest import AS_USER, NOBODY, REPO, needs_root, needs_vmtouch, run_cli, vmtouch_resident
 
 MiB = 1024 * 1024
-REPO = str(Path(__file__).resolve().parent.parent)
 
 STATUS = """\
 Name:\tpython3
