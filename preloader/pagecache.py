@@ -297,24 +297,23 @@ def _read_sendfile(fd: int, offset: int, length: int, sink: int, stop: Callable[
 
 
 def _read_mmap(fd: int, offset: int, length: int, stop: Callable[[], bool]) -> int:
-    # mmap offsets must be page aligned; chunk offsets are (chunk sizes are page multiples),
-    # but be defensive for callers that are not.
-    aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
-    lead = offset - aligned
     size = os.fstat(fd).st_size
-    length = max(0, min(length, size - offset))
-    if length == 0:
-        return 0
-    with mmap.mmap(fd, lead + length, mmap.MAP_SHARED, mmap.PROT_READ, offset=aligned) as mm:
-        done = 0
-        while done < length:
-            if stop():
-                break
-            step = min(_STEP_BYTES, length - done)
-            start = lead + done
-            start_aligned = start - start % PAGE_SIZE
-            mm.madvise(_MADV_POPULATE_READ, start_aligned, start + step - start_aligned)
-            done += step
+    end = min(offset + length, size)
+    done = 0
+    position = offset
+    while position < end:
+        if stop():
+            break
+        # Map one step at a time: populated pages of a live mapping count towards RSS,
+        # so a whole-chunk mapping would make the process look chunk-size x workers big.
+        aligned = position - position % mmap.ALLOCATIONGRANULARITY
+        step_end = min(end, aligned + _STEP_BYTES)
+        with mmap.mmap(
+            fd, step_end - aligned, mmap.MAP_SHARED, mmap.PROT_READ, offset=aligned
+        ) as mm:
+            mm.madvise(_MADV_POPULATE_READ, 0, step_end - aligned)
+        done += step_end - position
+        position = step_end
     return done
 
 
