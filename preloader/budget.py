@@ -59,30 +59,40 @@ class Headroom:
     limit is reached (v2 ``memory.high``), and in a postStart hook the server shares the
     container's cgroup; the headroom leaves room for all that.
 
+    The share is capped: what the agent itself needs does not grow with the model, and a
+    deployment sized as model + 256 MiB + 5% must not see its last shards trimmed.
+
     :ivar fixed_bytes: an absolute headroom, or ``None`` for a share.
     :ivar fraction: share of the binding limit (the cgroup's, or the node's memory).
     :ivar minimum_bytes: floor for a share.
+    :ivar maximum_bytes: cap for a share, ``None`` for none.
     """
 
     fixed_bytes: int | None = None
     fraction: float = 0.05
     minimum_bytes: int = 64 * 1024 * 1024
+    maximum_bytes: int | None = 1024 * 1024 * 1024
 
     def bytes_for(self, limit_bytes: int | None) -> int:
         """Headroom in bytes when the binding limit is ``limit_bytes`` (``None``: unknown)."""
         if self.fixed_bytes is not None:
             return self.fixed_bytes
         share = int(self.fraction * limit_bytes) if limit_bytes else 0
+        if self.maximum_bytes is not None:
+            share = min(share, self.maximum_bytes)
         return max(self.minimum_bytes, share)
 
     def describe(self) -> str:
         if self.fixed_bytes is not None:
             return format_bytes(self.fixed_bytes)
-        return f"{self.fraction:.0%} of the limit, at least {format_bytes(self.minimum_bytes)}"
+        text = f"{self.fraction:.0%} of the limit, at least {format_bytes(self.minimum_bytes)}"
+        if self.maximum_bytes is not None:
+            text += f", at most {format_bytes(self.maximum_bytes)}"
+        return text
 
 
 DEFAULT_HEADROOM = Headroom()
-"""5% of the binding limit, at least 64 MiB."""
+"""5% of the binding limit, at least 64 MiB, at most 1 GiB."""
 
 
 def parse_headroom(text: str) -> Headroom:
@@ -98,7 +108,7 @@ def parse_headroom(text: str) -> Headroom:
             raise ValueError(f"headroom {text!r}: not a size or a percentage") from None
         if not 0 <= percent < 100:
             raise ValueError(f"headroom {text!r}: a percentage must be in [0, 100)")
-        return Headroom(fraction=percent / 100, minimum_bytes=0)
+        return Headroom(fraction=percent / 100, minimum_bytes=0, maximum_bytes=None)
     try:
         return Headroom(fixed_bytes=parse_size(stripped))
     except ValueError:

@@ -159,7 +159,7 @@ def _budget_options(func: _F) -> _F:
             "--headroom",
             type=_HeadroomType(),
             default=None,
-            show_default="5% of the limit, at least 64MiB",
+            show_default="5% of the limit, 64MiB to 1GiB",
             envvar="PRELOADER_HEADROOM",
             show_envvar=True,
             help="Memory kept free below the budget: a size (256MiB) or a share of the "

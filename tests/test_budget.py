@@ -129,6 +129,8 @@ def test_headroom_is_a_size_or_a_share() -> None:
     assert default.bytes_for(10 * 1024 * MiB) == 512 * MiB  # 5%
     assert default.bytes_for(256 * MiB) == 64 * MiB  # the floor
     assert default.bytes_for(None) == 64 * MiB
+    assert default.bytes_for(100 * 1024 * MiB) == 1024 * MiB  # the cap
+    assert parse_headroom("10%").bytes_for(100 * 1024 * MiB) == 10 * 1024 * MiB  # no cap
     for bad in ("lots", "120%", "-1%"):
         with pytest.raises(ValueError, match="headroom"):
             parse_headroom(bad)
