@@ -21,6 +21,14 @@ import click
 
 from . import api, errors
 from ._version import __version__
+from .budget import (
+    DEFAULT_HEADROOM,
+    ON_OVERFLOW_POLICIES,
+    BudgetCheck,
+    Headroom,
+    check_plan,
+    parse_headroom,
+)
 from .config import (
     DEFAULT_CHUNK_SIZE,
     Selection,
@@ -32,7 +40,8 @@ from .config import (
 )
 from .engine import EngineEvent, ResidencyReport, WarmOptions, WarmProgress, WarmReport
 from .logs import FORMATS, LEVELS, configure, get_logger
-from .planner import printable
+from .pinning import memlock_permission
+from .planner import Plan, printable
 from .progress import show_progress
 from .units import format_bytes, parse_size
 
@@ -47,7 +56,8 @@ EXIT_CODES_HELP = (
     "Exit codes: 0 ok or nothing to do (MODEL_DIR unset or missing), 1 internal error, "
     "2 bad usage or input, 3 read errors, 4 resident share below --min-resident, "
     "5 --timeout reached, 6 residency unverifiable with --require-verified, "
-    "130 interrupted by SIGINT/SIGTERM."
+    "7 over the memory budget with --on-overflow fail, 8 incomplete model (missing shards), "
+    "9 --lock not permitted, 130 interrupted by SIGINT/SIGTERM."
 )
 
 
@@ -107,6 +117,62 @@ def _selection_options(func: _F) -> _F:
     return func
 
 
+class _HeadroomType(click.ParamType):  # type: ignore[type-arg]
+    name = "SIZE|PCT"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Headroom:
+        if isinstance(value, Headroom):
+            return value
+        try:
+            return parse_headroom(str(value))
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+def _formats_option(func: _F) -> _F:
+    return click.option(
+        "--all-formats",
+        is_flag=True,
+        envvar="PRELOADER_ALL_FORMATS",
+        show_envvar=True,
+        help="Warm every format: PyTorch .bin/.pt/.pth beside safetensors, safetensors "
+        "the index does not name, and every GGUF model of a folder (default: only what "
+        "sglang, vLLM and llama.cpp load).",
+    )(func)
+
+
+def _budget_options(func: _F) -> _F:
+    decorators = [
+        click.option(
+            "--on-overflow",
+            type=click.Choice(ON_OVERFLOW_POLICIES),
+            default="trim",
+            show_default=True,
+            envvar="PRELOADER_ON_OVERFLOW",
+            show_envvar=True,
+            help="When the plan needs more page cache than the memory budget (cgroup limit "
+            "minus usage, capped by MemAvailable, minus --headroom) allows: trim warms the "
+            "plan in order up to the budget and reports what stays cold; fail exits 7 "
+            "before reading; warn reads everything.",
+        ),
+        click.option(
+            "--headroom",
+            type=_HeadroomType(),
+            default=None,
+            show_default="5% of the limit, 64MiB to 1GiB",
+            envvar="PRELOADER_HEADROOM",
+            show_envvar=True,
+            help="Memory kept free below the budget: a size (256MiB) or a share of the "
+            "limit (10%).",
+        ),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
 def _json_option(func: _F) -> _F:
     return click.option(
         "--json",
@@ -124,8 +190,9 @@ def _selection(
     env_paths: Sequence[str],
     include: Sequence[str],
     exclude: Sequence[str],
+    all_formats: bool = False,
 ) -> Selection:
-    return resolve_selection(paths, model_dir, env_paths, include, exclude)
+    return resolve_selection(paths, model_dir, env_paths, include, exclude, all_formats)
 
 
 def _print_json(document: dict[str, object]) -> None:
@@ -337,6 +404,17 @@ def cli(ctx: click.Context, log_level: str, log_format: str, debug: bool) -> Non
     show_envvar=True,
     help="Seconds between progress log lines when there is no bar (0: none).",
 )
+@_formats_option
+@_budget_options
+@click.option(
+    "--lock",
+    is_flag=True,
+    envvar="PRELOADER_LOCK",
+    show_envvar=True,
+    help="After warming, pin the pages with mmap + mlock (like vmtouch -l) and keep "
+    "running until SIGTERM/SIGINT, then release them and exit. Needs CAP_IPC_LOCK or "
+    "RLIMIT_MEMLOCK above the plan's size (exit 9 otherwise). Never in a postStart hook.",
+)
 @click.pass_context
 def warm(
     ctx: click.Context,
@@ -356,6 +434,10 @@ def warm(
     as_json: bool,
     progress: bool | None,
     progress_interval: float,
+    all_formats: bool,
+    on_overflow: str,
+    headroom: Headroom | None,
+    lock: bool,
 ) -> None:
     """Read every file under PATH (default $MODEL_DIR) into the page cache and verify.
 
@@ -366,7 +448,7 @@ def warm(
     log = get_logger()
     try:
         config = WarmConfig(
-            selection=_selection(paths, model_dir, env_paths, include, exclude),
+            selection=_selection(paths, model_dir, env_paths, include, exclude, all_formats),
             options=WarmOptions(
                 concurrency=parse_concurrency(concurrency),
                 chunk_size=chunk_size,
@@ -380,6 +462,9 @@ def warm(
             json=as_json,
             progress=progress,
             progress_interval=progress_interval,
+            on_overflow=on_overflow,
+            headroom=headroom or DEFAULT_HEADROOM,
+            lock=lock,
         )
     except (errors.UsageError, ValueError) as err:
         _usage_failure(log, str(err), best_effort, as_json)
@@ -401,6 +486,9 @@ def _guard(ctx: click.Context, func: Callable[[], int]) -> int:
         return func()
     except errors.UsageError as err:
         get_logger().error("bad input", error=str(err))
+        return err.exit_code
+    except errors.PreloaderError as err:
+        get_logger().error("refused", error=str(err), exit_code=err.exit_code)
         return err.exit_code
     except Exception as err:
         if ctx.obj and ctx.obj.get("debug"):
@@ -429,25 +517,39 @@ def _run_warm(config: WarmConfig, log: Any) -> int:
             )
         return errors.EXIT_OK
 
+    try:
+        the_plan, check = _prepare(config.selection, config.on_overflow, config.headroom, log)
+        if check.over_budget and config.on_overflow == "fail":
+            raise errors.OverBudgetError(
+                check.message() + "; raise the memory limit, narrow the plan with --include, "
+                "or use --on-overflow trim"
+            )
+        if config.lock:
+            refusal = memlock_permission().refusal(check.plan.total_bytes)
+            if refusal is not None:
+                raise errors.LockRefusedError(refusal)
+    except errors.PreloaderError as err:
+        return _refuse(err, config, log)
+
     progress = WarmProgress()
+    extras = _plan_extras(the_plan, check)
+    held: list[int] = []  # the exit code, once a --lock run printed its summary
 
     async def body(stop: threading.Event) -> WarmReport:
-        plan = api.plan(selection.paths, include=selection.include, exclude=selection.exclude)
-        for skipped in plan.skipped:
-            log.warning("skipped", path=printable(skipped.path), reason=skipped.reason)
+        warm_plan = check.plan
         log.info(
             "warming",
             paths=[printable(p) for p in selection.paths],
-            files=len(plan.files),
-            bytes=plan.total_bytes,
-            size=format_bytes(plan.total_bytes),
+            files=len(warm_plan.files),
+            bytes=warm_plan.total_bytes,
+            size=format_bytes(warm_plan.total_bytes),
         )
         async with anyio.create_task_group() as display:
             display.start_soon(
                 show_progress, progress, log, config.progress, config.progress_interval
             )
             report = await api.warm(
-                plan,
+                warm_plan,
                 concurrency=config.options.concurrency,
                 chunk_size=config.options.chunk_size,
                 method=config.options.method,
@@ -458,18 +560,155 @@ def _run_warm(config: WarmConfig, log: Any) -> int:
                 stop=stop,
             )
             display.cancel_scope.cancel()
+        if config.lock and not stop.is_set():
+            await _hold_pinned(report, warm_plan, config, extras, held, stop, log)
         return report
 
     report, signum = anyio.run(_run_with_signals, body, threading.Event())
     if report is None:
         log.error("stopped before a report could be made", signal=signum)
         return errors.EXIT_OK if config.best_effort else errors.EXIT_INTERRUPTED
+    if held:
+        return errors.EXIT_OK if config.best_effort else held[0]
     code = warm_exit_code(report, config)
-    _summarise(report, config, code, log)
+    if config.lock and "lock_error" in extras:
+        code = code or errors.EXIT_LOCK_REFUSED
+    _summarise(report, config, code, log, extras)
     return errors.EXIT_OK if config.best_effort else code
 
 
-def _summarise(report: WarmReport, config: WarmConfig, code: int, log: Any) -> None:
+def _prepare(
+    selection: Selection, on_overflow: str, headroom: Headroom, log: Any
+) -> tuple[Plan, BudgetCheck]:
+    """Plan, log what the plan skipped and chose, refuse an incomplete model, check budget.
+
+    :raises errors.IncompleteModelError: when an index or split set names missing files.
+    """
+    the_plan = api.plan(
+        selection.paths,
+        include=selection.include,
+        exclude=selection.exclude,
+        all_formats=selection.all_formats,
+    )
+    for skipped in the_plan.skipped:
+        log.warning("skipped", path=printable(skipped.path), reason=skipped.reason)
+    for choice in the_plan.choices:
+        log.warning(
+            "several models in one folder",
+            directory=printable(choice.directory),
+            chosen=printable(choice.chosen),
+            candidates=[printable(c) for c in choice.candidates],
+            reason=choice.reason,
+        )
+    if the_plan.problems:
+        for problem in the_plan.problems:
+            log.error("incomplete model", path=printable(problem.path), problem=problem.message)
+        first = the_plan.problems[0]
+        raise errors.IncompleteModelError(f"{printable(first.path)}: {first.message}")
+    check: BudgetCheck = anyio.run(
+        lambda: api.check_budget(the_plan, on_overflow=on_overflow, headroom=headroom)
+    )
+    _log_budget(check, log)
+    return the_plan, check
+
+
+def _log_budget(check: BudgetCheck, log: Any) -> None:
+    budget = check.budget
+    fields: dict[str, object] = {
+        "need_bytes": check.need_bytes,
+        "allowance_bytes": check.allowance_bytes,
+        "headroom_bytes": check.headroom_bytes,
+        "limited_by": budget.limited_by,
+        "budget": budget.describe(),
+    }
+    if check.allowance_bytes is None:
+        log.info("memory budget unknown", notes=list(budget.notes), **fields)
+    elif not check.over_budget:
+        log.info("memory budget", **fields)
+    elif check.policy == "trim":
+        for cold in check.cold:
+            log.info("stays cold", path=printable(cold.path), offset=cold.offset, bytes=cold.length)
+        log.warning(
+            "over memory budget: trimming the plan",
+            warming_bytes=check.plan.total_bytes,
+            cold_bytes=check.cold_bytes,
+            cold_files=len(check.cold),
+            **fields,
+        )
+    elif check.policy == "warn":
+        log.warning(
+            "over memory budget: reading everything (--on-overflow warn); pages read first "
+            "may be reclaimed before the server loads them",
+            **fields,
+        )
+
+
+def _plan_extras(the_plan: Plan, check: BudgetCheck) -> dict[str, object]:
+    """The ``--json`` keys this module adds about formats and the budget."""
+    return {
+        "budget": check.to_json(),
+        "cold": [c.to_json() for c in check.cold],
+        "cold_bytes": check.cold_bytes,
+        "choices": [c.to_json() for c in the_plan.choices],
+        "problems": [p.to_json() for p in the_plan.problems],
+    }
+
+
+def _refuse(err: errors.PreloaderError, config: WarmConfig, log: Any) -> int:
+    """Report a refusal before reading: one line, ``--json``, the exit code."""
+    log.error("refused", error=str(err), exit_code=err.exit_code)
+    code = errors.EXIT_OK if config.best_effort else err.exit_code
+    if config.best_effort:
+        log.warning("best effort: exiting 0", would_exit=err.exit_code)
+    if config.json:
+        _print_json({"error": str(err), "exit_code": code, "version": __version__})
+    return code
+
+
+async def _hold_pinned(
+    report: WarmReport,
+    warm_plan: Plan,
+    config: WarmConfig,
+    extras: dict[str, object],
+    held: list[int],
+    stop: threading.Event,
+    log: Any,
+) -> None:
+    """Pin the warmed pages, print the summary, hold them until a signal, release."""
+    try:
+        pins = await api.pin(warm_plan)
+    except errors.LockRefusedError as err:
+        log.error("cannot lock", error=str(err), exit_code=err.exit_code)
+        extras["lock_error"] = str(err)
+        extras["pinned_bytes"] = 0
+        return
+    code = warm_exit_code(report, config)
+    extras["pinned_bytes"] = pins.pinned_bytes
+    extras["pinned_files"] = len(pins.pins)
+    _summarise(report, config, code, log, extras)
+    held.append(code)
+    log.info(
+        "pinned: holding the pages until SIGTERM or SIGINT",
+        pinned_bytes=pins.pinned_bytes,
+        size=format_bytes(pins.pinned_bytes),
+        files=len(pins.pins),
+        pid=os.getpid(),
+    )
+    try:
+        await anyio.to_thread.run_sync(stop.wait, abandon_on_cancel=True)
+    finally:
+        released = pins.release()
+        log.info("released pinned pages", bytes=released)
+
+
+def _summarise(
+    report: WarmReport,
+    config: WarmConfig,
+    code: int,
+    log: Any,
+    extras: dict[str, object] | None = None,
+) -> None:
+    extras = extras or {}
     rate = report.read_bytes / report.seconds if report.seconds > 0 else 0.0
     ratio = report.resident_ratio
     fields: dict[str, object] = {
@@ -484,6 +723,10 @@ def _summarise(report: WarmReport, config: WarmConfig, code: int, log: Any) -> N
         "errors": len(report.errors),
         "exit_code": code,
     }
+    if extras.get("cold_bytes"):
+        fields["cold_bytes"] = extras["cold_bytes"]
+    if "pinned_bytes" in extras:
+        fields["pinned_bytes"] = extras["pinned_bytes"]
     if ratio is None:
         fields["unverified"] = report.residency_unknown_reason
         log.warning("warm finished, residency unverified", **fields)
@@ -495,6 +738,7 @@ def _summarise(report: WarmReport, config: WarmConfig, code: int, log: Any) -> N
         log.warning("best effort: exiting 0", would_exit=code)
     if config.json:
         document = report.to_json()
+        document.update(extras)
         document["exit_code"] = errors.EXIT_OK if config.best_effort else code
         document["paths"] = list(config.selection.paths)
         document["version"] = __version__
@@ -528,6 +772,7 @@ def _residency_lines(report: ResidencyReport, per_file: bool) -> list[str]:
 @_selection_options
 @_json_option
 @click.option("--summary", is_flag=True, help="Print only the total line, not one line a file.")
+@_formats_option
 @click.pass_context
 def status(
     ctx: click.Context,
@@ -538,17 +783,22 @@ def status(
     exclude: tuple[str, ...],
     as_json: bool,
     summary: bool,
+    all_formats: bool,
 ) -> None:
     """Show how much of each file under PATH is in the page cache (like fincore).
 
     Residency the kernel will not reveal truthfully (files the process neither owns nor
-    may write) is shown as unknown, never guessed.
+    may write) is shown as unknown, never guessed. The last line is the memory budget
+    (cgroup limit and usage, MemAvailable) and whether the cold rest would fit in it.
     """
     _finish(
         _guard(
             ctx,
             lambda: _run_residency(
-                paths, model_dir, env_paths, include, exclude, as_json, summary, evict=False
+                _selection(paths, model_dir, env_paths, include, exclude, all_formats),
+                as_json,
+                summary,
+                evict=False,
             ),
         )
     )
@@ -557,6 +807,7 @@ def status(
 @cli.command(epilog=EXIT_CODES_HELP)
 @_selection_options
 @_json_option
+@_formats_option
 @click.pass_context
 def evict(
     ctx: click.Context,
@@ -566,6 +817,7 @@ def evict(
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     as_json: bool,
+    all_formats: bool,
 ) -> None:
     """Drop the cached pages of every file under PATH (POSIX_FADV_DONTNEED).
 
@@ -575,24 +827,138 @@ def evict(
         _guard(
             ctx,
             lambda: _run_residency(
-                paths, model_dir, env_paths, include, exclude, as_json, True, evict=True
+                _selection(paths, model_dir, env_paths, include, exclude, all_formats),
+                as_json,
+                True,
+                evict=True,
             ),
         )
     )
 
 
-def _run_residency(
-    paths: Sequence[str],
+@cli.command("plan", epilog=EXIT_CODES_HELP)
+@_selection_options
+@_json_option
+@_formats_option
+@_budget_options
+@click.pass_context
+def plan_command(
+    ctx: click.Context,
+    paths: tuple[str, ...],
     model_dir: str | None,
-    env_paths: Sequence[str],
-    include: Sequence[str],
-    exclude: Sequence[str],
+    env_paths: tuple[str, ...],
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
     as_json: bool,
-    summary: bool,
-    evict: bool,
-) -> int:
+    all_formats: bool,
+    on_overflow: str,
+    headroom: Headroom | None,
+) -> None:
+    """Dry run: what `warm` would read under PATH, in which order, what it skips and why.
+
+    Nothing is read but the safetensors index. Shows sizes, the GGUF model chosen in a
+    folder of several, shards an index names but the folder lacks (exit 8), and the
+    memory budget with what would stay cold under --on-overflow trim.
+    """
+    _finish(
+        _guard(
+            ctx,
+            lambda: _run_plan(
+                _selection(paths, model_dir, env_paths, include, exclude, all_formats),
+                as_json,
+                on_overflow,
+                headroom or DEFAULT_HEADROOM,
+            ),
+        )
+    )
+
+
+def _run_plan(selection: Selection, as_json: bool, on_overflow: str, headroom: Headroom) -> int:
+    if selection.skip_reason is not None:
+        get_logger().info("skipped", reason=selection.skip_reason)
+        if as_json:
+            _print_json({"files": [], "bytes": 0, "skipped_reason": selection.skip_reason})
+        return errors.EXIT_OK
+    the_plan = api.plan(
+        selection.paths,
+        include=selection.include,
+        exclude=selection.exclude,
+        all_formats=selection.all_formats,
+    )
+    check: BudgetCheck = anyio.run(
+        lambda: api.check_budget(the_plan, on_overflow=on_overflow, headroom=headroom)
+    )
+    code = errors.EXIT_INCOMPLETE_MODEL if the_plan.problems else errors.EXIT_OK
+    if as_json:
+        document: dict[str, object] = {
+            "paths": list(selection.paths),
+            "files": [
+                {"path": f.path, "bytes": f.size, "metadata": f.metadata} for f in check.plan.files
+            ],
+            "bytes": check.plan.total_bytes,
+            "skipped": [
+                {"path": s.path, "reason": s.reason, "bytes": s.size} for s in the_plan.skipped
+            ],
+        }
+        document.update(_plan_extras(the_plan, check))
+        document["exit_code"] = code
+        _print_json(document)
+        return code
+    for line in _plan_lines(the_plan, check):
+        click.echo(line)
+    return code
+
+
+def _plan_lines(the_plan: Plan, check: BudgetCheck) -> list[str]:
+    warm_files = check.plan.files
+    lines = [
+        f"warm {len(warm_files)} files, {format_bytes(check.plan.total_bytes)}, in this order:"
+    ]
+    full = {f.path: f.size for f in the_plan.files}
+    for number, spec in enumerate(warm_files, 1):
+        part = (
+            f" (first {format_bytes(spec.size)} of {format_bytes(full[spec.path])})"
+            if (full.get(spec.path, spec.size) != spec.size)
+            else ""
+        )
+        lines.append(f"{number:>5} {format_bytes(spec.size):>12}  {printable(spec.path)}{part}")
+    if the_plan.skipped:
+        lines.append(f"skip {len(the_plan.skipped)}:")
+        for skipped in the_plan.skipped:
+            size = format_bytes(skipped.size) if skipped.size is not None else "-"
+            lines.append(f"      {size:>12}  {printable(skipped.path)}: {skipped.reason}")
+    for choice in the_plan.choices:
+        lines.append(
+            f"chose {printable(choice.chosen)} of {len(choice.candidates)} models in "
+            f"{printable(choice.directory)}: {choice.reason}"
+        )
+    for problem in the_plan.problems:
+        lines.append(f"INCOMPLETE {printable(problem.path)}: {problem.message}")
+    lines.append(
+        f"memory budget: {check.budget.describe()}; needs {format_bytes(check.need_bytes)}, "
+        + (
+            f"allows {format_bytes(check.allowance_bytes)} after "
+            f"{format_bytes(check.headroom_bytes)} headroom"
+            if check.allowance_bytes is not None
+            else "budget unknown"
+        )
+    )
+    if check.cold:
+        lines.append(
+            f"stays cold under --on-overflow trim: {format_bytes(check.cold_bytes)} in "
+            f"{len(check.cold)} files:"
+        )
+        for cold in check.cold:
+            where = f" from byte {cold.offset}" if cold.offset else ""
+            lines.append(f"      {format_bytes(cold.length):>12}  {printable(cold.path)}{where}")
+    elif check.over_budget:
+        action = "exit 7 before reading" if check.policy == "fail" else "read everything anyway"
+        lines.append(f"over budget: --on-overflow {check.policy} would {action}")
+    return lines
+
+
+def _run_residency(selection: Selection, as_json: bool, summary: bool, evict: bool) -> int:
     log = get_logger()
-    selection = _selection(paths, model_dir, env_paths, include, exclude)
     if selection.skip_reason is not None:
         log.info("skipped", reason=selection.skip_reason)
         if as_json:
@@ -606,16 +972,36 @@ def _run_residency(
                 }
             )
         return errors.EXIT_OK
-    plan = api.plan(selection.paths, include=selection.include, exclude=selection.exclude)
+    plan = api.plan(
+        selection.paths,
+        include=selection.include,
+        exclude=selection.exclude,
+        all_formats=selection.all_formats,
+    )
     for skipped in plan.skipped:
         log.warning("skipped", path=printable(skipped.path), reason=skipped.reason)
     action = api.evict if evict else api.residency
     report: ResidencyReport = anyio.run(lambda: action(plan))
+    check = None
+    if not evict:
+        # What the rest of the model would cost, against the budget right now.
+        check = check_plan(
+            plan,
+            api.memory_budget(),
+            "warn",
+            DEFAULT_HEADROOM,
+            [item.resident_bytes for item in report.files],
+        )
     if as_json:
-        _print_json(report.to_json())
+        document = report.to_json()
+        if check is not None:
+            document["budget"] = check.to_json()
+        _print_json(document)
     else:
         for line in _residency_lines(report, per_file=not summary):
             click.echo(line)
+        if check is not None:
+            click.echo(_budget_line(check))
     if evict:
         log.info(
             "evicted",
@@ -697,6 +1083,23 @@ def _run_demo(size: int, directory: str | None, keep: bool, concurrency: str) ->
             click.echo(f"kept demo model in {directory}")
         elif created:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def _budget_line(check: BudgetCheck) -> str:
+    allowance = check.allowance_bytes
+    if allowance is None:
+        verdict = "the budget is unknown"
+    elif check.over_budget:
+        verdict = (
+            f"the {format_bytes(check.need_bytes)} not resident exceed it "
+            f"(allowance {format_bytes(allowance)} after headroom)"
+        )
+    else:
+        verdict = (
+            f"the {format_bytes(check.need_bytes)} not resident fit "
+            f"(allowance {format_bytes(allowance)} after headroom)"
+        )
+    return f"memory budget: {check.budget.describe()}; {verdict}"
 
 
 def _ratio_text(report: ResidencyReport) -> str:

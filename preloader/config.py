@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .budget import DEFAULT_HEADROOM, Headroom
 from .engine import AUTO_CONCURRENCY, WarmOptions
 from .errors import UsageError
 
@@ -41,6 +42,7 @@ class Selection:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     skip_reason: str | None = None
+    all_formats: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ class WarmConfig:
     json: bool = False
     progress: bool | None = None
     progress_interval: float = 10.0
+    on_overflow: str = "trim"
+    headroom: Headroom = DEFAULT_HEADROOM
+    lock: bool = False
 
 
 TIMEOUT_POLICIES = ("ready", "unready")
@@ -133,6 +138,7 @@ def resolve_selection(
     env_paths: Sequence[str],
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    all_formats: bool = False,
 ) -> Selection:
     """Decide which roots to walk.
 
@@ -144,7 +150,7 @@ def resolve_selection(
     """
 
     def selection(paths: tuple[str, ...], skip_reason: str | None = None) -> Selection:
-        return Selection(paths, tuple(include), tuple(exclude), skip_reason)
+        return Selection(paths, tuple(include), tuple(exclude), skip_reason, all_formats)
 
     if args:
         for path in args:

@@ -235,7 +235,9 @@ def fd_residency(fd: int, size: int) -> int:
         return 0
     if not _cachestat_missing:
         try:
-            pages = cachestat(fd).cached
+            # The range, not the whole file: a plan may cover only a file's first bytes
+            # (a budget-trimmed plan), and residency is of what was planned.
+            pages = cachestat(fd, 0, size).cached
             tail = size % PAGE_SIZE
             last = bool(pages) and (not tail or cachestat(fd, size - tail, tail).cached > 0)
             return resident_bytes_from_pages(pages, size, last)
@@ -342,24 +344,23 @@ def _read_sendfile(fd: int, offset: int, length: int, sink: int, stop: Callable[
 
 
 def _read_mmap(fd: int, offset: int, length: int, stop: Callable[[], bool]) -> int:
-    # mmap offsets must be page aligned; chunk offsets are (chunk sizes are page multiples),
-    # but be defensive for callers that are not.
-    aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
-    lead = offset - aligned
     size = os.fstat(fd).st_size
-    length = max(0, min(length, size - offset))
-    if length == 0:
-        return 0
-    with mmap.mmap(fd, lead + length, mmap.MAP_SHARED, mmap.PROT_READ, offset=aligned) as mm:
-        done = 0
-        while done < length:
-            if stop():
-                break
-            step = min(_STEP_BYTES, length - done)
-            start = lead + done
-            start_aligned = start - start % PAGE_SIZE
-            mm.madvise(_MADV_POPULATE_READ, start_aligned, start + step - start_aligned)
-            done += step
+    end = min(offset + length, size)
+    done = 0
+    position = offset
+    while position < end:
+        if stop():
+            break
+        # Map one step at a time: populated pages of a live mapping count towards RSS,
+        # so a whole-chunk mapping would make the process look chunk-size x workers big.
+        aligned = position - position % mmap.ALLOCATIONGRANULARITY
+        step_end = min(end, aligned + _STEP_BYTES)
+        with mmap.mmap(
+            fd, step_end - aligned, mmap.MAP_SHARED, mmap.PROT_READ, offset=aligned
+        ) as mm:
+            mm.madvise(_MADV_POPULATE_READ, 0, step_end - aligned)
+        done += step_end - position
+        position = step_end
     return done
 
 

@@ -13,7 +13,10 @@ import os
 import re
 import stat
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from . import formats
+from .formats import Choice, Problem
 
 __all__ = [
     "Chunk",
@@ -69,10 +72,11 @@ class FileSpec:
 
 @dataclass(frozen=True)
 class Skipped:
-    """A path the plan will not read, and why."""
+    """A path the plan will not read, and why (with its size, when it is a file)."""
 
     path: str
     reason: str
+    size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -91,11 +95,17 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Plan:
-    """The files to warm, in warm order, and what the walk skipped."""
+    """The files to warm, in warm order, and what the walk skipped.
+
+    :ivar choices: folders with several models where one was chosen (GGUF quantisations).
+    :ivar problems: an incomplete model (shards an index names but the folder lacks).
+    """
 
     roots: tuple[str, ...]
     files: tuple[FileSpec, ...]
     skipped: tuple[Skipped, ...] = field(default=())
+    choices: tuple[Choice, ...] = field(default=())
+    problems: tuple[Problem, ...] = field(default=())
 
     @property
     def total_bytes(self) -> int:
@@ -149,9 +159,12 @@ def _special_kind(mode: int) -> str:
 class _Walk:
     include: Sequence[str]
     exclude: Sequence[str]
+    all_formats: bool = False
     seen_files: set[tuple[int, int]] = field(default_factory=set)
     seen_dirs: set[tuple[int, int]] = field(default_factory=set)
     skipped: list[Skipped] = field(default_factory=list)
+    choices: list[Choice] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
 
     def resolve(self, path: str, is_link: bool) -> os.stat_result | None:
         """stat through links; broken links and loops become skips."""
@@ -181,10 +194,36 @@ class _Walk:
             self._add_file(root, os.path.basename(root), st, found, filtered=False)
         elif stat.S_ISDIR(st.st_mode):
             self._walk_dir(root, st, found)
+            found.sort(key=lambda item: (not item[1].metadata, _natural_key(item[0])))
+            return self._arrange(root, found)
         else:
             self.skipped.append(Skipped(root, _special_kind(st.st_mode)))
-        found.sort(key=lambda item: (not item[1].metadata, _natural_key(item[0])))
         return [spec for _, spec in found]
+
+    def _arrange(self, root: str, found: list[tuple[str, FileSpec]]) -> list[FileSpec]:
+        """Apply the model-format rules (:mod:`preloader.formats`) to one walked root."""
+        arrangement = formats.arrange(
+            [formats.Entry(rel, spec.size, spec.metadata) for rel, spec in found],
+            load_index=lambda rel: formats.read_safetensors_index(os.path.join(root, rel)),
+            exists=lambda rel: os.path.exists(os.path.join(root, rel)),
+            all_formats=self.all_formats,
+            choose_gguf=not self.include,
+        )
+        for index, reason in arrangement.skipped:
+            spec = found[index][1]
+            self.skipped.append(Skipped(spec.path, reason, spec.size))
+        for choice in arrangement.choices:
+            self.choices.append(
+                replace(
+                    choice,
+                    directory=os.path.join(root, choice.directory) if choice.directory else root,
+                    chosen=os.path.join(root, choice.chosen),
+                    candidates=tuple(os.path.join(root, c) for c in choice.candidates),
+                )
+            )
+        for problem in arrangement.problems:
+            self.problems.append(replace(problem, path=os.path.join(root, problem.path)))
+        return [found[index][1] for index in arrangement.order]
 
     def _add_file(
         self,
@@ -194,11 +233,15 @@ class _Walk:
         found: list[tuple[str, FileSpec]],
         filtered: bool = True,
     ) -> None:
-        if filtered and self.include and not _matches(relpath, self.include):
-            self.skipped.append(Skipped(path, "not matched by --include"))
-            return
         if filtered and self.exclude and _matches(relpath, self.exclude):
-            self.skipped.append(Skipped(path, "matched by --exclude"))
+            self.skipped.append(Skipped(path, "matched by --exclude", st.st_size))
+            return
+        default = formats.default_skip(os.path.basename(path), False, self.include)
+        if filtered and default is not None:
+            self.skipped.append(Skipped(path, default, st.st_size))
+            return
+        if filtered and self.include and not _matches(relpath, self.include):
+            self.skipped.append(Skipped(path, "not matched by --include", st.st_size))
             return
         key = (st.st_dev, st.st_ino)
         if key in self.seen_files:
@@ -235,6 +278,10 @@ class _Walk:
                     if self.exclude and _matches(relpath, self.exclude):
                         self.skipped.append(Skipped(entry.path, "matched by --exclude"))
                         continue
+                    default = formats.default_skip(entry.name, True, self.include)
+                    if default is not None:
+                        self.skipped.append(Skipped(entry.path, default))
+                        continue
                     key = (st.st_dev, st.st_ino)
                     if key in self.seen_dirs:
                         self.skipped.append(
@@ -259,6 +306,7 @@ def build_plan(
     roots: Iterable[str],
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    all_formats: bool = False,
 ) -> Plan:
     """Walk ``roots`` and return the warm plan.
 
@@ -266,20 +314,34 @@ def build_plan(
     a bind mount) is planned once, keyed by ``(st_dev, st_ino)``. FIFOs, sockets, device
     nodes (also behind links), broken links and link loops are skipped with a reason and
     never opened. Per root, metadata files come first, then the rest in natural order,
-    so shards are read front to back.
+    so shards are read front to back; a safetensors index orders the shards it names.
+
+    Under a directory root the model-format rules of :mod:`preloader.formats` apply:
+    ``.git/``, ``.cache/``, ``.huggingface/``, ``original/`` and lock or partial-download
+    files are skipped unless an include glob names them; PyTorch pickles beside
+    safetensors, safetensors an index does not name, and all GGUF models but one (when
+    no include glob chose) are skipped unless ``all_formats``; an index or split set that
+    names missing files is recorded in :attr:`Plan.problems`.
 
     :param roots: files or directories.
     :param include: globs; when given, a file must match one. A glob without ``/``
         matches the file name, one with ``/`` the path relative to its root.
     :param exclude: globs; a matching file or directory is skipped.
+    :param all_formats: warm every format and every GGUF model (see above).
     :return: the plan. Roots that do not exist appear in :attr:`Plan.skipped`.
     """
-    walk = _Walk(include=tuple(include), exclude=tuple(exclude))
+    walk = _Walk(include=tuple(include), exclude=tuple(exclude), all_formats=all_formats)
     root_list = tuple(roots)
     files: list[FileSpec] = []
     for root in root_list:
         files.extend(walk.walk_root(root))
-    return Plan(roots=root_list, files=tuple(files), skipped=tuple(walk.skipped))
+    return Plan(
+        roots=root_list,
+        files=tuple(files),
+        skipped=tuple(walk.skipped),
+        choices=tuple(walk.choices),
+        problems=tuple(walk.problems),
+    )
 
 
 def chunk_count(size: int, chunk_size: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -41,10 +42,14 @@ def test_metadata_first_then_shards_in_numeric_order(tmp_path: Path) -> None:
         "shard_9.bin",
         "tokenizer.json",
         "config.json",
-        "model.safetensors.index.json",
     ]:
         _touch(tmp_path / name, 1000)
-    plan = build_plan([str(tmp_path)])
+    shards = ["model-00002-of-00011.safetensors", "model-00010-of-00011.safetensors"]
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {f"t{i}": name for i, name in enumerate(shards)}})
+    )
+    # all_formats: the .bin files beside the safetensors stay in the plan
+    plan = build_plan([str(tmp_path)], all_formats=True)
     assert _names(plan.files, tmp_path) == [
         "config.json",
         "model.safetensors.index.json",
