@@ -26,6 +26,7 @@ import anyio
 import anyio.to_thread
 
 from ._version import __version__
+from .budget import MemoryBudget, read_memory_budget
 from .config import ServeConfig
 from .engine import (
     ChunkResidency,
@@ -165,6 +166,8 @@ class AgentSnapshot:
     :ivar reason: one line saying why it is (not) ready.
     :ivar timed_out: the deadline passed before the model was warm.
     :ivar skip_reason: set when there is nothing to serve (``MODEL_DIR`` unset or missing).
+    :ivar memory_budget: this process's memory budget as last read by the agent (at start
+        and after each keep-warm round), or ``None`` before the first reading.
     """
 
     state: str
@@ -177,6 +180,7 @@ class AgentSnapshot:
     rate: float
     eta_seconds: float | None
     skip_reason: str | None = None
+    memory_budget: MemoryBudget | None = None
     version: str = __version__
 
     @property
@@ -243,6 +247,7 @@ class AgentSnapshot:
             "rate_bytes_per_second": round(self.rate),
             "eta_seconds": None if self.eta_seconds is None else round(self.eta_seconds, 1),
             "errors": sum(p.errors for p in self.paths),
+            "memory_budget": None if self.memory_budget is None else self.memory_budget.to_json(),
             "paths": [p.to_json() for p in self.paths],
         }
 
@@ -366,6 +371,7 @@ class Agent:
         self._ready = not self._models
         self._forced_ready = False
         self._timed_out = False
+        self._budget: MemoryBudget | None = None
 
     # -- what front ends read ---------------------------------------------------------
 
@@ -394,6 +400,7 @@ class Agent:
             rate=rate,
             eta_seconds=eta,
             skip_reason=self.config.selection.skip_reason,
+            memory_budget=self._budget,
         )
 
     async def wait_until(self, predicate: Callable[[AgentSnapshot], bool]) -> AgentSnapshot:
@@ -437,6 +444,7 @@ class Agent:
             self._changed()
             return
         await self._plan_all()
+        await self._read_budget()
         for model in self._models:
             if self._stop.is_set():
                 break
@@ -452,6 +460,7 @@ class Agent:
                 return
             if model.warmed and model.plan.files:
                 await self._check(model)
+        await self._read_budget()
         self._update_ready()
         self._changed()
 
@@ -547,11 +556,15 @@ class Agent:
             if not due:
                 await self._stopping.wait()
                 return
+            checked = False
             for model in due:
                 if model.next_check <= time.monotonic() and not self._stop.is_set():
                     await self._check(model)
+                    checked = True
                     self._update_ready()
                     self._changed()
+            if checked:
+                await self._read_budget()
             delay = min(m.next_check for m in due) - time.monotonic()
             with anyio.move_on_after(max(0.0, delay)):
                 await self._stopping.wait()
@@ -623,6 +636,10 @@ class Agent:
             concurrency = max(1, self._options.concurrency or 4)
             measured = await measure_chunks(model.plan, self._chunk_size, concurrency)
             self._apply_measurement(model, measured)
+
+    async def _read_budget(self) -> None:
+        # A few small reads of /proc and /sys, on a worker thread, on the agent's schedule.
+        self._budget = await anyio.to_thread.run_sync(read_memory_budget)
 
     def _all_chunks(self, model: _Model, index: int) -> list[Chunk]:
         spec = model.plan.files[index]

@@ -36,6 +36,12 @@ _METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         "1 when PRELOADER_TIMEOUT passed before the paths were warm.",
         (),
     ),
+    (
+        "preloader_memory_available_bytes",
+        "gauge",
+        "Room for page cache: the least of the memory cgroup's free bytes and MemAvailable.",
+        (),
+    ),
     ("preloader_target_bytes", "gauge", "Bytes planned to be warm.", ("path",)),
     (
         "preloader_resident_bytes",
@@ -132,6 +138,9 @@ class AgentCollector(Collector):
         for state in STATES:
             f["preloader_state"].add_metric([state], 1 if snap.state == state else 0)
         f["preloader_timed_out"].add_metric([], 1 if snap.timed_out else 0)
+        available = snap.memory_budget.available_bytes if snap.memory_budget else None
+        if available is not None:
+            f["preloader_memory_available_bytes"].add_metric([], available)
         for p in snap.paths:
             label = [p.path]
             f["preloader_target_bytes"].add_metric(label, p.bytes)

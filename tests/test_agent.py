@@ -57,6 +57,8 @@ async def test_first_pass_warms_then_the_agent_is_ready(model_dir: Path) -> None
     assert path.resident_bytes == path.bytes == path.warm_bytes == path.read_bytes > 0
     assert _files(snap, "resident") == path.files == 8
     assert path.warm_seconds is not None
+    assert snap.memory_budget is not None  # read on the agent's schedule, shown in /status
+    assert snap.to_json()["memory_budget"] == snap.memory_budget.to_json()
     pages, total = vmtouch_resident(model_dir)
     assert pages == total
 

@@ -79,6 +79,9 @@ async def test_a_warm_model_is_reported_as_such(model_dir: Path) -> None:
     assert registry.get_sample_value("preloader_degraded", path) == 0
     duration = registry.get_sample_value("preloader_warm_duration_seconds", path)
     assert duration is not None and duration > 0
+    budget = agent.snapshot().memory_budget
+    assert budget is not None
+    assert registry.get_sample_value("preloader_memory_available_bytes") == (budget.available_bytes)
 
 
 async def test_unknown_residency_is_left_out_not_guessed(model_dir: Path) -> None:
