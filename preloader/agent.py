@@ -714,7 +714,9 @@ class Agent:
         if not paths:
             return "nothing to warm"
         state = self._state()
-        if state in ("planning", "warming", "verifying"):
+        if state == "planning":
+            text = "planning: walking " + ", ".join(printable(p.path) for p in paths)
+        elif state in ("warming", "verifying"):
             done = sum(min(p.read_bytes, p.bytes) for p in paths)
             total = sum(p.bytes for p in paths)
             text = f"{state}: {format_bytes(done)} of {format_bytes(total)} read"

@@ -49,6 +49,7 @@ async def test_first_pass_warms_then_the_agent_is_ready(model_dir: Path) -> None
     agent = Agent(_config(model_dir))
     before = agent.snapshot()
     assert (before.state, before.ready) == ("planning", False)
+    assert before.reason == f"planning: walking {model_dir}"
 
     await agent.start_up()
     snap = agent.snapshot()
