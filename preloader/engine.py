@@ -1,0 +1,777 @@
+"""The async engine: read a plan's chunks on worker threads, then verify residency.
+
+The event loop only schedules: every blocking call (open, sendfile, cachestat, close)
+runs in a worker thread through :func:`anyio.to_thread.run_sync` with a
+:class:`anyio.CapacityLimiter`. The engine never prints; it updates a
+:class:`WarmProgress` that front ends poll and calls an optional event callback.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import stat
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import anyio
+import anyio.to_thread
+
+from . import pagecache
+from .planner import Chunk, FileSpec, Plan, Skipped, chunk_count, iter_batches
+
+__all__ = [
+    "AUTO_CONCURRENCY",
+    "EngineEvent",
+    "FileResidency",
+    "FileResult",
+    "ResidencyReport",
+    "WarmOptions",
+    "WarmProgress",
+    "WarmReport",
+    "evict_plan",
+    "measure_residency",
+    "warm_plan",
+]
+
+AUTO_CONCURRENCY = 0
+"""``concurrency`` value that asks the engine to find the knee itself."""
+
+# errnos with which a filesystem says "not this way"; the engine then tries the next
+# read method for that file instead of counting an error.
+_REFUSALS = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENODEV, errno.EXDEV})
+_FALLBACK = {"sendfile": "read", "mmap": "read"}
+
+_T = TypeVar("_T")
+
+_AUTO_START = 2
+_AUTO_MAX = 64
+_AUTO_MIN_GAIN = 1.10
+_AUTO_WINDOW_SECONDS = 0.5
+
+# A file counts as resident when at least this share of it is; the last page and races
+# with concurrent eviction make exact equality too strict.
+_RESIDENT_SHARE = 0.999
+
+
+@dataclass(frozen=True)
+class WarmOptions:
+    """How the engine reads.
+
+    :ivar concurrency: parallel chunk reads; :data:`AUTO_CONCURRENCY` to tune it.
+    :ivar chunk_size: bytes per chunk (rounded to whole pages).
+    :ivar method: ``auto`` (= ``sendfile``), ``sendfile``, ``mmap`` or ``read``.
+    :ivar timeout: seconds for the whole read pass; ``None`` for no limit.
+    :ivar read_timeout: seconds one chunk may take before its file is given up as stalled.
+    :ivar verify: re-open every file after the pass and measure residency.
+    """
+
+    concurrency: int = 4
+    chunk_size: int = 64 * 1024 * 1024
+    method: str = "auto"
+    timeout: float | None = None
+    read_timeout: float | None = None
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 0:
+            raise ValueError("concurrency must be >= 1 (or 0 for auto)")
+        if self.chunk_size < pagecache.PAGE_SIZE:
+            raise ValueError(f"chunk_size must be at least one page ({pagecache.PAGE_SIZE})")
+        if self.method not in ("auto", "sendfile", "mmap", "read"):
+            raise ValueError(f"unknown read method {self.method!r}")
+
+
+@dataclass
+class WarmProgress:
+    """Live counters, written by the engine on the event loop, read by front ends."""
+
+    state: str = "planning"
+    files_total: int = 0
+    bytes_total: int = 0
+    files_done: int = 0
+    bytes_read: int = 0
+    errors: int = 0
+    concurrency: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def rate(self) -> float:
+        """Bytes per second since the start."""
+        elapsed = self.elapsed
+        return self.bytes_read / elapsed if elapsed > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class EngineEvent:
+    """Something a front end may want to log as it happens.
+
+    :ivar kind: ``file_error``, ``method_fallback``, ``not_resident``, ``state`` or
+        ``concurrency``.
+    """
+
+    kind: str
+    path: str = ""
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class FileResidency:
+    """Residency of one file: bytes, or ``None`` with the reason it is unknown."""
+
+    path: str
+    size: int
+    resident_bytes: int | None
+    reason: str | None = None
+
+    @property
+    def resident_ratio(self) -> float | None:
+        if self.resident_bytes is None:
+            return None
+        return self.resident_bytes / self.size if self.size else 1.0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "path": self.path,
+            "bytes": self.size,
+            "resident_bytes": self.resident_bytes,
+            "resident_ratio": self.resident_ratio,
+            "reason": self.reason,
+        }
+
+
+def _total_resident(items: Sequence[FileResidency]) -> tuple[int | None, str | None]:
+    unknown = [item for item in items if item.resident_bytes is None]
+    if unknown:
+        first = unknown[0]
+        return (
+            None,
+            f"{len(unknown)} of {len(items)} files unknown; first {first.path}: {first.reason}",
+        )
+    return sum(item.resident_bytes or 0 for item in items), None
+
+
+@dataclass(frozen=True)
+class ResidencyReport:
+    """Residency of a plan's files, as ``preloader status`` shows it."""
+
+    files: tuple[FileResidency, ...]
+    skipped: tuple[Skipped, ...] = ()
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def resident_bytes(self) -> int | None:
+        return _total_resident(self.files)[0]
+
+    @property
+    def residency_unknown_reason(self) -> str | None:
+        return _total_resident(self.files)[1]
+
+    @property
+    def resident_ratio(self) -> float | None:
+        resident = self.resident_bytes
+        if resident is None:
+            return None
+        return resident / self.bytes if self.bytes else 1.0
+
+    def to_json(self) -> dict[str, object]:
+        resident, reason = _total_resident(self.files)
+        return {
+            "files": len(self.files),
+            "bytes": self.bytes,
+            "resident_bytes": resident,
+            "resident_ratio": self.resident_ratio,
+            "residency_unknown_reason": reason,
+            "skipped": len(self.skipped),
+            "per_file": [f.to_json() for f in self.files],
+        }
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """What warming did to one file.
+
+    :ivar read_bytes: bytes the read pass brought in.
+    :ivar resident_after_read: residency measured on the same descriptor right after the
+        last chunk (``None`` when unknown or not measured).
+    :ivar residency: residency measured by re-opening the file after the whole pass.
+    :ivar error: why reading failed, or ``None``.
+    :ivar cause: why the file is not resident, when it is not.
+    """
+
+    path: str
+    size: int
+    read_bytes: int
+    method: str
+    residency: FileResidency
+    resident_after_read: int | None = None
+    error: str | None = None
+    cause: str | None = None
+
+
+@dataclass(frozen=True)
+class WarmReport:
+    """The outcome of a warm pass; :meth:`to_json` is the ``--json`` contract."""
+
+    files: tuple[FileResult, ...]
+    skipped: tuple[Skipped, ...]
+    seconds: float
+    cpu_seconds: float
+    concurrency: int
+    chunk_size: int
+    method: str
+    timed_out: bool = False
+    interrupted: bool = False
+    verified: bool = True
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(f.read_bytes for f in self.files)
+
+    @property
+    def errors(self) -> tuple[FileResult, ...]:
+        return tuple(f for f in self.files if f.error is not None)
+
+    @property
+    def not_resident(self) -> tuple[FileResult, ...]:
+        return tuple(f for f in self.files if f.error is None and f.cause is not None)
+
+    @property
+    def resident_bytes(self) -> int | None:
+        if not self.verified:
+            return None
+        return _total_resident([f.residency for f in self.files])[0]
+
+    @property
+    def residency_unknown_reason(self) -> str | None:
+        if not self.verified:
+            return "residency was not verified (verify=False)"
+        return _total_resident([f.residency for f in self.files])[1]
+
+    @property
+    def resident_ratio(self) -> float | None:
+        resident = self.resident_bytes
+        if resident is None:
+            return None
+        return resident / self.bytes if self.bytes else 1.0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "files": len(self.files),
+            "bytes": self.bytes,
+            "read_bytes": self.read_bytes,
+            "resident_bytes": self.resident_bytes,
+            "resident_ratio": self.resident_ratio,
+            "residency_unknown_reason": self.residency_unknown_reason,
+            "seconds": round(self.seconds, 6),
+            "cpu_seconds": round(self.cpu_seconds, 6),
+            "errors": len(self.errors),
+            "error_details": [{"path": f.path, "cause": f.error} for f in self.errors],
+            "not_resident": [
+                {
+                    "path": f.path,
+                    "bytes": f.size,
+                    "resident_bytes": f.residency.resident_bytes,
+                    "cause": f.cause,
+                }
+                for f in self.not_resident
+            ],
+            "skipped": len(self.skipped),
+            "skipped_details": [{"path": s.path, "reason": s.reason} for s in self.skipped],
+            "concurrency": self.concurrency,
+            "chunk_size": self.chunk_size,
+            "method": self.method,
+            "timed_out": self.timed_out,
+            "interrupted": self.interrupted,
+        }
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _open_regular(spec: FileSpec) -> int:
+    """Open a planned file read-only, refusing anything that is no longer that file.
+
+    ``O_NONBLOCK`` keeps a FIFO swapped in since planning from blocking the open; the
+    ``(dev, ino)`` check refuses a file replaced under the same name.
+    """
+    fd = os.open(spec.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "no longer a regular file")
+        if (st.st_dev, st.st_ino) != (spec.dev, spec.ino):
+            raise OSError(errno.ESTALE, "replaced by another file since planning")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _describe(err: OSError) -> str:
+    return err.strerror or str(err)
+
+
+class _FileState:
+    """Per-file bookkeeping; touched only on the event loop (except the fd open)."""
+
+    def __init__(self, spec: FileSpec, chunks: int, method: str) -> None:
+        self.spec = spec
+        self.chunks_total = chunks
+        self.chunks_left = chunks
+        self.in_flight = 0
+        self.method = method
+        self.fd: int | None = None
+        self.read_bytes = 0
+        self.error: str | None = None
+        self.resident_after_read: int | None = None
+        self.stalled = False
+        self._open_lock = threading.Lock()
+
+    def ensure_open(self) -> int:
+        """Runs in a worker thread: the first chunk's worker opens, the others share."""
+        with self._open_lock:
+            if self.fd is None:
+                self.fd = _open_regular(self.spec)
+            return self.fd
+
+
+@dataclass
+class _Outcome:
+    """What a worker thread did with one chunk; applied to the file on the event loop."""
+
+    read_bytes: int = 0
+    method: str = ""
+    fallback: str | None = None
+    resident_after_read: int | None = None
+    error: str | None = None
+
+
+def _read_with_fallback(
+    fd: int, chunk: Chunk, method: str, stop: Callable[[], bool], outcome: _Outcome
+) -> None:
+    while True:
+        try:
+            outcome.read_bytes = pagecache.read_range(fd, chunk.offset, chunk.length, method, stop)
+            outcome.method = method
+            return
+        except OSError as err:
+            if err.errno in _REFUSALS and method in _FALLBACK:
+                outcome.fallback = f"{method} -> {_FALLBACK[method]}: {_describe(err)}"
+                method = _FALLBACK[method]
+                continue
+            raise
+
+
+def _after_read(fd: int, size: int) -> int | None:
+    # Measured on the same descriptor: a filesystem that drops the cache at every open
+    # would otherwise hide that reading did populate it.
+    try:
+        return pagecache.fd_residency(fd, size)
+    except (pagecache.ResidencyUnknownError, OSError):
+        return None
+
+
+def _whole_files_in_thread(
+    specs: Sequence[FileSpec], batch: Sequence[Chunk], method: str, stop: Callable[[], bool]
+) -> list[_Outcome]:
+    """Open, read, measure and close each small file in one thread hand-off."""
+    outcomes = []
+    for chunk in batch:
+        outcome = _Outcome(method=method)
+        outcomes.append(outcome)
+        if stop():
+            continue
+        spec = specs[chunk.file_index]
+        try:
+            fd = _open_regular(spec)
+            try:
+                _read_with_fallback(fd, chunk, method, stop, outcome)
+                outcome.resident_after_read = _after_read(fd, spec.size)
+            finally:
+                os.close(fd)
+        except OSError as err:
+            outcome.error = _describe(err)
+    return outcomes
+
+
+class _Engine:
+    def __init__(
+        self,
+        plan: Plan,
+        options: WarmOptions,
+        progress: WarmProgress,
+        on_event: Callable[[EngineEvent], None] | None,
+        stop: threading.Event,
+    ) -> None:
+        self.plan = plan
+        self.options = options
+        self.progress = progress
+        self.on_event = on_event
+        self.stop = stop
+        self.method = "sendfile" if options.method == "auto" else options.method
+        self.chunk_size = options.chunk_size - options.chunk_size % pagecache.PAGE_SIZE
+        self.files = [
+            _FileState(spec, chunk_count(spec.size, self.chunk_size), self.method)
+            for spec in plan.files
+        ]
+        self.batches = iter_batches(plan.files, self.chunk_size)
+        auto = options.concurrency == AUTO_CONCURRENCY
+        self.max_workers = _AUTO_MAX if auto else options.concurrency
+        self.limiter = anyio.CapacityLimiter(_AUTO_START if auto else options.concurrency)
+        self.progress.concurrency = int(self.limiter.total_tokens)
+        self.timed_out = False
+
+    def emit(self, kind: str, path: str = "", detail: str = "") -> None:
+        if self.on_event is not None:
+            self.on_event(EngineEvent(kind, path, detail))
+
+    def set_state(self, state: str) -> None:
+        self.progress.state = state
+        self.emit("state", detail=state)
+
+    async def run(self) -> None:
+        self.progress.files_total = len(self.plan.files)
+        self.progress.bytes_total = self.plan.total_bytes
+        self.set_state("warming")
+        async with anyio.create_task_group() as workers:
+            if self.options.timeout is not None:
+                workers.start_soon(self._deadline, self.options.timeout, workers.cancel_scope)
+            if self.options.concurrency == AUTO_CONCURRENCY:
+                workers.start_soon(self._autotune)
+            async with anyio.create_task_group() as pool:
+                for _ in range(self.max_workers):
+                    pool.start_soon(self._worker)
+            workers.cancel_scope.cancel()  # the pool is done: stop deadline and tuner
+        self._close_leftovers()
+
+    async def _deadline(self, seconds: float, scope: anyio.CancelScope) -> None:
+        await anyio.sleep(seconds)
+        self.timed_out = True
+        self.stop.set()
+        # Reads notice the stop within one 8 MiB step; give stuck ones a moment, then
+        # abandon them (the thread finishes, or not, on its own).
+        await anyio.sleep(1.0)
+        scope.cancel()
+
+    async def _autotune(self) -> None:
+        """Raise concurrency while throughput still grows by 10%; settle at the knee."""
+        best_rate = 0.0
+        best_tokens = int(self.limiter.total_tokens)
+        while True:
+            tokens = int(self.limiter.total_tokens)
+            before_bytes = self.progress.bytes_read
+            before = time.monotonic()
+            # A window must span a few chunks per reader to measure anything.
+            while (
+                self.progress.bytes_read - before_bytes < 2 * self.chunk_size * tokens
+                and time.monotonic() - before < 8 * _AUTO_WINDOW_SECONDS
+            ) or time.monotonic() - before < _AUTO_WINDOW_SECONDS:
+                await anyio.sleep(_AUTO_WINDOW_SECONDS / 2)
+            rate = (self.progress.bytes_read - before_bytes) / (time.monotonic() - before)
+            if rate > best_rate * _AUTO_MIN_GAIN and tokens < _AUTO_MAX:
+                best_rate, best_tokens = rate, tokens
+                self.limiter.total_tokens = min(_AUTO_MAX, tokens * 2)
+                self.progress.concurrency = int(self.limiter.total_tokens)
+                continue
+            if rate > best_rate:
+                best_tokens = tokens
+            self.limiter.total_tokens = best_tokens
+            self.progress.concurrency = best_tokens
+            self.emit("concurrency", detail=f"settled at {best_tokens}")
+            return
+
+    async def _worker(self) -> None:
+        while not self.stop.is_set():
+            batch = next(self.batches, None)
+            if batch is None:
+                return
+            states = [self.files[chunk.file_index] for chunk in batch]
+            for state in states:
+                state.in_flight += 1
+            try:
+                if len(batch) == 1 and states[0].chunks_total > 1:
+                    await self._big_file_chunk(states[0], batch[0])
+                else:
+                    await self._whole_files(states, batch)
+            except anyio.get_cancelled_exc_class():
+                for state in states:
+                    state.stalled = True  # its thread may still be using the descriptor
+                raise
+            finally:
+                for state in states:
+                    state.in_flight -= 1
+            for state in states:
+                state.chunks_left -= 1
+                if state.chunks_left == 0:
+                    await self._finish_file(state)
+
+    async def _in_thread(self, func: Callable[..., _T], *args: object) -> _T | None:
+        """Run ``func`` on a worker thread under the per-read deadline; ``None`` if stalled."""
+        with anyio.CancelScope() as scope:
+            if self.options.read_timeout is not None:
+                scope.deadline = anyio.current_time() + self.options.read_timeout
+            return await anyio.to_thread.run_sync(
+                func, *args, limiter=self.limiter, abandon_on_cancel=True
+            )
+        return None
+
+    def _stalled(self, states: Sequence[_FileState]) -> None:
+        for state in states:
+            state.stalled = True
+            if not self.stop.is_set():
+                self._fail(
+                    state,
+                    f"read stalled for more than {self.options.read_timeout:g} s; file given up",
+                )
+
+    def _apply(self, state: _FileState, chunk: Chunk, outcome: _Outcome) -> None:
+        if outcome.fallback is not None and state.method != outcome.method:
+            state.method = outcome.method
+            self.emit("method_fallback", state.spec.path, outcome.fallback)
+        if outcome.error is not None:
+            self._fail(state, outcome.error)
+            return
+        state.read_bytes += outcome.read_bytes
+        self.progress.bytes_read += outcome.read_bytes
+        if outcome.read_bytes < chunk.length and not self.stop.is_set():
+            self._fail(
+                state,
+                f"file shrank while being read (got {outcome.read_bytes} of {chunk.length} "
+                f"bytes at offset {chunk.offset})",
+            )
+
+    async def _whole_files(self, states: Sequence[_FileState], batch: Sequence[Chunk]) -> None:
+        outcomes = await self._in_thread(
+            _whole_files_in_thread, self.plan.files, batch, self.method, self.stop.is_set
+        )
+        if outcomes is None:
+            self._stalled(states)
+            return
+        for state, chunk, outcome in zip(states, batch, outcomes, strict=True):
+            self._apply(state, chunk, outcome)
+            if state.error is None:
+                state.resident_after_read = outcome.resident_after_read
+
+    async def _big_file_chunk(self, state: _FileState, chunk: Chunk) -> None:
+        if state.error is not None:
+            return
+        outcome = await self._in_thread(self._chunk_in_thread, state, chunk, state.method)
+        if outcome is None:
+            self._stalled([state])
+            return
+        self._apply(state, chunk, outcome)
+
+    def _chunk_in_thread(self, state: _FileState, chunk: Chunk, method: str) -> _Outcome:
+        outcome = _Outcome(method=method)
+        try:
+            _read_with_fallback(state.ensure_open(), chunk, method, self.stop.is_set, outcome)
+        except OSError as err:
+            outcome.error = _describe(err)
+        return outcome
+
+    def _fail(self, state: _FileState, cause: str) -> None:
+        if state.error is None:
+            state.error = cause
+            self.progress.errors += 1
+            self.emit("file_error", state.spec.path, cause)
+
+    async def _finish_file(self, state: _FileState) -> None:
+        self.progress.files_done += 1
+        if state.fd is None or state.stalled:
+            return
+        fd, size = state.fd, state.spec.size
+        state.fd = None
+        verify = state.error is None and self.options.verify
+
+        def finish() -> int | None:
+            try:
+                return _after_read(fd, size) if verify else None
+            finally:
+                os.close(fd)
+
+        state.resident_after_read = await anyio.to_thread.run_sync(finish, limiter=self.limiter)
+
+    def _close_leftovers(self) -> None:
+        for state in self.files:
+            if state.fd is not None and state.in_flight == 0 and not state.stalled:
+                fd, state.fd = state.fd, None
+                os.close(fd)
+
+
+def _explain(spec: FileSpec, after_read: int | None, now: int) -> str | None:
+    """Why a file that was read in full is not resident now, or ``None`` if it is."""
+    if spec.size == 0 or now >= spec.size * _RESIDENT_SHARE:
+        return None
+    share = now / spec.size
+    if after_read is not None and after_read < spec.size * _RESIDENT_SHARE:
+        return (
+            f"only {after_read / spec.size:.1%} resident right after reading: the filesystem "
+            "bypasses the page cache (FUSE direct_io, some network mounts) or memory is short"
+        )
+    if after_read is not None and now == 0:
+        return (
+            "resident after reading but dropped when the file was opened again: the "
+            "filesystem invalidates the page cache at open (FUSE without kernel_cache/"
+            "keep_cache, e.g. rclone mount); warming cannot help here"
+        )
+    return (
+        f"{share:.1%} resident: pages were evicted after reading "
+        "(memory pressure or a cgroup limit)"
+    )
+
+
+def _residency_of(spec: FileSpec) -> FileResidency:
+    try:
+        fd = _open_regular(spec)
+    except OSError as err:
+        return FileResidency(spec.path, spec.size, None, f"cannot open: {_describe(err)}")
+    try:
+        return FileResidency(spec.path, spec.size, pagecache.fd_residency(fd, spec.size))
+    except pagecache.ResidencyUnknownError as unknown:
+        return FileResidency(spec.path, spec.size, None, unknown.reason)
+    except OSError as err:
+        return FileResidency(spec.path, spec.size, None, f"cannot measure: {_describe(err)}")
+    finally:
+        os.close(fd)
+
+
+async def _map_files(
+    func: Callable[[FileSpec], FileResidency], files: Sequence[FileSpec], concurrency: int
+) -> list[FileResidency]:
+    # Batches keep thread hand-offs few for 100,000 small files and the loop responsive.
+    results: list[FileResidency] = []
+    limiter = anyio.CapacityLimiter(max(1, concurrency))
+    batch = 256
+
+    def run_batch(specs: Sequence[FileSpec]) -> list[FileResidency]:
+        return [func(spec) for spec in specs]
+
+    for start in range(0, len(files), batch):
+        results.extend(
+            await anyio.to_thread.run_sync(run_batch, files[start : start + batch], limiter=limiter)
+        )
+    return results
+
+
+async def measure_residency(plan: Plan, concurrency: int = 4) -> ResidencyReport:
+    """Residency of every planned file, opened read-only one at a time.
+
+    :return: per-file and total residency; unknown entries carry their reason.
+    """
+    files = await _map_files(_residency_of, plan.files, concurrency)
+    return ResidencyReport(tuple(files), plan.skipped)
+
+
+def _evict_one(spec: FileSpec) -> FileResidency:
+    try:
+        fd = _open_regular(spec)
+    except OSError as err:
+        return FileResidency(spec.path, spec.size, None, f"cannot open: {_describe(err)}")
+    try:
+        pagecache.evict(fd)
+        try:
+            return FileResidency(spec.path, spec.size, pagecache.fd_residency(fd, spec.size))
+        except pagecache.ResidencyUnknownError as unknown:
+            return FileResidency(spec.path, spec.size, None, unknown.reason)
+    except OSError as err:
+        return FileResidency(spec.path, spec.size, None, f"cannot evict: {_describe(err)}")
+    finally:
+        os.close(fd)
+
+
+async def evict_plan(plan: Plan, concurrency: int = 4) -> ResidencyReport:
+    """Drop the clean cached pages of every planned file (``POSIX_FADV_DONTNEED``).
+
+    :return: residency measured right after eviction (pages mapped or dirty elsewhere stay).
+    """
+    files = await _map_files(_evict_one, plan.files, concurrency)
+    return ResidencyReport(tuple(files), plan.skipped)
+
+
+async def warm_plan(
+    plan: Plan,
+    options: WarmOptions | None = None,
+    *,
+    progress: WarmProgress | None = None,
+    on_event: Callable[[EngineEvent], None] | None = None,
+    stop: threading.Event | None = None,
+) -> WarmReport:
+    """Read every chunk of ``plan`` into the page cache, then verify residency.
+
+    :param options: how to read; defaults to :class:`WarmOptions`.
+    :param progress: live counters to update (a fresh one when omitted).
+    :param on_event: called on the event loop for errors, fallbacks and state changes.
+    :param stop: set it (from any thread or a signal handler) to end the read pass early;
+        the report then says ``interrupted``.
+    :return: the report; per-file errors are in it, never raised.
+    """
+    options = options or WarmOptions()
+    progress = progress or WarmProgress()
+    stop = stop or threading.Event()
+    cpu_before = _cpu_seconds()
+    started = time.monotonic()
+    engine = _Engine(plan, options, progress, on_event, stop)
+    await engine.run()
+    interrupted = stop.is_set() and not engine.timed_out
+
+    if options.verify:
+        engine.set_state("verifying")
+        residency = await _map_files(_residency_of, plan.files, max(1, options.concurrency or 4))
+    else:
+        residency = [FileResidency(s.path, s.size, None, "not verified") for s in plan.files]
+
+    results = []
+    for state, measured in zip(engine.files, residency, strict=True):
+        spec = state.spec
+        cause = None
+        complete = state.error is None and state.read_bytes >= spec.size
+        if options.verify and complete and measured.resident_bytes is not None:
+            cause = _explain(spec, state.resident_after_read, measured.resident_bytes)
+            if cause is not None:
+                engine.emit("not_resident", spec.path, cause)
+        elif state.error is None and not complete:
+            cause = "not read: the pass was stopped before this file"
+        results.append(
+            FileResult(
+                path=spec.path,
+                size=spec.size,
+                read_bytes=state.read_bytes,
+                method=state.method,
+                residency=measured,
+                resident_after_read=state.resident_after_read,
+                error=state.error,
+                cause=cause,
+            )
+        )
+    engine.set_state("done")
+    return WarmReport(
+        files=tuple(results),
+        skipped=plan.skipped,
+        seconds=time.monotonic() - started,
+        cpu_seconds=_cpu_seconds() - cpu_before,
+        concurrency=progress.concurrency,
+        chunk_size=engine.chunk_size,
+        method=engine.method,
+        timed_out=engine.timed_out,
+        interrupted=interrupted,
+        verified=options.verify,
+    )

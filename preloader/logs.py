@@ -1,0 +1,45 @@
+"""structlog set-up: readable on a terminal, one JSON object a line everywhere else."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+__all__ = ["configure", "get_logger"]
+
+LEVELS = ("debug", "info", "warning", "error")
+FORMATS = ("auto", "console", "json")
+
+
+def configure(level: str = "info", fmt: str = "auto") -> None:
+    """Configure structlog once, at the edge; logs go to stderr.
+
+    :param level: ``debug``, ``info``, ``warning`` or ``error``.
+    :param fmt: ``console``, ``json``, or ``auto`` (console on a TTY, JSON otherwise).
+    """
+    if fmt == "auto":
+        fmt = "console" if sys.stderr.isatty() else "json"
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        if fmt == "console"
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger() -> Any:
+    """The project's logger (a structlog bound logger)."""
+    return structlog.get_logger("preloader")

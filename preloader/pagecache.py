@@ -1,0 +1,383 @@
+"""The kernel layer: page-cache syscalls on open file descriptors.
+
+Everything here is synchronous, does exactly one kind of kernel call, and returns plain
+values. The async engine runs these functions in worker threads; the front ends never
+call them directly.
+
+Residency is answered by ``cachestat(2)`` (Linux >= 6.5) and, only where the kernel lacks
+it (``ENOSYS``), by ``mmap`` + ``mincore(2)``. Both calls lie or refuse for a file the
+process neither owns nor may write: ``cachestat`` fails with ``EPERM`` and ``mincore``
+claims every page is resident. This module never turns such an answer into a number: it
+raises :class:`ResidencyUnknownError` instead, and the caller reports "unknown".
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+import platform
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = [
+    "PAGE_SIZE",
+    "CacheStat",
+    "ReadMethod",
+    "ResidencyUnknownError",
+    "cachestat",
+    "evict",
+    "fd_residency",
+    "mincore_resident_pages",
+    "read_range",
+    "resident_bytes_from_pages",
+]
+
+PAGE_SIZE = mmap.PAGESIZE
+
+# cachestat(2) has the same number on every architecture that uses the generic syscall
+# table (x86_64, aarch64, riscv64, ...) since it was added in 6.5.
+_SYS_CACHESTAT = 451
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+_CAP_FOWNER = 3
+
+# sendfile moves at most this much per call; smaller steps also let a stop request
+# interrupt a chunk promptly.
+_STEP_BYTES = 8 * 1024 * 1024
+
+ReadMethod = str  # "sendfile" | "mmap" | "read"
+
+
+class ResidencyUnknownError(Exception):
+    """The kernel cannot tell this process the truth about a file's residency.
+
+    :ivar reason: one line, for a human, saying why and what to do about it.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class CacheStat:
+    """Counts from ``cachestat(2)``, in pages."""
+
+    cached: int
+    dirty: int
+    writeback: int
+    evicted: int
+    recently_evicted: int
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = (("off", ctypes.c_uint64), ("len", ctypes.c_uint64))
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = (
+        ("nr_cache", ctypes.c_uint64),
+        ("nr_dirty", ctypes.c_uint64),
+        ("nr_writeback", ctypes.c_uint64),
+        ("nr_evicted", ctypes.c_uint64),
+        ("nr_recently_evicted", ctypes.c_uint64),
+    )
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+_mmap = _libc.mmap
+_mmap.argtypes = (
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int64,
+)
+_mmap.restype = ctypes.c_void_p
+
+_munmap = _libc.munmap
+_munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_munmap.restype = ctypes.c_int
+
+_mincore = _libc.mincore
+_mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte))
+_mincore.restype = ctypes.c_int
+
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+_cachestat_missing = False  # set once the kernel answered ENOSYS
+_cachestat_lock = threading.Lock()
+
+_NOT_TRUSTED = (
+    "the kernel hides page-cache residency from a process that neither owns the file nor "
+    "may write it; run as the files' owner (uid {uid}) or with CAP_FOWNER for a true figure"
+)
+
+
+def _raise_errno(what: str) -> None:
+    err = ctypes.get_errno()
+    raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def cachestat(fd: int, offset: int = 0, length: int = 0) -> CacheStat:
+    """Ask the kernel how many pages of ``[offset, offset+length)`` are cached.
+
+    :param fd: an open file descriptor.
+    :param offset: first byte of the range.
+    :param length: bytes in the range; 0 means to the end of the file.
+    :return: the kernel's page counts.
+    :raises OSError: ``ENOSYS`` where the kernel lacks cachestat, ``EPERM`` where it will
+        not answer for this file (not owner, not writable, or a seccomp filter).
+    """
+    rng = _CachestatRange(offset, length)
+    out = _Cachestat()
+    rc = _syscall(
+        ctypes.c_long(_SYS_CACHESTAT),
+        ctypes.c_int(fd),
+        ctypes.byref(rng),
+        ctypes.byref(out),
+        ctypes.c_uint(0),
+    )
+    if rc != 0:
+        _raise_errno("cachestat")
+    return CacheStat(
+        out.nr_cache, out.nr_dirty, out.nr_writeback, out.nr_evicted, out.nr_recently_evicted
+    )
+
+
+def mincore_resident_pages(fd: int, size: int, window: int = 1 << 30) -> tuple[int, bool]:
+    """Count resident pages of an open file with ``mmap`` + ``mincore(2)``.
+
+    Only truthful when the caller may see the file's residency (see
+    :func:`_mincore_trusted`); :func:`fd_residency` checks that first.
+
+    :param fd: an open, readable file descriptor.
+    :param size: the file's size in bytes.
+    :param window: bytes mapped at a time, so the residency vector stays small.
+    :return: number of resident pages, and whether the file's last page is one of them.
+    :raises OSError: when mmap or mincore fails.
+    """
+    resident = 0
+    last = False
+    offset = 0
+    window -= window % PAGE_SIZE
+    while offset < size:
+        length = min(window, size - offset)
+        addr = _mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
+        if addr == _MAP_FAILED or addr is None:
+            _raise_errno("mmap")
+        try:
+            pages = (length + PAGE_SIZE - 1) // PAGE_SIZE
+            vec = (ctypes.c_ubyte * pages)()
+            if _mincore(addr, length, vec) != 0:
+                _raise_errno("mincore")
+            flags = bytes(vec)
+            resident += sum(1 for b in flags if b & 1)
+            last = bool(flags[-1] & 1)
+        finally:
+            _munmap(addr, length)
+        offset += length
+    return resident, last
+
+
+def _has_cap_fowner() -> bool:
+    try:
+        # Bytes, not text: no codec import, which may be impossible after a setuid.
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_FOWNER & 1)
+    except OSError:
+        pass
+    return False
+
+
+def _mincore_trusted(st: os.stat_result, fd: int) -> bool:
+    """Mirror the kernel's ``can_do_mincore``: owner, CAP_FOWNER, or write permission."""
+    if os.geteuid() == st.st_uid or _has_cap_fowner():
+        return True
+    return os.access(f"/proc/self/fd/{fd}", os.W_OK, effective_ids=True)
+
+
+def resident_bytes_from_pages(pages: int, size: int, last_page_resident: bool) -> int:
+    """Convert a resident page count to resident bytes of a file of ``size`` bytes.
+
+    The last page of a file is partial: when it is resident it holds only
+    ``size % PAGE_SIZE`` bytes of the file, so a fully cached file reports exactly its size.
+    """
+    resident = pages * PAGE_SIZE
+    tail = size % PAGE_SIZE
+    if tail and last_page_resident and pages:
+        resident -= PAGE_SIZE - tail
+    return max(0, min(resident, size))
+
+
+def fd_residency(fd: int, size: int) -> int:
+    """Resident bytes of an open file, measured truthfully or not at all.
+
+    :param fd: an open, readable file descriptor.
+    :param size: the file's size in bytes.
+    :return: resident bytes (0 <= result <= size).
+    :raises ResidencyUnknownError: when the kernel will not tell the truth about this file.
+    :raises OSError: for other failures (EIO, ...).
+    """
+    global _cachestat_missing
+    if size == 0:
+        return 0
+    if not _cachestat_missing:
+        try:
+            pages = cachestat(fd).cached
+            tail = size % PAGE_SIZE
+            last = bool(pages) and (not tail or cachestat(fd, size - tail, tail).cached > 0)
+            return resident_bytes_from_pages(pages, size, last)
+        except OSError as err:
+            if err.errno == errno.EPERM:
+                raise ResidencyUnknownError(
+                    "cachestat refused (EPERM): "
+                    + _NOT_TRUSTED.format(uid=os.fstat(fd).st_uid)
+                    + " (older seccomp profiles also block cachestat)"
+                ) from err
+            if err.errno != errno.ENOSYS:
+                raise
+            with _cachestat_lock:
+                _cachestat_missing = True
+    st = os.fstat(fd)
+    if not _mincore_trusted(st, fd):
+        raise ResidencyUnknownError("mincore would lie: " + _NOT_TRUSTED.format(uid=st.st_uid))
+    pages, last = mincore_resident_pages(fd, size)
+    return resident_bytes_from_pages(pages, size, last)
+
+
+def force_mincore(enabled: bool) -> None:
+    """Make :func:`fd_residency` use ``mincore`` as on a kernel without cachestat.
+
+    For tests and for kernels whose cachestat is known broken; not for normal use.
+    """
+    global _cachestat_missing
+    with _cachestat_lock:
+        _cachestat_missing = enabled
+
+
+def evict(fd: int) -> None:
+    """Drop the file's clean pages from the page cache (``POSIX_FADV_DONTNEED``).
+
+    Dirty pages and pages mapped by other processes stay; that is the kernel's rule.
+    Freshly written pages can still sit in another CPU's LRU batch, where the first
+    DONTNEED misses them; one more call, when cachestat still sees pages, gets them.
+    """
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    try:
+        remaining = cachestat(fd).cached
+    except OSError:
+        return
+    if remaining:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def _read_sendfile(fd: int, offset: int, length: int, sink: int, stop: Callable[[], bool]) -> int:
+    done = 0
+    while done < length:
+        if stop():
+            break
+        sent = os.sendfile(sink, fd, offset + done, min(_STEP_BYTES, length - done))
+        if sent == 0:  # the file shrank under us
+            break
+        done += sent
+    return done
+
+
+def _read_mmap(fd: int, offset: int, length: int, stop: Callable[[], bool]) -> int:
+    size = os.fstat(fd).st_size
+    end = min(offset + length, size)
+    done = 0
+    position = offset
+    while position < end:
+        if stop():
+            break
+        # Map one step at a time: populated pages of a live mapping count towards RSS,
+        # so a whole-chunk mapping would make the process look chunk-size x workers big.
+        aligned = position - position % mmap.ALLOCATIONGRANULARITY
+        step_end = min(end, aligned + _STEP_BYTES)
+        with mmap.mmap(
+            fd, step_end - aligned, mmap.MAP_SHARED, mmap.PROT_READ, offset=aligned
+        ) as mm:
+            mm.madvise(_MADV_POPULATE_READ, 0, step_end - aligned)
+        done += step_end - position
+        position = step_end
+    return done
+
+
+def _read_plain(
+    fd: int, offset: int, length: int, buffer: bytearray, stop: Callable[[], bool]
+) -> int:
+    view = memoryview(buffer)
+    done = 0
+    while done < length:
+        if stop():
+            break
+        want = min(len(buffer), length - done)
+        got = os.preadv(fd, [view[:want]], offset + done)
+        if got == 0:
+            break
+        done += got
+    return done
+
+
+_thread_state = threading.local()
+
+
+def _sink() -> int:
+    sink = getattr(_thread_state, "devnull", None)
+    if sink is None:
+        sink = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        _thread_state.devnull = sink
+    return int(sink)
+
+
+def _buffer() -> bytearray:
+    buf = getattr(_thread_state, "buffer", None)
+    if buf is None:
+        buf = bytearray(1024 * 1024)
+        _thread_state.buffer = buf
+    assert isinstance(buf, bytearray)
+    return buf
+
+
+def read_range(
+    fd: int,
+    offset: int,
+    length: int,
+    method: ReadMethod,
+    stop: Callable[[], bool] = lambda: False,
+) -> int:
+    """Bring ``[offset, offset+length)`` of an open file into the page cache.
+
+    :param fd: an open, readable file descriptor (shared between threads is fine: every
+        method here takes explicit offsets).
+    :param method: ``sendfile`` (to /dev/null, zero-copy), ``mmap`` (``MADV_POPULATE_READ``,
+        zero-copy) or ``read`` (``preadv`` into a per-thread 1 MiB buffer).
+    :param stop: polled between steps of at most 8 MiB; a true result ends the read early.
+    :return: bytes brought in (less than ``length`` at end of file or after a stop).
+    :raises OSError: from the kernel; ``EINVAL``/``ENOSYS``/``EOPNOTSUPP`` mean "this
+        filesystem refuses the method", other codes are real read errors.
+    """
+    if method == "sendfile":
+        return _read_sendfile(fd, offset, length, _sink(), stop)
+    if method == "mmap":
+        return _read_mmap(fd, offset, length, stop)
+    if method == "read":
+        return _read_plain(fd, offset, length, _buffer(), stop)
+    raise ValueError(f"unknown read method {method!r}")
+
+
+def kernel_release() -> str:
+    """The running kernel's release string, for reports."""
+    return platform.release()

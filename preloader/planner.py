@@ -1,0 +1,328 @@
+"""The planner: which files to warm, in which order, cut into which chunks.
+
+Walking touches the filesystem only through ``stat``/``scandir`` (never ``open``), so a
+FIFO, a device node or a link to ``/dev/zero`` can be recognised and skipped without ever
+being read. Everything after the walk (filtering, ordering, chunking) is pure.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import os
+import re
+import stat
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+__all__ = [
+    "Chunk",
+    "FileSpec",
+    "Plan",
+    "Skipped",
+    "build_plan",
+    "chunk_count",
+    "iter_batches",
+    "iter_chunks",
+    "printable",
+]
+
+# Small files a server reads first (config, tokenizer, index): warming them first lets a
+# loader that opens them early find them in cache even while shards are still streaming.
+METADATA_SUFFIXES = frozenset(
+    {
+        ".json",
+        ".txt",
+        ".model",
+        ".tiktoken",
+        ".py",
+        ".md",
+        ".yaml",
+        ".yml",
+        ".jinja",
+        ".vocab",
+        ".merges",
+        ".cfg",
+        ".ini",
+    }
+)
+METADATA_MAX_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """One regular file to warm.
+
+    :ivar path: the path to open (as walked; may pass through symlinks).
+    :ivar size: bytes at planning time.
+    :ivar dev: device of the file the path resolved to.
+    :ivar ino: inode of that file; ``(dev, ino)`` identifies it across links and mounts.
+    :ivar metadata: a small config/tokenizer/index file, warmed before weights.
+    """
+
+    path: str
+    size: int
+    dev: int
+    ino: int
+    metadata: bool = False
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A path the plan will not read, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A byte range of one planned file.
+
+    :ivar file_index: index into :attr:`Plan.files`.
+    :ivar index: position of this chunk within its file (0-based).
+    """
+
+    file_index: int
+    index: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The files to warm, in warm order, and what the walk skipped."""
+
+    roots: tuple[str, ...]
+    files: tuple[FileSpec, ...]
+    skipped: tuple[Skipped, ...] = field(default=())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def printable(path: str) -> str:
+    """A path safe to put on one line of a log or a terminal.
+
+    Undecodable bytes come out as ``\\xNN`` and control characters (a newline in a file
+    name) as escapes, so one path is always one line.
+    """
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
+    # "shard-2" before "shard-10"; zero-padded HF names sort the same either way.
+    return tuple(
+        (0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", text)
+    )
+
+
+def _matches(relpath: str, patterns: Sequence[str]) -> bool:
+    name = relpath.rsplit("/", 1)[-1]
+    for pattern in patterns:
+        target = relpath if "/" in pattern else name
+        if fnmatch.fnmatchcase(target, pattern.strip("/")):
+            return True
+    return False
+
+
+def _is_metadata(path: str, size: int) -> bool:
+    _, suffix = os.path.splitext(path)
+    return suffix.lower() in METADATA_SUFFIXES and size <= METADATA_MAX_BYTES
+
+
+def _special_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device node"
+    return "not a regular file"
+
+
+@dataclass
+class _Walk:
+    include: Sequence[str]
+    exclude: Sequence[str]
+    seen_files: set[tuple[int, int]] = field(default_factory=set)
+    seen_dirs: set[tuple[int, int]] = field(default_factory=set)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def resolve(self, path: str, is_link: bool) -> os.stat_result | None:
+        """stat through links; broken links and loops become skips."""
+        try:
+            return os.stat(path)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                reason = "symlink loop"
+            elif is_link and err.errno == errno.ENOENT:
+                reason = "broken symlink"
+            elif err.errno == errno.ENOENT:
+                reason = "vanished while planning"
+            else:
+                reason = f"cannot stat: {err.strerror}"
+            self.skipped.append(Skipped(path, reason))
+            return None
+
+    def walk_root(self, root: str) -> list[FileSpec]:
+        found: list[tuple[str, FileSpec]] = []
+        if not os.path.lexists(root):
+            self.skipped.append(Skipped(root, "does not exist"))
+            return []
+        st = self.resolve(root, os.path.islink(root))
+        if st is None:
+            return []
+        if stat.S_ISREG(st.st_mode):
+            self._add_file(root, os.path.basename(root), st, found, filtered=False)
+        elif stat.S_ISDIR(st.st_mode):
+            self._walk_dir(root, st, found)
+        else:
+            self.skipped.append(Skipped(root, _special_kind(st.st_mode)))
+        found.sort(key=lambda item: (not item[1].metadata, _natural_key(item[0])))
+        return [spec for _, spec in found]
+
+    def _add_file(
+        self,
+        path: str,
+        relpath: str,
+        st: os.stat_result,
+        found: list[tuple[str, FileSpec]],
+        filtered: bool = True,
+    ) -> None:
+        if filtered and self.include and not _matches(relpath, self.include):
+            self.skipped.append(Skipped(path, "not matched by --include"))
+            return
+        if filtered and self.exclude and _matches(relpath, self.exclude):
+            self.skipped.append(Skipped(path, "matched by --exclude"))
+            return
+        key = (st.st_dev, st.st_ino)
+        if key in self.seen_files:
+            self.skipped.append(Skipped(path, "same file already planned (link or bind mount)"))
+            return
+        self.seen_files.add(key)
+        spec = FileSpec(path, st.st_size, st.st_dev, st.st_ino, _is_metadata(path, st.st_size))
+        found.append((relpath, spec))
+
+    def _walk_dir(
+        self, root: str, root_st: os.stat_result, found: list[tuple[str, FileSpec]]
+    ) -> None:
+        self.seen_dirs.add((root_st.st_dev, root_st.st_ino))
+        # An explicit stack, not recursion: a 200-deep tree must not hit Python's limit.
+        stack: list[tuple[str, str]] = [(root, "")]
+        while stack:
+            directory, rel = stack.pop()
+            try:
+                entries = sorted(os.scandir(directory), key=lambda e: e.name)
+            except OSError as err:
+                self.skipped.append(Skipped(directory, f"cannot list: {err.strerror}"))
+                continue
+            subdirs: list[tuple[str, str]] = []
+            for entry in entries:
+                relpath = f"{rel}{entry.name}"
+                try:
+                    is_link = entry.is_symlink()
+                except OSError:
+                    is_link = False
+                st = self.resolve(entry.path, is_link)
+                if st is None:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    if self.exclude and _matches(relpath, self.exclude):
+                        self.skipped.append(Skipped(entry.path, "matched by --exclude"))
+                        continue
+                    key = (st.st_dev, st.st_ino)
+                    if key in self.seen_dirs:
+                        self.skipped.append(
+                            Skipped(
+                                entry.path, "directory already walked (link loop or bind mount)"
+                            )
+                        )
+                        continue
+                    self.seen_dirs.add(key)
+                    subdirs.append((entry.path, relpath + "/"))
+                elif stat.S_ISREG(st.st_mode):
+                    self._add_file(entry.path, relpath, st, found)
+                else:
+                    kind = _special_kind(st.st_mode)
+                    self.skipped.append(
+                        Skipped(entry.path, f"{kind} behind a symlink" if is_link else kind)
+                    )
+            stack.extend(reversed(subdirs))
+
+
+def build_plan(
+    roots: Iterable[str],
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> Plan:
+    """Walk ``roots`` and return the warm plan.
+
+    Regular files only. Symlinks are followed; a file reached twice (two links, two roots,
+    a bind mount) is planned once, keyed by ``(st_dev, st_ino)``. FIFOs, sockets, device
+    nodes (also behind links), broken links and link loops are skipped with a reason and
+    never opened. Per root, metadata files come first, then the rest in natural order,
+    so shards are read front to back.
+
+    :param roots: files or directories.
+    :param include: globs; when given, a file must match one. A glob without ``/``
+        matches the file name, one with ``/`` the path relative to its root.
+    :param exclude: globs; a matching file or directory is skipped.
+    :return: the plan. Roots that do not exist appear in :attr:`Plan.skipped`.
+    """
+    walk = _Walk(include=tuple(include), exclude=tuple(exclude))
+    root_list = tuple(roots)
+    files: list[FileSpec] = []
+    for root in root_list:
+        files.extend(walk.walk_root(root))
+    return Plan(roots=root_list, files=tuple(files), skipped=tuple(walk.skipped))
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    """Chunks a file of ``size`` bytes is cut into; an empty file still has one."""
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
+    return max(1, -(-size // chunk_size))
+
+
+def iter_chunks(files: Sequence[FileSpec], chunk_size: int) -> Iterator[Chunk]:
+    """Every byte range of every file, exactly once, in plan order.
+
+    Workers pulling from this iterator read a sharded model mostly front to back and give
+    one large file all their concurrency.
+    """
+    for file_index, spec in enumerate(files):
+        for index in range(chunk_count(spec.size, chunk_size)):
+            offset = index * chunk_size
+            yield Chunk(file_index, index, offset, max(0, min(chunk_size, spec.size - offset)))
+
+
+def iter_batches(
+    files: Sequence[FileSpec], chunk_size: int, max_files: int = 64
+) -> Iterator[tuple[Chunk, ...]]:
+    """:func:`iter_chunks`, with runs of whole small files grouped into one batch.
+
+    A chunk of a file larger than ``chunk_size`` comes alone; consecutive files that fit in
+    one chunk are grouped up to ``chunk_size`` bytes or ``max_files`` files, so a tree of
+    100,000 small files costs a few thousand thread hand-offs, not 100,000.
+    """
+    batch: list[Chunk] = []
+    batch_bytes = 0
+    for chunk in iter_chunks(files, chunk_size):
+        whole = chunk.index == 0 and files[chunk.file_index].size <= chunk_size
+        if batch and (
+            not whole or batch_bytes + chunk.length > chunk_size or len(batch) >= max_files
+        ):
+            yield tuple(batch)
+            batch, batch_bytes = [], 0
+        if whole:
+            batch.append(chunk)
+            batch_bytes += chunk.length
+        else:
+            yield (chunk,)
+    if batch:
+        yield tuple(batch)

@@ -1,0 +1,198 @@
+"""The async engine on real files and the real page cache."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import Counter
+from pathlib import Path
+
+import anyio
+import pytest
+
+from preloader import pagecache
+from preloader.engine import (
+    AUTO_CONCURRENCY,
+    EngineEvent,
+    WarmOptions,
+    WarmProgress,
+    evict_plan,
+    measure_residency,
+    warm_plan,
+)
+from preloader.planner import build_plan
+
+from .conftest import needs_vmtouch, vmtouch_resident
+
+MiB = 1024 * 1024
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@needs_vmtouch
+async def test_warm_makes_a_cold_model_fully_resident(model_dir: Path) -> None:
+    plan = build_plan([str(model_dir)])
+    assert (await measure_residency(plan)).resident_bytes == 0
+    progress = WarmProgress()
+    report = await warm_plan(plan, WarmOptions(concurrency=3, chunk_size=MiB), progress=progress)
+    assert report.errors == ()
+    assert report.read_bytes == report.bytes == plan.total_bytes
+    assert report.resident_bytes == report.bytes
+    assert report.resident_ratio == 1.0
+    assert progress.bytes_read == plan.total_bytes
+    assert progress.files_done == len(plan.files)
+    pages, total = vmtouch_resident(model_dir)
+    assert pages == total
+
+
+async def test_a_big_file_is_read_by_several_workers_once_per_chunk_with_one_open(
+    big_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: Counter[tuple[int, int]] = Counter()
+    threads: set[int] = set()
+    opens: Counter[str] = Counter()
+    real_read, real_open = pagecache.read_range, os.open
+
+    def counting_read(fd: int, offset: int, length: int, method: str, stop: object) -> int:
+        reads[(offset, length)] += 1
+        threads.add(threading.get_ident())
+        return real_read(fd, offset, length, method, stop)  # type: ignore[arg-type]
+
+    def counting_open(path: str, flags: int, *args: int) -> int:
+        opens[os.fspath(path)] += 1
+        return real_open(path, flags, *args)
+
+    plan = build_plan([str(big_file)])
+    monkeypatch.setattr(pagecache, "read_range", counting_read)
+    monkeypatch.setattr(os, "open", counting_open)
+    report = await warm_plan(plan, WarmOptions(concurrency=4, chunk_size=4 * MiB, verify=False))
+    monkeypatch.undo()
+    size = big_file.stat().st_size
+    assert sorted(reads) == [(o, min(4 * MiB, size - o)) for o in range(0, size, 4 * MiB)]
+    assert set(reads.values()) == {1}
+    assert len(threads) > 1
+    assert opens[str(big_file)] == 1
+    assert report.read_bytes == size
+
+
+async def test_auto_concurrency_warms_and_reports_what_it_settled_on(model_dir: Path) -> None:
+    plan = build_plan([str(model_dir)])
+    report = await warm_plan(plan, WarmOptions(concurrency=AUTO_CONCURRENCY, chunk_size=MiB))
+    assert report.errors == ()
+    assert report.resident_ratio == 1.0
+    assert report.concurrency >= 2
+
+
+@pytest.mark.parametrize("method", ["sendfile", "mmap", "read"])
+async def test_every_method_warms(model_dir: Path, method: str) -> None:
+    report = await warm_plan(
+        build_plan([str(model_dir)]), WarmOptions(method=method, chunk_size=MiB)
+    )
+    assert report.method == method
+    assert report.resident_ratio == 1.0
+
+
+async def test_evict_plan_leaves_nothing_resident(model_dir: Path) -> None:
+    plan = build_plan([str(model_dir)])
+    await warm_plan(plan)
+    after = await evict_plan(plan)
+    assert after.resident_bytes == 0
+    assert (await measure_residency(plan)).resident_ratio == 0.0
+
+
+async def test_a_file_truncated_after_planning_is_an_error_not_a_hang(big_file: Path) -> None:
+    plan = build_plan([str(big_file)])
+    os.truncate(big_file, 5 * MiB)
+    report = await warm_plan(plan, WarmOptions(chunk_size=4 * MiB))
+    [result] = report.files
+    assert result.error is not None and "shrank" in result.error
+
+
+async def test_a_file_replaced_by_a_fifo_after_planning_is_never_read(shared_tmp: Path) -> None:
+    path = shared_tmp / "w.bin"
+    path.write_bytes(b"x" * 100)
+    plan = build_plan([str(shared_tmp)])
+    path.unlink()
+    os.mkfifo(path)
+    report = await warm_plan(plan)
+    [result] = report.files
+    assert result.error == "no longer a regular file"
+
+
+async def test_a_file_replaced_after_planning_is_refused(shared_tmp: Path) -> None:
+    path = shared_tmp / "w.bin"
+    path.write_bytes(b"x" * 100)
+    plan = build_plan([str(shared_tmp)])
+    replacement = shared_tmp / "w.bin.new"
+    replacement.write_bytes(b"y" * 100)  # a new inode while the old one still exists
+    replacement.replace(path)
+    [result] = (await warm_plan(plan)).files
+    assert result.error == "replaced by another file since planning"
+
+
+async def test_a_deleted_file_is_an_error_and_the_rest_is_warmed(model_dir: Path) -> None:
+    plan = build_plan([str(model_dir)])
+    victim = plan.files[-1].path
+    os.unlink(victim)
+    events: list[EngineEvent] = []
+    report = await warm_plan(plan, WarmOptions(chunk_size=MiB), on_event=events.append)
+    assert [(f.path, f.error) for f in report.errors] == [(victim, "No such file or directory")]
+    assert ("file_error", victim) in [(e.kind, e.path) for e in events]
+    others = [f for f in report.files if f.path != victim]
+    assert all(f.residency.resident_bytes == f.size for f in others)
+
+
+async def test_a_stop_request_ends_the_pass_and_says_interrupted(big_file: Path) -> None:
+    stop = threading.Event()
+    stop.set()
+    report = await warm_plan(build_plan([str(big_file)]), WarmOptions(chunk_size=MiB), stop=stop)
+    assert report.interrupted
+    assert report.read_bytes == 0
+    [result] = report.files
+    assert result.cause == "not read: the pass was stopped before this file"
+
+
+async def test_timeout_stops_the_pass_and_says_timed_out(shared_tmp: Path) -> None:
+    # Eight chunks read one at a time through the copying path cannot all finish before a
+    # deadline that fires at the first scheduling point.
+    path = shared_tmp / "big"
+    with open(path, "wb") as handle:
+        handle.truncate(64 * MiB)
+    report = await warm_plan(
+        build_plan([str(path)]),
+        WarmOptions(concurrency=1, chunk_size=8 * MiB, method="read", timeout=0.0),
+    )
+    assert report.timed_out and not report.interrupted
+    assert report.read_bytes < 64 * MiB
+
+
+async def test_progress_is_updated_on_the_event_loop(model_dir: Path) -> None:
+    progress = WarmProgress()
+    seen: list[int] = []
+
+    async def watch() -> None:
+        while progress.state != "done":
+            seen.append(progress.bytes_read)
+            await anyio.sleep(0)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch)
+        await warm_plan(
+            build_plan([str(model_dir)]), WarmOptions(chunk_size=MiB), progress=progress
+        )
+    assert progress.files_total == len(build_plan([str(model_dir)]).files)
+    assert seen == sorted(seen)
+
+
+def test_options_reject_nonsense() -> None:
+    with pytest.raises(ValueError, match="method"):
+        WarmOptions(method="cat")
+    with pytest.raises(ValueError, match="chunk_size"):
+        WarmOptions(chunk_size=10)
+    with pytest.raises(ValueError, match="concurrency"):
+        WarmOptions(concurrency=-1)

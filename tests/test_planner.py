@@ -1,0 +1,227 @@
+"""The planner: what is read, in which order, and what is never opened."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from preloader.planner import (
+    FileSpec,
+    build_plan,
+    chunk_count,
+    iter_batches,
+    iter_chunks,
+    printable,
+)
+
+from .conftest import needs_root
+
+
+def _names(plan_files: tuple[FileSpec, ...], root: Path) -> list[str]:
+    return [os.path.relpath(f.path, root) for f in plan_files]
+
+
+def _touch(path: Path, size: int = 10) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+    return path
+
+
+def test_metadata_first_then_shards_in_numeric_order(tmp_path: Path) -> None:
+    for name in [
+        "model-00010-of-00011.safetensors",
+        "model-00002-of-00011.safetensors",
+        "shard_10.bin",
+        "shard_9.bin",
+        "tokenizer.json",
+        "config.json",
+        "model.safetensors.index.json",
+    ]:
+        _touch(tmp_path / name, 1000)
+    plan = build_plan([str(tmp_path)])
+    assert _names(plan.files, tmp_path) == [
+        "config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "model-00002-of-00011.safetensors",
+        "model-00010-of-00011.safetensors",
+        "shard_9.bin",
+        "shard_10.bin",
+    ]
+    assert [f.metadata for f in plan.files] == [True] * 3 + [False] * 4
+
+
+def test_nested_folders_are_walked_and_sorted_by_relative_path(tmp_path: Path) -> None:
+    _touch(tmp_path / "b" / "w.bin")
+    _touch(tmp_path / "a" / "w.bin")
+    _touch(tmp_path / "w.bin")
+    assert _names(build_plan([str(tmp_path)]).files, tmp_path) == ["a/w.bin", "b/w.bin", "w.bin"]
+
+
+def test_include_and_exclude_globs(tmp_path: Path) -> None:
+    _touch(tmp_path / "config.json")
+    _touch(tmp_path / "model.safetensors")
+    _touch(tmp_path / "pytorch_model.bin")
+    _touch(tmp_path / "original" / "consolidated.pth")
+    _touch(tmp_path / "sub" / "x.safetensors")
+    plan = build_plan([str(tmp_path)], include=["*.safetensors", "*.json"], exclude=["sub/*"])
+    assert _names(plan.files, tmp_path) == ["config.json", "model.safetensors"]
+    reasons = {os.path.relpath(s.path, tmp_path): s.reason for s in plan.skipped}
+    assert reasons["pytorch_model.bin"] == "not matched by --include"
+    assert reasons["sub/x.safetensors"] == "matched by --exclude"
+
+
+def test_an_excluded_directory_is_not_entered(tmp_path: Path) -> None:
+    _touch(tmp_path / ".git" / "objects" / "pack")
+    _touch(tmp_path / "w.bin")
+    plan = build_plan([str(tmp_path)], exclude=[".git"])
+    assert _names(plan.files, tmp_path) == ["w.bin"]
+    assert [os.path.relpath(s.path, tmp_path) for s in plan.skipped] == [".git"]
+
+
+def test_special_files_are_skipped_with_a_reason_and_never_opened(tmp_path: Path) -> None:
+    _touch(tmp_path / "w.bin")
+    os.mkfifo(tmp_path / "fifo")
+    os.symlink(tmp_path / "fifo", tmp_path / "link-to-fifo")
+    os.symlink("/dev/zero", tmp_path / "zero")
+    os.symlink(tmp_path / "missing", tmp_path / "broken")
+    os.symlink(tmp_path / "loop-b", tmp_path / "loop-a")
+    os.symlink(tmp_path / "loop-a", tmp_path / "loop-b")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "sock"))
+    try:
+        plan = build_plan([str(tmp_path)])
+    finally:
+        sock.close()
+    assert _names(plan.files, tmp_path) == ["w.bin"]
+    reasons = {os.path.relpath(s.path, tmp_path): s.reason for s in plan.skipped}
+    assert reasons == {
+        "fifo": "FIFO",
+        "link-to-fifo": "FIFO behind a symlink",
+        "zero": "device node behind a symlink",
+        "broken": "broken symlink",
+        "loop-a": "symlink loop",
+        "loop-b": "symlink loop",
+        "sock": "socket",
+    }
+
+
+@needs_root
+def test_a_device_node_in_the_tree_is_skipped(tmp_path: Path) -> None:
+    os.mknod(tmp_path / "null", 0o600 | 0o020000, os.makedev(1, 3))
+    plan = build_plan([str(tmp_path)])
+    assert plan.files == ()
+    assert [s.reason for s in plan.skipped] == ["device node"]
+
+
+def test_links_to_the_same_file_are_planned_once(tmp_path: Path) -> None:
+    blob = _touch(tmp_path / "blobs" / "abc123", 100)
+    snap = tmp_path / "snapshots" / "rev"
+    snap.mkdir(parents=True)
+    os.symlink("../../blobs/abc123", snap / "model.safetensors")
+    os.link(blob, tmp_path / "hardlink.bin")
+    plan = build_plan([str(snap), str(tmp_path)])
+    assert _names(plan.files, tmp_path) == ["snapshots/rev/model.safetensors"]
+    assert sum("already planned" in s.reason for s in plan.skipped) == 2
+
+
+def test_directory_link_loops_terminate(tmp_path: Path) -> None:
+    _touch(tmp_path / "d" / "w.bin")
+    os.symlink("..", tmp_path / "d" / "up")
+    plan = build_plan([str(tmp_path)])
+    assert _names(plan.files, tmp_path) == ["d/w.bin"]
+    assert [s.reason for s in plan.skipped] == [
+        "directory already walked (link loop or bind mount)"
+    ]
+
+
+@needs_root
+def test_a_bind_mount_reaching_the_same_files_is_read_once(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _touch(src / "w.bin", 100)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    if subprocess.run(["mount", "--bind", str(src), str(dst)], capture_output=True).returncode:
+        pytest.skip("bind mounts are not permitted here")
+    try:
+        plan = build_plan([str(src), str(dst)])
+    finally:
+        subprocess.run(["umount", str(dst)], check=True)
+    assert [f.path for f in plan.files] == [str(src / "w.bin")]
+
+
+def test_deep_nesting_does_not_recurse(tmp_path: Path) -> None:
+    deep = tmp_path
+    for i in range(200):
+        deep = deep / f"d{i}"
+    _touch(deep / "w.bin")
+    plan = build_plan([str(tmp_path)])
+    assert len(plan.files) == 1
+
+
+def test_a_file_root_is_planned_even_if_globs_would_not_match(tmp_path: Path) -> None:
+    path = _touch(tmp_path / "one.gguf")
+    plan = build_plan([str(path)], include=["*.safetensors"])
+    assert [f.path for f in plan.files] == [str(path)]
+
+
+def test_a_missing_root_is_reported(tmp_path: Path) -> None:
+    plan = build_plan([str(tmp_path / "nope")])
+    assert plan.files == ()
+    assert plan.skipped[0].reason == "does not exist"
+
+
+def test_names_with_newlines_and_invalid_utf8_are_planned_and_printable(tmp_path: Path) -> None:
+    weird = os.path.join(os.fsencode(tmp_path), b"bad\xff\nname.bin")
+    with open(weird, "wb") as handle:
+        handle.write(b"data")
+    plan = build_plan([str(tmp_path)])
+    assert len(plan.files) == 1
+    shown = printable(plan.files[0].path)
+    assert "\n" not in shown
+    assert shown.endswith("bad\\xff\\nname.bin")
+
+
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=10_000), max_size=20),
+    chunk_size=st.integers(min_value=1, max_value=4096),
+)
+def test_chunks_cover_every_byte_exactly_once(sizes: list[int], chunk_size: int) -> None:
+    files = tuple(FileSpec(f"f{i}", size, 1, i) for i, size in enumerate(sizes))
+    covered: dict[int, list[tuple[int, int]]] = {}
+    for chunk in iter_chunks(files, chunk_size):
+        covered.setdefault(chunk.file_index, []).append((chunk.offset, chunk.length))
+    for index, size in enumerate(sizes):
+        ranges = covered[index]
+        assert len(ranges) == chunk_count(size, chunk_size)
+        position = 0
+        for offset, length in ranges:
+            assert offset == position
+            assert 0 < length <= chunk_size or size == 0
+            position += length
+        assert position == size
+
+
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=10_000), max_size=30),
+    chunk_size=st.integers(min_value=1, max_value=4096),
+    max_files=st.integers(min_value=1, max_value=8),
+)
+def test_batches_keep_plan_order_and_group_only_whole_small_files(
+    sizes: list[int], chunk_size: int, max_files: int
+) -> None:
+    files = tuple(FileSpec(f"f{i}", size, 1, i) for i, size in enumerate(sizes))
+    batches = list(iter_batches(files, chunk_size, max_files))
+    flat = [chunk for batch in batches for chunk in batch]
+    assert flat == list(iter_chunks(files, chunk_size))
+    for batch in batches:
+        assert 1 <= len(batch) <= max_files
+        if len(batch) > 1:
+            assert all(files[c.file_index].size <= chunk_size for c in batch)
+            assert sum(c.length for c in batch) <= chunk_size
