@@ -24,7 +24,7 @@ from . import measure, report
 from .scenarios import SCENARIOS, Prepared, Scenario, Sizes, fuse_available, prepare, s3fs_available
 from .tools import ONE_LINER, Tool, build_tools
 
-__all__ = ["main", "parse_size"]
+__all__ = ["main", "parse_size", "render"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = Path("/var/tmp/preloader-bench")
@@ -298,6 +298,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
     parser.add_argument("--clean", action="store_true", help="delete the generated data afterwards")
+    parser.add_argument(
+        "--from-raw",
+        type=Path,
+        metavar="JSON",
+        help="only redraw results.md and results.png from a saved raw/*.json",
+    )
     sizes = parser.add_argument_group("sizes (binary units: 64KiB, 512MiB, 2GiB)")
     sizes.add_argument("--shards", type=int)
     sizes.add_argument("--shard-size", type=parse_size)
@@ -337,35 +343,32 @@ def _sizes(args: argparse.Namespace) -> Sizes:
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _write_results(
-    out: Path,
-    records: list[dict[str, Any]],
-    startup: dict[str, float] | None,
-    machine: dict[str, str],
-    sizes: Sizes,
-    skipped: dict[str, str],
-    reps: int,
-) -> Path:
-    titles = {s.name: s.title for s in SCENARIOS}
-    summaries = report.summarize(records)
+def _save_raw(out: Path, payload: dict[str, Any]) -> None:
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    payload = {
-        "machine": machine,
-        "sizes": dataclasses.asdict(sizes),
-        "startup": startup,
-        "skipped": skipped,
-        "records": records,
-    }
     for name in (f"results-{stamp}.json", "latest.json"):
         (raw / name).write_text(json.dumps(payload, indent=1))
+
+
+def render(out: Path, payload: dict[str, Any]) -> Path:
+    """Write ``results.md`` and ``results.png`` under *out* from a raw payload.
+
+    :param out: the results directory.
+    :param payload: what ``raw/latest.json`` holds (machine, sizes, startup, records...).
+    :return: the Markdown file's path.
+    """
+    titles = {s.name: s.title for s in SCENARIOS}
+    summaries = report.summarize(payload["records"])
+    startup = payload.get("startup")
+    out.mkdir(parents=True, exist_ok=True)
     chart_note = report.write_chart(summaries, titles, out / "results.png")
+    machine: dict[str, str] = payload["machine"]
     lines = [
         "# preloader benchmark results",
         "",
-        f"Run {time.strftime('%Y-%m-%d %H:%M %Z')}, median of {reps} cold-cache run(s) per "
-        "tool, tools alternating A B C A B C (order rotated each round).",
+        f"Run {payload.get('run_at', '?')}, median of {payload.get('reps', '?')} cold-cache "
+        "run(s) per tool, tools alternating A B C A B C (order rotated each round).",
         "",
         "Machine: " + "; ".join(f"{key} {value}" for key, value in machine.items()) + ".",
         "",
@@ -379,6 +382,7 @@ def _write_results(
         "",
         report.markdown(summaries, titles, startup),
     ]
+    skipped: dict[str, str] = payload.get("skipped") or {}
     if skipped:
         lines += ["Skipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()), ""]
     lines.append(chart_note or "![throughput per scenario](results.png)")
@@ -395,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     :return: 0 on success, 2 when the bench cannot run here, 1 when a tool failed.
     """
     args = _parse_args(argv)
+    if args.from_raw:
+        path = render(args.out, json.loads(args.from_raw.read_text()))
+        print(path.read_text())
+        return 0
     if os.geteuid() != 0:
         print("bench: warning: not root; s3fs/FUSE mounts and eviction may fail", file=sys.stderr)
     if shutil.which("vmtouch") is None:
@@ -450,8 +458,17 @@ def main(argv: list[str] | None = None) -> int:
                         f"resident {record['resident_after'] * 100:.1f}%{status}"
                     )
             measure.evict(prepared.target)  # leave the shared page cache as we found it
-    machine = _machine(args.data_dir, args.preloader_src.resolve(), env)
-    path = _write_results(args.out, records, startup, machine, sizes, skipped, reps)
+    payload = {
+        "run_at": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "reps": reps,
+        "machine": _machine(args.data_dir, args.preloader_src.resolve(), env),
+        "sizes": dataclasses.asdict(sizes),
+        "startup": startup,
+        "skipped": skipped,
+        "records": records,
+    }
+    _save_raw(args.out, payload)
+    path = render(args.out, payload)
     print(f"bench: wrote {path} and {path.with_suffix('.png').name}", file=sys.stderr)
     print(path.read_text())
     if args.clean:

@@ -50,7 +50,7 @@ class Sizes:
     small_count: int = 20_000
     small_bytes: int = 64 * 1024
     s3_shards: int = 4
-    s3_shard_bytes: int = 128 * MiB
+    s3_shard_bytes: int = 64 * MiB
     s3_latency_ms: float = 20.0
     s3_conn_mibps: float = 32.0
     s3_link_mibps: float = 400.0
