@@ -102,10 +102,11 @@ def _last_json(text: str) -> dict[str, Any] | None:
     return None
 
 
-def _fio_bandwidth(text: str) -> float | None:
+def _fio_read(text: str) -> tuple[int, float] | None:
+    """Return (bytes read, bandwidth in bytes/s) from fio's JSON output."""
     try:
-        data = json.loads(text[text.index("{") :])
-        return float(data["jobs"][0]["read"]["bw_bytes"])
+        read = json.loads(text[text.index("{") :])["jobs"][0]["read"]
+        return int(read["io_bytes"]), float(read["bw_bytes"])
     except (ValueError, KeyError, IndexError):
         return None
 
@@ -167,7 +168,7 @@ def run_once(
     before = measure.residency(target)
     if prepared.fixture_stats:
         prepared.fixture_stats(True)
-    argv = tool.argv(target)
+    argv = tool.argv(target, prepared.median_file_bytes)
     try:
         result = measure.run_child(argv, env=env, timeout_s=timeout_s)
     except subprocess.TimeoutExpired:
@@ -202,7 +203,10 @@ def run_once(
     if tool.family == "preloader":
         record["preloader"] = _last_json(result.stdout)
     if tool.family == "fio":
-        record["fio_bw_bytes"] = _fio_bandwidth(result.stdout)
+        # fio skips files smaller than its block: count what it really read.
+        fio = _fio_read(result.stdout)
+        if fio:
+            record["bytes"], record["fio_bw_bytes"] = fio
     return record
 
 

@@ -140,6 +140,7 @@ class Prepared:
     files: int
     bytes: int
     fixture_stats: Callable[[bool], dict[str, int]] | None = None
+    median_file_bytes: int = 0
 
 
 def s3fs_available() -> str | None:
@@ -221,7 +222,14 @@ def _local_tree(
             path.parent.mkdir(parents=True, exist_ok=True)
             _write_file(path, size, block)
         note.write_text(wanted)
-    return Prepared(scenario, root, len(layout), sum(layout.values()))
+    sizes_sorted = sorted(layout.values())
+    return Prepared(
+        scenario,
+        root,
+        len(layout),
+        sum(layout.values()),
+        median_file_bytes=sizes_sorted[len(sizes_sorted) // 2],
+    )
 
 
 # --- FUSE fixtures ---------------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .scenarios import Scenario
 
-__all__ = ["ONE_LINER", "Tool", "build_tools", "preloader_argv"]
+__all__ = ["ONE_LINER", "Tool", "build_tools", "fio_block_size", "preloader_argv"]
 
 # The reference postStart hook, verbatim, with PRELOADER_CONC's default of 4.
 ONE_LINER = (
@@ -29,10 +29,13 @@ class Tool:
         """Whether this tool runs on *scenario* (fio only measures the local device)."""
         return self.family != "fio" or scenario.local
 
-    def argv(self, target: Path) -> list[str]:
+    def argv(self, target: Path, median_file_bytes: int = 0) -> list[str]:
         """Return the command that reads every file under *target* once.
 
         :param target: the model directory.
+        :param median_file_bytes: the tree's median file size; fio cannot read a file
+            smaller than its block size, so its block is the largest power of two that
+            fits the median file, at most 4 MiB.
         :return: the argv.
         """
         if self.family == "one-liner":
@@ -47,12 +50,27 @@ class Tool:
                 f"--opendir={target}",
                 "--rw=read",
                 "--direct=1",
-                "--bs=4M",
+                f"--bs={fio_block_size(median_file_bytes)}",
                 "--ioengine=libaio",
                 "--iodepth=32",
+                "--openfiles=256",  # a tree of 20,000 files would exhaust the fd limit
                 "--output-format=json",
             ]
         return preloader_argv(target, self.concurrency)
+
+
+def fio_block_size(median_file_bytes: int) -> int:
+    """Return fio's block size: a power of two, 4 KiB to 4 MiB, no larger than the median file.
+
+    :param median_file_bytes: the tree's median file size (0: unknown, use 4 MiB).
+    :return: bytes.
+    """
+    if median_file_bytes <= 0:
+        return 4 * 2**20
+    block = 4096
+    while block * 2 <= min(median_file_bytes, 4 * 2**20):
+        block *= 2
+    return block
 
 
 def preloader_argv(target: Path, concurrency: str | None) -> list[str]:
