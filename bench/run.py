@@ -231,6 +231,14 @@ def _machine(data_dir: Path, preloader_src: Path, env: dict[str, str]) -> dict[s
         text=True,
         check=False,
     ).stdout.strip()
+    package_commit = subprocess.run(
+        ["git", "-C", str(preloader_src), "log", "-1", "--format=%h", "--", "preloader"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    if package_commit:
+        commit += f", preloader/ last changed in {package_commit}"
     version = subprocess.run(
         [sys.executable, "-m", "preloader", "--version"],
         capture_output=True,
