@@ -300,7 +300,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-auto", action="store_true", help="leave out preloader -c auto")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="results directory (default bench/results; with --smoke bench/results/smoke)",
+    )
     parser.add_argument(
         "--preloader-src",
         type=Path,
@@ -411,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     :return: 0 on success, 2 when the bench cannot run here, 1 when a tool failed.
     """
     args = _parse_args(argv)
+    if args.out is None:
+        # A smoke run must not overwrite the committed full-size results.
+        args.out = REPO_ROOT / "bench" / "results" / ("smoke" if args.smoke else "")
     if args.from_raw:
         path = render(args.out, json.loads(args.from_raw.read_text()))
         print(path.read_text())
