@@ -600,11 +600,14 @@ def _prepare(
             candidates=[printable(c) for c in choice.candidates],
             reason=choice.reason,
         )
-    if the_plan.problems:
-        for problem in the_plan.problems:
+    for problem in the_plan.problems:
+        if not problem.fatal:
+            log.warning("odd model layout", path=printable(problem.path), problem=problem.message)
+    fatal = [problem for problem in the_plan.problems if problem.fatal]
+    if fatal:
+        for problem in fatal:
             log.error("incomplete model", path=printable(problem.path), problem=problem.message)
-        first = the_plan.problems[0]
-        raise errors.IncompleteModelError(f"{printable(first.path)}: {first.message}")
+        raise errors.IncompleteModelError(f"{printable(fatal[0].path)}: {fatal[0].message}")
     check: BudgetCheck = anyio.run(
         lambda: api.check_budget(the_plan, on_overflow=on_overflow, headroom=headroom)
     )
@@ -888,7 +891,7 @@ def _run_plan(selection: Selection, as_json: bool, on_overflow: str, headroom: H
     check: BudgetCheck = anyio.run(
         lambda: api.check_budget(the_plan, on_overflow=on_overflow, headroom=headroom)
     )
-    code = errors.EXIT_INCOMPLETE_MODEL if the_plan.problems else errors.EXIT_OK
+    code = errors.EXIT_INCOMPLETE_MODEL if any(p.fatal for p in the_plan.problems) else errors.EXIT_OK
     if as_json:
         document: dict[str, object] = {
             "paths": list(selection.paths),
@@ -933,7 +936,8 @@ def _plan_lines(the_plan: Plan, check: BudgetCheck) -> list[str]:
             f"{printable(choice.directory)}: {choice.reason}"
         )
     for problem in the_plan.problems:
-        lines.append(f"INCOMPLETE {printable(problem.path)}: {problem.message}")
+        label = "INCOMPLETE" if problem.fatal else "WARNING"
+        lines.append(f"{label} {printable(problem.path)}: {problem.message}")
     lines.append(
         f"memory budget: {check.budget.describe()}; needs {format_bytes(check.need_bytes)}, "
         + (

@@ -104,13 +104,19 @@ class Choice:
 
 @dataclass(frozen=True)
 class Problem:
-    """The model is incomplete or unreadable as laid out (a broken download)."""
+    """The model is incomplete or unreadable as laid out (a broken download).
+
+    :ivar fatal: the model cannot load as it is (files it names are missing), so warming
+        it would only waste memory; a problem that is not fatal (an index that is not
+        JSON) only costs the plan its format-aware order, and is a warning.
+    """
 
     path: str
     message: str
+    fatal: bool = True
 
     def to_json(self) -> dict[str, object]:
-        return {"path": self.path, "message": self.message}
+        return {"path": self.path, "message": self.message, "fatal": self.fatal}
 
 
 @dataclass(frozen=True)
@@ -267,7 +273,14 @@ class _Folder:
             try:
                 shards = [posixpath.normpath(s) for s in self.load_index(relpath)]
             except (OSError, ValueError) as err:
-                self.problems.append(Problem(relpath, f"cannot read the safetensors index: {err}"))
+                self.problems.append(
+                    Problem(
+                        relpath,
+                        f"cannot read the safetensors index ({err}); shards are warmed in "
+                        "name order",
+                        fatal=False,
+                    )
+                )
                 continue
             missing = [s for s in shards if not self.exists(_join(self.directory, s))]
             if missing:
