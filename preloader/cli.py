@@ -891,7 +891,9 @@ def _run_plan(selection: Selection, as_json: bool, on_overflow: str, headroom: H
     check: BudgetCheck = anyio.run(
         lambda: api.check_budget(the_plan, on_overflow=on_overflow, headroom=headroom)
     )
-    code = errors.EXIT_INCOMPLETE_MODEL if any(p.fatal for p in the_plan.problems) else errors.EXIT_OK
+    code = (
+        errors.EXIT_INCOMPLETE_MODEL if any(p.fatal for p in the_plan.problems) else errors.EXIT_OK
+    )
     if as_json:
         document: dict[str, object] = {
             "paths": list(selection.paths),
