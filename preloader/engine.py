@@ -14,7 +14,7 @@ import resource
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -447,7 +447,8 @@ class _Engine:
             counts = [0] * len(plan.files)
             for chunk in chunks:
                 counts[chunk.file_index] += 1
-            self.batches = _selected_batches(plan.files, chunks, self.chunk_size)
+            ordered = sorted(chunks, key=lambda c: (c.file_index, c.index))
+            self.batches = iter_batches(plan.files, self.chunk_size, chunks=ordered)
             self.bytes_total = sum(chunk.length for chunk in chunks)
         self.files = [
             _FileState(spec, count, self.method)
@@ -797,28 +798,6 @@ async def warm_plan(
 def effective_chunk_size(chunk_size: int) -> int:
     """The chunk size the engine really uses: ``chunk_size`` rounded down to whole pages."""
     return max(pagecache.PAGE_SIZE, chunk_size - chunk_size % pagecache.PAGE_SIZE)
-
-
-def _selected_batches(
-    files: Sequence[FileSpec], chunks: Sequence[Chunk], chunk_size: int, max_files: int = 64
-) -> Iterator[tuple[Chunk, ...]]:
-    """Like :func:`~preloader.planner.iter_batches`, over a selection of chunks."""
-    batch: list[Chunk] = []
-    batch_bytes = 0
-    for chunk in sorted(chunks, key=lambda c: (c.file_index, c.index)):
-        whole = chunk.index == 0 and files[chunk.file_index].size <= chunk_size
-        if batch and (
-            not whole or batch_bytes + chunk.length > chunk_size or len(batch) >= max_files
-        ):
-            yield tuple(batch)
-            batch, batch_bytes = [], 0
-        if whole:
-            batch.append(chunk)
-            batch_bytes += chunk.length
-        else:
-            yield (chunk,)
-    if batch:
-        yield tuple(batch)
 
 
 @dataclass(frozen=True)
