@@ -55,8 +55,14 @@ _T = TypeVar("_T")
 _I = TypeVar("_I")
 _R = TypeVar("_R")
 
-_AUTO_START = 2
+# auto starts at the fixed default, so it never reads slower than leaving -c alone, and
+# doubles from there.
+_AUTO_START = 4
 _AUTO_MAX = 64
+# auto cuts the plan into at least this many chunks (down to _AUTO_MIN_CHUNK each), so
+# the tuner sees enough chunks complete to measure a rate before the plan runs out.
+_AUTO_MIN_CHUNKS = 64
+_AUTO_MIN_CHUNK = 16 * 1024 * 1024
 _AUTO_MIN_GAIN = 1.10
 _AUTO_WINDOW_SECONDS = 0.5
 
@@ -436,7 +442,12 @@ class _Engine:
         self.on_event = on_event
         self.stop = stop
         self.method = "sendfile" if options.method == "auto" else options.method
-        self.chunk_size = effective_chunk_size(options.chunk_size)
+        auto = options.concurrency == AUTO_CONCURRENCY
+        chunk_size = options.chunk_size
+        if auto and chunks is None:  # a selection of chunks keeps the size they were cut at
+            wanted = plan.total_bytes // _AUTO_MIN_CHUNKS
+            chunk_size = min(chunk_size, max(_AUTO_MIN_CHUNK, wanted))
+        self.chunk_size = effective_chunk_size(chunk_size)
         if chunks is None:
             counts = [chunk_count(spec.size, self.chunk_size) for spec in plan.files]
             self.batches = iter_batches(plan.files, self.chunk_size)
@@ -454,7 +465,6 @@ class _Engine:
             _FileState(spec, count, self.method)
             for spec, count in zip(plan.files, counts, strict=True)
         ]
-        auto = options.concurrency == AUTO_CONCURRENCY
         self.max_workers = _AUTO_MAX if auto else options.concurrency
         self.limiter = anyio.CapacityLimiter(_AUTO_START if auto else options.concurrency)
         self.progress.concurrency = int(self.limiter.total_tokens)

@@ -87,7 +87,7 @@ async def test_auto_concurrency_warms_and_reports_what_it_settled_on(model_dir: 
     report = await warm_plan(plan, WarmOptions(concurrency=AUTO_CONCURRENCY, chunk_size=MiB))
     assert report.errors == ()
     assert report.resident_ratio == 1.0
-    assert report.concurrency >= 2
+    assert report.concurrency >= 4  # starts at the fixed default and only goes up
 
 
 @pytest.mark.parametrize("method", ["sendfile", "mmap", "read"])
