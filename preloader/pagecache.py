@@ -239,7 +239,11 @@ def fd_residency(fd: int, size: int) -> int:
             # (a budget-trimmed plan), and residency is of what was planned.
             pages = cachestat(fd, 0, size).cached
             tail = size % PAGE_SIZE
-            last = bool(pages) and (not tail or cachestat(fd, size - tail, tail).cached > 0)
+            # Every page cached includes the last; only a partial count needs a second look.
+            whole = pages >= -(-size // PAGE_SIZE)
+            last = whole or (
+                bool(pages) and bool(tail) and cachestat(fd, size - tail, tail).cached > 0
+            )
             return resident_bytes_from_pages(pages, size, last)
         except OSError as err:
             if err.errno == errno.EPERM:
