@@ -1,14 +1,20 @@
 """preloader: make model weights resident in the Linux page cache, and prove it.
 
 The public surface: :func:`warm`, :func:`residency`, :func:`evict` and :func:`plan`, the
+memory budget (:func:`memory_budget`, :func:`check_budget`), pinning (:func:`pin`), the
 report types they return, and the exit codes the CLI uses.
 """
 
 from ._version import __version__ as __version__
+from .api import check_budget as check_budget
 from .api import evict as evict
+from .api import memory_budget as memory_budget
+from .api import pin as pin
 from .api import plan as plan
 from .api import residency as residency
 from .api import warm as warm
+from .budget import BudgetCheck as BudgetCheck
+from .budget import MemoryBudget as MemoryBudget
 from .engine import EngineEvent as EngineEvent
 from .engine import FileResidency as FileResidency
 from .engine import FileResult as FileResult
@@ -16,17 +22,21 @@ from .engine import ResidencyReport as ResidencyReport
 from .engine import WarmOptions as WarmOptions
 from .engine import WarmProgress as WarmProgress
 from .engine import WarmReport as WarmReport
+from .pinning import PinSet as PinSet
 from .planner import Chunk as Chunk
 from .planner import FileSpec as FileSpec
 from .planner import Plan as Plan
 from .planner import Skipped as Skipped
 
 __all__ = [
+    "BudgetCheck",
     "Chunk",
     "EngineEvent",
     "FileResidency",
     "FileResult",
     "FileSpec",
+    "MemoryBudget",
+    "PinSet",
     "Plan",
     "ResidencyReport",
     "Skipped",
@@ -34,7 +44,10 @@ __all__ = [
     "WarmProgress",
     "WarmReport",
     "__version__",
+    "check_budget",
     "evict",
+    "memory_budget",
+    "pin",
     "plan",
     "residency",
     "warm",

@@ -11,6 +11,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Sequence
 
+import anyio
+import anyio.to_thread
+
+from .budget import DEFAULT_HEADROOM, BudgetCheck, Headroom, MemoryBudget, check_plan
+from .budget import read_memory_budget as _read_memory_budget
 from .engine import (
     EngineEvent,
     ResidencyReport,
@@ -21,14 +26,106 @@ from .engine import (
     measure_residency,
     warm_plan,
 )
-from .planner import Plan, build_plan
+from .errors import LockRefusedError
+from .pinning import PinSet, memlock_permission
+from .planner import Plan, build_plan, printable
 
-__all__ = ["evict", "plan", "residency", "warm"]
+__all__ = [
+    "check_budget",
+    "evict",
+    "memory_budget",
+    "pin",
+    "plan",
+    "residency",
+    "warm",
+]
 
 
-def plan(paths: Iterable[str], *, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> Plan:
-    """Walk ``paths`` into a warm plan (see :func:`preloader.planner.build_plan`)."""
-    return build_plan([str(p) for p in paths], include=include, exclude=exclude)
+def plan(
+    paths: Iterable[str],
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    all_formats: bool = False,
+) -> Plan:
+    """Walk ``paths`` into a warm plan (see :func:`preloader.planner.build_plan`).
+
+    :param all_formats: keep PyTorch pickles beside safetensors, safetensors an index
+        does not name, and every GGUF model of a folder.
+    """
+    return build_plan(
+        [str(p) for p in paths], include=include, exclude=exclude, all_formats=all_formats
+    )
+
+
+def memory_budget() -> MemoryBudget:
+    """This process's memory budget right now (cgroup limit and usage, MemAvailable).
+
+    Synchronous and cheap (a few small reads of ``/proc`` and ``/sys``); a sidecar may
+    call it for every ``/status`` or metrics scrape, from a worker thread.
+    """
+    return _read_memory_budget()
+
+
+async def check_budget(
+    the_plan: Plan,
+    *,
+    on_overflow: str = "trim",
+    headroom: Headroom = DEFAULT_HEADROOM,
+    budget: MemoryBudget | None = None,
+) -> BudgetCheck:
+    """Compare a plan with the memory budget; under ``trim``, cut it to fit.
+
+    Bytes already resident cost nothing: when the plan is larger than the allowance, the
+    residency of its files is measured first, so re-warming a warm model does not trim it.
+
+    :param on_overflow: ``warn``, ``trim`` or ``fail`` (see :func:`preloader.budget.check_plan`;
+        raising for ``fail`` is the caller's business).
+    :param budget: a budget read earlier; read now when omitted.
+    :return: the check; :attr:`BudgetCheck.plan` is what to warm.
+    """
+    the_budget = (
+        budget if budget is not None else await anyio.to_thread.run_sync(_read_memory_budget)
+    )
+    allowance = the_budget.allowance(headroom)
+    resident: list[int | None] | None = None
+    if allowance is not None and the_plan.total_bytes > allowance:
+        measured = await measure_residency(the_plan)
+        resident = [item.resident_bytes for item in measured.files]
+    return check_plan(the_plan, the_budget, on_overflow, headroom, resident)
+
+
+async def pin(the_plan: Plan) -> PinSet:
+    """Lock every planned file's pages into memory (``mmap`` + ``mlock``); keep them there.
+
+    Pages not cached yet are read by ``mlock`` itself. Call :meth:`PinSet.release` (or
+    exit) to let the kernel reclaim them again.
+
+    :raises LockRefusedError: before locking anything when ``RLIMIT_MEMLOCK`` is too small
+        and the process lacks ``CAP_IPC_LOCK``, or when a lock fails (whatever was pinned
+        is released again before it is raised).
+    """
+    refusal = memlock_permission().refusal(the_plan.total_bytes)
+    if refusal is not None:
+        raise LockRefusedError(refusal)
+    pins = PinSet()
+
+    def pin_all() -> str | None:
+        for spec in the_plan.files:
+            try:
+                pins.pin(spec.path, spec.size, spec.dev, spec.ino)
+            except OSError as err:
+                pinned = pins.release()
+                return (
+                    f"{printable(spec.path)}: cannot pin: {err.strerror or err} "
+                    f"(released the {pinned} bytes pinned before it)"
+                )
+        return None
+
+    failure = await anyio.to_thread.run_sync(pin_all)
+    if failure is not None:
+        raise LockRefusedError(failure)
+    return pins
 
 
 async def warm(

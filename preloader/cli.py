@@ -23,9 +23,19 @@ import click
 
 from . import api, errors
 from ._version import __version__
+from .budget import (
+    DEFAULT_HEADROOM,
+    ON_OVERFLOW_POLICIES,
+    BudgetCheck,
+    Headroom,
+    check_plan,
+    parse_headroom,
+)
 from .config import (
     DEFAULT_CHUNK_SIZE,
     Selection,
+    ServeConfig,
+    WaitConfig,
     WarmConfig,
     parse_concurrency,
     resolve_selection,
@@ -39,6 +49,7 @@ from .engine import (
     cancel_after_stop,
 )
 from .logs import FORMATS, LEVELS, configure, get_logger
+from .pinning import memlock_permission
 from .planner import Plan, printable
 from .progress import show_progress
 from .units import format_bytes, parse_size
@@ -54,7 +65,8 @@ EXIT_CODES_HELP = (
     "Exit codes: 0 ok or nothing to do (MODEL_DIR unset or missing), 1 internal error, "
     "2 bad usage or input, 3 read errors, 4 resident share below --min-resident, "
     "5 --timeout reached, 6 residency unverifiable with --require-verified, "
-    "130 interrupted by SIGINT/SIGTERM."
+    "7 over the memory budget with --on-overflow fail, 8 incomplete model (missing shards), "
+    "9 --lock not permitted, 130 interrupted by SIGINT/SIGTERM."
 )
 
 
@@ -116,6 +128,62 @@ def _selection_options(func: _F) -> _F:
     return func
 
 
+class _HeadroomType(click.ParamType):  # type: ignore[type-arg]
+    name = "SIZE|PCT"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Headroom:
+        if isinstance(value, Headroom):
+            return value
+        try:
+            return parse_headroom(str(value))
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+def _formats_option(func: _F) -> _F:
+    return click.option(
+        "--all-formats",
+        is_flag=True,
+        envvar="PRELOADER_ALL_FORMATS",
+        show_envvar=True,
+        help="Warm every format: PyTorch .bin/.pt/.pth beside safetensors, safetensors "
+        "the index does not name, and every GGUF model of a folder (default: only what "
+        "sglang, vLLM and llama.cpp load).",
+    )(func)
+
+
+def _budget_options(func: _F) -> _F:
+    decorators = [
+        click.option(
+            "--on-overflow",
+            type=click.Choice(ON_OVERFLOW_POLICIES),
+            default="trim",
+            show_default=True,
+            envvar="PRELOADER_ON_OVERFLOW",
+            show_envvar=True,
+            help="When the plan needs more page cache than the memory budget (cgroup limit "
+            "minus usage, capped by MemAvailable, minus --headroom) allows: trim warms the "
+            "plan in order up to the budget and reports what stays cold; fail exits 7 "
+            "before reading; warn reads everything.",
+        ),
+        click.option(
+            "--headroom",
+            type=_HeadroomType(),
+            default=None,
+            show_default="5% of the limit, 64MiB to 1GiB",
+            envvar="PRELOADER_HEADROOM",
+            show_envvar=True,
+            help="Memory kept free below the budget: a size (256MiB) or a share of the "
+            "limit (10%).",
+        ),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
 def _json_option(func: _F) -> _F:
     return click.option(
         "--json",
@@ -133,8 +201,9 @@ def _selection(
     env_paths: Sequence[str],
     include: Sequence[str],
     exclude: Sequence[str],
+    all_formats: bool = False,
 ) -> Selection:
-    return resolve_selection(paths, model_dir, env_paths, include, exclude)
+    return resolve_selection(paths, model_dir, env_paths, include, exclude, all_formats)
 
 
 def _print_json(document: dict[str, object]) -> None:
@@ -209,7 +278,10 @@ async def _plan_until_stopped(selection: Selection, stop: threading.Event) -> Pl
         plan.append(
             await anyio.to_thread.run_sync(
                 lambda: api.plan(
-                    selection.paths, include=selection.include, exclude=selection.exclude
+                    selection.paths,
+                    include=selection.include,
+                    exclude=selection.exclude,
+                    all_formats=selection.all_formats,
                 ),
                 abandon_on_cancel=True,
             )
@@ -404,6 +476,17 @@ def cli(ctx: click.Context, log_level: str, log_format: str, debug: bool) -> Non
     show_envvar=True,
     help="Seconds between progress log lines when there is no bar (0: none).",
 )
+@_formats_option
+@_budget_options
+@click.option(
+    "--lock",
+    is_flag=True,
+    envvar="PRELOADER_LOCK",
+    show_envvar=True,
+    help="After warming, pin the pages with mmap + mlock (like vmtouch -l) and keep "
+    "running until SIGTERM/SIGINT, then release them and exit. Needs CAP_IPC_LOCK or "
+    "RLIMIT_MEMLOCK above the plan's size (exit 9 otherwise). Never in a postStart hook.",
+)
 @click.pass_context
 def warm(
     ctx: click.Context,
@@ -423,6 +506,10 @@ def warm(
     as_json: bool,
     progress: bool | None,
     progress_interval: float,
+    all_formats: bool,
+    on_overflow: str,
+    headroom: Headroom | None,
+    lock: bool,
 ) -> None:
     """Read every file under PATH (default $MODEL_DIR) into the page cache and verify.
 
@@ -433,7 +520,7 @@ def warm(
     log = get_logger()
     try:
         config = WarmConfig(
-            selection=_selection(paths, model_dir, env_paths, include, exclude),
+            selection=_selection(paths, model_dir, env_paths, include, exclude, all_formats),
             options=WarmOptions(
                 concurrency=parse_concurrency(concurrency),
                 chunk_size=chunk_size,
@@ -447,6 +534,9 @@ def warm(
             json=as_json,
             progress=progress,
             progress_interval=progress_interval,
+            on_overflow=on_overflow,
+            headroom=headroom or DEFAULT_HEADROOM,
+            lock=lock,
         )
     except (errors.UsageError, ValueError) as err:
         _usage_failure(log, str(err), best_effort, as_json)
@@ -468,6 +558,9 @@ def _guard(ctx: click.Context, func: Callable[[], int]) -> int:
         return func()
     except errors.UsageError as err:
         get_logger().error("bad input", error=str(err))
+        return err.exit_code
+    except errors.PreloaderError as err:
+        get_logger().error("refused", error=str(err), exit_code=err.exit_code)
         return err.exit_code
     except Exception as err:
         if ctx.obj and ctx.obj.get("debug"):
@@ -497,26 +590,46 @@ def _run_warm(config: WarmConfig, log: Any) -> int:
         return errors.EXIT_OK
 
     progress = WarmProgress()
+    held: list[int] = []  # the exit code, once a --lock run printed its summary
+    refused: list[int] = []  # the exit code of a refusal before reading
+    extras: dict[str, object] = {}
 
     async def body(stop: threading.Event) -> WarmReport | None:
+        # Planning and the budget check run inside the signal window: a stop while a walk
+        # hangs on storage ends the run instead of waiting for it.
         log.info("planning", paths=[printable(p) for p in selection.paths])
-        plan = await _plan_until_stopped(selection, stop)
-        if plan is None:
+        the_plan = await _plan_until_stopped(selection, stop)
+        if the_plan is None:
             return None
-        _log_plan_problems(plan, log)
+        try:
+            check = await _prepare(the_plan, config.on_overflow, config.headroom, log)
+            if check.over_budget and config.on_overflow == "fail":
+                raise errors.OverBudgetError(
+                    check.message() + "; raise the memory limit, narrow the plan with "
+                    "--include, or use --on-overflow trim"
+                )
+            if config.lock:
+                refusal = memlock_permission().refusal(check.plan.total_bytes)
+                if refusal is not None:
+                    raise errors.LockRefusedError(refusal)
+        except errors.PreloaderError as err:
+            refused.append(_refuse(err, config, log))
+            return None
+        extras.update(_plan_extras(the_plan, check))
+        warm_plan = check.plan
         log.info(
             "warming",
             paths=[printable(p) for p in selection.paths],
-            files=len(plan.files),
-            bytes=plan.total_bytes,
-            size=format_bytes(plan.total_bytes),
+            files=len(warm_plan.files),
+            bytes=warm_plan.total_bytes,
+            size=format_bytes(warm_plan.total_bytes),
         )
         async with anyio.create_task_group() as display:
             display.start_soon(
                 show_progress, progress, log, config.progress, config.progress_interval
             )
             report = await api.warm(
-                plan,
+                warm_plan,
                 concurrency=config.options.concurrency,
                 chunk_size=config.options.chunk_size,
                 method=config.options.method,
@@ -527,14 +640,22 @@ def _run_warm(config: WarmConfig, log: Any) -> int:
                 stop=stop,
             )
             display.cancel_scope.cancel()
+        if config.lock and not stop.is_set():
+            await _hold_pinned(report, warm_plan, config, extras, held, stop, log)
         return report
 
     report, signum = anyio.run(_run_with_signals, body, threading.Event())
+    if refused:
+        return refused[0]
     if report is None:
         _summarise_stopped(progress, config, log, signum)
         return errors.EXIT_OK if config.best_effort else errors.EXIT_INTERRUPTED
+    if held:
+        return errors.EXIT_OK if config.best_effort else held[0]
     code = warm_exit_code(report, config)
-    _summarise(report, config, code, log)
+    if config.lock and "lock_error" in extras:
+        code = code or errors.EXIT_LOCK_REFUSED
+    _summarise(report, config, code, log, extras)
     return errors.EXIT_OK if config.best_effort else code
 
 
@@ -578,7 +699,130 @@ def _summarise_stopped(
         )
 
 
-def _summarise(report: WarmReport, config: WarmConfig, code: int, log: Any) -> None:
+async def _prepare(the_plan: Plan, on_overflow: str, headroom: Headroom, log: Any) -> BudgetCheck:
+    """Log what the plan skipped and chose, refuse an incomplete model, check the budget.
+
+    :raises errors.IncompleteModelError: when an index or split set names missing files.
+    """
+    _log_plan_problems(the_plan, log)
+    for choice in the_plan.choices:
+        log.warning(
+            "several models in one folder",
+            directory=printable(choice.directory),
+            chosen=printable(choice.chosen),
+            candidates=[printable(c) for c in choice.candidates],
+            reason=choice.reason,
+        )
+    for problem in the_plan.problems:
+        if not problem.fatal:
+            log.warning("odd model layout", path=printable(problem.path), problem=problem.message)
+    fatal = [problem for problem in the_plan.problems if problem.fatal]
+    if fatal:
+        for problem in fatal:
+            log.error("incomplete model", path=printable(problem.path), problem=problem.message)
+        raise errors.IncompleteModelError(f"{printable(fatal[0].path)}: {fatal[0].message}")
+    check = await api.check_budget(the_plan, on_overflow=on_overflow, headroom=headroom)
+    _log_budget(check, log)
+    return check
+
+
+def _log_budget(check: BudgetCheck, log: Any) -> None:
+    budget = check.budget
+    fields: dict[str, object] = {
+        "need_bytes": check.need_bytes,
+        "allowance_bytes": check.allowance_bytes,
+        "headroom_bytes": check.headroom_bytes,
+        "limited_by": budget.limited_by,
+        "budget": budget.describe(),
+    }
+    if check.allowance_bytes is None:
+        log.info("memory budget unknown", notes=list(budget.notes), **fields)
+    elif not check.over_budget:
+        log.info("memory budget", **fields)
+    elif check.policy == "trim":
+        for cold in check.cold:
+            log.info("stays cold", path=printable(cold.path), offset=cold.offset, bytes=cold.length)
+        log.warning(
+            "over memory budget: trimming the plan",
+            warming_bytes=check.plan.total_bytes,
+            cold_bytes=check.cold_bytes,
+            cold_files=len(check.cold),
+            **fields,
+        )
+    elif check.policy == "warn":
+        log.warning(
+            "over memory budget: reading everything (--on-overflow warn); pages read first "
+            "may be reclaimed before the server loads them",
+            **fields,
+        )
+
+
+def _plan_extras(the_plan: Plan, check: BudgetCheck) -> dict[str, object]:
+    """The ``--json`` keys this module adds about formats and the budget."""
+    return {
+        "budget": check.to_json(),
+        "cold": [c.to_json() for c in check.cold],
+        "cold_bytes": check.cold_bytes,
+        "choices": [c.to_json() for c in the_plan.choices],
+        "problems": [p.to_json() for p in the_plan.problems],
+    }
+
+
+def _refuse(err: errors.PreloaderError, config: WarmConfig, log: Any) -> int:
+    """Report a refusal before reading: one line, ``--json``, the exit code."""
+    log.error("refused", error=str(err), exit_code=err.exit_code)
+    code = errors.EXIT_OK if config.best_effort else err.exit_code
+    if config.best_effort:
+        log.warning("best effort: exiting 0", would_exit=err.exit_code)
+    if config.json:
+        _print_json({"error": str(err), "exit_code": code, "version": __version__})
+    return code
+
+
+async def _hold_pinned(
+    report: WarmReport,
+    warm_plan: Plan,
+    config: WarmConfig,
+    extras: dict[str, object],
+    held: list[int],
+    stop: threading.Event,
+    log: Any,
+) -> None:
+    """Pin the warmed pages, print the summary, hold them until a signal, release."""
+    try:
+        pins = await api.pin(warm_plan)
+    except errors.LockRefusedError as err:
+        log.error("cannot lock", error=str(err), exit_code=err.exit_code)
+        extras["lock_error"] = str(err)
+        extras["pinned_bytes"] = 0
+        return
+    code = warm_exit_code(report, config)
+    extras["pinned_bytes"] = pins.pinned_bytes
+    extras["pinned_files"] = len(pins.pins)
+    _summarise(report, config, code, log, extras)
+    held.append(code)
+    log.info(
+        "pinned: holding the pages until SIGTERM or SIGINT",
+        pinned_bytes=pins.pinned_bytes,
+        size=format_bytes(pins.pinned_bytes),
+        files=len(pins.pins),
+        pid=os.getpid(),
+    )
+    try:
+        await anyio.to_thread.run_sync(stop.wait, abandon_on_cancel=True)
+    finally:
+        released = pins.release()
+        log.info("released pinned pages", bytes=released)
+
+
+def _summarise(
+    report: WarmReport,
+    config: WarmConfig,
+    code: int,
+    log: Any,
+    extras: dict[str, object] | None = None,
+) -> None:
+    extras = extras or {}
     rate = report.read_bytes / report.seconds if report.seconds > 0 else 0.0
     ratio = report.resident_ratio
     fields: dict[str, object] = {
@@ -593,6 +837,10 @@ def _summarise(report: WarmReport, config: WarmConfig, code: int, log: Any) -> N
         "errors": len(report.errors) + len(report.walk_errors),
         "exit_code": code,
     }
+    if extras.get("cold_bytes"):
+        fields["cold_bytes"] = extras["cold_bytes"]
+    if "pinned_bytes" in extras:
+        fields["pinned_bytes"] = extras["pinned_bytes"]
     if ratio is None:
         fields["unverified"] = report.residency_unknown_reason
         log.warning("warm finished, residency unverified", **fields)
@@ -604,6 +852,7 @@ def _summarise(report: WarmReport, config: WarmConfig, code: int, log: Any) -> N
         log.warning("best effort: exiting 0", would_exit=code)
     if config.json:
         document = report.to_json()
+        document.update(extras)
         document["exit_code"] = errors.EXIT_OK if config.best_effort else code
         document["paths"] = list(config.selection.paths)
         document["version"] = __version__
@@ -637,6 +886,7 @@ def _residency_lines(report: ResidencyReport, per_file: bool) -> list[str]:
 @_selection_options
 @_json_option
 @click.option("--summary", is_flag=True, help="Print only the total line, not one line a file.")
+@_formats_option
 @click.pass_context
 def status(
     ctx: click.Context,
@@ -647,17 +897,22 @@ def status(
     exclude: tuple[str, ...],
     as_json: bool,
     summary: bool,
+    all_formats: bool,
 ) -> None:
     """Show how much of each file under PATH is in the page cache (like fincore).
 
     Residency the kernel will not reveal truthfully (files the process neither owns nor
-    may write) is shown as unknown, never guessed.
+    may write) is shown as unknown, never guessed. The last line is the memory budget
+    (cgroup limit and usage, MemAvailable) and whether the cold rest would fit in it.
     """
     _finish(
         _guard(
             ctx,
             lambda: _run_residency(
-                paths, model_dir, env_paths, include, exclude, as_json, summary, evict=False
+                _selection(paths, model_dir, env_paths, include, exclude, all_formats),
+                as_json,
+                summary,
+                evict=False,
             ),
         )
     )
@@ -666,6 +921,7 @@ def status(
 @cli.command(epilog=EXIT_CODES_HELP)
 @_selection_options
 @_json_option
+@_formats_option
 @click.pass_context
 def evict(
     ctx: click.Context,
@@ -675,6 +931,7 @@ def evict(
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     as_json: bool,
+    all_formats: bool,
 ) -> None:
     """Drop the cached pages of every file under PATH (POSIX_FADV_DONTNEED).
 
@@ -684,24 +941,141 @@ def evict(
         _guard(
             ctx,
             lambda: _run_residency(
-                paths, model_dir, env_paths, include, exclude, as_json, True, evict=True
+                _selection(paths, model_dir, env_paths, include, exclude, all_formats),
+                as_json,
+                True,
+                evict=True,
             ),
         )
     )
 
 
-def _run_residency(
-    paths: Sequence[str],
+@cli.command("plan", epilog=EXIT_CODES_HELP)
+@_selection_options
+@_json_option
+@_formats_option
+@_budget_options
+@click.pass_context
+def plan_command(
+    ctx: click.Context,
+    paths: tuple[str, ...],
     model_dir: str | None,
-    env_paths: Sequence[str],
-    include: Sequence[str],
-    exclude: Sequence[str],
+    env_paths: tuple[str, ...],
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
     as_json: bool,
-    summary: bool,
-    evict: bool,
-) -> int:
+    all_formats: bool,
+    on_overflow: str,
+    headroom: Headroom | None,
+) -> None:
+    """Dry run: what `warm` would read under PATH, in which order, what it skips and why.
+
+    Nothing is read but the safetensors index. Shows sizes, the GGUF model chosen in a
+    folder of several, shards an index names but the folder lacks (exit 8), and the
+    memory budget with what would stay cold under --on-overflow trim.
+    """
+    _finish(
+        _guard(
+            ctx,
+            lambda: _run_plan(
+                _selection(paths, model_dir, env_paths, include, exclude, all_formats),
+                as_json,
+                on_overflow,
+                headroom or DEFAULT_HEADROOM,
+            ),
+        )
+    )
+
+
+def _run_plan(selection: Selection, as_json: bool, on_overflow: str, headroom: Headroom) -> int:
+    if selection.skip_reason is not None:
+        get_logger().info("skipped", reason=selection.skip_reason)
+        if as_json:
+            _print_json({"files": [], "bytes": 0, "skipped_reason": selection.skip_reason})
+        return errors.EXIT_OK
+    the_plan = api.plan(
+        selection.paths,
+        include=selection.include,
+        exclude=selection.exclude,
+        all_formats=selection.all_formats,
+    )
+    check: BudgetCheck = anyio.run(
+        lambda: api.check_budget(the_plan, on_overflow=on_overflow, headroom=headroom)
+    )
+    code = (
+        errors.EXIT_INCOMPLETE_MODEL if any(p.fatal for p in the_plan.problems) else errors.EXIT_OK
+    )
+    if as_json:
+        document: dict[str, object] = {
+            "paths": list(selection.paths),
+            "files": [
+                {"path": f.path, "bytes": f.size, "metadata": f.metadata} for f in check.plan.files
+            ],
+            "bytes": check.plan.total_bytes,
+            "skipped": [
+                {"path": s.path, "reason": s.reason, "bytes": s.size} for s in the_plan.skipped
+            ],
+        }
+        document.update(_plan_extras(the_plan, check))
+        document["exit_code"] = code
+        _print_json(document)
+        return code
+    for line in _plan_lines(the_plan, check):
+        click.echo(line)
+    return code
+
+
+def _plan_lines(the_plan: Plan, check: BudgetCheck) -> list[str]:
+    warm_files = check.plan.files
+    lines = [
+        f"warm {len(warm_files)} files, {format_bytes(check.plan.total_bytes)}, in this order:"
+    ]
+    full = {f.path: f.size for f in the_plan.files}
+    for number, spec in enumerate(warm_files, 1):
+        part = (
+            f" (first {format_bytes(spec.size)} of {format_bytes(full[spec.path])})"
+            if (full.get(spec.path, spec.size) != spec.size)
+            else ""
+        )
+        lines.append(f"{number:>5} {format_bytes(spec.size):>12}  {printable(spec.path)}{part}")
+    if the_plan.skipped:
+        lines.append(f"skip {len(the_plan.skipped)}:")
+        for skipped in the_plan.skipped:
+            size = format_bytes(skipped.size) if skipped.size is not None else "-"
+            lines.append(f"      {size:>12}  {printable(skipped.path)}: {skipped.reason}")
+    for choice in the_plan.choices:
+        lines.append(
+            f"chose {printable(choice.chosen)} of {len(choice.candidates)} models in "
+            f"{printable(choice.directory)}: {choice.reason}"
+        )
+    for problem in the_plan.problems:
+        label = "INCOMPLETE" if problem.fatal else "WARNING"
+        lines.append(f"{label} {printable(problem.path)}: {problem.message}")
+    lines.append(
+        f"memory budget: {check.budget.describe()}; needs {format_bytes(check.need_bytes)}, "
+        + (
+            f"allows {format_bytes(check.allowance_bytes)} after "
+            f"{format_bytes(check.headroom_bytes)} headroom"
+            if check.allowance_bytes is not None
+            else "budget unknown"
+        )
+    )
+    if check.cold:
+        lines.append(
+            f"stays cold under --on-overflow trim: {format_bytes(check.cold_bytes)} in "
+            f"{len(check.cold)} files:"
+        )
+        for cold in check.cold:
+            where = f" from byte {cold.offset}" if cold.offset else ""
+            lines.append(f"      {format_bytes(cold.length):>12}  {printable(cold.path)}{where}")
+    elif check.over_budget:
+        action = "exit 7 before reading" if check.policy == "fail" else "read everything anyway"
+        lines.append(f"over budget: --on-overflow {check.policy} would {action}")
+    return lines
+
+
+def _run_residency(selection: Selection, as_json: bool, summary: bool, evict: bool) -> int:
     log = get_logger()
-    selection = _selection(paths, model_dir, env_paths, include, exclude)
     if selection.skip_reason is not None:
         log.info("skipped", reason=selection.skip_reason)
         if as_json:
@@ -715,15 +1089,35 @@ def _run_residency(
                 }
             )
         return errors.EXIT_OK
-    plan = api.plan(selection.paths, include=selection.include, exclude=selection.exclude)
+    plan = api.plan(
+        selection.paths,
+        include=selection.include,
+        exclude=selection.exclude,
+        all_formats=selection.all_formats,
+    )
     _log_plan_problems(plan, log)
     action = api.evict if evict else api.residency
     report: ResidencyReport = anyio.run(lambda: action(plan))
+    check = None
+    if not evict:
+        # What the rest of the model would cost, against the budget right now.
+        check = check_plan(
+            plan,
+            api.memory_budget(),
+            "warn",
+            DEFAULT_HEADROOM,
+            [item.resident_bytes for item in report.files],
+        )
     if as_json:
-        _print_json(report.to_json())
+        document = report.to_json()
+        if check is not None:
+            document["budget"] = check.to_json()
+        _print_json(document)
     else:
         for line in _residency_lines(report, per_file=not summary):
             click.echo(line)
+        if check is not None:
+            click.echo(_budget_line(check))
     if evict:
         log.info(
             "evicted",
@@ -808,9 +1202,288 @@ def _run_demo(size: int, directory: str | None, keep: bool, concurrency: str) ->
             shutil.rmtree(directory, ignore_errors=True)
 
 
+def _budget_line(check: BudgetCheck) -> str:
+    allowance = check.allowance_bytes
+    if allowance is None:
+        verdict = "the budget is unknown"
+    elif check.over_budget:
+        verdict = (
+            f"the {format_bytes(check.need_bytes)} not resident exceed it "
+            f"(allowance {format_bytes(allowance)} after headroom)"
+        )
+    else:
+        verdict = (
+            f"the {format_bytes(check.need_bytes)} not resident fit "
+            f"(allowance {format_bytes(allowance)} after headroom)"
+        )
+    return f"memory budget: {check.budget.describe()}; {verdict}"
+
+
 def _ratio_text(report: ResidencyReport) -> str:
     ratio = report.resident_ratio
     return f"{ratio:.1%}" if ratio is not None else "unknown"
+
+
+SERVE_EXIT_CODES_HELP = (
+    "Exit codes: 0 stopped by SIGTERM/SIGINT (in-flight requests answered), 1 internal "
+    "error, 2 bad usage or input (including an address it cannot listen on)."
+)
+WAIT_EXIT_CODES_HELP = (
+    "Exit codes: 0 the URL answered 200, 2 bad usage (not an http(s) URL), 5 --timeout "
+    "reached first, 130 interrupted by SIGINT/SIGTERM."
+)
+
+
+def _read_options(func: _F) -> _F:
+    """How to read, as for warm (same environment twins)."""
+    decorators = [
+        click.option(
+            "-c",
+            "--concurrency",
+            envvar="PRELOADER_CONC",
+            show_envvar=True,
+            default="4",
+            show_default=True,
+            metavar="N|auto",
+            help="Chunks read in parallel; 'auto' raises it while throughput still grows.",
+        ),
+        click.option(
+            "--chunk-size",
+            type=_Size(),
+            default=DEFAULT_CHUNK_SIZE,
+            show_default="64MiB",
+            envvar="PRELOADER_CHUNK_SIZE",
+            show_envvar=True,
+            help="Bytes per chunk; also the unit keep-warm measures and re-reads.",
+        ),
+        click.option(
+            "--method",
+            type=click.Choice(["auto", "sendfile", "mmap", "read"]),
+            default="auto",
+            show_default=True,
+            envvar="PRELOADER_METHOD",
+            show_envvar=True,
+            help="How to read (see warm --help).",
+        ),
+        click.option(
+            "--read-timeout",
+            type=click.FloatRange(min=0),
+            default=600,
+            show_default=True,
+            envvar="PRELOADER_READ_TIMEOUT",
+            show_envvar=True,
+            help="Give up a file whose chunk read stalls this many seconds (0: never).",
+        ),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+@cli.command(epilog=SERVE_EXIT_CODES_HELP)
+@_selection_options
+@_read_options
+@click.option(
+    "--host",
+    default="0.0.0.0",  # noqa: S104 - probes and scrapes come from outside the pod
+    show_default=True,
+    envvar="PRELOADER_HOST",
+    show_envvar=True,
+    help="Address to listen on (127.0.0.1 for the pod only, :: for IPv6).",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=9400,
+    show_default=True,
+    envvar="PRELOADER_PORT",
+    show_envvar=True,
+    help="Port to listen on (0: any free port, logged at start).",
+)
+@click.option(
+    "--ready-ratio",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.99,
+    show_default=True,
+    envvar="PRELOADER_READY_RATIO",
+    show_envvar=True,
+    help="/readyz answers 200 once the first pass is over and at least this share of "
+    "every path's bytes is resident.",
+)
+@click.option(
+    "--ready-latch/--no-ready-latch",
+    default=True,
+    show_default=True,
+    envvar="PRELOADER_READY_LATCH",
+    show_envvar=True,
+    help="Once ready, stay ready even if pages are lost later (the server has loaded "
+    "its weights by then). --no-ready-latch makes /readyz follow residency.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=0,
+    show_default=True,
+    envvar="PRELOADER_TIMEOUT",
+    show_envvar=True,
+    help="Seconds from start after which --timeout-policy decides readiness (0: no "
+    "deadline). Reading goes on either way.",
+)
+@click.option(
+    "--timeout-policy",
+    type=click.Choice(["ready", "unready"]),
+    default="ready",
+    show_default=True,
+    envvar="PRELOADER_TIMEOUT_POLICY",
+    show_envvar=True,
+    help="At the deadline: 'ready' opens the gate anyway (an error log line and "
+    "preloader_timed_out 1), so slow storage never blocks a rollout for ever; 'unready' "
+    "keeps it closed.",
+)
+@click.option(
+    "--recheck-seconds",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    envvar="PRELOADER_RECHECK_SECONDS",
+    show_envvar=True,
+    help="Keep-warm: measure residency chunk by chunk this often and re-read only the "
+    "chunks that lost pages (0: keep-warm off).",
+)
+@click.option(
+    "--max-backoff",
+    type=click.FloatRange(min=0),
+    default=900.0,
+    show_default=True,
+    envvar="PRELOADER_MAX_BACKOFF_SECONDS",
+    show_envvar=True,
+    help="Longest keep-warm interval: while the same pages keep being lost, the interval "
+    "doubles up to this (state 'degraded').",
+)
+@click.pass_context
+def serve(
+    ctx: click.Context,
+    paths: tuple[str, ...],
+    model_dir: str | None,
+    env_paths: tuple[str, ...],
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    concurrency: str,
+    chunk_size: int,
+    method: str,
+    read_timeout: float,
+    host: str,
+    port: int,
+    ready_ratio: float,
+    ready_latch: bool,
+    timeout: float,
+    timeout_policy: str,
+    recheck_seconds: float,
+    max_backoff: float,
+) -> None:
+    """Sidecar: warm PATH (default $MODEL_DIR and --path), gate /readyz, keep it warm.
+
+    Serves /healthz (200 while the process serves), /readyz (503 with a JSON reason until
+    the paths are warm, then 200), /status (JSON progress) and /metrics (Prometheus) on
+    --host:--port. Without any path to warm it serves and is ready at once (logged).
+    SIGTERM or SIGINT stops reading, answers requests in flight and exits 0.
+    """
+
+    def run() -> int:
+        from . import server
+
+        log = get_logger()
+        if not paths:
+            for candidate in [model_dir or "", *env_paths]:
+                if candidate and not os.path.exists(candidate):
+                    log.warning("path does not exist; not served", path=printable(candidate))
+        try:
+            options = WarmOptions(
+                concurrency=parse_concurrency(concurrency),
+                chunk_size=chunk_size,
+                method=method,
+                read_timeout=read_timeout or None,
+            )
+        except ValueError as err:
+            raise errors.UsageError(str(err)) from None
+        config = ServeConfig(
+            selection=_selection(paths, model_dir, env_paths, include, exclude),
+            options=options,
+            host=host,
+            port=port,
+            ready_ratio=ready_ratio,
+            ready_latch=ready_latch,
+            timeout=timeout or None,
+            timeout_policy=timeout_policy,
+            recheck_seconds=recheck_seconds,
+            max_backoff_seconds=max_backoff,
+        )
+        sock = server.bind(config.host, config.port)
+        return anyio.run(server.serve, config, sock)
+
+    _finish(_guard(ctx, run))
+
+
+@cli.command(epilog=WAIT_EXIT_CODES_HELP)
+@click.option(
+    "--url",
+    default="http://127.0.0.1:9400/readyz",
+    show_default=True,
+    envvar="PRELOADER_WAIT_URL",
+    show_envvar=True,
+    help="The readiness URL to poll (http or https).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=0,
+    show_default=True,
+    envvar="PRELOADER_WAIT_TIMEOUT",
+    show_envvar=True,
+    help="Give up after this many seconds and exit 5 (0: wait for ever).",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.05),
+    default=1.0,
+    show_default=True,
+    envvar="PRELOADER_WAIT_INTERVAL",
+    show_envvar=True,
+    help="Seconds between polls.",
+)
+@click.pass_context
+def wait(ctx: click.Context, url: str, timeout: float, interval: float) -> None:
+    """Block until URL (default the local sidecar's /readyz) answers 200, then exit 0.
+
+    For a server container that must not start before the model is warm, where native
+    sidecars are not available: `preloader wait && exec python3 -m sglang.launch_server ...`.
+    Connection refused and 503 both mean "not yet".
+    """
+    from .wait import wait_ready
+
+    log = get_logger()
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    def on_change(answer: Any) -> None:
+        log.info("waiting", url=url, status=answer.status, detail=answer.detail)
+
+    def run() -> int:
+        config = WaitConfig(url=url, timeout=timeout or None, interval=interval)
+        signal.signal(signal.SIGTERM, interrupted)
+        try:
+            answer = wait_ready(config, on_change)
+        except KeyboardInterrupt:
+            log.warning("interrupted", url=url)
+            return errors.EXIT_INTERRUPTED
+        if answer is None:
+            log.error("not ready before the timeout", url=url, timeout=timeout)
+            return errors.EXIT_TIMEOUT
+        log.info("ready", url=url, detail=answer.detail)
+        return errors.EXIT_OK
+
+    _finish(_guard(ctx, run))
 
 
 def main() -> None:

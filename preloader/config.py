@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from .budget import DEFAULT_HEADROOM, Headroom
 from .engine import AUTO_CONCURRENCY, WarmOptions
 from .errors import UsageError
 
-__all__ = ["Selection", "WarmConfig", "parse_concurrency", "resolve_selection"]
+__all__ = [
+    "Selection",
+    "ServeConfig",
+    "WaitConfig",
+    "WarmConfig",
+    "parse_concurrency",
+    "resolve_selection",
+]
 
 DEFAULT_CONCURRENCY = 4
 DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
@@ -34,6 +42,7 @@ class Selection:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     skip_reason: str | None = None
+    all_formats: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,64 @@ class WarmConfig:
     json: bool = False
     progress: bool | None = None
     progress_interval: float = 10.0
+    on_overflow: str = "trim"
+    headroom: Headroom = DEFAULT_HEADROOM
+    lock: bool = False
+
+
+TIMEOUT_POLICIES = ("ready", "unready")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything ``preloader serve`` needs, resolved and validated.
+
+    :ivar options: how to read (``timeout`` unused: the serve deadline is :attr:`timeout`).
+    :ivar ready_ratio: share of each path's bytes that must be resident for ``/readyz``.
+    :ivar ready_latch: once ready, stay ready (the server has loaded its weights by then).
+    :ivar timeout: seconds from start after which :attr:`timeout_policy` decides
+        readiness; ``None`` for no deadline. Reading goes on either way.
+    :ivar timeout_policy: ``ready`` (become ready, loudly) or ``unready`` (stay unready).
+    :ivar recheck_seconds: keep-warm interval; 0 turns keep-warm off.
+    :ivar max_backoff_seconds: longest keep-warm interval after repeated losses.
+    :ivar shutdown_seconds: how long a stop waits for reads and requests to finish.
+    """
+
+    selection: Selection
+    options: WarmOptions = field(default_factory=WarmOptions)
+    host: str = "0.0.0.0"  # noqa: S104 - a sidecar's probes and scrapes come from outside the pod
+    port: int = 9400
+    ready_ratio: float = 0.99
+    ready_latch: bool = True
+    timeout: float | None = None
+    timeout_policy: str = "ready"
+    recheck_seconds: float = 30.0
+    max_backoff_seconds: float = 900.0
+    shutdown_seconds: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ready_ratio <= 1.0:
+            raise UsageError(f"ready ratio {self.ready_ratio}: must be between 0 and 1")
+        if self.timeout_policy not in TIMEOUT_POLICIES:
+            choices = ", ".join(TIMEOUT_POLICIES)
+            raise UsageError(f"timeout policy {self.timeout_policy!r}: must be one of {choices}")
+        if not 0 <= self.port <= 65535:
+            raise UsageError(f"port {self.port}: must be between 0 and 65535")
+        if self.recheck_seconds < 0 or self.max_backoff_seconds < 0:
+            raise UsageError("recheck and back-off seconds must not be negative")
+
+
+@dataclass(frozen=True)
+class WaitConfig:
+    """Everything ``preloader wait`` needs.
+
+    :ivar timeout: seconds to wait in all; ``None`` to wait for ever.
+    :ivar interval: seconds between polls.
+    """
+
+    url: str = "http://127.0.0.1:9400/readyz"
+    timeout: float | None = None
+    interval: float = 1.0
 
 
 def parse_concurrency(text: str | int | None) -> int:
@@ -87,6 +154,7 @@ def resolve_selection(
     env_paths: Sequence[str],
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    all_formats: bool = False,
 ) -> Selection:
     """Decide which roots to walk.
 
@@ -98,7 +166,7 @@ def resolve_selection(
     """
 
     def selection(paths: tuple[str, ...], skip_reason: str | None = None) -> Selection:
-        return Selection(paths, tuple(include), tuple(exclude), skip_reason)
+        return Selection(paths, tuple(include), tuple(exclude), skip_reason, all_formats)
 
     if args:
         for path in args:

@@ -22,21 +22,26 @@ import anyio
 import anyio.to_thread
 
 from . import pagecache
-from .planner import Chunk, FileSpec, Plan, Skipped, chunk_count, iter_batches
+from .planner import Chunk, FileSpec, Plan, Skipped, chunk_count, iter_batches, iter_chunks
 
 __all__ = [
     "AUTO_CONCURRENCY",
     "STOP_GRACE_SECONDS",
+    "ChunkResidency",
     "EngineEvent",
     "FileResidency",
     "FileResult",
     "ResidencyReport",
+    "RewarmReport",
     "WarmOptions",
     "WarmProgress",
     "WarmReport",
     "cancel_after_stop",
+    "effective_chunk_size",
     "evict_plan",
+    "measure_chunks",
     "measure_residency",
+    "rewarm_chunks",
     "warm_plan",
 ]
 
@@ -49,10 +54,17 @@ _REFUSALS = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENODE
 _FALLBACK = {"sendfile": "read", "mmap": "read"}
 
 _T = TypeVar("_T")
+_I = TypeVar("_I")
 _R = TypeVar("_R")
 
-_AUTO_START = 2
+# auto starts at the fixed default, so it never reads slower than leaving -c alone, and
+# doubles from there.
+_AUTO_START = 4
 _AUTO_MAX = 64
+# auto cuts the plan into at least this many chunks (down to _AUTO_MIN_CHUNK each), so
+# the tuner sees enough chunks complete to measure a rate before the plan runs out.
+_AUTO_MIN_CHUNKS = 64
+_AUTO_MIN_CHUNK = 16 * 1024 * 1024
 _AUTO_MIN_GAIN = 1.10
 _AUTO_WINDOW_SECONDS = 0.5
 
@@ -475,6 +487,7 @@ class _Engine:
         progress: WarmProgress,
         on_event: Callable[[EngineEvent], None] | None,
         stop: threading.Event,
+        chunks: Sequence[Chunk] | None = None,
     ) -> None:
         self.plan = plan
         self.options = options
@@ -482,13 +495,29 @@ class _Engine:
         self.on_event = on_event
         self.stop = stop
         self.method = "sendfile" if options.method == "auto" else options.method
-        self.chunk_size = options.chunk_size - options.chunk_size % pagecache.PAGE_SIZE
-        self.files = [
-            _FileState(spec, chunk_count(spec.size, self.chunk_size), self.method)
-            for spec in plan.files
-        ]
-        self.batches = iter_batches(plan.files, self.chunk_size)
         auto = options.concurrency == AUTO_CONCURRENCY
+        chunk_size = options.chunk_size
+        if auto and chunks is None:  # a selection of chunks keeps the size they were cut at
+            wanted = plan.total_bytes // _AUTO_MIN_CHUNKS
+            chunk_size = min(chunk_size, max(_AUTO_MIN_CHUNK, wanted))
+        self.chunk_size = effective_chunk_size(chunk_size)
+        if chunks is None:
+            counts = [chunk_count(spec.size, self.chunk_size) for spec in plan.files]
+            self.batches = iter_batches(plan.files, self.chunk_size)
+            self.bytes_total = plan.total_bytes
+        else:
+            # Only the chunks asked for (keep-warm re-reads what lost pages); a file with
+            # none selected is never opened.
+            counts = [0] * len(plan.files)
+            for chunk in chunks:
+                counts[chunk.file_index] += 1
+            ordered = sorted(chunks, key=lambda c: (c.file_index, c.index))
+            self.batches = iter_batches(plan.files, self.chunk_size, chunks=ordered)
+            self.bytes_total = sum(chunk.length for chunk in chunks)
+        self.files = [
+            _FileState(spec, count, self.method)
+            for spec, count in zip(plan.files, counts, strict=True)
+        ]
         self.max_workers = _AUTO_MAX if auto else options.concurrency
         self.limiter = anyio.CapacityLimiter(_AUTO_START if auto else options.concurrency)
         self.progress.concurrency = int(self.limiter.total_tokens)
@@ -503,8 +532,8 @@ class _Engine:
         self.emit("state", detail=state)
 
     async def run(self) -> None:
-        self.progress.files_total = len(self.plan.files)
-        self.progress.bytes_total = self.plan.total_bytes
+        self.progress.files_total = sum(1 for state in self.files if state.chunks_total)
+        self.progress.bytes_total = self.bytes_total
         self.set_state("warming")
         async with anyio.create_task_group() as workers:
             workers.start_soon(cancel_after_stop, self.stop, workers.cancel_scope)
@@ -778,17 +807,18 @@ async def cancel_after_stop(
 
 
 async def _map_files(
-    func: Callable[[FileSpec], _R],
-    files: Sequence[FileSpec],
+    func: Callable[[_I], _R],
+    files: Sequence[_I],
     concurrency: int,
-    unmeasured: Callable[[FileSpec, str], _R],
+    unmeasured: Callable[[_I, str], _R] | None = None,
     *,
     timeout: float | None = None,
     stop: threading.Event | None = None,
 ) -> list[_R]:
     """``func`` over ``files`` in worker threads, bounded when asked.
 
-    :param unmeasured: the result for a file ``func`` did not finish, given the reason.
+    :param unmeasured: the result for a file ``func`` did not finish, given the reason
+        (needed with ``timeout`` or ``stop``).
     :param timeout: seconds one file may take; a file that takes longer is given up (its
         thread abandoned) and the rest go on.
     :param stop: once set, the remaining files are given up after the stop grace.
@@ -798,7 +828,7 @@ async def _map_files(
     limiter = anyio.CapacityLimiter(max(1, concurrency))
     batch = 256
 
-    def run_batch(specs: Sequence[FileSpec], handoff: _Handoff) -> None:
+    def run_batch(specs: Sequence[_I], handoff: _Handoff) -> None:
         for spec in specs:
             if handoff.abandoned or not handoff.put(func(spec)):
                 return
@@ -825,10 +855,13 @@ async def _map_files(
                 finally:
                     take(handoff)
             if deadline.cancelled_caught and len(results) < len(files):
+                assert unmeasured is not None
                 stuck = files[len(results)]
                 results.append(unmeasured(stuck, f"stalled for more than {timeout:g} s"))
         group.cancel_scope.cancel()
-    results.extend(unmeasured(spec, "the pass was stopped") for spec in files[len(results) :])
+    if len(results) < len(files):
+        assert unmeasured is not None
+        results.extend(unmeasured(item, "the pass was stopped") for item in files[len(results) :])
     return results
 
 
@@ -981,4 +1014,143 @@ async def warm_plan(
         timed_out=engine.timed_out,
         interrupted=interrupted,
         verified=options.verify,
+    )
+
+
+def effective_chunk_size(chunk_size: int) -> int:
+    """The chunk size the engine really uses: ``chunk_size`` rounded down to whole pages."""
+    return max(pagecache.PAGE_SIZE, chunk_size - chunk_size % pagecache.PAGE_SIZE)
+
+
+@dataclass(frozen=True)
+class ChunkResidency:
+    """Residency of one planned file, with the chunks that lost pages.
+
+    :ivar file_index: index into :attr:`Plan.files`.
+    :ivar resident_bytes: resident bytes of the whole file; ``None`` when unknown.
+    :ivar lost: chunks with at least one page out of the cache, in file order. When the
+        file cannot be opened or measured, every chunk (a re-read will retry it).
+    :ivar reason: why the kernel will not tell residency (the file itself is fine).
+    :ivar error: why the file could not be opened or measured.
+    """
+
+    file_index: int
+    path: str
+    size: int
+    resident_bytes: int | None
+    lost: tuple[Chunk, ...] = ()
+    reason: str | None = None
+    error: str | None = None
+
+
+def _file_chunks(file_index: int, spec: FileSpec, chunk_size: int) -> tuple[Chunk, ...]:
+    return tuple(
+        Chunk(file_index, chunk.index, chunk.offset, chunk.length)
+        for chunk in iter_chunks([spec], chunk_size)
+        if chunk.length > 0
+    )
+
+
+def _chunk_residency_of(item: tuple[int, FileSpec], chunk_size: int) -> ChunkResidency:
+    index, spec = item
+    try:
+        fd = _open_regular(spec)
+    except OSError as err:
+        return ChunkResidency(
+            index,
+            spec.path,
+            spec.size,
+            None,
+            _file_chunks(index, spec, chunk_size),
+            error=f"cannot open: {_describe(err)}",
+        )
+    try:
+        resident = pagecache.fd_residency(fd, spec.size)
+        if resident >= spec.size:
+            return ChunkResidency(index, spec.path, spec.size, resident)
+        # One call per file while everything is cached; chunk by chunk only where not.
+        lost = tuple(
+            chunk
+            for chunk in _file_chunks(index, spec, chunk_size)
+            if pagecache.range_resident_pages(fd, chunk.offset, chunk.length)
+            < -(-chunk.length // pagecache.PAGE_SIZE)
+        )
+        return ChunkResidency(index, spec.path, spec.size, resident, lost)
+    except pagecache.ResidencyUnknownError as unknown:
+        return ChunkResidency(index, spec.path, spec.size, None, reason=unknown.reason)
+    except OSError as err:
+        return ChunkResidency(
+            index,
+            spec.path,
+            spec.size,
+            None,
+            _file_chunks(index, spec, chunk_size),
+            error=f"cannot measure: {_describe(err)}",
+        )
+    finally:
+        os.close(fd)
+
+
+async def measure_chunks(
+    plan: Plan, chunk_size: int, concurrency: int = 4
+) -> tuple[ChunkResidency, ...]:
+    """Residency of every planned file and the chunks of it that lost pages.
+
+    A fully cached file costs one ``cachestat`` call; only a file with pages missing is
+    measured chunk by chunk. Chunks are cut as :func:`warm_plan` cuts them for the same
+    ``chunk_size``, so :func:`rewarm_chunks` can re-read exactly the lost ones.
+
+    :return: one entry per planned file, in plan order.
+    """
+    size = effective_chunk_size(chunk_size)
+    results = await _map_files(
+        lambda item: _chunk_residency_of(item, size), list(enumerate(plan.files)), concurrency
+    )
+    return tuple(results)
+
+
+@dataclass(frozen=True)
+class RewarmReport:
+    """What :func:`rewarm_chunks` re-read.
+
+    :ivar errors: ``(path, cause)`` of files that could not be read again.
+    """
+
+    chunks: int
+    read_bytes: int
+    seconds: float
+    errors: tuple[tuple[str, str], ...] = ()
+    interrupted: bool = False
+
+
+async def rewarm_chunks(
+    plan: Plan,
+    chunks: Sequence[Chunk],
+    options: WarmOptions | None = None,
+    *,
+    on_event: Callable[[EngineEvent], None] | None = None,
+    stop: threading.Event | None = None,
+) -> RewarmReport:
+    """Read only ``chunks`` of ``plan`` into the page cache again; no verification.
+
+    The same workers, limiter and per-file descriptor sharing as :func:`warm_plan`.
+
+    :param chunks: chunks from :func:`measure_chunks` with the same chunk size.
+    :param on_event: called for per-file errors and read method fallbacks.
+    :param stop: set it to end the re-read early.
+    :return: the report; per-file errors are in it, never raised.
+    """
+    options = options or WarmOptions()
+    stop = stop or threading.Event()
+    started = time.monotonic()
+    engine = _Engine(plan, options, WarmProgress(), on_event, stop, chunks=chunks)
+    await engine.run()
+    return RewarmReport(
+        chunks=len(chunks),
+        read_bytes=engine.progress.bytes_read,
+        seconds=time.monotonic() - started,
+        errors=tuple(
+            (state.spec.path, state.error) for state in engine.files if state.error is not None
+        ),
+        interrupted=stop.is_set(),
     )

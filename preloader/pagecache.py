@@ -32,6 +32,7 @@ __all__ = [
     "evict",
     "fd_residency",
     "mincore_resident_pages",
+    "range_resident_pages",
     "read_bypasses_cache",
     "read_range",
     "resident_bytes_from_pages",
@@ -235,9 +236,15 @@ def fd_residency(fd: int, size: int) -> int:
         return 0
     if not _cachestat_missing:
         try:
-            pages = cachestat(fd).cached
+            # The range, not the whole file: a plan may cover only a file's first bytes
+            # (a budget-trimmed plan), and residency is of what was planned.
+            pages = cachestat(fd, 0, size).cached
             tail = size % PAGE_SIZE
-            last = bool(pages) and (not tail or cachestat(fd, size - tail, tail).cached > 0)
+            # Every page cached includes the last; only a partial count needs a second look.
+            whole = pages >= -(-size // PAGE_SIZE)
+            last = whole or (
+                bool(pages) and bool(tail) and cachestat(fd, size - tail, tail).cached > 0
+            )
             return resident_bytes_from_pages(pages, size, last)
         except OSError as err:
             if err.errno == errno.EPERM:
@@ -255,6 +262,52 @@ def fd_residency(fd: int, size: int) -> int:
         raise ResidencyUnknownError("mincore would lie: " + _NOT_TRUSTED.format(uid=st.st_uid))
     pages, last = mincore_resident_pages(fd, size)
     return resident_bytes_from_pages(pages, size, last)
+
+
+def range_resident_pages(fd: int, offset: int, length: int) -> int:
+    """Cached pages of ``[offset, offset+length)`` of an open file, truthfully or not at all.
+
+    The keep-warm loop asks this chunk by chunk to find the ranges that lost pages. The same
+    rules as :func:`fd_residency` apply: ``cachestat`` first, ``mmap`` + ``mincore`` only
+    where the kernel lacks it, and never a number the kernel would fake.
+
+    :param offset: first byte; a multiple of :data:`PAGE_SIZE`.
+    :param length: bytes in the range (> 0); it may run past the end of the file.
+    :return: pages of the range that are in the page cache.
+    :raises ResidencyUnknownError: when the kernel will not tell the truth about this file.
+    :raises OSError: for other failures.
+    """
+    global _cachestat_missing
+    if offset % PAGE_SIZE:
+        raise ValueError(f"offset {offset} is not a multiple of the page size")
+    if not _cachestat_missing:
+        try:
+            return cachestat(fd, offset, length).cached
+        except OSError as err:
+            if err.errno == errno.EPERM:
+                raise ResidencyUnknownError(
+                    "cachestat refused (EPERM): " + _NOT_TRUSTED.format(uid=os.fstat(fd).st_uid)
+                ) from err
+            if err.errno != errno.ENOSYS:
+                raise
+            with _cachestat_lock:
+                _cachestat_missing = True
+    st = os.fstat(fd)
+    if not _mincore_trusted(st, fd):
+        raise ResidencyUnknownError("mincore would lie: " + _NOT_TRUSTED.format(uid=st.st_uid))
+    length = min(length, st.st_size - offset)
+    if length <= 0:
+        return 0
+    addr = _mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
+    if addr == _MAP_FAILED or addr is None:
+        _raise_errno("mmap")
+    try:
+        vec = (ctypes.c_ubyte * ((length + PAGE_SIZE - 1) // PAGE_SIZE))()
+        if _mincore(addr, length, vec) != 0:
+            _raise_errno("mincore")
+        return sum(1 for flag in bytes(vec) if flag & 1)
+    finally:
+        _munmap(addr, length)
 
 
 def force_mincore(enabled: bool) -> None:

@@ -13,7 +13,10 @@ import os
 import re
 import stat
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from . import formats
+from .formats import Choice, Problem
 
 __all__ = [
     "Chunk",
@@ -69,7 +72,7 @@ class FileSpec:
 
 @dataclass(frozen=True)
 class Skipped:
-    """A path the plan will not read, and why.
+    """A path the plan will not read, and why (with its size, when it is a file).
 
     :ivar error: the walk failed here (a folder that cannot be listed, a path that cannot
         be stat'ed): what lies below was not read, which is a read error, not a choice.
@@ -77,6 +80,7 @@ class Skipped:
 
     path: str
     reason: str
+    size: int | None = None
     error: bool = False
 
 
@@ -96,11 +100,17 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Plan:
-    """The files to warm, in warm order, and what the walk skipped."""
+    """The files to warm, in warm order, and what the walk skipped.
+
+    :ivar choices: folders with several models where one was chosen (GGUF quantisations).
+    :ivar problems: an incomplete model (shards an index names but the folder lacks).
+    """
 
     roots: tuple[str, ...]
     files: tuple[FileSpec, ...]
     skipped: tuple[Skipped, ...] = field(default=())
+    choices: tuple[Choice, ...] = field(default=())
+    problems: tuple[Problem, ...] = field(default=())
 
     @property
     def total_bytes(self) -> int:
@@ -154,9 +164,12 @@ def _special_kind(mode: int) -> str:
 class _Walk:
     include: Sequence[str]
     exclude: Sequence[str]
+    all_formats: bool = False
     seen_files: set[tuple[int, int]] = field(default_factory=set)
     seen_dirs: set[tuple[int, int]] = field(default_factory=set)
     skipped: list[Skipped] = field(default_factory=list)
+    choices: list[Choice] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
 
     def resolve(self, path: str, is_link: bool) -> os.stat_result | None:
         """stat through links; broken links and loops become skips."""
@@ -194,10 +207,36 @@ class _Walk:
             self._add_file(root, os.path.basename(root), st, found, filtered=False)
         elif stat.S_ISDIR(st.st_mode):
             self._walk_dir(root, st, found)
+            found.sort(key=lambda item: (not item[1].metadata, _natural_key(item[0])))
+            return self._arrange(root, found)
         else:
             self.skipped.append(Skipped(root, _special_kind(st.st_mode)))
-        found.sort(key=lambda item: (not item[1].metadata, _natural_key(item[0])))
         return [spec for _, spec in found]
+
+    def _arrange(self, root: str, found: list[tuple[str, FileSpec]]) -> list[FileSpec]:
+        """Apply the model-format rules (:mod:`preloader.formats`) to one walked root."""
+        arrangement = formats.arrange(
+            [formats.Entry(rel, spec.size, spec.metadata) for rel, spec in found],
+            load_index=lambda rel: formats.read_safetensors_index(os.path.join(root, rel)),
+            exists=lambda rel: os.path.exists(os.path.join(root, rel)),
+            all_formats=self.all_formats,
+            choose_gguf=not self.include,
+        )
+        for index, reason in arrangement.skipped:
+            spec = found[index][1]
+            self.skipped.append(Skipped(spec.path, reason, spec.size))
+        for choice in arrangement.choices:
+            self.choices.append(
+                replace(
+                    choice,
+                    directory=os.path.join(root, choice.directory) if choice.directory else root,
+                    chosen=os.path.join(root, choice.chosen),
+                    candidates=tuple(os.path.join(root, c) for c in choice.candidates),
+                )
+            )
+        for problem in arrangement.problems:
+            self.problems.append(replace(problem, path=os.path.join(root, problem.path)))
+        return [found[index][1] for index in arrangement.order]
 
     def _add_file(
         self,
@@ -207,11 +246,15 @@ class _Walk:
         found: list[tuple[str, FileSpec]],
         filtered: bool = True,
     ) -> None:
-        if filtered and self.include and not _matches(relpath, self.include):
-            self.skipped.append(Skipped(path, "not matched by --include"))
-            return
         if filtered and self.exclude and _matches(relpath, self.exclude):
-            self.skipped.append(Skipped(path, "matched by --exclude"))
+            self.skipped.append(Skipped(path, "matched by --exclude", st.st_size))
+            return
+        default = formats.default_skip(os.path.basename(path), False, self.include)
+        if filtered and default is not None:
+            self.skipped.append(Skipped(path, default, st.st_size))
+            return
+        if filtered and self.include and not _matches(relpath, self.include):
+            self.skipped.append(Skipped(path, "not matched by --include", st.st_size))
             return
         key = (st.st_dev, st.st_ino)
         if key in self.seen_files:
@@ -248,6 +291,10 @@ class _Walk:
                     if self.exclude and _matches(relpath, self.exclude):
                         self.skipped.append(Skipped(entry.path, "matched by --exclude"))
                         continue
+                    default = formats.default_skip(entry.name, True, self.include)
+                    if default is not None:
+                        self.skipped.append(Skipped(entry.path, default))
+                        continue
                     key = (st.st_dev, st.st_ino)
                     if key in self.seen_dirs:
                         self.skipped.append(
@@ -272,6 +319,7 @@ def build_plan(
     roots: Iterable[str],
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    all_formats: bool = False,
 ) -> Plan:
     """Walk ``roots`` and return the warm plan.
 
@@ -279,20 +327,34 @@ def build_plan(
     a bind mount) is planned once, keyed by ``(st_dev, st_ino)``. FIFOs, sockets, device
     nodes (also behind links), broken links and link loops are skipped with a reason and
     never opened. Per root, metadata files come first, then the rest in natural order,
-    so shards are read front to back.
+    so shards are read front to back; a safetensors index orders the shards it names.
+
+    Under a directory root the model-format rules of :mod:`preloader.formats` apply:
+    ``.git/``, ``.cache/``, ``.huggingface/``, ``original/`` and lock or partial-download
+    files are skipped unless an include glob names them; PyTorch pickles beside
+    safetensors, safetensors an index does not name, and all GGUF models but one (when
+    no include glob chose) are skipped unless ``all_formats``; an index or split set that
+    names missing files is recorded in :attr:`Plan.problems`.
 
     :param roots: files or directories.
     :param include: globs; when given, a file must match one. A glob without ``/``
         matches the file name, one with ``/`` the path relative to its root.
     :param exclude: globs; a matching file or directory is skipped.
+    :param all_formats: warm every format and every GGUF model (see above).
     :return: the plan. Roots that do not exist appear in :attr:`Plan.skipped`.
     """
-    walk = _Walk(include=tuple(include), exclude=tuple(exclude))
+    walk = _Walk(include=tuple(include), exclude=tuple(exclude), all_formats=all_formats)
     root_list = tuple(roots)
     files: list[FileSpec] = []
     for root in root_list:
         files.extend(walk.walk_root(root))
-    return Plan(roots=root_list, files=tuple(files), skipped=tuple(walk.skipped))
+    return Plan(
+        roots=root_list,
+        files=tuple(files),
+        skipped=tuple(walk.skipped),
+        choices=tuple(walk.choices),
+        problems=tuple(walk.problems),
+    )
 
 
 def chunk_count(size: int, chunk_size: int) -> int:
@@ -315,17 +377,23 @@ def iter_chunks(files: Sequence[FileSpec], chunk_size: int) -> Iterator[Chunk]:
 
 
 def iter_batches(
-    files: Sequence[FileSpec], chunk_size: int, max_files: int = 64
+    files: Sequence[FileSpec],
+    chunk_size: int,
+    max_files: int = 64,
+    chunks: Iterable[Chunk] | None = None,
 ) -> Iterator[tuple[Chunk, ...]]:
     """:func:`iter_chunks`, with runs of whole small files grouped into one batch.
 
     A chunk of a file larger than ``chunk_size`` comes alone; consecutive files that fit in
     one chunk are grouped up to ``chunk_size`` bytes or ``max_files`` files, so a tree of
     100,000 small files costs a few thousand thread hand-offs, not 100,000.
+
+    :param chunks: batch these chunks (in the order given) instead of every chunk of
+        ``files``; keep-warm re-reads a selection this way.
     """
     batch: list[Chunk] = []
     batch_bytes = 0
-    for chunk in iter_chunks(files, chunk_size):
+    for chunk in iter_chunks(files, chunk_size) if chunks is None else chunks:
         whole = chunk.index == 0 and files[chunk.file_index].size <= chunk_size
         if batch and (
             not whole or batch_bytes + chunk.length > chunk_size or len(batch) >= max_files

@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-APT_PACKAGES=(vmtouch util-linux fio fuse3 s3fs prometheus)
+APT_PACKAGES=(vmtouch util-linux fio fuse3 s3fs prometheus time)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -26,7 +26,7 @@ if ((${#missing[@]})); then
 fi
 
 echo "== installing preloader with its dev extra"
-"$PYTHON" -m pip install -q --disable-pip-version-check -e '.[dev]'
+"$PYTHON" -m pip install -q --disable-pip-version-check -e '.[dev,bench]'
 
 echo "== ruff"
 "$PYTHON" -m ruff check .

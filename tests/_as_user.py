@@ -10,16 +10,19 @@ import os
 import pkgutil
 import sys
 
-# This checkout's preloader, not whichever one the environment installed (editable
-# installs of sibling worktrees share site-packages).
+# This checkout's preloader, not whichever one `pip install -e` last pointed at.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import encodings.idna  # noqa: F401 (getaddrinfo encodes host names with it, lazily)
 
 import anyio
 import click
 import structlog.dev  # noqa: F401
+import uvicorn
 
 import preloader.cli  # (import everything before dropping privileges)
 import preloader.demo
+import preloader.server
 
 # anyio and click import modules lazily (click's usage text needs click._textwrap); load
 # them all while the files are still readable.
@@ -29,6 +32,15 @@ for module in pkgutil.walk_packages(anyio.__path__, "anyio."):
 for module in pkgutil.walk_packages(click.__path__, "click."):
     if "winconsole" not in module.name:
         importlib.import_module(module.name)
+# So does uvicorn (its protocol, loop and lifespan classes): load a config as serve does.
+uvicorn.Config(
+    preloader.server.Starlette(),
+    http="h11",
+    ws="none",
+    loop="asyncio",
+    lifespan="off",
+    log_config=None,
+).load()
 
 uid = int(sys.argv[1])
 os.setgroups([])

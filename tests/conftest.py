@@ -29,6 +29,9 @@ from .fusefs import FuseMount
 
 NOBODY = 65534
 AS_USER = str(Path(__file__).with_name("_as_user.py"))
+# Child processes import this checkout's preloader, even where another checkout is
+# pip-installed in editable mode (several worktrees share one interpreter here).
+REPO = str(Path(__file__).resolve().parent.parent)
 
 
 def evict_tree(root: str | os.PathLike[str]) -> None:
@@ -85,6 +88,7 @@ def run_cli(
         k: v for k, v in os.environ.items() if not k.startswith("PRELOADER_") and k != "MODEL_DIR"
     }
     base_env["PRELOADER_LOG_FORMAT"] = "json"
+    base_env["PYTHONPATH"] = REPO
     base_env.update(env or {})
     if user is None:
         cmd = [sys.executable, "-m", "preloader", *args]
@@ -218,6 +222,7 @@ def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
         k: v for k, v in os.environ.items() if not k.startswith("PRELOADER_") and k != "MODEL_DIR"
     }
     base["PRELOADER_LOG_FORMAT"] = "json"
+    base["PYTHONPATH"] = REPO
     base.update(env or {})
     return base
 
@@ -365,3 +370,79 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+CGROUP_V1_MEMORY = "/sys/fs/cgroup/memory"
+CGROUP_V2 = "/sys/fs/cgroup"
+
+
+def _make_memory_cgroup(limit: int) -> tuple[str, int]:
+    """Create a memory cgroup limited to ``limit`` bytes; return (directory, version)."""
+    name = f"preloader-test-{os.getpid()}-{os.urandom(4).hex()}"
+    if os.path.isfile(os.path.join(CGROUP_V1_MEMORY, "memory.limit_in_bytes")):
+        path = os.path.join(CGROUP_V1_MEMORY, name)
+        os.mkdir(path)
+        limit_file, version = "memory.limit_in_bytes", 1
+    else:
+        try:
+            with open(os.path.join(CGROUP_V2, "cgroup.subtree_control")) as handle:
+                enabled = handle.read().split()
+        except OSError:
+            enabled = []
+        if "memory" not in enabled:
+            raise OSError("no cgroup v1 memory hierarchy and no v2 memory controller")
+        path = os.path.join(CGROUP_V2, name)
+        os.mkdir(path)
+        limit_file, version = "memory.max", 2
+    try:
+        with open(os.path.join(path, limit_file), "w") as handle:
+            handle.write(str(limit))
+    except OSError:
+        os.rmdir(path)
+        raise
+    return path, version
+
+
+@pytest.fixture
+def memory_cgroup() -> Iterator[Callable[[int], tuple[str, int]]]:
+    """Make real memory cgroups (``make(limit) -> (directory, version)``), removed after.
+
+    Skips, saying why, where cgroups cannot be made (not root, no memory controller).
+    """
+    made: list[str] = []
+
+    def make(limit: int) -> tuple[str, int]:
+        if os.geteuid() != 0:
+            pytest.skip("making a memory cgroup needs root")
+        try:
+            path, version = _make_memory_cgroup(limit)
+        except OSError as err:
+            pytest.skip(f"cannot make a memory cgroup here: {err}")
+        made.append(path)
+        return path, version
+
+    yield make
+    for path in made:
+        # The children have exited (subprocess.run waited); their page cache is moved to
+        # the parent on removal.
+        os.rmdir(path)
+
+
+def run_cli_in_cgroup(
+    cgroup: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI as a process that first moves itself into ``cgroup``."""
+    wrapper = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
+    base_env = {
+        k: v for k, v in os.environ.items() if not k.startswith("PRELOADER_") and k != "MODEL_DIR"
+    }
+    base_env["PRELOADER_LOG_FORMAT"] = "json"
+    base_env["PYTHONPATH"] = REPO
+    base_env.update(env or {})
+    return subprocess.run(
+        ["sh", "-c", wrapper, cgroup, sys.executable, "-m", "preloader", *args],
+        capture_output=True,
+        text=True,
+        env=base_env,
+        timeout=120,
+    )

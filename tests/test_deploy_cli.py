@@ -154,6 +154,8 @@ def served(tmp_path: Path) -> Any:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
 
 
 def test_probe_paths_answer_on_the_real_server(served: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,48 @@ def test_an_owner_gets_the_truth_without_privileges(big_file: Path) -> None:
     evict_tree(big_file)
     assert _in_child_as(NOBODY, _measure, str(big_file), False) == ("ok", 0)
     assert _in_child_as(NOBODY, _measure, str(big_file), True) == ("ok", 0)
+
+
+@needs_vmtouch
+@pytest.mark.parametrize("force_mincore", [False, True], ids=["cachestat", "mincore"])
+def test_range_residency_counts_only_that_range_like_vmtouch(
+    big_file: Path, force_mincore: bool, cachestat_then_restore: object
+) -> None:
+    mib = 1024 * 1024
+    pagecache.force_mincore(force_mincore)
+    fd = os.open(big_file, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        # The tail again: readahead cannot run past the end of the file.
+        tail = size - size % PAGE_SIZE - 8 * mib
+        pagecache.read_range(fd, tail, size - tail, "sendfile")
+        tail_pages = pagecache.range_resident_pages(fd, tail, size - tail)
+        head_pages = pagecache.range_resident_pages(fd, 0, 8 * mib)
+        with pytest.raises(ValueError, match="page size"):
+            pagecache.range_resident_pages(fd, 1, PAGE_SIZE)
+    finally:
+        os.close(fd)
+    assert tail_pages == -(-(size - tail) // PAGE_SIZE)
+    assert head_pages == 0
+    out = subprocess.run(
+        ["vmtouch", "-p", f"{tail}-{size}", str(big_file)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"Resident Pages: {tail_pages}/{tail_pages}" in out
+
+
+@needs_root
+def test_range_residency_of_a_non_owner_is_unknown(big_file: Path) -> None:
+    def measure_range(path: str) -> int:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return pagecache.range_resident_pages(fd, 0, PAGE_SIZE)
+        finally:
+            os.close(fd)
+
+    big_file.chmod(0o644)
+    status, value = _in_child_as(NOBODY, measure_range, str(big_file))
+    assert status == "error"
+    assert isinstance(value, str) and value.startswith(ResidencyUnknownError.__name__)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
@@ -45,10 +46,14 @@ def test_metadata_first_then_shards_in_numeric_order(tmp_path: Path) -> None:
         "shard_9.bin",
         "tokenizer.json",
         "config.json",
-        "model.safetensors.index.json",
     ]:
         _touch(tmp_path / name, 1000)
-    plan = build_plan([str(tmp_path)])
+    shards = ["model-00002-of-00011.safetensors", "model-00010-of-00011.safetensors"]
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {f"t{i}": name for i, name in enumerate(shards)}})
+    )
+    # all_formats: the .bin files beside the safetensors stay in the plan
+    plan = build_plan([str(tmp_path)], all_formats=True)
     assert _names(plan.files, tmp_path) == [
         "config.json",
         "model.safetensors.index.json",
@@ -282,7 +287,8 @@ def test_include_and_exclude_partition_the_tree_as_documented(
     with tempfile.TemporaryDirectory(dir="/var/tmp") as scratch:
         root = Path(scratch)
         files = _tree_of(root, relpaths)
-        plan = build_plan([str(root)], include=include, exclude=exclude)
+        # all_formats: the format rules (a .bin beside safetensors ...) are tested apart
+        plan = build_plan([str(root)], include=include, exclude=exclude, all_formats=True)
 
         def excluded(relpath: str) -> bool:
             parts = relpath.split("/")
@@ -316,8 +322,8 @@ def test_plan_order_is_metadata_first_then_natural_whatever_the_creation_order(
         shuffled = list(relpaths)
         seed.shuffle(shuffled)
         files = _tree_of(root, set(shuffled))
-        plan = build_plan([str(root)])
-        again = build_plan([str(root)])
+        plan = build_plan([str(root)], all_formats=True)
+        again = build_plan([str(root)], all_formats=True)
     assert plan.files == again.files
     assert {os.path.relpath(f.path, root) for f in plan.files} == files
     flags = [f.metadata for f in plan.files]

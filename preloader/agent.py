@@ -1,0 +1,802 @@
+"""The serve agent: plan, warm, decide readiness, keep the pages warm.
+
+A small state machine that lives on the event loop, on top of the engine: it plans each
+path, warms the paths one after the other, decides when the gate opens (``/readyz``),
+then re-checks residency chunk by chunk every ``recheck_seconds`` and re-reads only the
+chunks that lost pages. Front ends (the HTTP server, the metrics collector) read
+:meth:`Agent.snapshot`, which does no I/O; the agent never prints, it reports through an
+:class:`~preloader.engine.EngineEvent` callback.
+
+Readiness, per path: the first warm pass is over and the *warm share* is at least
+``ready_ratio``. The warm share counts resident bytes as measured; a file whose residency
+the kernel will not reveal (see :mod:`preloader.pagecache`) counts as warm once it was read
+in full, and the path is then flagged unverified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import anyio
+import anyio.to_thread
+
+from ._version import __version__
+from .budget import MemoryBudget, read_memory_budget
+from .config import ServeConfig
+from .engine import (
+    ChunkResidency,
+    EngineEvent,
+    WarmProgress,
+    WarmReport,
+    effective_chunk_size,
+    measure_chunks,
+    rewarm_chunks,
+    warm_plan,
+)
+from .planner import Chunk, Plan, Skipped, build_plan, iter_chunks, printable
+from .units import format_bytes
+
+__all__ = [
+    "DEGRADE_AFTER",
+    "ERROR_REASONS",
+    "FILE_STATES",
+    "STATES",
+    "Agent",
+    "AgentSnapshot",
+    "PathSnapshot",
+    "error_reason",
+]
+
+STATES = ("planning", "warming", "verifying", "ready", "degraded", "failed")
+"""What the agent (and each path) is doing; ``/status`` ``state``."""
+
+FILE_STATES = ("pending", "read", "resident", "not_resident", "unknown", "error")
+"""Label values of ``preloader_files{state}``: ``pending``/``read`` during the first pass,
+then as last measured (``unknown``: the kernel will not tell)."""
+
+ERROR_REASONS = ("read", "stalled", "changed", "internal")
+"""Label values of ``preloader_errors_total{reason}``."""
+
+DEGRADE_AFTER = 2
+"""Checks in a row that find pages lost again after they were read: then ``degraded``."""
+
+_ERROR_DETAILS = 20  # per path in /status; the log has every one
+
+
+def error_reason(cause: str) -> str:
+    """The ``reason`` label for an engine ``file_error`` cause (one of :data:`ERROR_REASONS`)."""
+    text = cause.lower()
+    if "stalled" in text:
+        return "stalled"
+    if any(word in text for word in ("shrank", "replaced", "no longer a regular file")):
+        return "changed"
+    return "read"
+
+
+@dataclass(frozen=True)
+class PathSnapshot:
+    """One served path (``MODEL_DIR`` or a ``--path``), as of the snapshot.
+
+    :ivar bytes: planned bytes (``preloader_target_bytes``).
+    :ivar read_bytes: bytes read so far, first pass and re-reads together.
+    :ivar resident_bytes: resident bytes at the last measurement; ``None`` before the first
+        one or when the kernel will not tell for some file (:attr:`residency_unknown_reason`).
+    :ivar warm_bytes: the bytes that count for readiness (see the module docstring).
+    :ivar warm_seconds: the first pass's duration; while it runs, the time so far.
+    :ivar recheck_seconds: the current keep-warm interval (grows while degraded).
+    :ivar last_check: wall-clock time of the last keep-warm measurement.
+    """
+
+    path: str
+    state: str
+    files: int
+    bytes: int
+    read_bytes: int
+    rewarm_bytes: int
+    resident_bytes: int | None
+    residency_unknown_reason: str | None
+    warm_bytes: int
+    files_by_state: tuple[tuple[str, int], ...]
+    errors_by_reason: tuple[tuple[str, int], ...]
+    error_details: tuple[tuple[str, str], ...]
+    skipped: int
+    warm_seconds: float | None
+    rate: float
+    evictions_detected: int
+    degraded_reason: str | None
+    recheck_seconds: float
+    last_check: float | None
+
+    @property
+    def warm_ratio(self) -> float:
+        return self.warm_bytes / self.bytes if self.bytes else 1.0
+
+    @property
+    def resident_ratio(self) -> float | None:
+        if self.resident_bytes is None:
+            return None
+        return self.resident_bytes / self.bytes if self.bytes else 1.0
+
+    @property
+    def verified(self) -> bool:
+        return self.residency_unknown_reason is None
+
+    @property
+    def errors(self) -> int:
+        return sum(count for _, count in self.errors_by_reason)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "path": self.path,
+            "state": self.state,
+            "files": self.files,
+            "bytes": self.bytes,
+            "read_bytes": self.read_bytes,
+            "rewarm_bytes": self.rewarm_bytes,
+            "resident_bytes": self.resident_bytes,
+            "resident_ratio": self.resident_ratio,
+            "residency_unknown_reason": self.residency_unknown_reason,
+            "verified": self.verified,
+            "warm_bytes": self.warm_bytes,
+            "warm_ratio": round(self.warm_ratio, 6),
+            "files_by_state": dict(self.files_by_state),
+            "errors": self.errors,
+            "errors_by_reason": dict(self.errors_by_reason),
+            "error_details": [{"path": p, "cause": c} for p, c in self.error_details],
+            "skipped": self.skipped,
+            "warm_seconds": None if self.warm_seconds is None else round(self.warm_seconds, 3),
+            "rate_bytes_per_second": round(self.rate),
+            "evictions_detected": self.evictions_detected,
+            "degraded_reason": self.degraded_reason,
+            "recheck_seconds": self.recheck_seconds,
+            "last_check": self.last_check,
+        }
+
+
+@dataclass(frozen=True)
+class AgentSnapshot:
+    """The whole agent, as ``/readyz``, ``/status`` and ``/metrics`` show it.
+
+    :ivar ready: what ``/readyz`` answers.
+    :ivar reason: one line saying why it is (not) ready.
+    :ivar timed_out: the deadline passed before the model was warm.
+    :ivar skip_reason: set when there is nothing to serve (``MODEL_DIR`` unset or missing).
+    :ivar memory_budget: this process's memory budget as last read by the agent (at start
+        and after each keep-warm round), or ``None`` before the first reading.
+    """
+
+    state: str
+    ready: bool
+    reason: str
+    timed_out: bool
+    ready_ratio: float
+    paths: tuple[PathSnapshot, ...]
+    uptime_seconds: float
+    rate: float
+    eta_seconds: float | None
+    skip_reason: str | None = None
+    memory_budget: MemoryBudget | None = None
+    version: str = __version__
+
+    @property
+    def bytes(self) -> int:
+        return sum(p.bytes for p in self.paths)
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(p.read_bytes for p in self.paths)
+
+    @property
+    def warm_bytes(self) -> int:
+        return sum(p.warm_bytes for p in self.paths)
+
+    @property
+    def resident_bytes(self) -> int | None:
+        if any(p.resident_bytes is None for p in self.paths):
+            return None
+        return sum(p.resident_bytes or 0 for p in self.paths)
+
+    @property
+    def verified(self) -> bool:
+        return all(p.verified for p in self.paths)
+
+    @property
+    def bytes_done(self) -> int:
+        """Bytes read while the first pass runs, then the bytes that count as warm."""
+        if self.state in ("planning", "warming", "verifying"):
+            return sum(min(p.read_bytes, p.bytes) for p in self.paths)
+        return self.warm_bytes
+
+    def readyz_json(self) -> dict[str, object]:
+        return {
+            "ready": self.ready,
+            "state": self.state,
+            "reason": self.reason,
+            "bytes_done": self.bytes_done,
+            "bytes_total": self.bytes,
+            "verified": self.verified,
+            "timed_out": self.timed_out,
+        }
+
+    def to_json(self) -> dict[str, object]:
+        resident = self.resident_bytes
+        return {
+            "version": self.version,
+            "state": self.state,
+            "ready": self.ready,
+            "reason": self.reason,
+            "timed_out": self.timed_out,
+            "verified": self.verified,
+            "skip_reason": self.skip_reason,
+            "ready_ratio": self.ready_ratio,
+            "uptime_seconds": round(self.uptime_seconds, 3),
+            "files": sum(p.files for p in self.paths),
+            "bytes": self.bytes,
+            "bytes_done": self.bytes_done,
+            "read_bytes": self.read_bytes,
+            "resident_bytes": resident,
+            "resident_ratio": (resident / self.bytes if self.bytes else 1.0)
+            if resident is not None
+            else None,
+            "warm_bytes": self.warm_bytes,
+            "rate_bytes_per_second": round(self.rate),
+            "eta_seconds": None if self.eta_seconds is None else round(self.eta_seconds, 1),
+            "errors": sum(p.errors for p in self.paths),
+            "memory_budget": None if self.memory_budget is None else self.memory_budget.to_json(),
+            "paths": [p.to_json() for p in self.paths],
+        }
+
+
+@dataclass(frozen=True)
+class _FileView:
+    """One file's last known residency, from a warm pass or a keep-warm measurement."""
+
+    resident_bytes: int | None
+    unknown_reason: str | None = None
+    error: str | None = None
+
+
+class _Model:
+    """One served path; touched only on the event loop."""
+
+    def __init__(self, root: str, interval: float) -> None:
+        self.root = root
+        self.state = "planning"
+        self.plan = Plan((root,), ())
+        self.progress = WarmProgress()
+        self.warm_started: float | None = None
+        self.warm_seconds: float | None = None
+        self.read_in_full: list[bool] = []
+        self.views: list[_FileView] | None = None
+        self.rewarm_bytes = 0
+        self.errors: Counter[str] = Counter()
+        self.error_details: deque[tuple[str, str]] = deque(maxlen=_ERROR_DETAILS)
+        self.evictions = 0
+        self.strikes = 0
+        self.degraded_reason: str | None = None
+        self.interval = interval
+        self.next_check = 0.0
+        self.last_check: float | None = None
+        # Chunks read since the last check that found nothing lost; None: all of them
+        # (the first pass read every chunk).
+        self.read_since_clean: set[tuple[int, int]] | None = None
+
+    @property
+    def warmed(self) -> bool:
+        return self.state in ("ready", "degraded", "failed")
+
+    def warm_bytes(self) -> int:
+        if self.views is None:
+            return 0
+        total = 0
+        for spec, view, full in zip(self.plan.files, self.views, self.read_in_full, strict=True):
+            if view.error is not None:
+                continue
+            if view.resident_bytes is not None:
+                total += view.resident_bytes
+            elif full:
+                total += spec.size
+        return total
+
+    def warm_ratio(self) -> float:
+        total = self.plan.total_bytes
+        return self.warm_bytes() / total if total else 1.0
+
+    def file_states(self) -> Counter[str]:
+        if self.views is None:
+            done = self.progress.files_done
+            errors = min(self.progress.errors, done)
+            return Counter(
+                {
+                    "pending": len(self.plan.files) - done,
+                    "read": done - errors,
+                    "error": errors,
+                }
+            )
+        states: Counter[str] = Counter()
+        for spec, view in zip(self.plan.files, self.views, strict=True):
+            if view.error is not None:
+                states["error"] += 1
+            elif view.resident_bytes is None:
+                states["unknown"] += 1
+            elif view.resident_bytes >= spec.size:
+                states["resident"] += 1
+            else:
+                states["not_resident"] += 1
+        return states
+
+    def resident(self) -> tuple[int | None, str | None]:
+        if self.views is None:
+            return None, None
+        for spec, view in zip(self.plan.files, self.views, strict=True):
+            if view.resident_bytes is None and view.error is None:
+                return None, f"{printable(spec.path)}: {view.unknown_reason}"
+        return sum(v.resident_bytes or 0 for v in self.views), None
+
+
+class Agent:
+    """Warm the configured paths, decide readiness, keep them warm.
+
+    Construction does no I/O. :meth:`run` does the work until :meth:`stop`; tests may
+    drive the phases themselves with :meth:`start_up` and :meth:`recheck`.
+
+    :param config: the serve settings (paths, read options, readiness, keep-warm).
+    :param on_event: called on the event loop for engine events (per-file errors, ...) and
+        the agent's own: ``planned``, ``skipped``, ``warmed``, ``ready``, ``unready``,
+        ``timeout``, ``rewarmed``, ``degraded``, ``recovered``, ``failed``. ``path`` is the
+        file for engine events and the served path for the agent's.
+    """
+
+    def __init__(
+        self, config: ServeConfig, on_event: Callable[[EngineEvent], None] | None = None
+    ) -> None:
+        self.config = config
+        self._on_event = on_event
+        self._options = dataclasses.replace(config.options, timeout=None, verify=True)
+        self._chunk_size = effective_chunk_size(config.options.chunk_size)
+        self._models = [
+            _Model(root, config.recheck_seconds) for root in dict.fromkeys(config.selection.paths)
+        ]
+        self._stop = threading.Event()
+        self._stopping = anyio.Event()
+        self._stopped = anyio.Event()
+        self._change = anyio.Event()
+        self._started = time.monotonic()
+        self._first_pass_done = False
+        self._ready = not self._models
+        self._forced_ready = False
+        self._timed_out = False
+        self._budget: MemoryBudget | None = None
+
+    # -- what front ends read ---------------------------------------------------------
+
+    @property
+    def stopped(self) -> anyio.Event:
+        """Set once :meth:`run` has returned."""
+        return self._stopped
+
+    def snapshot(self) -> AgentSnapshot:
+        """The agent's state now, from memory only (safe to call from a scrape)."""
+        paths = tuple(self._path_snapshot(model) for model in self._models)
+        rate = sum(p.rate for p, m in zip(paths, self._models, strict=True) if not m.warmed)
+        remaining = sum(max(0, p.bytes - p.read_bytes) for p in paths)
+        if not self._first_pass_done and self._models:
+            eta = remaining / rate if rate > 0 else None
+        else:
+            eta = 0.0
+        return AgentSnapshot(
+            state=self._state(),
+            ready=self._ready,
+            reason=self._reason(paths),
+            timed_out=self._timed_out,
+            ready_ratio=self.config.ready_ratio,
+            paths=paths,
+            uptime_seconds=time.monotonic() - self._started,
+            rate=rate,
+            eta_seconds=eta,
+            skip_reason=self.config.selection.skip_reason,
+            memory_budget=self._budget,
+        )
+
+    async def wait_until(self, predicate: Callable[[AgentSnapshot], bool]) -> AgentSnapshot:
+        """Return the first snapshot for which ``predicate`` holds (re-checked on changes).
+
+        Wrap it in :func:`anyio.fail_after` to bound the wait.
+        """
+        while True:
+            change = self._change
+            snap = self.snapshot()
+            if predicate(snap):
+                return snap
+            await change.wait()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop reading and end :meth:`run` soon (call on the event loop)."""
+        self._stop.set()
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Plan, warm, then keep warm until :meth:`stop`."""
+        try:
+            async with anyio.create_task_group() as group:
+                if self.config.timeout is not None:
+                    group.start_soon(self._deadline, self.config.timeout)
+                await self.start_up()
+                if self.config.recheck_seconds > 0 and self._models:
+                    await self._keep_warm()
+                else:
+                    await self._stopping.wait()
+                group.cancel_scope.cancel()
+        finally:
+            self._stopped.set()
+
+    async def start_up(self) -> None:
+        """Plan every path, then warm them one after the other and decide readiness."""
+        if not self._models:
+            self._emit("ready", detail=self._reason(()))
+            self._changed()
+            return
+        await self._plan_all()
+        await self._read_budget()
+        for model in self._models:
+            if self._stop.is_set():
+                break
+            await self._warm(model)
+        self._first_pass_done = not self._stop.is_set()
+        self._update_ready()
+        self._changed()
+
+    async def recheck(self) -> None:
+        """One keep-warm round over every path now, due or not."""
+        for model in self._models:
+            if self._stop.is_set():
+                return
+            if model.warmed and model.plan.files:
+                await self._check(model)
+        await self._read_budget()
+        self._update_ready()
+        self._changed()
+
+    # -- phases -------------------------------------------------------------------------
+
+    async def _plan_all(self) -> None:
+        seen: dict[tuple[int, int], str] = {}
+        selection = self.config.selection
+        for model in self._models:
+            try:
+                plan = await anyio.to_thread.run_sync(
+                    build_plan, [model.root], selection.include, selection.exclude
+                )
+            except Exception as err:  # a bug must not take the other paths down
+                self._fail(model, f"planning failed: {type(err).__name__}: {err}")
+                continue
+            files = []
+            skipped = list(plan.skipped)
+            for spec in plan.files:
+                first = seen.setdefault((spec.dev, spec.ino), model.root)
+                if first == model.root:
+                    files.append(spec)
+                else:
+                    skipped.append(Skipped(spec.path, f"same file already served under {first}"))
+            model.plan = Plan(plan.roots, tuple(files), tuple(skipped))
+            model.read_in_full = [False] * len(files)
+            model.state = "warming"
+            for item in skipped:
+                self._emit("skipped", item.path, item.reason)
+            self._emit(
+                "planned",
+                model.root,
+                f"{len(files)} files, {format_bytes(model.plan.total_bytes)}, "
+                f"{len(skipped)} skipped",
+            )
+            self._changed()
+
+    async def _warm(self, model: _Model) -> None:
+        if model.state == "failed":
+            return
+        model.progress = WarmProgress()
+        model.warm_started = time.monotonic()
+        self._changed()
+        try:
+            report = await warm_plan(
+                model.plan,
+                self._options,
+                progress=model.progress,
+                on_event=lambda event: self._engine_event(model, event),
+                stop=self._stop,
+            )
+        except Exception as err:  # a bug must not take the other paths down
+            self._fail(model, f"warm pass failed: {type(err).__name__}: {err}")
+            return
+        model.warm_seconds = time.monotonic() - model.warm_started
+        self._apply_report(model, report)
+        model.next_check = time.monotonic() + model.interval
+        self._emit(
+            "warmed",
+            model.root,
+            f"{format_bytes(report.read_bytes)} read in {report.seconds:.1f} s, "
+            f"{model.warm_ratio():.1%} warm, {len(report.errors)} errors",
+        )
+        self._changed()
+
+    def _apply_report(self, model: _Model, report: WarmReport) -> None:
+        views = []
+        for index, result in enumerate(report.files):
+            model.read_in_full[index] = result.error is None and result.read_bytes >= result.size
+            views.append(
+                _FileView(result.residency.resident_bytes, result.residency.reason, result.error)
+            )
+        model.views = views
+        self._settle(model)
+
+    def _apply_measurement(self, model: _Model, measured: Sequence[ChunkResidency]) -> None:
+        model.views = [_FileView(m.resident_bytes, m.reason, m.error) for m in measured]
+        model.last_check = time.time()
+        self._settle(model)
+
+    def _settle(self, model: _Model) -> None:
+        states = model.file_states()
+        if model.plan.files and states["error"] == len(model.plan.files):
+            model.state = "failed"
+        elif model.degraded_reason is not None or model.warm_ratio() < self.config.ready_ratio:
+            model.state = "degraded"
+        else:
+            model.state = "ready"
+
+    async def _keep_warm(self) -> None:
+        while not self._stopping.is_set():
+            due = [m for m in self._models if m.warmed and m.plan.files]
+            if not due:
+                await self._stopping.wait()
+                return
+            checked = False
+            for model in due:
+                if model.next_check <= time.monotonic() and not self._stop.is_set():
+                    await self._check(model)
+                    checked = True
+                    self._update_ready()
+                    self._changed()
+            if checked:
+                await self._read_budget()
+            delay = min(m.next_check for m in due) - time.monotonic()
+            with anyio.move_on_after(max(0.0, delay)):
+                await self._stopping.wait()
+
+    async def _check(self, model: _Model) -> None:
+        concurrency = max(1, self._options.concurrency or 4)
+        measured = await measure_chunks(model.plan, self._chunk_size, concurrency)
+        lost: list[Chunk] = []
+        evicted = 0
+        for item in measured:
+            if item.reason is not None and not model.read_in_full[item.file_index]:
+                lost.extend(self._all_chunks(model, item.file_index))  # never read in full
+            else:
+                lost.extend(item.lost)
+                if item.error is None:
+                    evicted += len(item.lost)
+        self._apply_measurement(model, measured)
+        if not lost:
+            if model.degraded_reason is not None:
+                self._emit("recovered", model.root, "no pages lost since the last check")
+            model.strikes = 0
+            model.degraded_reason = None
+            model.interval = self.config.recheck_seconds
+            model.read_since_clean = set()
+        else:
+            await self._rewarm(model, lost, evicted)
+        self._settle(model)
+        model.next_check = time.monotonic() + model.interval
+
+    async def _rewarm(self, model: _Model, lost: Sequence[Chunk], evicted: int) -> None:
+        keys = {(chunk.file_index, chunk.index) for chunk in lost}
+        again = model.read_since_clean is None or not keys.isdisjoint(model.read_since_clean)
+        model.evictions += evicted
+        model.strikes = model.strikes + 1 if again else 0
+        base = self.config.recheck_seconds
+        if model.strikes >= DEGRADE_AFTER:
+            model.interval = min(
+                self.config.max_backoff_seconds, base * 2 ** (model.strikes - DEGRADE_AFTER + 1)
+            )
+            model.degraded_reason = (
+                f"pages lost again after re-reading them, {model.strikes} checks in a row "
+                "(memory pressure or a cgroup limit below the model size?); next check in "
+                f"{model.interval:g} s"
+            )
+            self._emit("degraded", model.root, model.degraded_reason)
+        else:
+            model.interval = base
+        report = await rewarm_chunks(
+            model.plan,
+            lost,
+            self._options,
+            on_event=lambda event: self._engine_event(model, event),
+            stop=self._stop,
+        )
+        model.rewarm_bytes += report.read_bytes
+        failed = {path for path, _ in report.errors}
+        for index in {chunk.file_index for chunk in lost}:
+            if model.plan.files[index].path not in failed and not report.interrupted:
+                model.read_in_full[index] = True
+        if model.read_since_clean is not None:
+            model.read_since_clean |= keys
+        self._emit(
+            "rewarmed",
+            model.root,
+            f"{len(lost)} chunks had lost pages; {format_bytes(report.read_bytes)} re-read in "
+            f"{report.seconds:.2f} s, {len(report.errors)} errors",
+        )
+        if not self._stop.is_set():
+            concurrency = max(1, self._options.concurrency or 4)
+            measured = await measure_chunks(model.plan, self._chunk_size, concurrency)
+            self._apply_measurement(model, measured)
+
+    async def _read_budget(self) -> None:
+        # A few small reads of /proc and /sys, on a worker thread, on the agent's schedule.
+        self._budget = await anyio.to_thread.run_sync(read_memory_budget)
+
+    def _all_chunks(self, model: _Model, index: int) -> list[Chunk]:
+        spec = model.plan.files[index]
+        return [
+            Chunk(index, chunk.index, chunk.offset, chunk.length)
+            for chunk in iter_chunks([spec], self._chunk_size)
+            if chunk.length > 0
+        ]
+
+    async def _deadline(self, seconds: float) -> None:
+        await anyio.sleep(max(0.0, self._started + seconds - time.monotonic()))
+        if self._ready:
+            return
+        self._timed_out = True
+        if self.config.timeout_policy == "ready":
+            self._forced_ready = True
+            self._ready = True
+            detail = (
+                f"not warm after {seconds:g} s: READY ANYWAY (timeout policy 'ready'); "
+                "the server may load cold weights"
+            )
+        else:
+            detail = f"not warm after {seconds:g} s: staying unready (timeout policy 'unready')"
+        self._emit("timeout", detail=detail)
+        self._changed()
+
+    # -- readiness and state ------------------------------------------------------------
+
+    def _condition(self) -> bool:
+        if not self._models:
+            return True
+        if not self._first_pass_done:
+            return False
+        return all(
+            m.state != "failed" and m.warm_ratio() >= self.config.ready_ratio for m in self._models
+        )
+
+    def _update_ready(self) -> None:
+        condition = self._condition()
+        if self._forced_ready or (self._ready and self.config.ready_latch):
+            return
+        if condition and not self._ready:
+            self._ready = True
+            self._emit("ready", detail=self._reason(self.snapshot().paths))
+        elif not condition and self._ready:
+            self._ready = False
+            self._emit("unready", detail=self._reason(self.snapshot().paths))
+
+    def _state(self) -> str:
+        if not self._models:
+            return "ready"
+        states = [self._model_state(m) for m in self._models]
+        for phase in ("planning", "warming", "verifying"):
+            if phase in states:
+                return phase
+        if all(state == "failed" for state in states):
+            return "failed"
+        if "failed" in states or "degraded" in states:
+            return "degraded"
+        return "ready"
+
+    @staticmethod
+    def _model_state(model: _Model) -> str:
+        if model.state == "warming" and model.progress.state == "verifying":
+            return "verifying"
+        return model.state
+
+    def _reason(self, paths: Sequence[PathSnapshot]) -> str:
+        skip = self.config.selection.skip_reason
+        if skip is not None:
+            return f"nothing to warm: {skip}"
+        if not paths:
+            return "nothing to warm"
+        state = self._state()
+        if state == "planning":
+            text = "planning: walking " + ", ".join(printable(p.path) for p in paths)
+        elif state in ("warming", "verifying"):
+            done = sum(min(p.read_bytes, p.bytes) for p in paths)
+            total = sum(p.bytes for p in paths)
+            text = f"{state}: {format_bytes(done)} of {format_bytes(total)} read"
+        else:
+            weak = [p for p in paths if p.warm_ratio < self.config.ready_ratio]
+            failed = [p for p in paths if p.state == "failed"]
+            if failed:
+                text = f"{failed[0].path}: every file failed to read"
+            elif weak:
+                text = (
+                    f"{weak[0].path}: {weak[0].warm_ratio:.1%} warm, below the ready ratio "
+                    f"{self.config.ready_ratio:g}"
+                )
+            else:
+                text = "warm: " + ", ".join(f"{p.path} {p.warm_ratio:.1%}" for p in paths)
+            unverified = [p for p in paths if not p.verified]
+            if unverified:
+                text += (
+                    "; residency unverified (read pass finished, the kernel will not tell "
+                    "residency to this process)"
+                )
+        if self._timed_out:
+            policy = self.config.timeout_policy
+            text += f"; deadline of {self.config.timeout:g} s passed (timeout policy '{policy}')"
+        return text
+
+    def _path_snapshot(self, model: _Model) -> PathSnapshot:
+        resident, unknown = model.resident()
+        warming = model.warm_started is not None and model.warm_seconds is None
+        if model.warm_seconds is not None:
+            warm_seconds: float | None = model.warm_seconds
+        elif model.warm_started is not None:
+            warm_seconds = time.monotonic() - model.warm_started
+        else:
+            warm_seconds = None
+        rate = model.progress.bytes_read / warm_seconds if warm_seconds else 0.0
+        states = model.file_states()
+        return PathSnapshot(
+            path=model.root,
+            state=self._model_state(model),
+            files=len(model.plan.files),
+            bytes=model.plan.total_bytes,
+            read_bytes=model.progress.bytes_read + model.rewarm_bytes,
+            rewarm_bytes=model.rewarm_bytes,
+            resident_bytes=resident,
+            residency_unknown_reason=unknown,
+            warm_bytes=model.warm_bytes(),
+            files_by_state=tuple((state, states[state]) for state in FILE_STATES),
+            errors_by_reason=tuple((reason, model.errors[reason]) for reason in ERROR_REASONS),
+            error_details=tuple(model.error_details),
+            skipped=len(model.plan.skipped),
+            warm_seconds=warm_seconds,
+            rate=rate if warming or model.warm_seconds else 0.0,
+            evictions_detected=model.evictions,
+            degraded_reason=model.degraded_reason,
+            recheck_seconds=model.interval,
+            last_check=model.last_check,
+        )
+
+    # -- events -------------------------------------------------------------------------
+
+    def _fail(self, model: _Model, cause: str) -> None:
+        model.state = "failed"
+        model.errors["internal"] += 1
+        model.error_details.append((model.root, cause))
+        self._emit("failed", model.root, cause)
+        self._changed()
+
+    def _engine_event(self, model: _Model, event: EngineEvent) -> None:
+        if event.kind == "file_error":
+            model.errors[error_reason(event.detail)] += 1
+            model.error_details.append((event.path, event.detail))
+        if event.kind != "state":
+            self._emit(event.kind, event.path, event.detail)
+        self._changed()
+
+    def _emit(self, kind: str, path: str = "", detail: str = "") -> None:
+        if self._on_event is not None:
+            self._on_event(EngineEvent(kind, path, detail))
+
+    def _changed(self) -> None:
+        change, self._change = self._change, anyio.Event()
+        change.set()

@@ -1,0 +1,209 @@
+"""``preloader serve``: the HTTP front end of the agent, and its lifecycle.
+
+A Starlette app (``/healthz``, ``/readyz``, ``/status``, ``/metrics``) served by uvicorn
+on the same event loop as the :class:`~preloader.agent.Agent`. Handlers only read the
+agent's in-memory snapshot; they never touch the filesystem.
+
+Lifecycle: bind and listen first (so ``/healthz`` answers while the model is still being
+planned), then run the agent and the server side by side. The first SIGTERM or SIGINT
+stops reading, lets uvicorn answer the requests in flight (at most
+``shutdown_seconds``), and exits 0; a second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import anyio.abc
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from . import errors
+from .agent import Agent, AgentSnapshot
+from .config import ServeConfig
+from .engine import EngineEvent
+from .logs import get_logger
+from .metrics import make_registry
+from .planner import printable
+
+__all__ = ["bind", "create_app", "serve"]
+
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
+def create_app(agent: Agent) -> Starlette:
+    """The ASGI app over ``agent``: GET (and HEAD) on four paths, nothing else."""
+    registry = make_registry(agent.snapshot)
+
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok\n", headers=_NO_STORE)
+
+    async def readyz(request: Request) -> Response:
+        snap = agent.snapshot()
+        return JSONResponse(
+            snap.readyz_json(), status_code=200 if snap.ready else 503, headers=_NO_STORE
+        )
+
+    async def status(request: Request) -> Response:
+        return JSONResponse(agent.snapshot().to_json(), headers=_NO_STORE)
+
+    async def metrics(request: Request) -> Response:
+        return Response(
+            generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST, **_NO_STORE}
+        )
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/status", status, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ]
+    )
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind and listen on ``host:port`` (port 0: any free port).
+
+    Listening before the event loop starts means probes queue instead of being refused.
+
+    :raises errors.UsageError: naming the address and the cause when it cannot listen.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise errors.UsageError(f"{host}: cannot resolve the bind address: {err}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as err:
+        sock.close()
+        raise errors.UsageError(f"{host}:{port}: cannot listen: {err.strerror}") from None
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its own signal handling: :func:`serve` owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class _ToStructlog(logging.Handler):
+    """uvicorn logs through the standard library; pass its warnings on to our logs."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        get_logger().log(record.levelno, record.getMessage(), logger=record.name)
+
+
+_EVENT_LEVELS = {
+    "file_error": logging.ERROR,
+    "failed": logging.ERROR,
+    "timeout": logging.ERROR,
+    "degraded": logging.WARNING,
+    "not_resident": logging.WARNING,
+    "skipped": logging.WARNING,
+    "unready": logging.WARNING,
+    "state": logging.DEBUG,
+}
+
+
+def log_event(event: EngineEvent) -> None:
+    """Log an agent or engine event as one structured line."""
+    fields: dict[str, Any] = {}
+    if event.path:
+        fields["path"] = printable(event.path)
+    if event.detail:
+        fields["detail"] = event.detail
+    get_logger().log(_EVENT_LEVELS.get(event.kind, logging.INFO), event.kind, **fields)
+
+
+async def serve(config: ServeConfig, sock: socket.socket) -> int:
+    """Run the agent and the HTTP server on ``sock`` until SIGTERM/SIGINT; return 0.
+
+    :param sock: a listening socket from :func:`bind`.
+    """
+    log = get_logger()
+    agent = Agent(config, on_event=log_event)
+    uvicorn_log = logging.getLogger("uvicorn")
+    uvicorn_log.addHandler(_ToStructlog(logging.WARNING))
+    uvicorn_log.propagate = False
+    server = _Server(
+        uvicorn.Config(
+            create_app(agent),
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            http="h11",
+            ws="none",
+            loop="asyncio",
+            proxy_headers=False,
+            server_header=False,
+            timeout_graceful_shutdown=max(1, round(config.shutdown_seconds)),
+        )
+    )
+
+    async def watch_signals(
+        scope: anyio.CancelScope, *, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            received = 0
+            async for signum in signals:
+                received += 1
+                name = signal.Signals(signum).name
+                if received == 1:
+                    log.info("stopping", signal=name)
+                    agent.stop()
+                    server.should_exit = True
+                else:
+                    log.warning("stopping now", signal=name)
+                    server.force_exit = True
+                    scope.cancel()
+
+    async with anyio.create_task_group() as group:
+        await group.start(watch_signals, group.cancel_scope)
+        host, port = sock.getsockname()[:2]
+        log.info(
+            "serving",
+            host=host,
+            port=port,
+            paths=[printable(p) for p in config.selection.paths],
+            ready_ratio=config.ready_ratio,
+            recheck_seconds=config.recheck_seconds,
+        )
+        if config.selection.skip_reason is not None:
+            log.warning("nothing to warm; ready at once", reason=config.selection.skip_reason)
+        group.start_soon(agent.run)
+        await server.serve(sockets=[sock])
+        agent.stop()
+        # Reads notice the stop within one step; a read stuck in the kernel is abandoned.
+        with anyio.move_on_after(config.shutdown_seconds):
+            await agent.stopped.wait()
+        group.cancel_scope.cancel()
+    log.info("stopped", **_summary(agent.snapshot()))
+    return errors.EXIT_OK
+
+
+def _summary(snap: AgentSnapshot) -> dict[str, object]:
+    return {
+        "state": snap.state,
+        "ready": snap.ready,
+        "bytes": snap.bytes,
+        "read_bytes": snap.read_bytes,
+        "resident_bytes": snap.resident_bytes,
+    }
