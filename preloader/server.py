@@ -62,7 +62,7 @@ def create_app(agent: Agent) -> Starlette:
             generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST, **_NO_STORE}
         )
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
@@ -70,6 +70,10 @@ def create_app(agent: Agent) -> Starlette:
             Route("/metrics", metrics, methods=["GET"]),
         ]
     )
+    # Starlette answers `/healthz/` with a 307 to `http://<Host header>/healthz`: a path
+    # that is not one of the four must be 404, and the Host header must reach no answer.
+    app.router.redirect_slashes = False
+    return app
 
 
 def bind(host: str, port: int) -> socket.socket:
