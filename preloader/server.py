@@ -24,9 +24,11 @@ import anyio.abc
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import errors
 from .agent import Agent, AgentSnapshot
@@ -39,6 +41,49 @@ from .planner import printable
 __all__ = ["bind", "create_app", "serve"]
 
 _NO_STORE = {"Cache-Control": "no-store"}
+# The most bytes of request line and headers a request may have. h11 refuses more only
+# while the head is still incomplete in its buffer, so a head that arrives in one read
+# (up to 256 KiB from asyncio) gets past it; the app refuses it instead.
+MAX_REQUEST_HEAD = 16 * 1024
+
+
+class _LimitRequest:
+    """Bound what a client can make the server hold.
+
+    A request whose target and headers exceed :data:`MAX_REQUEST_HEAD` gets 431. A
+    request that announces a body (none of the four paths takes one) gets its answer and
+    then the connection is closed: otherwise uvicorn would go on discarding the body for
+    as long as the client sends, keeping the connection open.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        size = len(scope.get("raw_path") or b"") + len(scope.get("query_string", b""))
+        size += sum(len(name) + len(value) + 4 for name, value in headers)
+        has_body = any(
+            (name == b"content-length" and value.strip() not in (b"", b"0"))
+            or name == b"transfer-encoding"
+            for name, value in headers
+        )
+
+        async def send_closing(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message["headers"], (b"connection", b"close")]}
+            await send(message)
+
+        if size > MAX_REQUEST_HEAD:
+            response = PlainTextResponse(
+                "request header fields too large\n", status_code=431, headers=_NO_STORE
+            )
+            await response(scope, receive, send_closing)
+        else:
+            await self.app(scope, receive, send_closing if has_body else send)
 
 
 def create_app(agent: Agent) -> Starlette:
@@ -68,7 +113,8 @@ def create_app(agent: Agent) -> Starlette:
             Route("/readyz", readyz, methods=["GET"]),
             Route("/status", status, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
-        ]
+        ],
+        middleware=[Middleware(_LimitRequest)],
     )
     # Starlette answers `/healthz/` with a 307 to `http://<Host header>/healthz`: a path
     # that is not one of the four must be 404, and the Host header must reach no answer.
@@ -153,6 +199,7 @@ async def serve(config: ServeConfig, sock: socket.socket) -> int:
             access_log=False,
             lifespan="off",
             http="h11",
+            h11_max_incomplete_event_size=MAX_REQUEST_HEAD,
             ws="none",
             loop="asyncio",
             proxy_headers=False,
