@@ -143,7 +143,7 @@ class EngineEvent:
     detail: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileResidency:
     """Residency of one file: bytes, or ``None`` with the reason it is unknown."""
 
@@ -218,7 +218,7 @@ class ResidencyReport:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileResult:
     """What warming did to one file.
 
@@ -361,6 +361,21 @@ def _describe(err: OSError) -> str:
 class _FileState:
     """Per-file bookkeeping; touched only on the event loop (except the fd open)."""
 
+    # One of these per planned file: slots keep 100,000 of them small.
+    __slots__ = (
+        "_open_lock",
+        "chunks_left",
+        "chunks_total",
+        "error",
+        "fd",
+        "in_flight",
+        "method",
+        "read_bytes",
+        "resident_after_read",
+        "spec",
+        "stalled",
+    )
+
     def __init__(self, spec: FileSpec, chunks: int, method: str) -> None:
         self.spec = spec
         self.chunks_total = chunks
@@ -372,17 +387,19 @@ class _FileState:
         self.error: str | None = None
         self.resident_after_read: int | None = None
         self.stalled = False
-        self._open_lock = threading.Lock()
+        # Only a file read in several chunks shares its descriptor between threads.
+        self._open_lock = threading.Lock() if chunks > 1 else None
 
     def ensure_open(self) -> int:
         """Runs in a worker thread: the first chunk's worker opens, the others share."""
+        assert self._open_lock is not None, "whole small files open their own descriptor"
         with self._open_lock:
             if self.fd is None:
                 self.fd = _open_regular(self.spec)
             return self.fd
 
 
-@dataclass
+@dataclass(slots=True)
 class _Outcome:
     """What a worker thread did with one chunk; applied to the file on the event loop."""
 

@@ -52,7 +52,7 @@ METADATA_SUFFIXES = frozenset(
 METADATA_MAX_BYTES = 64 * 1024 * 1024
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileSpec:
     """One regular file to warm.
 
@@ -70,7 +70,7 @@ class FileSpec:
     metadata: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Skipped:
     """A path the plan will not read, and why (with its size, when it is a file).
 
@@ -84,7 +84,7 @@ class Skipped:
     error: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Chunk:
     """A byte range of one planned file.
 
