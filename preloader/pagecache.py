@@ -109,6 +109,14 @@ _munmap = _libc.munmap
 _munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _munmap.restype = ctypes.c_int
 
+_mlock = _libc.mlock
+_mlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_mlock.restype = ctypes.c_int
+
+_munlock = _libc.munlock
+_munlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_munlock.restype = ctypes.c_int
+
 _mincore = _libc.mincore
 _mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte))
 _mincore.restype = ctypes.c_int
@@ -127,6 +135,50 @@ _NOT_TRUSTED = (
 def _raise_errno(what: str) -> None:
     err = ctypes.get_errno()
     raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def map_shared(fd: int, length: int, offset: int = 0) -> int:
+    """``mmap`` ``length`` bytes of an open file read-only and shared; return the address.
+
+    :raises OSError: from ``mmap``.
+    """
+    addr = _mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
+    if addr == _MAP_FAILED or addr is None:
+        _raise_errno("mmap")
+    return int(addr)
+
+
+def unmap(addr: int, length: int) -> None:
+    """Undo :func:`map_shared`."""
+    _munmap(addr, length)
+
+
+def lock_range(addr: int, length: int) -> None:
+    """``mlock`` a mapping: its pages are read in and cannot be reclaimed until unlocked.
+
+    :raises OSError: from ``mlock`` (``ENOMEM``/``EPERM``/``EAGAIN`` when
+        ``RLIMIT_MEMLOCK`` or a missing ``CAP_IPC_LOCK`` forbids it).
+    """
+    if _mlock(addr, length) != 0:
+        _raise_errno("mlock")
+
+
+def unlock_range(addr: int, length: int) -> None:
+    """Undo :func:`lock_range`."""
+    _munlock(addr, length)
+
+
+def has_capability(bit: int) -> bool:
+    """Whether this process holds capability ``bit`` in its effective set."""
+    try:
+        # Bytes, not text: no codec import, which may be impossible after a setuid.
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> bit & 1)
+    except OSError:
+        pass
+    return False
 
 
 def cachestat(fd: int, offset: int = 0, length: int = 0) -> CacheStat:
@@ -173,9 +225,7 @@ def mincore_resident_pages(fd: int, size: int, window: int = 1 << 30) -> tuple[i
     window -= window % PAGE_SIZE
     while offset < size:
         length = min(window, size - offset)
-        addr = _mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
-        if addr == _MAP_FAILED or addr is None:
-            _raise_errno("mmap")
+        addr = map_shared(fd, length, offset)
         try:
             pages = (length + PAGE_SIZE - 1) // PAGE_SIZE
             vec = (ctypes.c_ubyte * pages)()
@@ -185,26 +235,14 @@ def mincore_resident_pages(fd: int, size: int, window: int = 1 << 30) -> tuple[i
             resident += sum(1 for b in flags if b & 1)
             last = bool(flags[-1] & 1)
         finally:
-            _munmap(addr, length)
+            unmap(addr, length)
         offset += length
     return resident, last
 
 
-def _has_cap_fowner() -> bool:
-    try:
-        # Bytes, not text: no codec import, which may be impossible after a setuid.
-        with open("/proc/self/status", "rb") as status:
-            for line in status:
-                if line.startswith(b"CapEff:"):
-                    return bool(int(line.split()[1], 16) >> _CAP_FOWNER & 1)
-    except OSError:
-        pass
-    return False
-
-
 def _mincore_trusted(st: os.stat_result, fd: int) -> bool:
     """Mirror the kernel's ``can_do_mincore``: owner, CAP_FOWNER, or write permission."""
-    if os.geteuid() == st.st_uid or _has_cap_fowner():
+    if os.geteuid() == st.st_uid or has_capability(_CAP_FOWNER):
         return True
     return os.access(f"/proc/self/fd/{fd}", os.W_OK, effective_ids=True)
 

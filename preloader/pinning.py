@@ -12,16 +12,14 @@ stays open while pages are pinned (FUSE clients reserve memory per open handle).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
-import mmap
 import os
 import resource
 import stat
 import threading
 from dataclasses import dataclass
 
+from . import pagecache
 from .units import format_bytes
 
 __all__ = [
@@ -36,33 +34,6 @@ __all__ = [
 ]
 
 _CAP_IPC_LOCK = 14
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-_mmap = _libc.mmap
-_mmap.argtypes = (
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int64,
-)
-_mmap.restype = ctypes.c_void_p
-
-_munmap = _libc.munmap
-_munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_munmap.restype = ctypes.c_int
-
-_mlock = _libc.mlock
-_mlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_mlock.restype = ctypes.c_int
-
-_munlock = _libc.munlock
-_munlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_munlock.restype = ctypes.c_int
-
-_MAP_FAILED = ctypes.c_void_p(-1).value
 
 _HOW_TO_ALLOW = (
     "raise RLIMIT_MEMLOCK (ulimit -l; the container runtime's memlock ulimit) or grant "
@@ -139,24 +110,22 @@ def lock_file(fd: int, length: int) -> int:
         missing capability forbids it (the message says which and what to do), or an
         ``mmap`` error.
     """
-    addr = _mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-    if addr == _MAP_FAILED or addr is None:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mmap: {os.strerror(err)}")
-    if _mlock(addr, length) != 0:
-        err = ctypes.get_errno()
-        _munmap(addr, length)
-        detail = os.strerror(err)
-        if err in (errno.ENOMEM, errno.EPERM, errno.EAGAIN):
+    addr = pagecache.map_shared(fd, length)
+    try:
+        pagecache.lock_range(addr, length)
+    except OSError as err:
+        pagecache.unmap(addr, length)
+        detail = os.strerror(err.errno) if err.errno else str(err)
+        if err.errno in (errno.ENOMEM, errno.EPERM, errno.EAGAIN):
             detail += f": RLIMIT_MEMLOCK or a missing CAP_IPC_LOCK forbids it; {_HOW_TO_ALLOW}"
-        raise OSError(err, f"mlock: {detail}")
-    return int(addr)
+        raise OSError(err.errno, f"mlock: {detail}") from err
+    return addr
 
 
 def unlock(addr: int, length: int) -> None:
     """Unlock and unmap a mapping made by :func:`lock_file`."""
-    _munlock(addr, length)
-    _munmap(addr, length)
+    pagecache.unlock_range(addr, length)
+    pagecache.unmap(addr, length)
 
 
 @dataclass(frozen=True)
