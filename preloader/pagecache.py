@@ -336,16 +336,14 @@ def range_resident_pages(fd: int, offset: int, length: int) -> int:
     length = min(length, st.st_size - offset)
     if length <= 0:
         return 0
-    addr = _mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
-    if addr == _MAP_FAILED or addr is None:
-        _raise_errno("mmap")
+    addr = map_shared(fd, length, offset)
     try:
         vec = (ctypes.c_ubyte * ((length + PAGE_SIZE - 1) // PAGE_SIZE))()
         if _mincore(addr, length, vec) != 0:
             _raise_errno("mincore")
         return sum(1 for flag in bytes(vec) if flag & 1)
     finally:
-        _munmap(addr, length)
+        unmap(addr, length)
 
 
 def force_mincore(enabled: bool) -> None:
