@@ -269,37 +269,55 @@ def fd_residency(fd: int, size: int) -> int:
     :raises ResidencyUnknownError: when the kernel will not tell the truth about this file.
     :raises OSError: for other failures (EIO, ...).
     """
-    global _cachestat_missing
     if size == 0:
         return 0
-    if not _cachestat_missing:
-        try:
-            # The range, not the whole file: a plan may cover only a file's first bytes
-            # (a budget-trimmed plan), and residency is of what was planned.
-            pages = cachestat(fd, 0, size).cached
-            tail = size % PAGE_SIZE
-            # Every page cached includes the last; only a partial count needs a second look.
-            whole = pages >= -(-size // PAGE_SIZE)
-            last = whole or (
-                bool(pages) and bool(tail) and cachestat(fd, size - tail, tail).cached > 0
-            )
-            return resident_bytes_from_pages(pages, size, last)
-        except OSError as err:
-            if err.errno == errno.EPERM:
-                raise ResidencyUnknownError(
-                    "cachestat refused (EPERM): "
-                    + _NOT_TRUSTED.format(uid=os.fstat(fd).st_uid)
-                    + " (older seccomp profiles also block cachestat)"
-                ) from err
-            if err.errno != errno.ENOSYS:
-                raise
-            with _cachestat_lock:
-                _cachestat_missing = True
+    # The range, not the whole file: a plan may cover only a file's first bytes
+    # (a budget-trimmed plan), and residency is of what was planned.
+    pages = _cachestat_pages(fd, 0, size)
+    if pages is not None:
+        tail = size % PAGE_SIZE
+        # Every page cached includes the last; only a partial count needs a second look.
+        whole = pages >= -(-size // PAGE_SIZE)
+        last = whole or (bool(pages) and bool(tail) and cachestat(fd, size - tail, tail).cached > 0)
+        return resident_bytes_from_pages(pages, size, last)
+    _require_mincore_trust(fd)
+    pages, last = mincore_resident_pages(fd, size)
+    return resident_bytes_from_pages(pages, size, last)
+
+
+def _cachestat_pages(fd: int, offset: int, length: int) -> int | None:
+    """cachestat's cached pages of a range; ``None`` where the kernel lacks cachestat.
+
+    :raises ResidencyUnknownError: on ``EPERM`` (never followed by a ``mincore`` guess).
+    """
+    global _cachestat_missing
+    if _cachestat_missing:
+        return None
+    try:
+        return cachestat(fd, offset, length).cached
+    except OSError as err:
+        if err.errno == errno.EPERM:
+            raise ResidencyUnknownError(
+                "cachestat refused (EPERM): "
+                + _NOT_TRUSTED.format(uid=os.fstat(fd).st_uid)
+                + " (older seccomp profiles also block cachestat)"
+            ) from err
+        if err.errno != errno.ENOSYS:
+            raise
+        with _cachestat_lock:
+            _cachestat_missing = True
+        return None
+
+
+def _require_mincore_trust(fd: int) -> os.stat_result:
+    """The file's stat, after checking that ``mincore`` would tell this process the truth.
+
+    :raises ResidencyUnknownError: when it would not.
+    """
     st = os.fstat(fd)
     if not _mincore_trusted(st, fd):
         raise ResidencyUnknownError("mincore would lie: " + _NOT_TRUSTED.format(uid=st.st_uid))
-    pages, last = mincore_resident_pages(fd, size)
-    return resident_bytes_from_pages(pages, size, last)
+    return st
 
 
 def range_resident_pages(fd: int, offset: int, length: int) -> int:
@@ -315,24 +333,12 @@ def range_resident_pages(fd: int, offset: int, length: int) -> int:
     :raises ResidencyUnknownError: when the kernel will not tell the truth about this file.
     :raises OSError: for other failures.
     """
-    global _cachestat_missing
     if offset % PAGE_SIZE:
         raise ValueError(f"offset {offset} is not a multiple of the page size")
-    if not _cachestat_missing:
-        try:
-            return cachestat(fd, offset, length).cached
-        except OSError as err:
-            if err.errno == errno.EPERM:
-                raise ResidencyUnknownError(
-                    "cachestat refused (EPERM): " + _NOT_TRUSTED.format(uid=os.fstat(fd).st_uid)
-                ) from err
-            if err.errno != errno.ENOSYS:
-                raise
-            with _cachestat_lock:
-                _cachestat_missing = True
-    st = os.fstat(fd)
-    if not _mincore_trusted(st, fd):
-        raise ResidencyUnknownError("mincore would lie: " + _NOT_TRUSTED.format(uid=st.st_uid))
+    pages = _cachestat_pages(fd, offset, length)
+    if pages is not None:
+        return pages
+    st = _require_mincore_trust(fd)
     length = min(length, st.st_size - offset)
     if length <= 0:
         return 0
