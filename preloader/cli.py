@@ -381,36 +381,62 @@ def cli(ctx: click.Context, log_level: str, log_format: str, debug: bool) -> Non
     ctx.obj = {"debug": debug}
 
 
+def _read_options(chunk_help: str, method_help: str) -> Callable[[_F], _F]:
+    """How to read: ``-c``, ``--chunk-size``, ``--method``, ``--read-timeout`` (warm, serve)."""
+    decorators = [
+        click.option(
+            "-c",
+            "--concurrency",
+            envvar="PRELOADER_CONC",
+            show_envvar=True,
+            default="4",
+            show_default=True,
+            metavar="N|auto",
+            help="Chunks read in parallel; 'auto' raises it while throughput still grows.",
+        ),
+        click.option(
+            "--chunk-size",
+            type=_Size(),
+            default=DEFAULT_CHUNK_SIZE,
+            show_default="64MiB",
+            envvar="PRELOADER_CHUNK_SIZE",
+            show_envvar=True,
+            help=chunk_help,
+        ),
+        click.option(
+            "--method",
+            type=click.Choice(["auto", "sendfile", "mmap", "read"]),
+            default="auto",
+            show_default=True,
+            envvar="PRELOADER_METHOD",
+            show_envvar=True,
+            help=method_help,
+        ),
+        click.option(
+            "--read-timeout",
+            type=click.FloatRange(min=0),
+            default=600,
+            show_default=True,
+            envvar="PRELOADER_READ_TIMEOUT",
+            show_envvar=True,
+            help="Give up a file whose chunk read stalls this many seconds (0: never).",
+        ),
+    ]
+
+    def apply(func: _F) -> _F:
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+
+    return apply
+
+
 @cli.command(epilog=EXIT_CODES_HELP)
 @_selection_options
-@click.option(
-    "-c",
-    "--concurrency",
-    envvar="PRELOADER_CONC",
-    show_envvar=True,
-    default="4",
-    show_default=True,
-    metavar="N|auto",
-    help="Chunks read in parallel; 'auto' raises it while throughput still grows.",
-)
-@click.option(
-    "--chunk-size",
-    type=_Size(),
-    default=DEFAULT_CHUNK_SIZE,
-    show_default="64MiB",
-    envvar="PRELOADER_CHUNK_SIZE",
-    show_envvar=True,
-    help="Bytes per chunk (1048576, 64MiB, 1G); files larger than this are read by "
+@_read_options(
+    chunk_help="Bytes per chunk (1048576, 64MiB, 1G); files larger than this are read by "
     "several workers at once.",
-)
-@click.option(
-    "--method",
-    type=click.Choice(["auto", "sendfile", "mmap", "read"]),
-    default="auto",
-    show_default=True,
-    envvar="PRELOADER_METHOD",
-    show_envvar=True,
-    help="How to read: sendfile to /dev/null (zero-copy, the default), mmap + "
+    method_help="How to read: sendfile to /dev/null (zero-copy, the default), mmap + "
     "MADV_POPULATE_READ (zero-copy), or read (copies; works everywhere). A filesystem "
     "that refuses one falls back to read.",
 )
@@ -441,15 +467,6 @@ def cli(ctx: click.Context, log_level: str, log_format: str, debug: bool) -> Non
     show_envvar=True,
     help="Stop the read pass after this many seconds (0: never) and exit 5 with a "
     "summary. Kubernetes gives exec hooks no timeout of their own.",
-)
-@click.option(
-    "--read-timeout",
-    type=click.FloatRange(min=0),
-    default=600,
-    show_default=True,
-    envvar="PRELOADER_READ_TIMEOUT",
-    show_envvar=True,
-    help="Give up a file whose chunk read stalls this many seconds (0: never).",
 )
 @click.option(
     "--best-effort",
@@ -1234,55 +1251,12 @@ WAIT_EXIT_CODES_HELP = (
 )
 
 
-def _read_options(func: _F) -> _F:
-    """How to read, as for warm (same environment twins)."""
-    decorators = [
-        click.option(
-            "-c",
-            "--concurrency",
-            envvar="PRELOADER_CONC",
-            show_envvar=True,
-            default="4",
-            show_default=True,
-            metavar="N|auto",
-            help="Chunks read in parallel; 'auto' raises it while throughput still grows.",
-        ),
-        click.option(
-            "--chunk-size",
-            type=_Size(),
-            default=DEFAULT_CHUNK_SIZE,
-            show_default="64MiB",
-            envvar="PRELOADER_CHUNK_SIZE",
-            show_envvar=True,
-            help="Bytes per chunk; also the unit keep-warm measures and re-reads.",
-        ),
-        click.option(
-            "--method",
-            type=click.Choice(["auto", "sendfile", "mmap", "read"]),
-            default="auto",
-            show_default=True,
-            envvar="PRELOADER_METHOD",
-            show_envvar=True,
-            help="How to read (see warm --help).",
-        ),
-        click.option(
-            "--read-timeout",
-            type=click.FloatRange(min=0),
-            default=600,
-            show_default=True,
-            envvar="PRELOADER_READ_TIMEOUT",
-            show_envvar=True,
-            help="Give up a file whose chunk read stalls this many seconds (0: never).",
-        ),
-    ]
-    for decorator in reversed(decorators):
-        func = decorator(func)
-    return func
-
-
 @cli.command(epilog=SERVE_EXIT_CODES_HELP)
 @_selection_options
-@_read_options
+@_read_options(
+    chunk_help="Bytes per chunk; also the unit keep-warm measures and re-reads.",
+    method_help="How to read (see warm --help).",
+)
 @click.option(
     "--host",
     default="0.0.0.0",  # noqa: S104 - probes and scrapes come from outside the pod
