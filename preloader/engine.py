@@ -1070,17 +1070,17 @@ def _file_chunks(file_index: int, spec: FileSpec, chunk_size: int) -> tuple[Chun
 
 def _chunk_residency_of(item: tuple[int, FileSpec], chunk_size: int) -> ChunkResidency:
     index, spec = item
+
+    def failed(cause: str) -> ChunkResidency:
+        # Not measurable: every chunk counts as lost, so keep-warm tries it again.
+        return ChunkResidency(
+            index, spec.path, spec.size, None, _file_chunks(index, spec, chunk_size), error=cause
+        )
+
     try:
         fd = _open_regular(spec)
     except OSError as err:
-        return ChunkResidency(
-            index,
-            spec.path,
-            spec.size,
-            None,
-            _file_chunks(index, spec, chunk_size),
-            error=f"cannot open: {_describe(err)}",
-        )
+        return failed(f"cannot open: {_describe(err)}")
     try:
         resident = pagecache.fd_residency(fd, spec.size)
         if resident >= spec.size:
@@ -1096,14 +1096,7 @@ def _chunk_residency_of(item: tuple[int, FileSpec], chunk_size: int) -> ChunkRes
     except pagecache.ResidencyUnknownError as unknown:
         return ChunkResidency(index, spec.path, spec.size, None, reason=unknown.reason)
     except OSError as err:
-        return ChunkResidency(
-            index,
-            spec.path,
-            spec.size,
-            None,
-            _file_chunks(index, spec, chunk_size),
-            error=f"cannot measure: {_describe(err)}",
-        )
+        return failed(f"cannot measure: {_describe(err)}")
     finally:
         os.close(fd)
 
