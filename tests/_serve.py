@@ -137,3 +137,16 @@ def start_serve(*args: str, env: dict[str, str] | None = None, user: int | None 
         if proc.stderr is not None:
             proc.stderr.close()
         raise
+
+
+def track(started: list[Served], *args: str, **kwargs: Any) -> Served:
+    """:func:`start_serve`, remembered in the ``served`` fixture's list for clean-up."""
+    server = start_serve(*args, **kwargs)
+    started.append(server)
+    return server
+
+
+def ready_body(server: Served) -> dict[str, Any] | None:
+    """The ``/readyz`` body once it answers 200, else ``None`` (for :meth:`Served.poll`)."""
+    status, body = server.json("/readyz")
+    return body if status == 200 else None

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -26,6 +26,9 @@ from preloader import pagecache
 from preloader.demo import write_demo_model
 
 from .fusefs import FuseMount
+
+if TYPE_CHECKING:
+    from ._serve import Served
 
 NOBODY = 65534
 AS_USER = str(Path(__file__).with_name("_as_user.py"))
@@ -446,3 +449,12 @@ def run_cli_in_cgroup(
         env=base_env,
         timeout=120,
     )
+
+
+@pytest.fixture
+def served() -> Iterator[list[Served]]:
+    """Servers a test starts (see ``tests._serve.track``); killed afterwards if left running."""
+    started: list[Served] = []
+    yield started
+    for server in started:
+        server.kill()

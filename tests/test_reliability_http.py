@@ -16,37 +16,16 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from ._serve import DEADLINE, Served, start_serve
+from ._serve import DEADLINE, Served, ready_body, start_serve, track
 from .conftest import NOBODY, evict_tree, needs_fuse, needs_root
 from .fusefs import FuseMount
 
 PATHS = ("/healthz", "/readyz", "/status", "/metrics")
-
-
-@pytest.fixture
-def served() -> Iterator[list[Served]]:
-    """Servers a test starts; killed afterwards if the test left them running."""
-    started: list[Served] = []
-    yield started
-    for server in started:
-        server.kill()
-
-
-def _serve(served: list[Served], *args: str, **kwargs: Any) -> Served:
-    server = start_serve(*args, **kwargs)
-    served.append(server)
-    return server
-
-
-def _ready(server: Served) -> dict[str, Any] | None:
-    status, body = server.json("/readyz")
-    return body if status == 200 else None
 
 
 def _raw(port: int, request: bytes, timeout: float = 10) -> bytes:
@@ -139,8 +118,8 @@ def test_only_get_and_head_on_the_four_paths_and_nothing_touches_the_filesystem(
     secret = shared_tmp / "secret"
     secret.write_text("root:x:0:0\n")
     unchanged(shared_tmp)
-    server = _serve(served, str(model_dir), "--recheck-seconds", "0")
-    server.poll(lambda: _ready(server))
+    server = track(served, str(model_dir), "--recheck-seconds", "0")
+    server.poll(lambda: ready_body(server))
     before = server.json("/status")[1]
     opens = _Opens(model_dir, shared_tmp)
     try:
@@ -175,7 +154,7 @@ def test_only_get_and_head_on_the_four_paths_and_nothing_touches_the_filesystem(
 def test_oversized_headers_and_bodies_are_refused_and_the_server_goes_on(
     model_dir: Path, served: list[Served]
 ) -> None:
-    server = _serve(served, str(model_dir), "--recheck-seconds", "0")
+    server = track(served, str(model_dir), "--recheck-seconds", "0")
     huge_header = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"
     many_headers = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 20_000 + b"\r\n"
     huge_line = b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -217,18 +196,18 @@ def test_a_thousand_readyz_while_warming_are_all_answered(
 ) -> None:
     # A gated read holds the agent in `warming` for as long as the test needs.
     fs = fuse_fs({"files": {"model.safetensors": {"size": 4 << 20, "gate_from": 1 << 20}}})
-    server = _serve(served, str(fs.mountpoint), "--chunk-size", "1MiB", "--recheck-seconds", "0")
+    server = track(served, str(fs.mountpoint), "--chunk-size", "1MiB", "--recheck-seconds", "0")
     fs.wait_for("GATE read")
     codes = asyncio.run(_probe_all(server.port, 1000))
     assert codes == [503] * 1000
     assert server.json("/readyz")[1]["state"] == "warming"
     fs.release()
-    assert server.poll(lambda: _ready(server))["bytes_done"] == 4 << 20
+    assert server.poll(lambda: ready_body(server))["bytes_done"] == 4 << 20
     assert server.stop()[0] == 0
 
 
 def test_slow_clients_do_not_block_others(model_dir: Path, served: list[Served]) -> None:
-    server = _serve(served, str(model_dir), "--recheck-seconds", "0")
+    server = track(served, str(model_dir), "--recheck-seconds", "0")
     stalled = []
     try:
         for partial in (b"GET /healthz HTTP/1.1\r\nHost: x\r\n", b"GE", b"POST /status HTTP/1.1"):
@@ -259,9 +238,9 @@ def test_nobody_over_a_read_only_tree_serves_and_turns_ready_unverified(
     for path in [model_dir, *model_dir.iterdir()]:
         path.chmod(0o555 if path.is_dir() else 0o444)
     unchanged(model_dir)
-    server = _serve(served, env={"MODEL_DIR": str(model_dir)}, user=NOBODY)
+    server = track(served, env={"MODEL_DIR": str(model_dir)}, user=NOBODY)
     assert server.request("/healthz") == (200, b"ok\n")
-    body = server.poll(lambda: _ready(server))
+    body = server.poll(lambda: ready_body(server))
     assert body["bytes_done"] == body["bytes_total"] > 0
     assert body["verified"] is False  # root's files: the kernel hides residency (EPERM)
     assert server.stop()[0] == 0
@@ -284,7 +263,7 @@ def _warm_seconds(model: Path, load: bool) -> float:
                 assert None not in codes
                 answered += len(codes)
         else:
-            server.poll(lambda: _ready(server))
+            server.poll(lambda: ready_body(server))
         [path] = server.json("/status")[1]["paths"]
         print(f"warm {path['warm_seconds']:.2f} s, {answered} /readyz answered meanwhile")
         assert server.stop()[0] == 0

@@ -8,37 +8,16 @@ import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ._serve import Served, start_serve
+from ._serve import Served, ready_body, track
 from .conftest import NOBODY, evict_tree, needs_root, needs_vmtouch, run_cli, vmtouch_resident
 
 READYZ_KEYS = {"ready", "state", "reason", "bytes_done", "bytes_total"}
-
-
-@pytest.fixture
-def served() -> Iterator[list[Served]]:
-    """Servers a test starts; killed afterwards if the test left them running."""
-    started: list[Served] = []
-    yield started
-    for server in started:
-        server.kill()
-
-
-def _serve(served: list[Served], *args: str, **kwargs: Any) -> Served:
-    server = start_serve(*args, **kwargs)
-    served.append(server)
-    return server
-
-
-def _ready(server: Served) -> dict[str, Any] | None:
-    status, body = server.json("/readyz")
-    return body if status == 200 else None
 
 
 def _samples(server: Served) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -55,9 +34,9 @@ def _samples(server: Served) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
 def test_healthz_at_once_readyz_200_once_vmtouch_agrees_sigterm_exits_0(
     model_dir: Path, served: list[Served]
 ) -> None:
-    server = _serve(served, env={"MODEL_DIR": str(model_dir)})
+    server = track(served, env={"MODEL_DIR": str(model_dir)})
     assert server.request("/healthz") == (200, b"ok\n")  # the first request
-    body = server.poll(lambda: _ready(server))
+    body = server.poll(lambda: ready_body(server))
     assert body.keys() >= READYZ_KEYS
     assert body["ready"] is True and body["bytes_done"] == body["bytes_total"] > 0
     pages, total = vmtouch_resident(model_dir)
@@ -86,7 +65,7 @@ def test_readyz_is_503_with_a_reason_until_the_files_can_be_read(
         os.chown(path, NOBODY, NOBODY)
     locked = sorted(model_dir.glob("*.safetensors"))[0]
     locked.chmod(0o000)
-    server = _serve(
+    server = track(
         served,
         env={"MODEL_DIR": str(model_dir), "PRELOADER_RECHECK_SECONDS": "0.1"},
         user=NOBODY,
@@ -107,7 +86,7 @@ def test_readyz_is_503_with_a_reason_until_the_files_can_be_read(
     assert body["bytes_done"] < body["bytes_total"]
 
     locked.chmod(0o644)
-    body = server.poll(lambda: _ready(server))
+    body = server.poll(lambda: ready_body(server))
     assert body["verified"] is True
     pages, total = vmtouch_resident(model_dir)
     assert pages >= 0.99 * total
@@ -118,8 +97,8 @@ def test_readyz_is_503_with_a_reason_until_the_files_can_be_read(
 def test_evicted_files_are_rewarmed_by_the_running_agent(
     model_dir: Path, served: list[Served]
 ) -> None:
-    server = _serve(served, str(model_dir), "--recheck-seconds", "0.1", "--chunk-size", "1MiB")
-    server.poll(lambda: _ready(server))
+    server = track(served, str(model_dir), "--recheck-seconds", "0.1", "--chunk-size", "1MiB")
+    server.poll(lambda: ready_body(server))
     evict_tree(model_dir)
     assert vmtouch_resident(model_dir)[0] == 0
 
@@ -141,8 +120,8 @@ def test_evicted_files_are_rewarmed_by_the_running_agent(
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="no promtool")
 def test_metrics_parse_and_pass_promtool(model_dir: Path, served: list[Served]) -> None:
-    server = _serve(served, env={"MODEL_DIR": str(model_dir)})
-    server.poll(lambda: _ready(server))
+    server = track(served, env={"MODEL_DIR": str(model_dir)})
+    server.poll(lambda: ready_body(server))
     status, body = server.request("/metrics")
     assert status == 200
     samples = _samples(server)
@@ -163,8 +142,8 @@ def test_metrics_parse_and_pass_promtool(model_dir: Path, served: list[Served]) 
 def test_a_non_owner_is_ready_unverified_and_exports_no_resident_bytes(
     model_dir: Path, served: list[Served]
 ) -> None:
-    server = _serve(served, env={"MODEL_DIR": str(model_dir)}, user=NOBODY)
-    body = server.poll(lambda: _ready(server))
+    server = track(served, env={"MODEL_DIR": str(model_dir)}, user=NOBODY)
+    body = server.poll(lambda: ready_body(server))
     assert body["verified"] is False
     assert "unverified" in body["reason"]
     document = server.json("/status")[1]
@@ -181,7 +160,7 @@ def test_a_non_owner_is_ready_unverified_and_exports_no_resident_bytes(
 
 
 def test_only_get_and_head_on_the_four_paths(model_dir: Path, served: list[Served]) -> None:
-    server = _serve(served, env={"MODEL_DIR": str(model_dir)})
+    server = track(served, env={"MODEL_DIR": str(model_dir)})
     for path in ("/healthz", "/readyz", "/status", "/metrics"):
         assert server.request(path, "HEAD")[0] in (200, 503)
         assert server.request(path, "POST")[0] == 405
@@ -197,14 +176,14 @@ def test_only_get_and_head_on_the_four_paths(model_dir: Path, served: list[Serve
 def test_a_signal_right_after_start_exits_0(
     model_dir: Path, served: list[Served], signum: int
 ) -> None:
-    server = _serve(served, env={"MODEL_DIR": str(model_dir)})
+    server = track(served, env={"MODEL_DIR": str(model_dir)})
     code, _ = server.stop(signum)
     assert code == 0
     assert not [line for line in server.raw if "Traceback" in line]
 
 
 def test_nothing_to_serve_is_ready_at_once(served: list[Served]) -> None:
-    server = _serve(served)
+    server = track(served)
     status, body = server.json("/readyz")
     assert status == 200
     assert body["reason"] == "nothing to warm: MODEL_DIR is not set and no PATH was given"
