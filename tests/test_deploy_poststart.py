@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from . import deploy_manifests as dm
+from .conftest import fincore_resident_bytes
 
 MiB = 1024 * 1024
 MANIFEST_PYZ = "/opt/preloader-bin/preloader.pyz"
@@ -80,18 +81,6 @@ def _run_hook(env: dict[str, str], container_log: Path | None = None) -> tuple[i
     return result.returncode, container_log.read_text()
 
 
-def _resident(model: Path) -> int:
-    if shutil.which("fincore") is None:
-        pytest.skip("fincore (util-linux) not installed")
-    output = subprocess.run(
-        ["fincore", "--bytes", "--noheadings", "--output", "RES", *map(str, model.iterdir())],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return sum(int(line) for line in output.split())
-
-
 def _cold_model(tmp_path: Path) -> Path:
     model = tmp_path / "DeepSeek-R1-0528"
     model.mkdir()
@@ -119,7 +108,9 @@ def test_hook_warms_the_model_with_the_servers_python(tmp_path: Path) -> None:
         container_log=log,
     )
     assert status == 0, logged
-    assert _resident(model) == sum(p.stat().st_size for p in model.iterdir())
+    assert fincore_resident_bytes(*model.iterdir()) == sum(
+        p.stat().st_size for p in model.iterdir()
+    )
     # PRELOADER_LOG_FORMAT=json in the manifest: the container log gets JSON lines.
     lines = [line for line in logged.splitlines() if line.strip()]
     assert lines, "the warm-up logged nothing to the container's log"
@@ -189,7 +180,9 @@ def test_wait_prefix_holds_the_server_until_ready(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == "server-started"
         assert time.monotonic() - started < 60
-        assert _resident(model) == sum(p.stat().st_size for p in model.iterdir())
+        assert fincore_resident_bytes(*model.iterdir()) == sum(
+            p.stat().st_size for p in model.iterdir()
+        )
     finally:
         agent.terminate()
         agent.wait(timeout=10)

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from . import deploy_manifests as dm
+from .conftest import fincore_resident_bytes
 
 MiB = 1024 * 1024
 OTHER_UID = 4321  # an owner that is neither root nor the preloader (NFS, other tooling)
@@ -80,16 +81,6 @@ def _evict(model: Path) -> None:
             os.close(fd)
 
 
-def _fincore_bytes(model: Path) -> int:
-    output = subprocess.run(
-        ["fincore", "--bytes", "--noheadings", "--output", "RES", *map(str, model.iterdir())],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return sum(int(line) for line in output.split())
-
-
 def _preloader(
     identity: list[str], *args: str, env: dict[str, str] | None = None
 ) -> dict[str, Any]:
@@ -111,12 +102,12 @@ def _preloader(
 def _assert_truthful(identity: list[str], model: Path) -> None:
     total = sum(p.stat().st_size for p in model.iterdir())
     _evict(model)
-    assert _fincore_bytes(model) == 0
+    assert fincore_resident_bytes(*model.iterdir()) == 0
     cold = _preloader(identity, "status", str(model))
     assert cold["resident_bytes"] == 0, cold  # not "100%" from a lying syscall
     warm = _preloader(identity, "warm", str(model))
     assert warm["errors"] == 0, warm
-    assert warm["resident_bytes"] == total == _fincore_bytes(model), warm
+    assert warm["resident_bytes"] == total == fincore_resident_bytes(*model.iterdir()), warm
     hot = _preloader(identity, "status", str(model))
     assert hot["resident_bytes"] == total, hot
 
@@ -128,7 +119,9 @@ def _assert_unknown(identity: list[str], model: Path) -> None:
     assert cold["residency_unknown_reason"], cold
     warm = _preloader(identity, "warm", str(model))
     assert warm["resident_bytes"] is None, warm
-    assert _fincore_bytes(model) == sum(p.stat().st_size for p in model.iterdir())
+    assert fincore_resident_bytes(*model.iterdir()) == sum(
+        p.stat().st_size for p in model.iterdir()
+    )
 
 
 AGENT_CONTAINERS = [
