@@ -50,7 +50,7 @@ from .engine import (
 )
 from .logs import FORMATS, LEVELS, configure, get_logger
 from .pinning import memlock_permission
-from .planner import Plan, printable
+from .planner import Plan, printable, sparse_note
 from .progress import show_progress
 from .units import format_bytes, parse_size
 
@@ -296,8 +296,16 @@ def _log_plan_problems(plan: Plan, log: Any) -> None:
             log.error("cannot read", path=printable(skipped.path), cause=skipped.reason)
         else:
             log.warning("skipped", path=printable(skipped.path), reason=skipped.reason)
+    _log_sparse(plan, log)
     if not plan.files:
         log.warning("no files found", paths=[printable(p) for p in plan.roots])
+
+
+def _log_sparse(plan: Plan, log: Any) -> None:
+    for spec in plan.files:
+        note = sparse_note(spec)
+        if note is not None:
+            log.warning("sparse file", path=printable(spec.path), detail=note)
 
 
 def _finish(code: int) -> None:
@@ -1016,6 +1024,7 @@ def _run_plan(selection: Selection, as_json: bool, on_overflow: str, headroom: H
         exclude=selection.exclude,
         all_formats=selection.all_formats,
     )
+    _log_sparse(the_plan, get_logger())
     check: BudgetCheck = anyio.run(
         lambda: api.check_budget(the_plan, on_overflow=on_overflow, headroom=headroom)
     )
@@ -1026,7 +1035,13 @@ def _run_plan(selection: Selection, as_json: bool, on_overflow: str, headroom: H
         document: dict[str, object] = {
             "paths": list(selection.paths),
             "files": [
-                {"path": f.path, "bytes": f.size, "metadata": f.metadata} for f in check.plan.files
+                {
+                    "path": f.path,
+                    "bytes": f.size,
+                    "allocated_bytes": f.allocated,
+                    "metadata": f.metadata,
+                }
+                for f in check.plan.files
             ],
             "bytes": check.plan.total_bytes,
             "skipped": [
@@ -1186,16 +1201,15 @@ def demo(
 
 
 def _run_demo(size: int, directory: str | None, keep: bool, concurrency: str) -> int:
-    from .demo import write_demo_model
+    from .demo import claim_directory, write_demo_model
 
     log = get_logger()
     conc = parse_concurrency(concurrency)
     if directory is None:
         base = "/var/tmp" if os.path.isdir("/var/tmp") else tempfile.gettempdir()
         directory = tempfile.mkdtemp(prefix="preloader-demo-", dir=base)
-        created = True
     else:
-        created = not os.path.exists(directory)
+        claim_directory(directory)  # refuses a folder that exists: never writes into it
     try:
         log.info("writing demo model", dir=directory, size=format_bytes(size))
         write_demo_model(directory, size)
@@ -1215,7 +1229,7 @@ def _run_demo(size: int, directory: str | None, keep: bool, concurrency: str) ->
     finally:
         if keep:
             click.echo(f"kept demo model in {directory}")
-        elif created:
+        else:
             shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -9,6 +9,7 @@ runs in a worker thread through :func:`anyio.to_thread.run_sync` with a
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import resource
 import stat
@@ -145,12 +146,17 @@ class EngineEvent:
 
 @dataclass(frozen=True, slots=True)
 class FileResidency:
-    """Residency of one file: bytes, or ``None`` with the reason it is unknown."""
+    """Residency of one file: bytes, or ``None`` with the reason it is unknown.
+
+    :ivar changed: the file was deleted, replaced or shrank since it was read (the
+        reason says which): a read error of the pass, not an unknown residency.
+    """
 
     path: str
     size: int
     resident_bytes: int | None
     reason: str | None = None
+    changed: bool = False
 
     @property
     def resident_ratio(self) -> float | None:
@@ -771,14 +777,36 @@ def _explain(
     )
 
 
-def _residency_of(spec: FileSpec) -> FileResidency:
+_CHANGED = {
+    errno.ENOENT: "deleted since it was read",
+    errno.ESTALE: "replaced by another file since it was read",
+    errno.EINVAL: "no longer a regular file since it was read",
+}
+
+
+def _residency_of(spec: FileSpec, after_read: bool = False) -> FileResidency:
+    """Measure one planned file; ``after_read``: the warm pass verifying what it read,
+    where a file deleted, replaced or shrunk since is a change (``changed``), not an
+    unknown residency."""
     try:
         fd = _open_regular(spec)
     except OSError as err:
+        if after_read and err.errno in _CHANGED:
+            # Its planned bytes are in no file a loader can open: none of them count.
+            cause = f"{_CHANGED[err.errno]} ({_describe(err)})"
+            return FileResidency(spec.path, spec.size, 0, cause, changed=True)
         return FileResidency(spec.path, spec.size, None, f"cannot open: {_describe(err)}")
     try:
         resident = pagecache.fd_residency(fd, spec.size)
         size_now = os.fstat(fd).st_size
+        if after_read and size_now < spec.size:
+            return FileResidency(
+                spec.path,
+                spec.size,
+                min(resident, size_now),
+                f"shrank from {spec.size} to {size_now} bytes since it was read",
+                changed=True,
+            )
         if size_now > spec.size:  # still being written (a download in progress)
             return FileResidency(
                 spec.path,
@@ -955,7 +983,7 @@ async def warm_plan(
         # the cache at open, that open waits for the stuck read's locked page, for ever.
         healthy = [state.spec for state in engine.files if not state.stalled]
         measured_list = await _map_files(
-            _residency_of,
+            functools.partial(_residency_of, after_read=True),
             healthy,
             workers,
             _unknown,
@@ -992,6 +1020,8 @@ async def warm_plan(
             measured = _unknown(spec, "its read stalled, and opening it again could hang too")
         else:
             measured = residency[spec]
+        if measured.changed and state.error is None and measured.reason is not None:
+            engine._fail(state, measured.reason)
         cause = None
         complete = state.error is None and state.read_bytes >= spec.size
         if options.verify and complete and measured.resident_bytes is not None:
