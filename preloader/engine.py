@@ -1000,6 +1000,7 @@ async def warm_plan(
             and state.resident_after_read
             and state.spec in residency
             and residency[state.spec].resident_bytes == 0
+            and not residency[state.spec].changed
         ]
         probed = await _map_files(
             _bypass_probe,
