@@ -378,3 +378,143 @@ def test_serve_applies_the_memory_budget_as_warm_does(
     path = document["paths"][0]
     assert path["bytes"] < 1 << 40 and path["cold_bytes"] == (1 << 40) - path["bytes"]
     assert server.stop()[0] == 0
+
+
+# ------------------------------------------------------------ 6. --best-effort, always
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PRELOADER_TIMEOUT", "-1"),
+        ("PRELOADER_METHOD", "Sendfile"),
+        ("PRELOADER_LOG_LEVEL", "INFO"),
+        ("PRELOADER_TIMEOUT", "nan"),
+        ("PRELOADER_CHUNK_SIZE", "lots"),
+    ],
+)
+@pytest.mark.parametrize("via", ["flag", "env"])
+def test_best_effort_exits_0_on_a_bad_environment_value_and_says_why(
+    shared_tmp: Path, variable: str, value: str, via: str
+) -> None:
+    model = _sharded(shared_tmp / "model")
+    env = {variable: value}
+    args = ["warm", str(model)]
+    if via == "env":
+        env["PRELOADER_BEST_EFFORT"] = "1"
+    else:
+        args.insert(1, "--best-effort")
+    done = run_cli(*args, env=env)
+    assert done.returncode == errors.EXIT_OK, done.stderr
+    logs = _logs(done)
+    (bad,) = [line for line in logs if line["event"] == "bad input"]
+    assert variable in bad["error"]
+    assert any(line["event"] == "best effort: exiting 0" for line in logs)
+
+
+def test_best_effort_exits_0_with_stderr_closed_and_stdout_full(shared_tmp: Path) -> None:
+    model = _sharded(shared_tmp / "model")
+    script = f'"{sys.executable}" -m preloader warm --best-effort --json --timeout nan "{model}"'
+    for redirect in ("2>&-", ">/dev/full", "2>/dev/full >&-"):
+        done = subprocess.run(
+            ["sh", "-c", f"{script} {redirect}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        )
+        assert done.returncode == errors.EXIT_OK, (redirect, done.stderr)
+        assert "Traceback" not in done.stderr
+
+
+# ------------------------------------------------------------ 10. nan
+
+
+@pytest.mark.parametrize(
+    "option", ["--min-resident", "--timeout", "--read-timeout", "--progress-interval"]
+)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_nan_and_inf_are_refused_by_every_float_option(
+    shared_tmp: Path, option: str, value: str
+) -> None:
+    model = _sharded(shared_tmp / "model")
+    done = run_cli("warm", f"{option}={value}", str(model))
+    assert done.returncode == errors.EXIT_USAGE, done.stderr
+    (line,) = _logs(done)
+    assert line["event"] == "bad input" and option in line["error"]
+    assert "finite" in line["error"] and "env var" not in line["error"]
+
+
+def test_a_bad_value_from_the_environment_names_the_variable(shared_tmp: Path) -> None:
+    model = _sharded(shared_tmp / "model")
+    done = run_cli("warm", str(model), env={"PRELOADER_MIN_RESIDENT": "nan"})
+    assert done.returncode == errors.EXIT_USAGE, done.stderr
+    (line,) = _logs(done)
+    assert line["error"].startswith("invalid value for PRELOADER_MIN_RESIDENT: ")
+
+
+def test_a_usage_error_under_json_is_a_json_document(shared_tmp: Path) -> None:
+    model = _sharded(shared_tmp / "model")
+    for args, env in (
+        (["warm", "--json", "--chunk-size", "lots", str(model)], {}),
+        (["warm", "--no-such-option", str(model)], {"PRELOADER_JSON": "1"}),
+    ):
+        done = run_cli(*args, env=env)
+        assert done.returncode == errors.EXIT_USAGE, done.stderr
+        assert json.loads(done.stdout)["exit_code"] == errors.EXIT_USAGE
+        _logs(done)
+
+
+# ------------------------------------------------------------ 12. misconfiguration
+
+
+def test_a_misspelt_variable_and_a_missing_path_are_warned_about(shared_tmp: Path) -> None:
+    model = _sharded(shared_tmp / "model")
+    missing = shared_tmp / "not-there"
+    env = {"PRELOADER_PATHS": f"{model}:{missing}", "PRELOADER_TIMEOUTT": "5"}
+    done = run_cli("warm", env=env)
+    assert done.returncode == errors.EXIT_OK, done.stderr
+    logs = _logs(done)
+    (unknown,) = [line for line in logs if line["event"].startswith("unknown environment")]
+    assert unknown["level"] == "warning" and unknown["name"] == "PRELOADER_TIMEOUTT"
+    assert unknown["did_you_mean"] == "PRELOADER_TIMEOUT"
+    (gone,) = [line for line in logs if line["event"].startswith("path does not exist")]
+    assert gone["level"] == "warning" and gone["path"] == str(missing)
+
+
+def test_kubernetes_service_links_are_not_called_misspelt(shared_tmp: Path) -> None:
+    model = _sharded(shared_tmp / "model")
+    env = {"PRELOADER_SERVICE_HOST": "10.0.0.1", "PRELOADER_PORT_9400_TCP": "tcp://x"}
+    done = run_cli("warm", str(model), env=env)
+    assert not [line for line in _logs(done) if line["event"].startswith("unknown")]
+
+
+# ------------------------------------------------------------ 13. closed and broken stdout
+
+
+@pytest.mark.parametrize("redirect", [">&-", "| head -1"])
+def test_a_closed_or_broken_stdout_is_no_internal_error(shared_tmp: Path, redirect: str) -> None:
+    root = shared_tmp / "many"
+    for index in range(3000):  # more status lines than a pipe holds
+        _write(root / f"{index:05d}.bin", 1)
+    script = f'"{sys.executable}" -m preloader status "{root}" {redirect}'
+    done = subprocess.run(
+        ["bash", "-c", f"set -o pipefail; {script}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            **os.environ,
+            "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+            "PRELOADER_LOG_FORMAT": "json",
+        },
+    )
+    assert "Traceback" not in done.stderr and "internal error" not in done.stderr, done.stderr
+    assert done.returncode == errors.EXIT_OK, done.stderr
+
+
+def test_an_empty_folder_is_not_called_100_percent_resident(shared_tmp: Path) -> None:
+    (shared_tmp / "empty").mkdir()
+    done = run_cli("warm", str(shared_tmp / "empty"))
+    (line,) = [entry for entry in _logs(done) if entry["event"].startswith("warm finished")]
+    assert line["resident"] == "no files"
