@@ -3,9 +3,11 @@
 A small state machine that lives on the event loop, on top of the engine: it plans each
 path, warms the paths one after the other, decides when the gate opens (``/readyz``),
 then re-checks residency chunk by chunk every ``recheck_seconds`` and re-reads only the
-chunks that lost pages. Front ends (the HTTP server, the metrics collector) read
-:meth:`Agent.snapshot`, which does no I/O; the agent never prints, it reports through an
-:class:`~preloader.engine.EngineEvent` callback.
+chunks that lost pages. Threading contract: everything runs on the agent's event loop
+except :meth:`Agent.snapshot`, which the front ends (the HTTP handlers, the metrics
+collector) call from uvicorn's thread; it does no I/O, only reads plain attributes and
+builds a fresh immutable :class:`AgentSnapshot`. The agent never prints; it reports
+through an :class:`~preloader.engine.EngineEvent` callback.
 
 Readiness, per path: the first warm pass is over and the *warm share* is at least
 ``ready_ratio``. The warm share counts resident bytes as measured; a file whose residency
@@ -27,7 +29,6 @@ import anyio.to_thread
 
 from ._version import __version__
 from .budget import MemoryBudget, read_memory_budget
-from .config import ServeConfig
 from .engine import (
     ChunkResidency,
     EngineEvent,
@@ -39,6 +40,7 @@ from .engine import (
     warm_plan,
 )
 from .planner import Chunk, Plan, Skipped, build_plan, iter_chunks, printable
+from .settings import ServeConfig
 from .units import format_bytes
 
 __all__ = [
@@ -381,7 +383,12 @@ class Agent:
         return self._stopped
 
     def snapshot(self) -> AgentSnapshot:
-        """The agent's state now, from memory only (safe to call from a scrape)."""
+        """The agent's state now, from memory only.
+
+        Called from the HTTP server's thread while the agent's loop runs: it reads plain
+        attributes (each read atomic under the GIL) into a new frozen object, never
+        mutates, never awaits.
+        """
         paths = tuple(self._path_snapshot(model) for model in self._models)
         rate = sum(p.rate for p, m in zip(paths, self._models, strict=True) if not m.warmed)
         remaining = sum(max(0, p.bytes - p.read_bytes) for p in paths)
@@ -472,7 +479,11 @@ class Agent:
         for model in self._models:
             try:
                 plan = await anyio.to_thread.run_sync(
-                    build_plan, [model.root], selection.include, selection.exclude
+                    build_plan,
+                    [model.root],
+                    selection.include,
+                    selection.exclude,
+                    selection.all_formats,
                 )
             except Exception as err:  # a bug must not take the other paths down
                 self._fail(model, f"planning failed: {type(err).__name__}: {err}")

@@ -21,7 +21,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from .planner import FileSpec, Plan
-from .units import format_bytes, parse_size
+from .settings import DEFAULT_HEADROOM as DEFAULT_HEADROOM
+from .settings import ON_OVERFLOW_POLICIES as ON_OVERFLOW_POLICIES
+from .settings import Headroom as Headroom
+from .settings import OnOverflow
+from .settings import parse_headroom as parse_headroom
+from .units import format_bytes
 
 __all__ = [
     "DEFAULT_HEADROOM",
@@ -42,79 +47,11 @@ __all__ = [
     "read_memory_budget",
 ]
 
-ON_OVERFLOW_POLICIES = ("warn", "trim", "fail")
-
 # cgroup v1 says "no limit" with PAGE_COUNTER_MAX pages in bytes (9223372036854771712 on
 # 4 KiB pages); anything this large is no limit on any real machine.
 _UNLIMITED = 1 << 62
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-@dataclass(frozen=True)
-class Headroom:
-    """Bytes kept free below the budget: a fixed size, or a share of the limit.
-
-    The process's own memory grows while it warms, the kernel starts reclaiming before a
-    limit is reached (v2 ``memory.high``), and in a postStart hook the server shares the
-    container's cgroup; the headroom leaves room for all that.
-
-    The share is capped: what the agent itself needs does not grow with the model, and a
-    deployment sized as model + 256 MiB + 5% must not see its last shards trimmed.
-
-    :ivar fixed_bytes: an absolute headroom, or ``None`` for a share.
-    :ivar fraction: share of the binding limit (the cgroup's, or the node's memory).
-    :ivar minimum_bytes: floor for a share.
-    :ivar maximum_bytes: cap for a share, ``None`` for none.
-    """
-
-    fixed_bytes: int | None = None
-    fraction: float = 0.05
-    minimum_bytes: int = 64 * 1024 * 1024
-    maximum_bytes: int | None = 1024 * 1024 * 1024
-
-    def bytes_for(self, limit_bytes: int | None) -> int:
-        """Headroom in bytes when the binding limit is ``limit_bytes`` (``None``: unknown)."""
-        if self.fixed_bytes is not None:
-            return self.fixed_bytes
-        share = int(self.fraction * limit_bytes) if limit_bytes else 0
-        if self.maximum_bytes is not None:
-            share = min(share, self.maximum_bytes)
-        return max(self.minimum_bytes, share)
-
-    def describe(self) -> str:
-        if self.fixed_bytes is not None:
-            return format_bytes(self.fixed_bytes)
-        text = f"{self.fraction:.0%} of the limit, at least {format_bytes(self.minimum_bytes)}"
-        if self.maximum_bytes is not None:
-            text += f", at most {format_bytes(self.maximum_bytes)}"
-        return text
-
-
-DEFAULT_HEADROOM = Headroom()
-"""5% of the binding limit, at least 64 MiB, at most 1 GiB."""
-
-
-def parse_headroom(text: str) -> Headroom:
-    """``"256MiB"`` -> a fixed headroom; ``"10%"`` -> a share of the limit (no floor).
-
-    :raises ValueError: naming the text, for anything else.
-    """
-    stripped = text.strip()
-    if stripped.endswith("%"):
-        try:
-            percent = float(stripped[:-1])
-        except ValueError:
-            raise ValueError(f"headroom {text!r}: not a size or a percentage") from None
-        if not 0 <= percent < 100:
-            raise ValueError(f"headroom {text!r}: a percentage must be in [0, 100)")
-        return Headroom(fraction=percent / 100, minimum_bytes=0, maximum_bytes=None)
-    try:
-        return Headroom(fixed_bytes=parse_size(stripped))
-    except ValueError:
-        raise ValueError(
-            f"headroom {text!r}: not a size or a percentage (examples: 256MiB, 1G, 5%)"
-        ) from None
 
 
 @dataclass(frozen=True)
@@ -526,7 +463,7 @@ class BudgetCheck:
 
     budget: MemoryBudget
     plan: Plan
-    policy: str
+    policy: OnOverflow
     planned_bytes: int
     need_bytes: int
     headroom_bytes: int
@@ -570,7 +507,7 @@ class BudgetCheck:
 def check_plan(
     plan: Plan,
     budget: MemoryBudget,
-    policy: str = "trim",
+    policy: OnOverflow = "trim",
     headroom: Headroom = DEFAULT_HEADROOM,
     resident: Sequence[int | None] | None = None,
 ) -> BudgetCheck:

@@ -23,6 +23,8 @@ import anyio.to_thread
 
 from . import pagecache
 from .planner import Chunk, FileSpec, Plan, Skipped, chunk_count, iter_batches, iter_chunks
+from .settings import AUTO_CONCURRENCY as AUTO_CONCURRENCY
+from .settings import WarmOptions as WarmOptions
 
 __all__ = [
     "AUTO_CONCURRENCY",
@@ -44,9 +46,6 @@ __all__ = [
     "rewarm_chunks",
     "warm_plan",
 ]
-
-AUTO_CONCURRENCY = 0
-"""``concurrency`` value that asks the engine to find the knee itself."""
 
 # errnos with which a filesystem says "not this way"; the engine then tries the next
 # read method for that file instead of counting an error.
@@ -76,34 +75,6 @@ _RESIDENT_SHARE = 0.999
 # stuck in the kernel (storage that stopped answering) is abandoned after this long.
 STOP_GRACE_SECONDS = 1.0
 _STOP_POLL_SECONDS = 0.05
-
-
-@dataclass(frozen=True)
-class WarmOptions:
-    """How the engine reads.
-
-    :ivar concurrency: parallel chunk reads; :data:`AUTO_CONCURRENCY` to tune it.
-    :ivar chunk_size: bytes per chunk (rounded to whole pages).
-    :ivar method: ``auto`` (= ``sendfile``), ``sendfile``, ``mmap`` or ``read``.
-    :ivar timeout: seconds for the whole read pass; ``None`` for no limit.
-    :ivar read_timeout: seconds one chunk may take before its file is given up as stalled.
-    :ivar verify: re-open every file after the pass and measure residency.
-    """
-
-    concurrency: int = 4
-    chunk_size: int = 64 * 1024 * 1024
-    method: str = "auto"
-    timeout: float | None = None
-    read_timeout: float | None = None
-    verify: bool = True
-
-    def __post_init__(self) -> None:
-        if self.concurrency < 0:
-            raise ValueError("concurrency must be >= 1 (or 0 for auto)")
-        if self.chunk_size < pagecache.PAGE_SIZE:
-            raise ValueError(f"chunk_size must be at least one page ({pagecache.PAGE_SIZE})")
-        if self.method not in ("auto", "sendfile", "mmap", "read"):
-            raise ValueError(f"unknown read method {self.method!r}")
 
 
 @dataclass

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from . import formats
 from .formats import Choice, Problem
+from .settings import Selection
 
 __all__ = [
     "Chunk",
@@ -27,6 +28,7 @@ __all__ = [
     "chunk_count",
     "iter_batches",
     "iter_chunks",
+    "plan_selection",
     "printable",
 ]
 
@@ -355,6 +357,11 @@ def build_plan(
         choices=tuple(walk.choices),
         problems=tuple(walk.problems),
     )
+
+
+def plan_selection(selection: Selection) -> Plan:
+    """:func:`build_plan` over a front end's :class:`~preloader.settings.Selection`."""
+    return build_plan(selection.paths, selection.include, selection.exclude, selection.all_formats)
 
 
 def chunk_count(size: int, chunk_size: int) -> int:

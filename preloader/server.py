@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
 import threading
 from collections.abc import Iterator
@@ -34,11 +33,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import errors
 from .agent import Agent, AgentSnapshot
-from .config import ServeConfig
 from .engine import EngineEvent
 from .logs import get_logger
 from .metrics import make_registry
 from .planner import printable
+from .settings import ServeConfig
+from .signals import StopSignals
 
 __all__ = ["bind", "create_app", "serve"]
 
@@ -210,26 +210,16 @@ async def serve(config: ServeConfig, sock: socket.socket) -> int:
         )
     )
 
-    async def watch_signals(
-        scope: anyio.CancelScope, *, task_status: anyio.abc.TaskStatus[None]
-    ) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            task_status.started()
-            received = 0
-            async for signum in signals:
-                received += 1
-                name = signal.Signals(signum).name
-                if received == 1:
-                    log.info("stopping", signal=name)
-                    agent.stop()
-                    server.should_exit = True
-                else:
-                    log.warning("stopping now", signal=name)
-                    server.force_exit = True
-                    scope.cancel()
+    def ask_to_stop() -> None:
+        agent.stop()
+        server.should_exit = True
 
-    async with anyio.create_task_group() as group:
-        await group.start(watch_signals, group.cancel_scope)
+    def force_exit() -> None:
+        server.force_exit = True
+
+    # The work bounds its own shutdown (shutdown_seconds below): no grace timer.
+    signals = StopSignals(ask_to_stop, on_force=force_exit, level=logging.INFO)
+    async with signals.capture(), anyio.create_task_group() as group:
         host, port = sock.getsockname()[:2]
         log.info(
             "serving",

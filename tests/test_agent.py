@@ -9,9 +9,9 @@ import anyio
 import pytest
 
 from preloader.agent import DEGRADE_AFTER, Agent, AgentSnapshot, error_reason
-from preloader.config import Selection, ServeConfig
 from preloader.demo import write_demo_model
 from preloader.engine import EngineEvent, WarmOptions
+from preloader.settings import Selection, ServeConfig
 
 from .conftest import evict_tree, needs_vmtouch, vmtouch_resident
 
