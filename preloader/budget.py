@@ -16,11 +16,17 @@ zipapp build carries no compiled modules, and ``/proc/meminfo`` says the same.
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from .cgroups import Mount as Mount
+from .cgroups import memory_cgroup_dirs as memory_cgroup_dirs
+from .cgroups import parse_limit as parse_limit
+from .cgroups import parse_meminfo as parse_meminfo
+from .cgroups import parse_mountinfo as parse_mountinfo
+from .cgroups import parse_proc_cgroup as parse_proc_cgroup
 from .planner import FileSpec, Plan
+from .procfs import read_text
 from .settings import DEFAULT_HEADROOM as DEFAULT_HEADROOM
 from .settings import ON_OVERFLOW_POLICIES as ON_OVERFLOW_POLICIES
 from .settings import Headroom as Headroom
@@ -47,127 +53,8 @@ __all__ = [
     "read_memory_budget",
 ]
 
-# cgroup v1 says "no limit" with PAGE_COUNTER_MAX pages in bytes (9223372036854771712 on
-# 4 KiB pages); anything this large is no limit on any real machine.
-_UNLIMITED = 1 << 62
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-@dataclass(frozen=True)
-class Mount:
-    """One line of ``/proc/self/mountinfo``, the parts that locate cgroups."""
-
-    root: str
-    mount_point: str
-    fstype: str
-    super_options: tuple[str, ...]
-
-
-def _unescape(text: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \\ooo
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
-
-
-def parse_mountinfo(text: str) -> list[Mount]:
-    """Parse ``/proc/self/mountinfo`` (see proc(5)); malformed lines are ignored."""
-    mounts = []
-    for line in text.splitlines():
-        fields = line.split()
-        if "-" not in fields:
-            continue
-        sep = fields.index("-")
-        if sep < 6 or len(fields) < sep + 3:
-            continue
-        mounts.append(
-            Mount(
-                root=_unescape(fields[3]),
-                mount_point=_unescape(fields[4]),
-                fstype=fields[sep + 1],
-                super_options=tuple(fields[sep + 3].split(",")) if len(fields) > sep + 3 else (),
-            )
-        )
-    return mounts
-
-
-def parse_proc_cgroup(text: str) -> tuple[dict[str, str], str | None]:
-    """Parse ``/proc/self/cgroup``.
-
-    :return: v1 controller (and ``name=`` hierarchy) -> cgroup path, and the v2 path
-        (the ``0::`` line) or ``None``.
-    """
-    v1: dict[str, str] = {}
-    v2: str | None = None
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        hierarchy, controllers, path = parts
-        if hierarchy == "0" and controllers == "":
-            v2 = path
-            continue
-        for controller in controllers.split(","):
-            if controller:
-                v1[controller] = path
-    return v1, v2
-
-
-def _join_cgroup(mount: Mount, cgroup_path: str) -> str | None:
-    """The directory of ``cgroup_path`` under ``mount``, or ``None`` when outside it."""
-    root = mount.root.rstrip("/")
-    if root and cgroup_path != root and not cgroup_path.startswith(root + "/"):
-        return None
-    relative = cgroup_path[len(root) :].lstrip("/")
-    return os.path.join(mount.mount_point, relative) if relative else mount.mount_point
-
-
-def memory_cgroup_dirs(
-    v1: Mapping[str, str], v2: str | None, mounts: Sequence[Mount]
-) -> list[tuple[int, str, str]]:
-    """Where this process's memory cgroup may live, best guess first.
-
-    :return: ``(version, cgroup directory, mount point)`` candidates: the v1 ``memory``
-        hierarchy when mounted, then the v2 unified hierarchy (whose memory controller may
-        or may not be enabled; the reader checks for ``memory.max``).
-    """
-    candidates: list[tuple[int, str, str]] = []
-    if "memory" in v1:
-        for mount in mounts:
-            if mount.fstype == "cgroup" and "memory" in mount.super_options:
-                directory = _join_cgroup(mount, v1["memory"])
-                if directory is not None:
-                    candidates.append((1, directory, mount.mount_point))
-                    break
-    if v2 is not None:
-        for mount in mounts:
-            if mount.fstype == "cgroup2":
-                directory = _join_cgroup(mount, v2)
-                if directory is not None:
-                    candidates.append((2, directory, mount.mount_point))
-                    break
-    return candidates
-
-
-def parse_limit(text: str) -> int | None:
-    """A cgroup limit file's content in bytes; ``None`` for no limit (``max``, or huge)."""
-    value = text.strip()
-    if value == "max":
-        return None
-    number = int(value)
-    return None if number >= _UNLIMITED else number
-
-
-def parse_meminfo(text: str) -> dict[str, int]:
-    """``/proc/meminfo`` as bytes per field (``MemAvailable``, ``MemTotal``, ...)."""
-    values: dict[str, int] = {}
-    for line in text.splitlines():
-        name, _, rest = line.partition(":")
-        parts = rest.split()
-        if not parts or not parts[0].isdigit():
-            continue
-        scale = 1024 if len(parts) > 1 and parts[1] == "kB" else 1
-        values[name.strip()] = int(parts[0]) * scale
-    return values
 
 
 @dataclass(frozen=True)
@@ -325,18 +212,8 @@ class MemoryBudget:
         }
 
 
-def _read(path: str) -> str | None:
-    try:
-        # Bytes, decoded as UTF-8 (built in): no codec import, which may be impossible
-        # after a process dropped privileges.
-        with open(path, "rb") as handle:
-            return handle.read().decode("utf-8", "replace")
-    except OSError:
-        return None
-
-
 def _read_int(path: str) -> int | None:
-    text = _read(path)
+    text = read_text(path)
     if text is None:
         return None
     try:
@@ -357,7 +234,7 @@ def _levels(version: int, directory: str, mount_point: str) -> list[CgroupLevel]
     while True:
         limit_file = os.path.join(current, names[0])
         if os.path.exists(limit_file):
-            usage_text = _read(os.path.join(current, names[1]))
+            usage_text = read_text(os.path.join(current, names[1]))
             levels.append(
                 CgroupLevel(
                     path=current,
@@ -385,7 +262,7 @@ def _node_memory() -> tuple[int | None, int | None, str]:
             return int(memory.available), int(memory.total), "psutil"
         except (OSError, RuntimeError):
             pass
-    text = _read("/proc/meminfo")
+    text = read_text("/proc/meminfo")
     if text is None:
         return None, None, "unavailable"
     info = parse_meminfo(text)
@@ -405,8 +282,8 @@ def read_memory_budget(proc_self: str = "/proc/self") -> MemoryBudget:
     notes: list[str] = []
     version: int | None = None
     levels: list[CgroupLevel] = []
-    cgroup_text = _read(os.path.join(proc_self, "cgroup"))
-    mountinfo_text = _read(os.path.join(proc_self, "mountinfo"))
+    cgroup_text = read_text(os.path.join(proc_self, "cgroup"))
+    mountinfo_text = read_text(os.path.join(proc_self, "mountinfo"))
     if cgroup_text is None or mountinfo_text is None:
         notes.append("cannot read /proc/self/cgroup or mountinfo: cgroup limit unknown")
     else:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import fnmatch
 import os
-import re
 import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -131,13 +130,6 @@ def printable(path: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def _natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
-    # "shard-2" before "shard-10"; zero-padded HF names sort the same either way.
-    return tuple(
-        (0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", text)
-    )
-
-
 def _matches(relpath: str, patterns: Sequence[str]) -> bool:
     name = relpath.rsplit("/", 1)[-1]
     for pattern in patterns:
@@ -209,7 +201,7 @@ class _Walk:
             self._add_file(root, os.path.basename(root), st, found, filtered=False)
         elif stat.S_ISDIR(st.st_mode):
             self._walk_dir(root, st, found)
-            found.sort(key=lambda item: (not item[1].metadata, _natural_key(item[0])))
+            found.sort(key=lambda item: (not item[1].metadata, formats.natural_key(item[0])))
             return self._arrange(root, found)
         else:
             self.skipped.append(Skipped(root, _special_kind(st.st_mode)))

@@ -18,7 +18,6 @@ import logging
 import socket
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 import anyio
 import anyio.abc
@@ -33,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import errors
 from .agent import Agent, AgentSnapshot
-from .engine import EngineEvent
+from .events import log_event
 from .logs import get_logger
 from .metrics import make_registry
 from .planner import printable
@@ -160,28 +159,6 @@ class _ToStructlog(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         get_logger().log(record.levelno, record.getMessage(), logger=record.name)
-
-
-_EVENT_LEVELS = {
-    "file_error": logging.ERROR,
-    "failed": logging.ERROR,
-    "timeout": logging.ERROR,
-    "degraded": logging.WARNING,
-    "not_resident": logging.WARNING,
-    "skipped": logging.WARNING,
-    "unready": logging.WARNING,
-    "state": logging.DEBUG,
-}
-
-
-def log_event(event: EngineEvent) -> None:
-    """Log an agent or engine event as one structured line."""
-    fields: dict[str, Any] = {}
-    if event.path:
-        fields["path"] = printable(event.path)
-    if event.detail:
-        fields["detail"] = event.detail
-    get_logger().log(_EVENT_LEVELS.get(event.kind, logging.INFO), event.kind, **fields)
 
 
 async def serve(config: ServeConfig, sock: socket.socket) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 from .. import errors
 from .._version import __version__
 from ..budget import BudgetCheck
-from ..engine import EngineEvent, ResidencyReport, WarmProgress, WarmReport
+from ..engine import ResidencyReport, WarmProgress, WarmReport
 from ..logs import get_logger
 from ..planner import Plan, printable
 from ..settings import Selection, WarmConfig
@@ -23,7 +23,6 @@ from .outcome import Outcome, print_json
 __all__ = [
     "budget_line",
     "log_budget",
-    "log_engine_event",
     "log_plan_problems",
     "plan_extras",
     "plan_lines",
@@ -279,16 +278,3 @@ def budget_line(check: BudgetCheck) -> str:
 def ratio_text(report: ResidencyReport) -> str:
     ratio = report.resident_ratio
     return f"{ratio:.1%}" if ratio is not None else "unknown"
-
-
-def log_engine_event(log: Any, event: EngineEvent) -> None:
-    if event.kind == "file_error":
-        log.error("read failed", path=printable(event.path), cause=event.detail)
-    elif event.kind == "not_resident":
-        log.warning("not resident", path=printable(event.path), cause=event.detail)
-    elif event.kind == "method_fallback":
-        log.info("read method fallback", path=printable(event.path), detail=event.detail)
-    elif event.kind == "concurrency":
-        log.info("concurrency", detail=event.detail)
-    elif event.kind == "state":
-        log.debug("state", state=event.detail)

@@ -13,6 +13,7 @@ import click
 from .. import api, errors
 from ..budget import BudgetCheck
 from ..engine import WarmProgress, WarmReport, cancel_after_stop, warm_plan
+from ..events import log_event
 from ..logs import get_logger
 from ..pinning import memlock_permission
 from ..planner import Plan, plan_selection, printable
@@ -262,7 +263,7 @@ async def _warm(config: WarmConfig, progress: WarmProgress, stop: threading.Even
             plan,
             config.options,
             progress=progress,
-            on_event=lambda event: render.log_engine_event(log, event),
+            on_event=lambda event: log_event(event, worded=True),
             stop=stop,
         )
         display.cancel_scope.cancel()
