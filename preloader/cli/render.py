@@ -165,7 +165,7 @@ def summarise(
         "files": len(report.files),
         "bytes": report.bytes,
         "size": format_bytes(report.bytes),
-        "resident": f"{ratio:.1%}" if ratio is not None else "unknown",
+        "resident": _share(ratio, len(report.files)),
         "seconds": round(report.seconds, 2),
         "rate": f"{format_bytes(rate)}/s",
         "cpu_seconds": round(report.cpu_seconds, 2),
@@ -284,5 +284,11 @@ def budget_line(check: BudgetCheck) -> str:
 
 
 def ratio_text(report: ResidencyReport) -> str:
-    ratio = report.resident_ratio
+    return _share(report.resident_ratio, len(report.files))
+
+
+def _share(ratio: float | None, files: int) -> str:
+    """A resident share for people: never "100.0%" of nothing."""
+    if not files:
+        return "no files"
     return f"{ratio:.1%}" if ratio is not None else "unknown"
