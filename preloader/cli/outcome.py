@@ -108,7 +108,9 @@ def execute(
         settings = build()
     except (errors.UsageError, ValueError) as err:
         get_logger().error("bad input", error=str(err))
-        code = Outcome(errors.EXIT_USAGE, best_effort).exit_code
+        outcome = Outcome(errors.EXIT_USAGE, best_effort)
+        outcome.announce()
+        code = outcome.exit_code
         if json_errors:
             print_json({"error": str(err), "exit_code": code})
         finish(code)
