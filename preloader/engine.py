@@ -22,7 +22,8 @@ import anyio
 import anyio.to_thread
 
 from . import pagecache
-from .planner import Chunk, FileSpec, Plan, Skipped, chunk_count, iter_batches, iter_chunks
+from .planner import Chunk, FileSpec, Plan, Skipped, iter_chunks
+from .schedule import SPLIT_MODES, Schedule, Stream, split_pays
 
 __all__ = [
     "AUTO_CONCURRENCY",
@@ -88,6 +89,9 @@ class WarmOptions:
     :ivar timeout: seconds for the whole read pass; ``None`` for no limit.
     :ivar read_timeout: seconds one chunk may take before its file is given up as stalled.
     :ivar verify: re-open every file after the pass and measure residency.
+    :ivar split: when one file may be read by several workers at once (only ever at the
+        tail of a pass, see :mod:`preloader.schedule`): ``auto`` (where the storage gains
+        from it), ``always`` or ``never``.
     """
 
     concurrency: int = 4
@@ -96,6 +100,7 @@ class WarmOptions:
     timeout: float | None = None
     read_timeout: float | None = None
     verify: bool = True
+    split: str = "auto"
 
     def __post_init__(self) -> None:
         if self.concurrency < 0:
@@ -104,6 +109,8 @@ class WarmOptions:
             raise ValueError(f"chunk_size must be at least one page ({pagecache.PAGE_SIZE})")
         if self.method not in ("auto", "sendfile", "mmap", "read"):
             raise ValueError(f"unknown read method {self.method!r}")
+        if self.split not in SPLIT_MODES:
+            raise ValueError(f"unknown split mode {self.split!r}")
 
 
 @dataclass
@@ -518,25 +525,29 @@ class _Engine:
             wanted = plan.total_bytes // _AUTO_MIN_CHUNKS
             chunk_size = min(chunk_size, max(_AUTO_MIN_CHUNK, wanted))
         self.chunk_size = effective_chunk_size(chunk_size)
+        # A selection of chunks (keep-warm re-reads what lost pages): a file with none
+        # selected is never opened.
+        self.schedule = Schedule(
+            plan.files,
+            self.chunk_size,
+            lambda spec: split_pays(spec, options.split),
+            chunks=chunks,
+        )
+        counts = self.schedule.counts()
         if chunks is None:
-            counts = [chunk_count(spec.size, self.chunk_size) for spec in plan.files]
-            self.batches = iter_batches(plan.files, self.chunk_size)
             self.bytes_total = plan.total_bytes
         else:
-            # Only the chunks asked for (keep-warm re-reads what lost pages); a file with
-            # none selected is never opened.
-            counts = [0] * len(plan.files)
-            for chunk in chunks:
-                counts[chunk.file_index] += 1
-            ordered = sorted(chunks, key=lambda c: (c.file_index, c.index))
-            self.batches = iter_batches(plan.files, self.chunk_size, chunks=ordered)
             self.bytes_total = sum(chunk.length for chunk in chunks)
         self.files = [
             _FileState(spec, count, self.method)
             for spec, count in zip(plan.files, counts, strict=True)
         ]
         self.max_workers = _AUTO_MAX if auto else options.concurrency
+        # Readers: a worker takes work only while it holds one of these, so the schedule
+        # never hands out more streams than may run (auto raises and lowers it).
         self.limiter = anyio.CapacityLimiter(_AUTO_START if auto else options.concurrency)
+        # Threads: one per worker at most, whatever the readers' limit is now.
+        self.threads = anyio.CapacityLimiter(self.max_workers)
         self.progress.concurrency = int(self.limiter.total_tokens)
         self.timed_out = False
 
@@ -597,25 +608,33 @@ class _Engine:
             return
 
     async def _worker(self) -> None:
+        stream: Stream | None = None
         while not self.stop.is_set():
-            batch = next(self.batches, None)
-            if batch is None:
-                return
-            states = [self.files[chunk.file_index] for chunk in batch]
+            async with self.limiter:
+                if self.stop.is_set():
+                    return
+                taken = self.schedule.take(stream)
+                if taken is None:
+                    return
+                batch, stream = taken
+                await self._read_batch(batch)
+
+    async def _read_batch(self, batch: Sequence[Chunk]) -> None:
+        states = [self.files[chunk.file_index] for chunk in batch]
+        for state in states:
+            state.in_flight += 1
+        try:
+            if len(batch) == 1 and states[0].chunks_total > 1:
+                await self._big_file_chunk(states[0], batch[0])
+            else:
+                await self._whole_files(states, batch)
+        finally:
             for state in states:
-                state.in_flight += 1
-            try:
-                if len(batch) == 1 and states[0].chunks_total > 1:
-                    await self._big_file_chunk(states[0], batch[0])
-                else:
-                    await self._whole_files(states, batch)
-            finally:
-                for state in states:
-                    state.in_flight -= 1
-            for state in states:
-                state.chunks_left -= 1
-                if state.chunks_left == 0:
-                    await self._finish_file(state)
+                state.in_flight -= 1
+        for state in states:
+            state.chunks_left -= 1
+            if state.chunks_left == 0:
+                await self._finish_file(state)
 
     async def _in_thread(self, func: Callable[..., _T], *args: object) -> _T | None:
         """Run ``func`` on a worker thread under the per-read deadline; ``None`` if stalled."""
@@ -623,7 +642,7 @@ class _Engine:
             if self.options.read_timeout is not None:
                 scope.deadline = anyio.current_time() + self.options.read_timeout
             return await anyio.to_thread.run_sync(
-                func, *args, limiter=self.limiter, abandon_on_cancel=True
+                func, *args, limiter=self.threads, abandon_on_cancel=True
             )
         return None
 
@@ -729,7 +748,7 @@ class _Engine:
             finally:
                 os.close(fd)
 
-        state.resident_after_read = await anyio.to_thread.run_sync(finish, limiter=self.limiter)
+        state.resident_after_read = await anyio.to_thread.run_sync(finish, limiter=self.threads)
 
     def _close_leftovers(self) -> None:
         for state in self.files:

@@ -367,8 +367,8 @@ def chunk_count(size: int, chunk_size: int) -> int:
 def iter_chunks(files: Sequence[FileSpec], chunk_size: int) -> Iterator[Chunk]:
     """Every byte range of every file, exactly once, in plan order.
 
-    Workers pulling from this iterator read a sharded model mostly front to back and give
-    one large file all their concurrency.
+    The engine cuts files the same way; which worker reads which chunk when is
+    :mod:`preloader.schedule`'s business.
     """
     for file_index, spec in enumerate(files):
         for index in range(chunk_count(spec.size, chunk_size)):
