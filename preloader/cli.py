@@ -392,7 +392,9 @@ def _read_options(chunk_help: str, method_help: str) -> Callable[[_F], _F]:
             default="4",
             show_default=True,
             metavar="N|auto",
-            help="Chunks read in parallel; 'auto' raises it while throughput still grows.",
+            help="Parallel readers, each reading one file front to back; at the end of a "
+            "pass idle readers split the files left (not on s3fs). 'auto' raises it while "
+            "throughput still grows.",
         ),
         click.option(
             "--chunk-size",
