@@ -23,7 +23,7 @@ import anyio.to_thread
 
 from . import pagecache
 from .planner import Chunk, FileSpec, Plan, Skipped, iter_chunks
-from .schedule import SPLIT_MODES, Schedule, Stream, split_pays
+from .schedule import SPLIT_MODES, Schedule, Stream, split_rule
 
 __all__ = [
     "AUTO_CONCURRENCY",
@@ -530,7 +530,7 @@ class _Engine:
         self.schedule = Schedule(
             plan.files,
             self.chunk_size,
-            lambda spec: split_pays(spec, options.split),
+            split_rule(options.split),
             chunks=chunks,
         )
         counts = self.schedule.counts()

@@ -5,15 +5,15 @@ it front to back, chunk by chunk, so workers run in parallel across files and ev
 read the way its storage reads fastest (s3fs, for one, serves one stream per file well and
 several concurrent ranges of the same file badly). A file is split between workers only at
 the tail, when a worker is idle and no file is left unstarted (one GGUF file, the last
-shards of a pass), and only where the file's storage gains from it (:func:`split_pays`):
+shards of a pass), and only where the file's storage gains from it (:func:`split_rule`):
 the idle worker then takes the back half of the largest stream still running, so every
 worker still reads one sequential range.
 
 Runs of whole small files go to one worker as one batch (up to one chunk's bytes or
 ``max_files`` files), so 100,000 small files cost a few thousand thread hand-offs.
 
-Pure bookkeeping: no I/O except :func:`split_pays`, which reads the mount table once per
-device.
+Pure bookkeeping: no I/O except :func:`split_rule`, which reads the mount table
+(``/proc/self/mountinfo``) once.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ __all__ = [
     "Schedule",
     "Stream",
     "filesystem_type",
-    "split_pays",
+    "mount_types",
+    "split_rule",
 ]
 
 SPLIT_MODES = ("auto", "always", "never")
-"""How :class:`Schedule` may split one file between workers (``auto``: :func:`split_pays`)."""
+"""How :class:`Schedule` may split one file between workers (``auto``: :func:`split_rule`)."""
 
 # FUSE clients whose fast path is one sequential stream per file: s3fs already fetches a
 # stream's ranges in parallel (parallel_count), and concurrent reads of one file at other
@@ -182,30 +183,44 @@ class Schedule:
         return (self._chunk(stream),), stream
 
 
-def filesystem_type(path: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
-    """The type of the filesystem ``path`` lies on (``ext4``, ``fuse.s3fs``), or ``None``.
+def mount_types(mountinfo: str = "/proc/self/mountinfo") -> dict[int, str]:
+    """Filesystem type (``ext4``, ``fuse.s3fs``) of every mounted device, by ``st_dev``.
 
-    Found by the device number in the mount table, so it names what the kernel mounted, not
-    what a path looks like. ``None`` when the table cannot be read or has no such device.
+    Read from the kernel's mount table, so it names what the kernel mounted, not what a
+    path looks like; empty when the table cannot be read.
     """
+    types: dict[int, str] = {}
     try:
-        dev = os.stat(path).st_dev
         with open(mountinfo, encoding="utf-8", errors="replace") as table:
             lines = table.read().splitlines()
     except OSError:
-        return None
-    wanted = f"{os.major(dev)}:{os.minor(dev)}"
+        return types
     for line in lines:
         fields = line.split()
-        if len(fields) < 3 or fields[2] != wanted or "-" not in fields:
+        if len(fields) < 3 or "-" not in fields[3:]:
             continue
-        after = fields[fields.index("-") + 1 :]
-        return after[0] if after else None
-    return None
+        major, _, minor = fields[2].partition(":")
+        after = fields[fields.index("-", 3) + 1 :]
+        if after and major.isdigit() and minor.isdigit():
+            types.setdefault(os.makedev(int(major), int(minor)), after[0])
+    return types
 
 
-def split_pays(spec: FileSpec, mode: str = "auto") -> bool:
-    """Whether reading ``spec`` with several workers at once should beat one stream.
+def filesystem_type(path: str) -> str | None:
+    """The type of the filesystem ``path`` lies on, or ``None`` when unknown."""
+    try:
+        dev = os.stat(path).st_dev
+    except OSError:
+        return None
+    return mount_types().get(dev)
+
+
+def split_rule(mode: str = "auto") -> Callable[[FileSpec], bool]:
+    """Whether reading a planned file with several workers at once should beat one stream.
+
+    The answer goes by the device the file was planned on (:attr:`FileSpec.dev`), so it
+    touches no file: a hung mount cannot block the caller. The mount table is read once,
+    at the first question.
 
     :param mode: ``always``, ``never``, or ``auto``: yes except on the filesystems of
         :data:`NO_SPLIT_FILESYSTEMS`.
@@ -213,5 +228,13 @@ def split_pays(spec: FileSpec, mode: str = "auto") -> bool:
     if mode not in SPLIT_MODES:
         raise ValueError(f"unknown split mode {mode!r}")
     if mode != "auto":
-        return mode == "always"
-    return filesystem_type(spec.path) not in NO_SPLIT_FILESYSTEMS
+        return lambda spec: mode == "always"
+    types: dict[int, str] | None = None
+
+    def pays(spec: FileSpec) -> bool:
+        nonlocal types
+        if types is None:
+            types = mount_types()
+        return types.get(spec.dev) not in NO_SPLIT_FILESYSTEMS
+
+    return pays

@@ -20,7 +20,7 @@ import pytest
 from preloader import pagecache, schedule
 from preloader.engine import WarmOptions, rewarm_chunks, warm_plan
 from preloader.planner import Chunk, FileSpec, build_plan
-from preloader.schedule import Schedule, Stream, filesystem_type, split_pays
+from preloader.schedule import Schedule, Stream, filesystem_type, split_rule
 
 from .conftest import needs_fuse
 from .fusefs import FuseMount
@@ -149,11 +149,12 @@ def test_filesystem_type_names_what_the_kernel_mounted(tmp_path: Path) -> None:
     assert filesystem_type(str(tmp_path / "missing")) is None
 
 
-def test_split_modes() -> None:
-    spec = FileSpec("/", 0, 0, 0)
-    assert split_pays(spec, "always") and not split_pays(spec, "never")
+def test_split_modes_and_the_auto_rule_by_the_planned_device(tmp_path: Path) -> None:
+    here = FileSpec(str(tmp_path), 0, os.stat(tmp_path).st_dev, 0)
+    assert split_rule("always")(here) and not split_rule("never")(here)
+    assert split_rule("auto")(here)  # a local filesystem, not a no-split client
     with pytest.raises(ValueError, match="split mode"):
-        split_pays(spec, "sometimes")
+        split_rule("sometimes")
 
 
 # ------------------------------------------------------------------ the engine, real files
