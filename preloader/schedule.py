@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .planner import Chunk, FileSpec, chunk_count
+from .settings import SPLIT_MODES as SPLIT_MODES
 
 __all__ = [
     "NO_SPLIT_FILESYSTEMS",
@@ -33,9 +34,6 @@ __all__ = [
     "mount_types",
     "split_rule",
 ]
-
-SPLIT_MODES = ("auto", "always", "never")
-"""How :class:`Schedule` may split one file between workers (``auto``: :func:`split_rule`)."""
 
 # FUSE clients whose fast path is one sequential stream per file: s3fs already fetches a
 # stream's ranges in parallel (parallel_count), and concurrent reads of one file at other
