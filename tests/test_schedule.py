@@ -16,10 +16,12 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from preloader import pagecache, schedule
 from preloader.engine import WarmOptions, rewarm_chunks, warm_plan
-from preloader.planner import Chunk, FileSpec, build_plan
+from preloader.planner import Chunk, FileSpec, build_plan, iter_chunks
 from preloader.schedule import Schedule, Stream, filesystem_type, split_rule
 
 from .conftest import needs_fuse
@@ -115,6 +117,29 @@ def test_runs_of_whole_small_files_come_as_one_batch() -> None:
     ]
     assert batches[3:6] == [[(10, 0)], [(10, 1)], [(10, 2)]]
     assert batches[6:] == [[(11, 0), (12, 0), (13, 0)]]
+
+
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=10_000), max_size=30),
+    chunk_size=st.integers(min_value=1, max_value=4096),
+    max_files=st.integers(min_value=1, max_value=8),
+)
+def test_one_worker_reads_every_chunk_in_plan_order_and_batches_only_whole_small_files(
+    sizes: list[int], chunk_size: int, max_files: int
+) -> None:
+    files = tuple(FileSpec(f"f{i}", size, 1, i) for i, size in enumerate(sizes))
+    plan = Schedule(files, chunk_size, max_files=max_files)
+    batches = []
+    stream = None
+    while (got := plan.take(stream)) is not None:
+        batch, stream = got
+        batches.append(batch)
+    assert [chunk for batch in batches for chunk in batch] == list(iter_chunks(files, chunk_size))
+    for batch in batches:
+        assert 1 <= len(batch) <= max_files
+        if len(batch) > 1:
+            assert all(files[c.file_index].size <= chunk_size for c in batch)
+            assert sum(c.length for c in batch) <= chunk_size
 
 
 def test_a_selection_reads_only_the_chunks_given() -> None:
