@@ -191,7 +191,7 @@ def test_every_endpoint_answers_for_roots_and_files_that_are_not_utf8(
 @needs_fuse
 @pytest.mark.parametrize("times", [1, 2], ids=["once", "twice"])
 def test_serve_stops_on_sigterm_while_a_walk_hangs_and_healthz_answers(
-    fuse_fs: Callable[..., FuseMount], served: list[Served], times: int
+    served: list[Served], fuse_fs: Callable[..., FuseMount], times: int
 ) -> None:
     fs = fuse_fs({"files": {"config.json": {"size": 10}}, "stall_readdir": ["/"]})
     server = track(served, str(fs.mountpoint), "--recheck-seconds", "0")

@@ -280,7 +280,7 @@ def test_closed_or_full_outputs_never_give_a_traceback(
         f'"{sys.executable}" -m preloader warm --json {flags}"{small_model}" {redirect}{status}'
     )
     done = subprocess.run(
-        ["bash", "-c", script + " 3>&2", "preloader"],
+        ["bash", "-c", script, "preloader"],
         capture_output=True,
         text=True,
         env=cli_env(),
@@ -301,8 +301,8 @@ def test_closed_or_full_outputs_never_give_a_traceback(
 @pytest.mark.parametrize("command", [*FINITE, "serve"])
 def test_nothing_outside_the_roots_is_read_and_nothing_is_written(
     shared_tmp: Path,
-    fuse_fs: Callable[..., FuseMount],
     served: list[Served],
+    fuse_fs: Callable[..., FuseMount],
     unchanged: Snapshot,
     command: str,
 ) -> None:
@@ -355,8 +355,10 @@ def _all_endpoints_answer(server: Served) -> dict[str, Any]:
     ],
 )
 def test_every_endpoint_answers_in_every_state(
-    fuse_fs: Callable[..., FuseMount], served: list[Served], state: str, spec: dict[str, Any]
+    served: list[Served], fuse_fs: Callable[..., FuseMount], state: str, spec: dict[str, Any]
 ) -> None:
+    """(``served`` before ``fuse_fs``: a server stuck in a FUSE request can only be reaped
+    once the filesystem is gone, so the mount is torn down first.)"""
     fs = fuse_fs(spec)
     server = track(served, str(fs.mountpoint), "--recheck-seconds", "0", "--read-timeout", "60")
     if state == "planning":
