@@ -15,11 +15,13 @@ runs (``.ci/run``) on every change, so only the first command is repeated here.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +106,17 @@ def make_checkout(python: str, workdir: Path) -> Checkout:
     return Checkout(root, python, env)
 
 
+@contextlib.contextmanager
+def _scratch() -> Iterator[Path]:
+    """A folder on disk (a virtual environment with the dev extra is hundreds of MB, and
+    /tmp may be memory), deleted afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="preloader-quickstart-", dir="/var/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _needs_venv(python: str) -> None:
     if subprocess.run([python, "-m", "ensurepip", "--version"], capture_output=True).returncode:
         pytest.skip(f"{python} has no ensurepip (Debian: apt-get install python3-venv)")
@@ -123,16 +136,15 @@ def _assert_first_command_worked(
 
 
 @pytest.fixture(scope="module")
-def debian_checkout(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[Checkout, subprocess.CompletedProcess[str]]]:
+def debian_checkout() -> Iterator[tuple[Checkout, subprocess.CompletedProcess[str]]]:
     """A checkout after the first README command ran with Debian's python3."""
     if not os.access(DEBIAN_PYTHON, os.X_OK) or not externally_managed(DEBIAN_PYTHON):
         pytest.skip(f"{DEBIAN_PYTHON} is not an externally managed Python here")
     _needs_venv(DEBIAN_PYTHON)
-    checkout = make_checkout(DEBIAN_PYTHON, tmp_path_factory.mktemp("debian"))
-    first, _ = readme_commands()
-    yield checkout, checkout.run(first, PRELOADER_DEMO_SIZE="16MiB")
+    with _scratch() as workdir:
+        checkout = make_checkout(DEBIAN_PYTHON, workdir)
+        first, _ = readme_commands()
+        yield checkout, checkout.run(first, PRELOADER_DEMO_SIZE="16MiB")
 
 
 @pytest.mark.timeout(INSTALL_SECONDS)
@@ -155,14 +167,15 @@ def test_install_and_demo_on_debians_python(
 
 
 @pytest.mark.timeout(INSTALL_SECONDS)
-def test_install_and_demo_on_a_python_that_is_not_managed(tmp_path: Path) -> None:
+def test_install_and_demo_on_a_python_that_is_not_managed() -> None:
     python = getattr(sys, "_base_executable", sys.executable)
     if externally_managed(python):
         pytest.skip(f"{python} is externally managed too")
     _needs_venv(python)
-    checkout = make_checkout(python, tmp_path)
-    first, _ = readme_commands()
-    _assert_first_command_worked(checkout, checkout.run(first, PRELOADER_DEMO_SIZE="16MiB"))
+    with _scratch() as workdir:
+        checkout = make_checkout(python, workdir)
+        first, _ = readme_commands()
+        _assert_first_command_worked(checkout, checkout.run(first, PRELOADER_DEMO_SIZE="16MiB"))
 
 
 @pytest.mark.timeout(INSTALL_SECONDS)
