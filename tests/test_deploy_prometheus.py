@@ -89,7 +89,7 @@ def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Monitored]:
             if path != unreadable:
                 os.chown(path, NOBODY, NOBODY)  # the agent owns them: residency is known
     evict_tree(model)
-    env = {"MODEL_DIR": str(model), "PRELOADER_RECHECK_SECONDS": "1"}
+    env = {"MODEL_DIR": str(model)}
     server: Served = start_serve(env=env, user=NOBODY if as_root else None)
     prometheus: Prometheus | None = None
     try:
@@ -144,10 +144,9 @@ def metric_names(expr: str) -> set[str]:
 
 def resolve_variables(dashboard: dict[str, Any], prometheus: Prometheus) -> dict[str, str]:
     """Concrete values for the dashboard's variables, found as Grafana finds them."""
-    values = {
-        "__interval": f"{SCRAPE_INTERVAL:g}s",
-        "__rate_interval": f"{max(2 * SCRAPE_INTERVAL, 4 * SCRAPE_INTERVAL):g}s",
-    }
+    interval = SCRAPE_INTERVAL  # Grafana's floor for $__interval: the scrape interval
+    rate_interval = max(interval + SCRAPE_INTERVAL, 4 * SCRAPE_INTERVAL)
+    values = {"__interval": f"{interval:g}s", "__rate_interval": f"{rate_interval:g}s"}
     for variable in dashboard["templating"]["list"]:
         if variable["type"] == "datasource":
             continue  # picks the data source, appears in no expression
