@@ -3,9 +3,11 @@
 A small state machine that lives on the event loop, on top of the engine: it plans each
 path, warms the paths one after the other, decides when the gate opens (``/readyz``),
 then re-checks residency chunk by chunk every ``recheck_seconds`` and re-reads only the
-chunks that lost pages. Front ends (the HTTP server, the metrics collector) read
-:meth:`Agent.snapshot`, which does no I/O; the agent never prints, it reports through an
-:class:`~preloader.engine.EngineEvent` callback.
+chunks that lost pages. While the first pass runs it also decides the start gate
+(``/startz``, :mod:`preloader.startgate`), which opens ``start_lead`` seconds before the
+pass's estimated end and at the latest with ``/readyz``. Front ends (the HTTP server, the
+metrics collector) read :meth:`Agent.snapshot`, which does no I/O; the agent never
+prints, it reports through an :class:`~preloader.engine.EngineEvent` callback.
 
 Readiness, per path: the first warm pass is over and the *warm share* is at least
 ``ready_ratio``. The warm share counts resident bytes as measured; a file whose residency
@@ -35,10 +37,12 @@ from .engine import (
     WarmReport,
     effective_chunk_size,
     measure_chunks,
+    measure_residency,
     rewarm_chunks,
     warm_plan,
 )
 from .planner import Chunk, Plan, Skipped, build_plan, iter_chunks, printable
+from .startgate import AHEAD_CHECK_SECONDS, TICK_SECONDS, StartGate, StartGateSnapshot
 from .units import format_bytes
 
 __all__ = [
@@ -181,6 +185,7 @@ class AgentSnapshot:
     eta_seconds: float | None
     skip_reason: str | None = None
     memory_budget: MemoryBudget | None = None
+    start_gate: StartGateSnapshot | None = None
     version: str = __version__
 
     @property
@@ -248,6 +253,7 @@ class AgentSnapshot:
             "eta_seconds": None if self.eta_seconds is None else round(self.eta_seconds, 1),
             "errors": sum(p.errors for p in self.paths),
             "memory_budget": None if self.memory_budget is None else self.memory_budget.to_json(),
+            "start_gate": None if self.start_gate is None else self.start_gate.to_json(),
             "paths": [p.to_json() for p in self.paths],
         }
 
@@ -347,8 +353,9 @@ class Agent:
 
     :param config: the serve settings (paths, read options, readiness, keep-warm).
     :param on_event: called on the event loop for engine events (per-file errors, ...) and
-        the agent's own: ``planned``, ``skipped``, ``warmed``, ``ready``, ``unready``,
-        ``timeout``, ``rewarmed``, ``degraded``, ``recovered``, ``failed``. ``path`` is the
+        the agent's own: ``planned``, ``skipped``, ``warmed``, ``start``, ``ready``,
+        ``unready``, ``timeout``, ``start_lead_too_long``, ``rewarmed``, ``degraded``,
+        ``recovered``, ``failed``. ``path`` is the
         file for engine events and the served path for the agent's.
     """
 
@@ -372,6 +379,9 @@ class Agent:
         self._forced_ready = False
         self._timed_out = False
         self._budget: MemoryBudget | None = None
+        self._gate = StartGate(config.start_lead, self._started)
+        if self._ready:
+            self._gate.ready_opened(self._started)
 
     # -- what front ends read ---------------------------------------------------------
 
@@ -401,6 +411,7 @@ class Agent:
             eta_seconds=eta,
             skip_reason=self.config.selection.skip_reason,
             memory_budget=self._budget,
+            start_gate=self._gate.snapshot(time.monotonic(), self._ready),
         )
 
     async def wait_until(self, predicate: Callable[[AgentSnapshot], bool]) -> AgentSnapshot:
@@ -445,10 +456,14 @@ class Agent:
             return
         await self._plan_all()
         await self._read_budget()
-        for model in self._models:
-            if self._stop.is_set():
-                break
-            await self._warm(model)
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._watch_start_gate)
+            for model in self._models:
+                if self._stop.is_set():
+                    break
+                await self._warm(model)
+            group.cancel_scope.cancel()
+        self._gate.pass_over()
         self._first_pass_done = not self._stop.is_set()
         self._update_ready()
         self._changed()
@@ -657,6 +672,7 @@ class Agent:
         if self.config.timeout_policy == "ready":
             self._forced_ready = True
             self._ready = True
+            self._open_start_gate("timeout")
             detail = (
                 f"not warm after {seconds:g} s: READY ANYWAY (timeout policy 'ready'); "
                 "the server may load cold weights"
@@ -664,6 +680,63 @@ class Agent:
         else:
             detail = f"not warm after {seconds:g} s: staying unready (timeout policy 'unready')"
         self._emit("timeout", detail=detail)
+        self._changed()
+
+    # -- the start gate -----------------------------------------------------------------
+
+    def _first_pass_bytes(self) -> tuple[int, int]:
+        done = sum(min(m.progress.bytes_read, m.plan.total_bytes) for m in self._models)
+        return done, sum(m.plan.total_bytes for m in self._models)
+
+    async def _watch_start_gate(self) -> None:
+        """Sample the first pass, open the start gate by the estimate, watch for reads ahead."""
+        next_check = 0.0
+        while True:
+            now = time.monotonic()
+            done, total = self._first_pass_bytes()
+            if self._gate.observe(now, done, total):
+                self._emit_start()
+            if self._gate.watching_ahead and now >= next_check:
+                await self._check_ahead()
+                next_check = time.monotonic() + AHEAD_CHECK_SECONDS
+            await anyio.sleep(TICK_SECONDS)
+
+    async def _check_ahead(self) -> None:
+        concurrency = max(1, self._options.concurrency or 4)
+        resident: int | None = 0
+        for model in self._models:
+            if not model.plan.files:
+                continue
+            report = await measure_residency(model.plan, concurrency)
+            measured = report.resident_bytes
+            resident = None if resident is None or measured is None else resident + measured
+        # Read after measuring: reads that finished meanwhile count against what is ahead.
+        done, _ = self._first_pass_bytes()
+        in_flight = max([concurrency, *(m.progress.concurrency for m in self._models)])
+        slack = (in_flight + 1) * self._chunk_size
+        if self._gate.measured(resident, done, slack):
+            snap = self._gate.snapshot(time.monotonic(), self._ready)
+            self._emit(
+                "start_lead_too_long",
+                detail=(
+                    f"{format_bytes(snap.ahead_bytes or 0)} resident ahead of the warm-up after "
+                    f"the start gate opened: the server caught up with it (start lead "
+                    f"{self._gate.lead:g} s is longer than the server's start-up)"
+                ),
+            )
+        self._changed()
+
+    def _open_start_gate(self, by: str) -> None:
+        now = time.monotonic()
+        was_open = self._gate.is_open
+        if by == "timeout":
+            self._gate.open(now, "timeout")
+        self._gate.ready_opened(now)
+        if not was_open:
+            self._emit_start()
+
+    def _emit_start(self) -> None:
+        self._emit("start", detail=self._gate.snapshot(time.monotonic(), self._ready).reason)
         self._changed()
 
     # -- readiness and state ------------------------------------------------------------
@@ -683,6 +756,7 @@ class Agent:
             return
         if condition and not self._ready:
             self._ready = True
+            self._open_start_gate("ready")
             self._emit("ready", detail=self._reason(self.snapshot().paths))
         elif not condition and self._ready:
             self._ready = False

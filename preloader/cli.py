@@ -52,6 +52,7 @@ from .logs import FORMATS, LEVELS, configure, get_logger
 from .pinning import memlock_permission
 from .planner import Plan, printable
 from .progress import show_progress
+from .startgate import parse_start_lead
 from .units import format_bytes, parse_size
 
 __all__ = ["cli", "main", "warm_exit_code"]
@@ -1315,6 +1316,19 @@ WAIT_EXIT_CODES_HELP = (
     "keeps it closed.",
 )
 @click.option(
+    "--start-lead",
+    metavar="SECONDS",
+    default="0",
+    show_default=True,
+    envvar="PRELOADER_START_LEAD",
+    show_envvar=True,
+    help="/startz (the server container's startupProbe) opens once the first pass's "
+    "estimated time left (bytes left over the read rate of the last 20 s; no estimate "
+    "before 2 s of reading) is at most this, so the server's own start-up overlaps the "
+    "warm-up's tail; it also opens with /readyz, and at --timeout under policy 'ready'. "
+    "0: together with /readyz. Set it to about the server's start-up time.",
+)
+@click.option(
     "--recheck-seconds",
     type=click.FloatRange(min=0),
     default=30.0,
@@ -1352,14 +1366,16 @@ def serve(
     ready_latch: bool,
     timeout: float,
     timeout_policy: str,
+    start_lead: str,
     recheck_seconds: float,
     max_backoff: float,
 ) -> None:
     """Sidecar: warm PATH (default $MODEL_DIR and --path), gate /readyz, keep it warm.
 
-    Serves /healthz (200 while the process serves), /readyz (503 with a JSON reason until
-    the paths are warm, then 200), /status (JSON progress) and /metrics (Prometheus) on
-    --host:--port. Without any path to warm it serves and is ready at once (logged).
+    Serves /healthz (200 while the process serves), /startz (503 with a JSON reason until
+    the server may start, then 200: see --start-lead), /readyz (503 with a JSON reason
+    until the paths are warm, then 200), /status (JSON progress) and /metrics
+    (Prometheus) on --host:--port. Without any path to warm it serves and is ready at once (logged).
     SIGTERM or SIGINT stops reading, answers requests in flight and exits 0.
     """
 
@@ -1389,6 +1405,7 @@ def serve(
             ready_latch=ready_latch,
             timeout=timeout or None,
             timeout_policy=timeout_policy,
+            start_lead=parse_start_lead(start_lead),
             recheck_seconds=recheck_seconds,
             max_backoff_seconds=max_backoff,
         )
@@ -1405,7 +1422,8 @@ def serve(
     show_default=True,
     envvar="PRELOADER_WAIT_URL",
     show_envvar=True,
-    help="The readiness URL to poll (http or https).",
+    help="The URL to poll (http or https): /readyz to start once the model is resident, "
+    "/startz to start when the sidecar's start gate opens (PRELOADER_START_LEAD).",
 )
 @click.option(
     "--timeout",
@@ -1431,7 +1449,10 @@ def wait(ctx: click.Context, url: str, timeout: float, interval: float) -> None:
 
     For a server container that must not start before the model is warm, where native
     sidecars are not available: `preloader wait && exec python3 -m sglang.launch_server ...`.
-    Connection refused and 503 both mean "not yet".
+    With --url .../startz the server starts when the sidecar's start gate opens
+    (PRELOADER_START_LEAD seconds before the warm-up's estimated end), so its own start-up
+    overlaps the warm-up. Connection refused and 503 both mean "not yet"; exit 0 then
+    means "may start", not "resident".
     """
     from .wait import wait_ready
 
