@@ -268,6 +268,11 @@ def test_with_a_lead_the_start_gate_opens_before_readyz(
     else:
         fs.wait_for("GATE read")
         assert _gate(server)["verdict"] == "pending"
+        # The older-cluster way (deploy/sidecar-wait): `wait` on /startz returns now, while
+        # `wait` on /readyz would still block.
+        base = f"http://127.0.0.1:{server.port}"
+        assert run_cli("wait", "--url", f"{base}/startz", "--timeout", "60").returncode == 0
+        assert run_cli("wait", "--url", f"{base}/readyz", "--timeout", "1").returncode == 5
     fs.release()
     server.poll(lambda: ready_body(server))
     gate = _gate(server)
