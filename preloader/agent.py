@@ -355,8 +355,8 @@ class Agent:
     :param on_event: called on the event loop for engine events (per-file errors, ...) and
         the agent's own: ``planned``, ``skipped``, ``warmed``, ``start``, ``ready``,
         ``unready``, ``timeout``, ``start_lead_too_long``, ``rewarmed``, ``degraded``,
-        ``recovered``, ``failed``. ``path`` is the
-        file for engine events and the served path for the agent's.
+        ``recovered``, ``failed``. ``path`` is the file for engine events and the served
+        path for the agent's.
     """
 
     def __init__(
@@ -707,8 +707,10 @@ class Agent:
         for model in self._models:
             if not model.plan.files:
                 continue
-            report = await measure_residency(model.plan, concurrency)
-            measured = report.resident_bytes
+            try:
+                measured = (await measure_residency(model.plan, concurrency)).resident_bytes
+            except Exception:  # a bug here must not stop the warm-up: the verdict is unknown
+                measured = None
             resident = None if resident is None or measured is None else resident + measured
         # Read after measuring: reads that finished meanwhile count against what is ahead.
         done, _ = self._first_pass_bytes()

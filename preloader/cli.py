@@ -1370,7 +1370,7 @@ def serve(
     recheck_seconds: float,
     max_backoff: float,
 ) -> None:
-    """Sidecar: warm PATH (default $MODEL_DIR and --path), gate /readyz, keep it warm.
+    """Sidecar: warm PATH (default $MODEL_DIR and --path), gate /startz and /readyz, keep warm.
 
     Serves /healthz (200 while the process serves), /startz (503 with a JSON reason until
     the server may start, then 200: see --start-lead), /readyz (503 with a JSON reason
@@ -1451,8 +1451,8 @@ def wait(ctx: click.Context, url: str, timeout: float, interval: float) -> None:
     sidecars are not available: `preloader wait && exec python3 -m sglang.launch_server ...`.
     With --url .../startz the server starts when the sidecar's start gate opens
     (PRELOADER_START_LEAD seconds before the warm-up's estimated end), so its own start-up
-    overlaps the warm-up. Connection refused and 503 both mean "not yet"; exit 0 then
-    means "may start", not "resident".
+    overlaps the warm-up; exit 0 then means "may start", not "resident". Connection
+    refused and 503 both mean "not yet".
     """
     from .wait import wait_ready
 
