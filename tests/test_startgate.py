@@ -329,3 +329,35 @@ def test_nothing_to_serve_opens_both_gates_at_once(served: list[Served]) -> None
     status, body = server.json("/startz")
     assert status == 200 and body["opened_by"] == "ready"
     assert server.stop()[0] == 0
+
+
+@needs_fuse
+@pytest.mark.parametrize("policy", ["ready", "unready"])
+def test_the_deadline_opens_the_start_gate_only_under_the_ready_policy(
+    fuse_fs: Callable[..., FuseMount], served: list[Served], policy: str
+) -> None:
+    # Held at the gate for good: only the deadline can decide.
+    fs = fuse_fs({"files": {"a.safetensors": {"size": 4 * MiB, "gate_from": 0}}})
+    server = track(
+        served,
+        str(fs.mountpoint),
+        "--chunk-size",
+        "1MiB",
+        "--recheck-seconds",
+        "0",
+        "--timeout",
+        "1",
+        "--timeout-policy",
+        policy,
+        env={"PRELOADER_START_LEAD": "0"},
+    )
+    server.wait_for_log(lambda line: line.get("event") == "timeout")
+    status, body = server.json("/startz")
+    assert server.json("/readyz")[0] == status
+    if policy == "ready":
+        assert (status, body["opened_by"]) == (200, "timeout")
+        assert _gate(server)["verdict"] == "together"
+    else:
+        assert (status, body["open"]) == (503, False)
+    fs.release()
+    assert server.stop()[0] == 0
