@@ -5,9 +5,11 @@ path, warms the paths one after the other, decides when the gate opens (``/ready
 then re-checks residency chunk by chunk every ``recheck_seconds`` and re-reads only the
 chunks that lost pages. While the first pass runs it also decides the start gate
 (``/startz``, :mod:`preloader.startgate`), which opens ``start_lead`` seconds before the
-pass's estimated end and at the latest with ``/readyz``. Front ends (the HTTP server, the
-metrics collector) read :meth:`Agent.snapshot`, which does no I/O; the agent never
-prints, it reports through an :class:`~preloader.engine.EngineEvent` callback.
+pass's estimated end and at the latest with ``/readyz``. Threading contract: everything
+runs on the agent's event loop except :meth:`Agent.snapshot`, which the front ends (the
+HTTP handlers, the metrics collector) call from uvicorn's thread; it does no I/O, only
+reads plain attributes and builds a fresh immutable :class:`AgentSnapshot`. The agent
+never prints; it reports through an :class:`~preloader.engine.EngineEvent` callback.
 
 Readiness, per path: the first warm pass is over and the *warm share* is at least
 ``ready_ratio``. The warm share counts resident bytes as measured; a file whose residency
@@ -27,9 +29,7 @@ from dataclasses import dataclass
 import anyio
 import anyio.to_thread
 
-from ._version import __version__
 from .budget import MemoryBudget, read_memory_budget
-from .config import ServeConfig
 from .engine import (
     ChunkResidency,
     EngineEvent,
@@ -41,8 +41,15 @@ from .engine import (
     rewarm_chunks,
     warm_plan,
 )
+from .events import ERROR_REASONS as ERROR_REASONS
+from .events import ErrorReason, EventKind
 from .planner import Chunk, Plan, Skipped, build_plan, iter_chunks, printable
-from .startgate import AHEAD_CHECK_SECONDS, TICK_SECONDS, StartGate, StartGateSnapshot
+from .settings import ServeConfig
+from .snapshot import FILE_STATES as FILE_STATES
+from .snapshot import STATES as STATES
+from .snapshot import AgentSnapshot as AgentSnapshot
+from .snapshot import PathSnapshot as PathSnapshot
+from .startgate import AHEAD_CHECK_SECONDS, TICK_SECONDS, StartGate
 from .units import format_bytes
 
 __all__ = [
@@ -53,209 +60,12 @@ __all__ = [
     "Agent",
     "AgentSnapshot",
     "PathSnapshot",
-    "error_reason",
 ]
-
-STATES = ("planning", "warming", "verifying", "ready", "degraded", "failed")
-"""What the agent (and each path) is doing; ``/status`` ``state``."""
-
-FILE_STATES = ("pending", "read", "resident", "not_resident", "unknown", "error")
-"""Label values of ``preloader_files{state}``: ``pending``/``read`` during the first pass,
-then as last measured (``unknown``: the kernel will not tell)."""
-
-ERROR_REASONS = ("read", "stalled", "changed", "internal")
-"""Label values of ``preloader_errors_total{reason}``."""
 
 DEGRADE_AFTER = 2
 """Checks in a row that find pages lost again after they were read: then ``degraded``."""
 
 _ERROR_DETAILS = 20  # per path in /status; the log has every one
-
-
-def error_reason(cause: str) -> str:
-    """The ``reason`` label for an engine ``file_error`` cause (one of :data:`ERROR_REASONS`)."""
-    text = cause.lower()
-    if "stalled" in text:
-        return "stalled"
-    if any(word in text for word in ("shrank", "replaced", "no longer a regular file")):
-        return "changed"
-    return "read"
-
-
-@dataclass(frozen=True)
-class PathSnapshot:
-    """One served path (``MODEL_DIR`` or a ``--path``), as of the snapshot.
-
-    :ivar bytes: planned bytes (``preloader_target_bytes``).
-    :ivar read_bytes: bytes read so far, first pass and re-reads together.
-    :ivar resident_bytes: resident bytes at the last measurement; ``None`` before the first
-        one or when the kernel will not tell for some file (:attr:`residency_unknown_reason`).
-    :ivar warm_bytes: the bytes that count for readiness (see the module docstring).
-    :ivar warm_seconds: the first pass's duration; while it runs, the time so far.
-    :ivar recheck_seconds: the current keep-warm interval (grows while degraded).
-    :ivar last_check: wall-clock time of the last keep-warm measurement.
-    """
-
-    path: str
-    state: str
-    files: int
-    bytes: int
-    read_bytes: int
-    rewarm_bytes: int
-    resident_bytes: int | None
-    residency_unknown_reason: str | None
-    warm_bytes: int
-    files_by_state: tuple[tuple[str, int], ...]
-    errors_by_reason: tuple[tuple[str, int], ...]
-    error_details: tuple[tuple[str, str], ...]
-    skipped: int
-    warm_seconds: float | None
-    rate: float
-    evictions_detected: int
-    degraded_reason: str | None
-    recheck_seconds: float
-    last_check: float | None
-
-    @property
-    def warm_ratio(self) -> float:
-        return self.warm_bytes / self.bytes if self.bytes else 1.0
-
-    @property
-    def resident_ratio(self) -> float | None:
-        if self.resident_bytes is None:
-            return None
-        return self.resident_bytes / self.bytes if self.bytes else 1.0
-
-    @property
-    def verified(self) -> bool:
-        return self.residency_unknown_reason is None
-
-    @property
-    def errors(self) -> int:
-        return sum(count for _, count in self.errors_by_reason)
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "path": self.path,
-            "state": self.state,
-            "files": self.files,
-            "bytes": self.bytes,
-            "read_bytes": self.read_bytes,
-            "rewarm_bytes": self.rewarm_bytes,
-            "resident_bytes": self.resident_bytes,
-            "resident_ratio": self.resident_ratio,
-            "residency_unknown_reason": self.residency_unknown_reason,
-            "verified": self.verified,
-            "warm_bytes": self.warm_bytes,
-            "warm_ratio": round(self.warm_ratio, 6),
-            "files_by_state": dict(self.files_by_state),
-            "errors": self.errors,
-            "errors_by_reason": dict(self.errors_by_reason),
-            "error_details": [{"path": p, "cause": c} for p, c in self.error_details],
-            "skipped": self.skipped,
-            "warm_seconds": None if self.warm_seconds is None else round(self.warm_seconds, 3),
-            "rate_bytes_per_second": round(self.rate),
-            "evictions_detected": self.evictions_detected,
-            "degraded_reason": self.degraded_reason,
-            "recheck_seconds": self.recheck_seconds,
-            "last_check": self.last_check,
-        }
-
-
-@dataclass(frozen=True)
-class AgentSnapshot:
-    """The whole agent, as ``/readyz``, ``/status`` and ``/metrics`` show it.
-
-    :ivar ready: what ``/readyz`` answers.
-    :ivar reason: one line saying why it is (not) ready.
-    :ivar timed_out: the deadline passed before the model was warm.
-    :ivar skip_reason: set when there is nothing to serve (``MODEL_DIR`` unset or missing).
-    :ivar memory_budget: this process's memory budget as last read by the agent (at start
-        and after each keep-warm round), or ``None`` before the first reading.
-    """
-
-    state: str
-    ready: bool
-    reason: str
-    timed_out: bool
-    ready_ratio: float
-    paths: tuple[PathSnapshot, ...]
-    uptime_seconds: float
-    rate: float
-    eta_seconds: float | None
-    skip_reason: str | None = None
-    memory_budget: MemoryBudget | None = None
-    start_gate: StartGateSnapshot | None = None
-    version: str = __version__
-
-    @property
-    def bytes(self) -> int:
-        return sum(p.bytes for p in self.paths)
-
-    @property
-    def read_bytes(self) -> int:
-        return sum(p.read_bytes for p in self.paths)
-
-    @property
-    def warm_bytes(self) -> int:
-        return sum(p.warm_bytes for p in self.paths)
-
-    @property
-    def resident_bytes(self) -> int | None:
-        if any(p.resident_bytes is None for p in self.paths):
-            return None
-        return sum(p.resident_bytes or 0 for p in self.paths)
-
-    @property
-    def verified(self) -> bool:
-        return all(p.verified for p in self.paths)
-
-    @property
-    def bytes_done(self) -> int:
-        """Bytes read while the first pass runs, then the bytes that count as warm."""
-        if self.state in ("planning", "warming", "verifying"):
-            return sum(min(p.read_bytes, p.bytes) for p in self.paths)
-        return self.warm_bytes
-
-    def readyz_json(self) -> dict[str, object]:
-        return {
-            "ready": self.ready,
-            "state": self.state,
-            "reason": self.reason,
-            "bytes_done": self.bytes_done,
-            "bytes_total": self.bytes,
-            "verified": self.verified,
-            "timed_out": self.timed_out,
-        }
-
-    def to_json(self) -> dict[str, object]:
-        resident = self.resident_bytes
-        return {
-            "version": self.version,
-            "state": self.state,
-            "ready": self.ready,
-            "reason": self.reason,
-            "timed_out": self.timed_out,
-            "verified": self.verified,
-            "skip_reason": self.skip_reason,
-            "ready_ratio": self.ready_ratio,
-            "uptime_seconds": round(self.uptime_seconds, 3),
-            "files": sum(p.files for p in self.paths),
-            "bytes": self.bytes,
-            "bytes_done": self.bytes_done,
-            "read_bytes": self.read_bytes,
-            "resident_bytes": resident,
-            "resident_ratio": (resident / self.bytes if self.bytes else 1.0)
-            if resident is not None
-            else None,
-            "warm_bytes": self.warm_bytes,
-            "rate_bytes_per_second": round(self.rate),
-            "eta_seconds": None if self.eta_seconds is None else round(self.eta_seconds, 1),
-            "errors": sum(p.errors for p in self.paths),
-            "memory_budget": None if self.memory_budget is None else self.memory_budget.to_json(),
-            "start_gate": None if self.start_gate is None else self.start_gate.to_json(),
-            "paths": [p.to_json() for p in self.paths],
-        }
 
 
 @dataclass(frozen=True)
@@ -391,7 +201,12 @@ class Agent:
         return self._stopped
 
     def snapshot(self) -> AgentSnapshot:
-        """The agent's state now, from memory only (safe to call from a scrape)."""
+        """The agent's state now, from memory only.
+
+        Called from the HTTP server's thread while the agent's loop runs: it reads plain
+        attributes (each read atomic under the GIL) into a new frozen object, never
+        mutates, never awaits.
+        """
         paths = tuple(self._path_snapshot(model) for model in self._models)
         rate = sum(p.rate for p, m in zip(paths, self._models, strict=True) if not m.warmed)
         remaining = sum(max(0, p.bytes - p.read_bytes) for p in paths)
@@ -451,7 +266,7 @@ class Agent:
     async def start_up(self) -> None:
         """Plan every path, then warm them one after the other and decide readiness."""
         if not self._models:
-            self._emit("ready", detail=self._reason(()))
+            self._emit(EventKind.READY, detail=self._reason(()))
             self._changed()
             return
         await self._plan_all()
@@ -487,7 +302,11 @@ class Agent:
         for model in self._models:
             try:
                 plan = await anyio.to_thread.run_sync(
-                    build_plan, [model.root], selection.include, selection.exclude
+                    build_plan,
+                    [model.root],
+                    selection.include,
+                    selection.exclude,
+                    selection.all_formats,
                 )
             except Exception as err:  # a bug must not take the other paths down
                 self._fail(model, f"planning failed: {type(err).__name__}: {err}")
@@ -504,9 +323,9 @@ class Agent:
             model.read_in_full = [False] * len(files)
             model.state = "warming"
             for item in skipped:
-                self._emit("skipped", item.path, item.reason)
+                self._emit(EventKind.SKIPPED, item.path, item.reason)
             self._emit(
-                "planned",
+                EventKind.PLANNED,
                 model.root,
                 f"{len(files)} files, {format_bytes(model.plan.total_bytes)}, "
                 f"{len(skipped)} skipped",
@@ -534,7 +353,7 @@ class Agent:
         self._apply_report(model, report)
         model.next_check = time.monotonic() + model.interval
         self._emit(
-            "warmed",
+            EventKind.WARMED,
             model.root,
             f"{format_bytes(report.read_bytes)} read in {report.seconds:.1f} s, "
             f"{model.warm_ratio():.1%} warm, {len(report.errors)} errors",
@@ -599,7 +418,7 @@ class Agent:
         self._apply_measurement(model, measured)
         if not lost:
             if model.degraded_reason is not None:
-                self._emit("recovered", model.root, "no pages lost since the last check")
+                self._emit(EventKind.RECOVERED, model.root, "no pages lost since the last check")
             model.strikes = 0
             model.degraded_reason = None
             model.interval = self.config.recheck_seconds
@@ -624,7 +443,7 @@ class Agent:
                 "(memory pressure or a cgroup limit below the model size?); next check in "
                 f"{model.interval:g} s"
             )
-            self._emit("degraded", model.root, model.degraded_reason)
+            self._emit(EventKind.DEGRADED, model.root, model.degraded_reason)
         else:
             model.interval = base
         report = await rewarm_chunks(
@@ -642,7 +461,7 @@ class Agent:
         if model.read_since_clean is not None:
             model.read_since_clean |= keys
         self._emit(
-            "rewarmed",
+            EventKind.REWARMED,
             model.root,
             f"{len(lost)} chunks had lost pages; {format_bytes(report.read_bytes)} re-read in "
             f"{report.seconds:.2f} s, {len(report.errors)} errors",
@@ -679,7 +498,7 @@ class Agent:
             )
         else:
             detail = f"not warm after {seconds:g} s: staying unready (timeout policy 'unready')"
-        self._emit("timeout", detail=detail)
+        self._emit(EventKind.TIMEOUT, detail=detail)
         self._changed()
 
     # -- the start gate -----------------------------------------------------------------
@@ -719,7 +538,7 @@ class Agent:
         if self._gate.measured(resident, done, slack):
             snap = self._gate.snapshot(time.monotonic(), self._ready)
             self._emit(
-                "start_lead_too_long",
+                EventKind.START_LEAD_TOO_LONG,
                 detail=(
                     f"{format_bytes(snap.ahead_bytes or 0)} resident ahead of the warm-up after "
                     f"the start gate opened: the server caught up with it (start lead "
@@ -738,7 +557,9 @@ class Agent:
             self._emit_start()
 
     def _emit_start(self) -> None:
-        self._emit("start", detail=self._gate.snapshot(time.monotonic(), self._ready).reason)
+        self._emit(
+            EventKind.START, detail=self._gate.snapshot(time.monotonic(), self._ready).reason
+        )
         self._changed()
 
     # -- readiness and state ------------------------------------------------------------
@@ -759,10 +580,10 @@ class Agent:
         if condition and not self._ready:
             self._ready = True
             self._open_start_gate("ready")
-            self._emit("ready", detail=self._reason(self.snapshot().paths))
+            self._emit(EventKind.READY, detail=self._reason(self.snapshot().paths))
         elif not condition and self._ready:
             self._ready = False
-            self._emit("unready", detail=self._reason(self.snapshot().paths))
+            self._emit(EventKind.UNREADY, detail=self._reason(self.snapshot().paths))
 
     def _state(self) -> str:
         if not self._models:
@@ -858,20 +679,26 @@ class Agent:
         model.state = "failed"
         model.errors["internal"] += 1
         model.error_details.append((model.root, cause))
-        self._emit("failed", model.root, cause)
+        self._emit(EventKind.FAILED, model.root, cause, "internal")
         self._changed()
 
     def _engine_event(self, model: _Model, event: EngineEvent) -> None:
-        if event.kind == "file_error":
-            model.errors[error_reason(event.detail)] += 1
+        if event.kind == EventKind.FILE_ERROR:
+            model.errors[event.reason or "read"] += 1
             model.error_details.append((event.path, event.detail))
-        if event.kind != "state":
-            self._emit(event.kind, event.path, event.detail)
+        if event.kind != EventKind.STATE:
+            self._emit(event.kind, event.path, event.detail, event.reason)
         self._changed()
 
-    def _emit(self, kind: str, path: str = "", detail: str = "") -> None:
+    def _emit(
+        self,
+        kind: EventKind,
+        path: str = "",
+        detail: str = "",
+        reason: ErrorReason | None = None,
+    ) -> None:
         if self._on_event is not None:
-            self._on_event(EngineEvent(kind, path, detail))
+            self._on_event(EngineEvent(kind, path, detail, reason))
 
     def _changed(self) -> None:
         change, self._change = self._change, anyio.Event()

@@ -29,6 +29,7 @@ from .engine import (
 from .errors import LockRefusedError
 from .pinning import PinSet, memlock_permission
 from .planner import Plan, build_plan, printable
+from .settings import OnOverflow, ReadMethod
 
 __all__ = [
     "check_budget",
@@ -70,7 +71,7 @@ def memory_budget() -> MemoryBudget:
 async def check_budget(
     the_plan: Plan,
     *,
-    on_overflow: str = "trim",
+    on_overflow: OnOverflow = "trim",
     headroom: Headroom = DEFAULT_HEADROOM,
     budget: MemoryBudget | None = None,
 ) -> BudgetCheck:
@@ -133,7 +134,7 @@ async def warm(
     *,
     concurrency: int = 4,
     chunk_size: int = 64 * 1024 * 1024,
-    method: str = "auto",
+    method: ReadMethod = "auto",
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     timeout: float | None = None,

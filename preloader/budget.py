@@ -16,12 +16,23 @@ zipapp build carries no compiled modules, and ``/proc/meminfo`` says the same.
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from .cgroups import Mount as Mount
+from .cgroups import memory_cgroup_dirs as memory_cgroup_dirs
+from .cgroups import parse_limit as parse_limit
+from .cgroups import parse_meminfo as parse_meminfo
+from .cgroups import parse_mountinfo as parse_mountinfo
+from .cgroups import parse_proc_cgroup as parse_proc_cgroup
 from .planner import FileSpec, Plan
-from .units import format_bytes, parse_size
+from .procfs import read_text
+from .settings import DEFAULT_HEADROOM as DEFAULT_HEADROOM
+from .settings import ON_OVERFLOW_POLICIES as ON_OVERFLOW_POLICIES
+from .settings import Headroom as Headroom
+from .settings import OnOverflow
+from .settings import parse_headroom as parse_headroom
+from .units import format_bytes
 
 __all__ = [
     "DEFAULT_HEADROOM",
@@ -42,195 +53,8 @@ __all__ = [
     "read_memory_budget",
 ]
 
-ON_OVERFLOW_POLICIES = ("warn", "trim", "fail")
-
-# cgroup v1 says "no limit" with PAGE_COUNTER_MAX pages in bytes (9223372036854771712 on
-# 4 KiB pages); anything this large is no limit on any real machine.
-_UNLIMITED = 1 << 62
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-@dataclass(frozen=True)
-class Headroom:
-    """Bytes kept free below the budget: a fixed size, or a share of the limit.
-
-    The process's own memory grows while it warms, the kernel starts reclaiming before a
-    limit is reached (v2 ``memory.high``), and in a postStart hook the server shares the
-    container's cgroup; the headroom leaves room for all that.
-
-    The share is capped: what the agent itself needs does not grow with the model, and a
-    deployment sized as model + 256 MiB + 5% must not see its last shards trimmed.
-
-    :ivar fixed_bytes: an absolute headroom, or ``None`` for a share.
-    :ivar fraction: share of the binding limit (the cgroup's, or the node's memory).
-    :ivar minimum_bytes: floor for a share.
-    :ivar maximum_bytes: cap for a share, ``None`` for none.
-    """
-
-    fixed_bytes: int | None = None
-    fraction: float = 0.05
-    minimum_bytes: int = 64 * 1024 * 1024
-    maximum_bytes: int | None = 1024 * 1024 * 1024
-
-    def bytes_for(self, limit_bytes: int | None) -> int:
-        """Headroom in bytes when the binding limit is ``limit_bytes`` (``None``: unknown)."""
-        if self.fixed_bytes is not None:
-            return self.fixed_bytes
-        share = int(self.fraction * limit_bytes) if limit_bytes else 0
-        if self.maximum_bytes is not None:
-            share = min(share, self.maximum_bytes)
-        return max(self.minimum_bytes, share)
-
-    def describe(self) -> str:
-        if self.fixed_bytes is not None:
-            return format_bytes(self.fixed_bytes)
-        text = f"{self.fraction:.0%} of the limit, at least {format_bytes(self.minimum_bytes)}"
-        if self.maximum_bytes is not None:
-            text += f", at most {format_bytes(self.maximum_bytes)}"
-        return text
-
-
-DEFAULT_HEADROOM = Headroom()
-"""5% of the binding limit, at least 64 MiB, at most 1 GiB."""
-
-
-def parse_headroom(text: str) -> Headroom:
-    """``"256MiB"`` -> a fixed headroom; ``"10%"`` -> a share of the limit (no floor).
-
-    :raises ValueError: naming the text, for anything else.
-    """
-    stripped = text.strip()
-    if stripped.endswith("%"):
-        try:
-            percent = float(stripped[:-1])
-        except ValueError:
-            raise ValueError(f"headroom {text!r}: not a size or a percentage") from None
-        if not 0 <= percent < 100:
-            raise ValueError(f"headroom {text!r}: a percentage must be in [0, 100)")
-        return Headroom(fraction=percent / 100, minimum_bytes=0, maximum_bytes=None)
-    try:
-        return Headroom(fixed_bytes=parse_size(stripped))
-    except ValueError:
-        raise ValueError(
-            f"headroom {text!r}: not a size or a percentage (examples: 256MiB, 1G, 5%)"
-        ) from None
-
-
-@dataclass(frozen=True)
-class Mount:
-    """One line of ``/proc/self/mountinfo``, the parts that locate cgroups."""
-
-    root: str
-    mount_point: str
-    fstype: str
-    super_options: tuple[str, ...]
-
-
-def _unescape(text: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \\ooo
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
-
-
-def parse_mountinfo(text: str) -> list[Mount]:
-    """Parse ``/proc/self/mountinfo`` (see proc(5)); malformed lines are ignored."""
-    mounts = []
-    for line in text.splitlines():
-        fields = line.split()
-        if "-" not in fields:
-            continue
-        sep = fields.index("-")
-        if sep < 6 or len(fields) < sep + 3:
-            continue
-        mounts.append(
-            Mount(
-                root=_unescape(fields[3]),
-                mount_point=_unescape(fields[4]),
-                fstype=fields[sep + 1],
-                super_options=tuple(fields[sep + 3].split(",")) if len(fields) > sep + 3 else (),
-            )
-        )
-    return mounts
-
-
-def parse_proc_cgroup(text: str) -> tuple[dict[str, str], str | None]:
-    """Parse ``/proc/self/cgroup``.
-
-    :return: v1 controller (and ``name=`` hierarchy) -> cgroup path, and the v2 path
-        (the ``0::`` line) or ``None``.
-    """
-    v1: dict[str, str] = {}
-    v2: str | None = None
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        hierarchy, controllers, path = parts
-        if hierarchy == "0" and controllers == "":
-            v2 = path
-            continue
-        for controller in controllers.split(","):
-            if controller:
-                v1[controller] = path
-    return v1, v2
-
-
-def _join_cgroup(mount: Mount, cgroup_path: str) -> str | None:
-    """The directory of ``cgroup_path`` under ``mount``, or ``None`` when outside it."""
-    root = mount.root.rstrip("/")
-    if root and cgroup_path != root and not cgroup_path.startswith(root + "/"):
-        return None
-    relative = cgroup_path[len(root) :].lstrip("/")
-    return os.path.join(mount.mount_point, relative) if relative else mount.mount_point
-
-
-def memory_cgroup_dirs(
-    v1: Mapping[str, str], v2: str | None, mounts: Sequence[Mount]
-) -> list[tuple[int, str, str]]:
-    """Where this process's memory cgroup may live, best guess first.
-
-    :return: ``(version, cgroup directory, mount point)`` candidates: the v1 ``memory``
-        hierarchy when mounted, then the v2 unified hierarchy (whose memory controller may
-        or may not be enabled; the reader checks for ``memory.max``).
-    """
-    candidates: list[tuple[int, str, str]] = []
-    if "memory" in v1:
-        for mount in mounts:
-            if mount.fstype == "cgroup" and "memory" in mount.super_options:
-                directory = _join_cgroup(mount, v1["memory"])
-                if directory is not None:
-                    candidates.append((1, directory, mount.mount_point))
-                    break
-    if v2 is not None:
-        for mount in mounts:
-            if mount.fstype == "cgroup2":
-                directory = _join_cgroup(mount, v2)
-                if directory is not None:
-                    candidates.append((2, directory, mount.mount_point))
-                    break
-    return candidates
-
-
-def parse_limit(text: str) -> int | None:
-    """A cgroup limit file's content in bytes; ``None`` for no limit (``max``, or huge)."""
-    value = text.strip()
-    if value == "max":
-        return None
-    number = int(value)
-    return None if number >= _UNLIMITED else number
-
-
-def parse_meminfo(text: str) -> dict[str, int]:
-    """``/proc/meminfo`` as bytes per field (``MemAvailable``, ``MemTotal``, ...)."""
-    values: dict[str, int] = {}
-    for line in text.splitlines():
-        name, _, rest = line.partition(":")
-        parts = rest.split()
-        if not parts or not parts[0].isdigit():
-            continue
-        scale = 1024 if len(parts) > 1 and parts[1] == "kB" else 1
-        values[name.strip()] = int(parts[0]) * scale
-    return values
 
 
 @dataclass(frozen=True)
@@ -388,18 +212,8 @@ class MemoryBudget:
         }
 
 
-def _read(path: str) -> str | None:
-    try:
-        # Bytes, decoded as UTF-8 (built in): no codec import, which may be impossible
-        # after a process dropped privileges.
-        with open(path, "rb") as handle:
-            return handle.read().decode("utf-8", "replace")
-    except OSError:
-        return None
-
-
 def _read_int(path: str) -> int | None:
-    text = _read(path)
+    text = read_text(path)
     if text is None:
         return None
     try:
@@ -420,7 +234,7 @@ def _levels(version: int, directory: str, mount_point: str) -> list[CgroupLevel]
     while True:
         limit_file = os.path.join(current, names[0])
         if os.path.exists(limit_file):
-            usage_text = _read(os.path.join(current, names[1]))
+            usage_text = read_text(os.path.join(current, names[1]))
             levels.append(
                 CgroupLevel(
                     path=current,
@@ -448,7 +262,7 @@ def _node_memory() -> tuple[int | None, int | None, str]:
             return int(memory.available), int(memory.total), "psutil"
         except (OSError, RuntimeError):
             pass
-    text = _read("/proc/meminfo")
+    text = read_text("/proc/meminfo")
     if text is None:
         return None, None, "unavailable"
     info = parse_meminfo(text)
@@ -468,8 +282,8 @@ def read_memory_budget(proc_self: str = "/proc/self") -> MemoryBudget:
     notes: list[str] = []
     version: int | None = None
     levels: list[CgroupLevel] = []
-    cgroup_text = _read(os.path.join(proc_self, "cgroup"))
-    mountinfo_text = _read(os.path.join(proc_self, "mountinfo"))
+    cgroup_text = read_text(os.path.join(proc_self, "cgroup"))
+    mountinfo_text = read_text(os.path.join(proc_self, "mountinfo"))
     if cgroup_text is None or mountinfo_text is None:
         notes.append("cannot read /proc/self/cgroup or mountinfo: cgroup limit unknown")
     else:
@@ -526,7 +340,7 @@ class BudgetCheck:
 
     budget: MemoryBudget
     plan: Plan
-    policy: str
+    policy: OnOverflow
     planned_bytes: int
     need_bytes: int
     headroom_bytes: int
@@ -570,7 +384,7 @@ class BudgetCheck:
 def check_plan(
     plan: Plan,
     budget: MemoryBudget,
-    policy: str = "trim",
+    policy: OnOverflow = "trim",
     headroom: Headroom = DEFAULT_HEADROOM,
     resident: Sequence[int | None] | None = None,
 ) -> BudgetCheck:

@@ -32,6 +32,7 @@ __all__ = [
     "Problem",
     "arrange",
     "default_skip",
+    "natural_key",
     "read_safetensors_index",
     "split_part",
 ]
@@ -224,7 +225,8 @@ def _join(directory: str, name: str) -> str:
     return posixpath.normpath(f"{directory}/{name}") if directory else posixpath.normpath(name)
 
 
-def _natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
+def natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key: "shard-2" before "shard-10"; zero-padded HF names sort the same either way."""
     return tuple(
         (0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", text)
     )
@@ -265,7 +267,7 @@ class _Folder:
     def safetensors_index(self, all_formats: bool) -> None:
         indexes = sorted(
             (i for i in self.members if self.name(i).endswith(_INDEX_SUFFIX)),
-            key=lambda i: (self.name(i) != "model" + _INDEX_SUFFIX, _natural_key(self.name(i))),
+            key=lambda i: (self.name(i) != "model" + _INDEX_SUFFIX, natural_key(self.name(i))),
         )
         named: list[str] = []
         for index in indexes:
@@ -354,10 +356,10 @@ class _Folder:
         if len(models) < 2:
             return
         firsts = {
-            key: min(members, key=lambda i: _natural_key(self.name(i)))
+            key: min(members, key=lambda i: natural_key(self.name(i)))
             for key, members in models.items()
         }
-        ordered = sorted(models, key=lambda key: _natural_key(self.name(firsts[key])))
+        ordered = sorted(models, key=lambda key: natural_key(self.name(firsts[key])))
         preferred = [key for key in ordered if _PREFERRED_QUANT in key.lower()]
         if preferred:
             chosen = preferred[0]

@@ -2,8 +2,10 @@
 
 Nothing is registered at import time: :func:`make_registry` builds a fresh
 :class:`~prometheus_client.CollectorRegistry` holding one :class:`AgentCollector`.
-``collect()`` runs on the event loop during a scrape and does no I/O; residency is
-refreshed by the agent on its own schedule, never by a scrape.
+``collect()`` runs during a scrape in the HTTP server's thread (uvicorn runs on an event
+loop of its own, see :mod:`preloader.server`), not on the agent's loop; it only calls
+the snapshot function and does no I/O. Residency is refreshed by the agent on its own
+schedule, never by a scrape.
 
 Series that cannot be known truthfully are left out rather than guessed:
 ``preloader_resident_bytes`` is absent for a path whose residency the kernel will not
@@ -162,7 +164,8 @@ class AgentCollector(Collector):
     """Yield the preloader's metric families from a snapshot function.
 
     :param snapshot: returns the agent's current :class:`AgentSnapshot`; called once a
-        scrape, on the event loop, so it must not do I/O.
+        scrape, from the HTTP server's thread, so it must not do I/O and must be safe to
+        call while the agent's loop runs (:meth:`~preloader.agent.Agent.snapshot` is).
     """
 
     def __init__(self, snapshot: Callable[[], AgentSnapshot]) -> None:

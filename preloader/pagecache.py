@@ -23,6 +23,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .procfs import parse_cap_eff, read_text
+
 __all__ = [
     "PAGE_SIZE",
     "CacheStat",
@@ -170,15 +172,7 @@ def unlock_range(addr: int, length: int) -> None:
 
 def has_capability(bit: int) -> bool:
     """Whether this process holds capability ``bit`` in its effective set."""
-    try:
-        # Bytes, not text: no codec import, which may be impossible after a setuid.
-        with open("/proc/self/status", "rb") as status:
-            for line in status:
-                if line.startswith(b"CapEff:"):
-                    return bool(int(line.split()[1], 16) >> bit & 1)
-    except OSError:
-        pass
-    return False
+    return bool(parse_cap_eff(read_text("/proc/self/status") or "") >> bit & 1)
 
 
 def cachestat(fd: int, offset: int = 0, length: int = 0) -> CacheStat:

@@ -20,6 +20,8 @@ import threading
 from dataclasses import dataclass
 
 from . import pagecache
+from .procfs import parse_cap_eff as parse_cap_eff
+from .procfs import read_text
 from .units import format_bytes
 
 __all__ = [
@@ -39,14 +41,6 @@ _HOW_TO_ALLOW = (
     "raise RLIMIT_MEMLOCK (ulimit -l; the container runtime's memlock ulimit) or grant "
     "CAP_IPC_LOCK (Kubernetes: securityContext.capabilities.add: [IPC_LOCK])"
 )
-
-
-def parse_cap_eff(status_text: str) -> int:
-    """The effective capability mask from ``/proc/self/status`` text (0 when absent)."""
-    for line in status_text.splitlines():
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    return 0
 
 
 def parse_vm_locked(status_text: str) -> int:
@@ -86,12 +80,7 @@ class MemlockPermission:
 
 def memlock_permission() -> MemlockPermission:
     """Read this process's ``CAP_IPC_LOCK``, ``RLIMIT_MEMLOCK`` and ``VmLck``."""
-    try:
-        # Bytes decoded by hand: no codec import, which may be impossible after a setuid.
-        with open("/proc/self/status", "rb") as handle:
-            text = handle.read().decode("utf-8", "replace")
-    except OSError:
-        text = ""
+    text = read_text("/proc/self/status") or ""
     soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     return MemlockPermission(
         cap_ipc_lock=bool(parse_cap_eff(text) >> _CAP_IPC_LOCK & 1),

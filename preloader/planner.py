@@ -10,13 +10,13 @@ from __future__ import annotations
 import errno
 import fnmatch
 import os
-import re
 import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from . import formats
 from .formats import Choice, Problem
+from .settings import Selection
 
 __all__ = [
     "Chunk",
@@ -27,6 +27,7 @@ __all__ = [
     "chunk_count",
     "iter_batches",
     "iter_chunks",
+    "plan_selection",
     "printable",
 ]
 
@@ -129,13 +130,6 @@ def printable(path: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def _natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
-    # "shard-2" before "shard-10"; zero-padded HF names sort the same either way.
-    return tuple(
-        (0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", text)
-    )
-
-
 def _matches(relpath: str, patterns: Sequence[str]) -> bool:
     name = relpath.rsplit("/", 1)[-1]
     for pattern in patterns:
@@ -207,7 +201,7 @@ class _Walk:
             self._add_file(root, os.path.basename(root), st, found, filtered=False)
         elif stat.S_ISDIR(st.st_mode):
             self._walk_dir(root, st, found)
-            found.sort(key=lambda item: (not item[1].metadata, _natural_key(item[0])))
+            found.sort(key=lambda item: (not item[1].metadata, formats.natural_key(item[0])))
             return self._arrange(root, found)
         else:
             self.skipped.append(Skipped(root, _special_kind(st.st_mode)))
@@ -355,6 +349,11 @@ def build_plan(
         choices=tuple(walk.choices),
         problems=tuple(walk.problems),
     )
+
+
+def plan_selection(selection: Selection) -> Plan:
+    """:func:`build_plan` over a front end's :class:`~preloader.settings.Selection`."""
+    return build_plan(selection.paths, selection.include, selection.exclude, selection.all_formats)
 
 
 def chunk_count(size: int, chunk_size: int) -> int:

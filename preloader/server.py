@@ -16,11 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 import anyio
 import anyio.abc
@@ -35,11 +33,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import errors
 from .agent import Agent, AgentSnapshot
-from .config import ServeConfig
-from .engine import EngineEvent
+from .events import log_event
 from .logs import get_logger
 from .metrics import make_registry
 from .planner import printable
+from .settings import ServeConfig
+from .signals import StopSignals
 
 __all__ = ["bind", "create_app", "serve"]
 
@@ -174,29 +173,6 @@ class _ToStructlog(logging.Handler):
         get_logger().log(record.levelno, record.getMessage(), logger=record.name)
 
 
-_EVENT_LEVELS = {
-    "file_error": logging.ERROR,
-    "failed": logging.ERROR,
-    "timeout": logging.ERROR,
-    "degraded": logging.WARNING,
-    "not_resident": logging.WARNING,
-    "skipped": logging.WARNING,
-    "unready": logging.WARNING,
-    "start_lead_too_long": logging.WARNING,
-    "state": logging.DEBUG,
-}
-
-
-def log_event(event: EngineEvent) -> None:
-    """Log an agent or engine event as one structured line."""
-    fields: dict[str, Any] = {}
-    if event.path:
-        fields["path"] = printable(event.path)
-    if event.detail:
-        fields["detail"] = event.detail
-    get_logger().log(_EVENT_LEVELS.get(event.kind, logging.INFO), event.kind, **fields)
-
-
 async def serve(config: ServeConfig, sock: socket.socket) -> int:
     """Run the agent and the HTTP server on ``sock`` until SIGTERM/SIGINT; return 0.
 
@@ -223,26 +199,16 @@ async def serve(config: ServeConfig, sock: socket.socket) -> int:
         )
     )
 
-    async def watch_signals(
-        scope: anyio.CancelScope, *, task_status: anyio.abc.TaskStatus[None]
-    ) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            task_status.started()
-            received = 0
-            async for signum in signals:
-                received += 1
-                name = signal.Signals(signum).name
-                if received == 1:
-                    log.info("stopping", signal=name)
-                    agent.stop()
-                    server.should_exit = True
-                else:
-                    log.warning("stopping now", signal=name)
-                    server.force_exit = True
-                    scope.cancel()
+    def ask_to_stop() -> None:
+        agent.stop()
+        server.should_exit = True
 
-    async with anyio.create_task_group() as group:
-        await group.start(watch_signals, group.cancel_scope)
+    def force_exit() -> None:
+        server.force_exit = True
+
+    # The work bounds its own shutdown (shutdown_seconds below): no grace timer.
+    signals = StopSignals(ask_to_stop, on_force=force_exit, level=logging.INFO)
+    async with signals.capture(), anyio.create_task_group() as group:
         host, port = sock.getsockname()[:2]
         log.info(
             "serving",

@@ -14,8 +14,8 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .config import WaitConfig
 from .errors import UsageError
+from .settings import WaitConfig
 
 __all__ = ["Poll", "check_url", "poll_once", "wait_ready"]
 

@@ -8,10 +8,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from preloader.agent import DEGRADE_AFTER, Agent, AgentSnapshot, error_reason
-from preloader.config import Selection, ServeConfig
+from preloader.agent import DEGRADE_AFTER, ERROR_REASONS, Agent, AgentSnapshot
 from preloader.demo import write_demo_model
 from preloader.engine import EngineEvent, WarmOptions
+from preloader.events import EventKind
+from preloader.settings import Selection, ServeConfig
 
 from .conftest import evict_tree, needs_vmtouch, vmtouch_resident
 
@@ -266,11 +267,24 @@ async def test_the_keep_warm_loop_rewarms_on_its_own(model_dir: Path) -> None:
 
 
 def test_error_reasons_are_a_small_fixed_set() -> None:
-    assert error_reason("No such file or directory") == "read"
-    assert error_reason("Input/output error") == "read"
-    assert error_reason("read stalled for more than 5 s; file given up") == "stalled"
-    assert error_reason("file shrank while being read (got 1 of 2 bytes at offset 0)") == (
-        "changed"
-    )
-    assert error_reason("replaced by another file since planning") == "changed"
-    assert error_reason("no longer a regular file") == "changed"
+    assert ERROR_REASONS == ("read", "stalled", "changed", "internal")
+
+
+async def test_a_file_error_counts_under_the_reason_the_engine_gave(tmp_path: Path) -> None:
+    """The label comes from the event's reason, set where the error happened, not from
+    the wording of its message."""
+    (tmp_path / "config.json").write_text("{}")
+    agent = Agent(_config(tmp_path))
+    [model] = agent._models
+    for reason in ("read", "stalled", "changed"):
+        agent._engine_event(
+            model,
+            EngineEvent(EventKind.FILE_ERROR, str(tmp_path), "any words at all", reason),
+        )
+    snap = agent.snapshot()
+    assert dict(snap.paths[0].errors_by_reason) == {
+        "read": 1,
+        "stalled": 1,
+        "changed": 1,
+        "internal": 0,
+    }

@@ -133,8 +133,10 @@ async def test_a_file_replaced_after_planning_is_refused(shared_tmp: Path) -> No
     replacement = shared_tmp / "w.bin.new"
     replacement.write_bytes(b"y" * 100)  # a new inode while the old one still exists
     replacement.replace(path)
-    [result] = (await warm_plan(plan)).files
+    events: list[EngineEvent] = []
+    [result] = (await warm_plan(plan, on_event=events.append)).files
     assert result.error == "replaced by another file since planning"
+    assert [e.reason for e in events if e.kind == "file_error"] == ["changed"]
 
 
 async def test_a_deleted_file_is_an_error_and_the_rest_is_warmed(model_dir: Path) -> None:
@@ -144,7 +146,7 @@ async def test_a_deleted_file_is_an_error_and_the_rest_is_warmed(model_dir: Path
     events: list[EngineEvent] = []
     report = await warm_plan(plan, WarmOptions(chunk_size=MiB), on_event=events.append)
     assert [(f.path, f.error) for f in report.errors] == [(victim, "No such file or directory")]
-    assert ("file_error", victim) in [(e.kind, e.path) for e in events]
+    assert ("file_error", victim, "read") in [(e.kind, e.path, e.reason) for e in events]
     others = [f for f in report.files if f.path != victim]
     assert all(f.residency.resident_bytes == f.size for f in others)
 

@@ -14,9 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from preloader import pagecache
 from preloader.agent import Agent, AgentSnapshot
-from preloader.config import Selection, ServeConfig
 from preloader.engine import WarmOptions
 from preloader.metrics import METRIC_NAMES, make_registry
+from preloader.settings import Selection, ServeConfig
 
 from . import deploy_manifests as dm
 

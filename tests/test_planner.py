@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from preloader.formats import natural_key as _natural_key
 from preloader.pagecache import PAGE_SIZE
 from preloader.planner import (
     FileSpec,
-    _natural_key,
     build_plan,
     chunk_count,
     iter_batches,

@@ -206,3 +206,23 @@ def test_a_missing_path_argument_is_a_usage_error(shared_tmp: Path) -> None:
     done = run_cli("serve", str(shared_tmp / "nope"), "--port", "0")
     assert done.returncode == 2
     assert "no such file or directory" in done.stderr
+
+
+def test_all_formats_reaches_the_agent(tmp_path: Path, served: list[Served]) -> None:
+    """``serve --all-formats`` (and ``PRELOADER_ALL_FORMATS``) warms the .bin beside the
+    safetensors, as ``warm --all-formats`` does; it used to be dropped on the way."""
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"s" * 8192)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"b" * 8192)
+    for args, env in [(("--all-formats",), {}), ((), {"PRELOADER_ALL_FORMATS": "1"})]:
+        server = track(served, *args, str(tmp_path), env=env)
+        server.poll(lambda server=server: ready_body(server))  # type: ignore[misc]
+        status, document = server.json("/status")
+        assert status == 200
+        [path] = document["paths"]
+        assert path["files"] == 3, path
+        assert server.stop(signal.SIGTERM)[0] == 0
+    plain = track(served, str(tmp_path))
+    plain.poll(lambda: ready_body(plain))
+    assert plain.json("/status")[1]["paths"][0]["files"] == 2
+    assert plain.stop(signal.SIGTERM)[0] == 0

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from preloader import errors
-from preloader.config import WaitConfig
 from preloader.errors import UsageError
+from preloader.settings import WaitConfig
 from preloader.wait import poll_once, wait_ready
 
 from ._serve import REPO, start_serve

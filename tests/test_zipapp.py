@@ -90,7 +90,7 @@ def test_archive_holds_pure_python_only() -> None:
     assert archive.read_bytes().startswith(b"#!/usr/bin/env python3\n")
     names = zipfile.ZipFile(archive).namelist()
     assert "__main__.py" in names
-    assert "preloader/cli.py" in names
+    assert "preloader/cli/__init__.py" in names
     assert not [n for n in names if n.endswith((".so", ".pyd", ".pyc"))]
     assert not [n for n in names if n.startswith(("psutil", "bin/"))]
     assert any(n.startswith("exceptiongroup/") for n in names), "needed on Python 3.10"

@@ -1,9 +1,13 @@
-"""Settings objects, built once at the edge (the CLI) from flags and environment.
+"""Settings: what the front ends resolve from flags and environment and pass down.
 
-Every command-line option has a ``PRELOADER_*`` environment twin (declared on the click
-option); a flag on the command line wins over its environment variable. ``MODEL_DIR``
-and ``PRELOADER_CONC`` keep the names of the reference postStart one-liner. Nothing
-below the CLI reads ``os.environ``.
+Frozen dataclasses, their defaults stated once, and the parsing of the values that need
+it. This module imports nothing above the kernel layer (:mod:`pagecache`, :mod:`units`),
+so the engine, the budget check, the agent and the front ends can all depend on it.
+
+Every command-line option has a ``PRELOADER_*`` environment twin (declared once, in
+:mod:`preloader.cli.options`); a flag on the command line wins over its environment
+variable. ``MODEL_DIR`` and ``PRELOADER_CONC`` keep the names of the reference postStart
+one-liner. Nothing below the CLI reads ``os.environ``.
 """
 
 from __future__ import annotations
@@ -11,23 +15,148 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
-from .budget import DEFAULT_HEADROOM, Headroom
-from .engine import AUTO_CONCURRENCY, WarmOptions
 from .errors import UsageError
+from .pagecache import PAGE_SIZE
 from .startgate import parse_start_lead
+from .units import format_bytes, parse_size
 
 __all__ = [
+    "AUTO_CONCURRENCY",
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_HEADROOM",
+    "ON_OVERFLOW_POLICIES",
+    "READ_METHODS",
+    "TIMEOUT_POLICIES",
+    "Headroom",
+    "OnOverflow",
+    "ReadMethod",
     "Selection",
     "ServeConfig",
+    "TimeoutPolicy",
     "WaitConfig",
     "WarmConfig",
+    "WarmOptions",
     "parse_concurrency",
+    "parse_headroom",
     "resolve_selection",
 ]
 
 DEFAULT_CONCURRENCY = 4
+"""Parallel chunk reads when ``-c`` is not given (the reference one-liner's ``-P 4``)."""
+
+AUTO_CONCURRENCY = 0
+"""``concurrency`` value that asks the engine to find the knee itself."""
+
 DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
+"""Bytes per chunk when ``--chunk-size`` is not given."""
+
+ReadMethod = Literal["auto", "sendfile", "mmap", "read"]
+READ_METHODS: tuple[ReadMethod, ...] = get_args(ReadMethod)
+
+OnOverflow = Literal["warn", "trim", "fail"]
+ON_OVERFLOW_POLICIES: tuple[OnOverflow, ...] = get_args(OnOverflow)
+
+TimeoutPolicy = Literal["ready", "unready"]
+TIMEOUT_POLICIES: tuple[TimeoutPolicy, ...] = get_args(TimeoutPolicy)
+
+
+@dataclass(frozen=True)
+class WarmOptions:
+    """How the engine reads; validated here, once.
+
+    :ivar concurrency: parallel chunk reads; :data:`AUTO_CONCURRENCY` to tune it.
+    :ivar chunk_size: bytes per chunk (rounded to whole pages).
+    :ivar method: ``auto`` (= ``sendfile``), ``sendfile``, ``mmap`` or ``read``.
+    :ivar timeout: seconds for the whole read pass; ``None`` for no limit.
+    :ivar read_timeout: seconds one chunk may take before its file is given up as stalled.
+    :ivar verify: re-open every file after the pass and measure residency.
+    :raises ValueError: for a negative concurrency, a chunk under one page or an
+        unknown method.
+    """
+
+    concurrency: int = DEFAULT_CONCURRENCY
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    method: ReadMethod = "auto"
+    timeout: float | None = None
+    read_timeout: float | None = None
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 0:
+            raise ValueError("concurrency must be >= 1 (or 0 for auto)")
+        if self.chunk_size < PAGE_SIZE:
+            raise ValueError(f"chunk_size must be at least one page ({PAGE_SIZE})")
+        if self.method not in READ_METHODS:
+            raise ValueError(f"unknown read method {self.method!r}")
+
+
+@dataclass(frozen=True)
+class Headroom:
+    """Bytes kept free below the memory budget: a fixed size, or a share of the limit.
+
+    The process's own memory grows while it warms, the kernel starts reclaiming before a
+    limit is reached (v2 ``memory.high``), and in a postStart hook the server shares the
+    container's cgroup; the headroom leaves room for all that.
+
+    The share is capped: what the agent itself needs does not grow with the model, and a
+    deployment sized as model + 256 MiB + 5% must not see its last shards trimmed.
+
+    :ivar fixed_bytes: an absolute headroom, or ``None`` for a share.
+    :ivar fraction: share of the binding limit (the cgroup's, or the node's memory).
+    :ivar minimum_bytes: floor for a share.
+    :ivar maximum_bytes: cap for a share, ``None`` for none.
+    """
+
+    fixed_bytes: int | None = None
+    fraction: float = 0.05
+    minimum_bytes: int = 64 * 1024 * 1024
+    maximum_bytes: int | None = 1024 * 1024 * 1024
+
+    def bytes_for(self, limit_bytes: int | None) -> int:
+        """Headroom in bytes when the binding limit is ``limit_bytes`` (``None``: unknown)."""
+        if self.fixed_bytes is not None:
+            return self.fixed_bytes
+        share = int(self.fraction * limit_bytes) if limit_bytes else 0
+        if self.maximum_bytes is not None:
+            share = min(share, self.maximum_bytes)
+        return max(self.minimum_bytes, share)
+
+    def describe(self) -> str:
+        if self.fixed_bytes is not None:
+            return format_bytes(self.fixed_bytes)
+        text = f"{self.fraction:.0%} of the limit, at least {format_bytes(self.minimum_bytes)}"
+        if self.maximum_bytes is not None:
+            text += f", at most {format_bytes(self.maximum_bytes)}"
+        return text
+
+
+DEFAULT_HEADROOM = Headroom()
+"""5% of the binding limit, at least 64 MiB, at most 1 GiB."""
+
+
+def parse_headroom(text: str) -> Headroom:
+    """``"256MiB"`` -> a fixed headroom; ``"10%"`` -> a share of the limit (no floor).
+
+    :raises ValueError: naming the text, for anything else.
+    """
+    stripped = text.strip()
+    if stripped.endswith("%"):
+        try:
+            percent = float(stripped[:-1])
+        except ValueError:
+            raise ValueError(f"headroom {text!r}: not a size or a percentage") from None
+        if not 0 <= percent < 100:
+            raise ValueError(f"headroom {text!r}: a percentage must be in [0, 100)")
+        return Headroom(fraction=percent / 100, minimum_bytes=0, maximum_bytes=None)
+    try:
+        return Headroom(fixed_bytes=parse_size(stripped))
+    except ValueError:
+        raise ValueError(
+            f"headroom {text!r}: not a size or a percentage (examples: 256MiB, 1G, 5%)"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -35,8 +164,11 @@ class Selection:
     """Which paths to act on.
 
     :ivar paths: existing roots to walk.
+    :ivar include: globs a file must match (none: every file).
+    :ivar exclude: globs of files and directories to skip.
     :ivar skip_reason: set when there is nothing to do and that is fine (the reference
         one-liner's behaviour for an unset or missing ``MODEL_DIR``).
+    :ivar all_formats: warm every format, not only what the servers load.
     """
 
     paths: tuple[str, ...]
@@ -58,12 +190,9 @@ class WarmConfig:
     json: bool = False
     progress: bool | None = None
     progress_interval: float = 10.0
-    on_overflow: str = "trim"
+    on_overflow: OnOverflow = "trim"
     headroom: Headroom = DEFAULT_HEADROOM
     lock: bool = False
-
-
-TIMEOUT_POLICIES = ("ready", "unready")
 
 
 @dataclass(frozen=True)
@@ -90,7 +219,7 @@ class ServeConfig:
     ready_ratio: float = 0.99
     ready_latch: bool = True
     timeout: float | None = None
-    timeout_policy: str = "ready"
+    timeout_policy: TimeoutPolicy = "ready"
     start_lead: float = 0.0
     recheck_seconds: float = 30.0
     max_backoff_seconds: float = 900.0

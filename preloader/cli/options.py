@@ -1,0 +1,383 @@
+"""Every command-line option, declared once.
+
+Each option carries its ``PRELOADER_*`` environment twin (shown in ``--help``); a flag
+on the command line wins over its environment variable. Options that belong together
+come as one decorator that hands the command one object instead of loose values:
+:func:`selection_options` gives ``selection`` (a :class:`SelectionArgs`),
+:func:`read_options` gives ``read`` (a :class:`ReadArgs`), :func:`budget_options` gives
+``budget`` (a :class:`BudgetArgs`). To add an option to a command, declare it here and
+list it in that command's decorators.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+import click
+
+from .. import errors
+from ..logs import FORMATS, LEVELS
+from ..settings import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_HEADROOM,
+    ON_OVERFLOW_POLICIES,
+    READ_METHODS,
+    Headroom,
+    OnOverflow,
+    ReadMethod,
+    Selection,
+    WarmOptions,
+    parse_concurrency,
+    parse_headroom,
+    resolve_selection,
+)
+from ..units import parse_size
+
+__all__ = [
+    "BudgetArgs",
+    "ReadArgs",
+    "SelectionArgs",
+    "best_effort_option",
+    "budget_options",
+    "bundle",
+    "concurrency_option",
+    "json_option",
+    "log_options",
+    "read_options",
+    "selection_options",
+    "timeout_option",
+]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_Decorator = Callable[[_F], _F]
+
+
+class Size(click.ParamType):  # type: ignore[type-arg]
+    """A byte count: ``1048576``, ``64MiB``, ``1G``."""
+
+    name = "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+class HeadroomType(click.ParamType):  # type: ignore[type-arg]
+    """A headroom: a size (``256MiB``) or a share of the limit (``10%``)."""
+
+    name = "SIZE|PCT"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Headroom:
+        if isinstance(value, Headroom):
+            return value
+        try:
+            return parse_headroom(str(value))
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+def _stack(decorators: Sequence[Callable[[Any], Any]]) -> Callable[[_F], _F]:
+    def apply(func: _F) -> _F:
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+
+    return apply
+
+
+def _bundle(target: str, fields: Sequence[str], build: Callable[..., object]) -> Callable[[_F], _F]:
+    """Hand the command ``target=build(**fields)`` instead of the separate ``fields``."""
+
+    def apply(func: _F) -> _F:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            values = {name: kwargs.pop(name) for name in fields}
+            kwargs[target] = build(**values)
+            return func(*args, **kwargs)
+
+        return cast(_F, wrapper)
+
+    return apply
+
+
+def bundle(target: str, cls: type[object]) -> Callable[[_F], _F]:
+    """Hand the command ``target=cls(...)`` built from the options named as its fields.
+
+    For a command's own options: declare them, then list ``bundle("flags", Flags)``
+    last (nearest the function), so the command takes one settings object.
+    """
+    return _bundle(target, [f.name for f in dataclasses.fields(cls)], cls)  # type: ignore[arg-type]
+
+
+def _option(*names: str, envvar: str, **attrs: Any) -> Callable[[_F], _F]:
+    """A click option with its environment twin shown in ``--help``."""
+    return click.option(*names, envvar=envvar, show_envvar=True, **attrs)
+
+
+# -- selection ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SelectionArgs:
+    """The selection options as given; :meth:`resolve` checks them against the disk."""
+
+    paths: tuple[str, ...]
+    model_dir: str | None
+    env_paths: tuple[str, ...]
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    all_formats: bool
+
+    def resolve(self) -> Selection:
+        """:raises errors.UsageError: for a command-line path that does not exist."""
+        return resolve_selection(
+            self.paths,
+            self.model_dir,
+            self.env_paths,
+            self.include,
+            self.exclude,
+            self.all_formats,
+        )
+
+
+def selection_options(func: _F) -> _F:
+    """PATH arguments plus the options every command uses to pick files: ``selection``."""
+    return _stack(
+        [
+            # readable=False: an unreadable PATH is a read error the walk names (exit 3),
+            # as for MODEL_DIR, not a usage error with click's multi-line usage text.
+            click.argument("paths", nargs=-1, type=click.Path(readable=False), metavar="[PATH]..."),
+            click.option(
+                "--model-dir",
+                envvar="MODEL_DIR",
+                hidden=True,
+                help="Default root when no PATH is given (the reference name).",
+            ),
+            _option(
+                "--path",
+                "env_paths",
+                envvar="PRELOADER_PATHS",
+                multiple=True,
+                type=click.Path(readable=False),
+                help="Extra root, repeatable; in the environment ':'-separated. Used, with "
+                "MODEL_DIR, only when no PATH argument is given.",
+            ),
+            _option(
+                "--include",
+                envvar="PRELOADER_INCLUDE",
+                multiple=True,
+                metavar="GLOB",
+                help="Only files matching GLOB (repeatable; whitespace-separated in the "
+                "environment). A GLOB without '/' matches the file name, with '/' the path "
+                "relative to the root.",
+            ),
+            _option(
+                "--exclude",
+                envvar="PRELOADER_EXCLUDE",
+                multiple=True,
+                metavar="GLOB",
+                help="Skip files and directories matching GLOB (repeatable).",
+            ),
+            _option(
+                "--all-formats",
+                envvar="PRELOADER_ALL_FORMATS",
+                is_flag=True,
+                help="Warm every format: PyTorch .bin/.pt/.pth beside safetensors, "
+                "safetensors the index does not name, and every GGUF model of a folder "
+                "(default: only what sglang, vLLM and llama.cpp load).",
+            ),
+            _bundle(
+                "selection",
+                ("paths", "model_dir", "env_paths", "include", "exclude", "all_formats"),
+                SelectionArgs,
+            ),
+        ]
+    )(func)
+
+
+# -- reading -----------------------------------------------------------------------------
+
+
+def concurrency_option(help: str) -> Callable[[_F], _F]:
+    """``-c``/``--concurrency``/``PRELOADER_CONC``: chunks read in parallel."""
+    return _option(
+        "-c",
+        "--concurrency",
+        envvar="PRELOADER_CONC",
+        default=str(DEFAULT_CONCURRENCY),
+        show_default=True,
+        metavar="N|auto",
+        help=help,
+    )
+
+
+@dataclass(frozen=True)
+class ReadArgs:
+    """The read options as given; :meth:`options` validates them into :class:`WarmOptions`."""
+
+    concurrency: str
+    chunk_size: int
+    method: ReadMethod
+    read_timeout: float
+
+    def options(self, timeout: float | None = None) -> WarmOptions:
+        """:raises errors.UsageError: for a bad concurrency or chunk size."""
+        try:
+            return WarmOptions(
+                concurrency=parse_concurrency(self.concurrency),
+                chunk_size=self.chunk_size,
+                method=self.method,
+                timeout=timeout,
+                read_timeout=self.read_timeout or None,
+            )
+        except ValueError as err:
+            raise errors.UsageError(str(err)) from None
+
+
+def read_options(chunk_help: str, method_help: str) -> Callable[[_F], _F]:
+    """How to read: ``-c``, ``--chunk-size``, ``--method``, ``--read-timeout``: ``read``."""
+    return _stack(
+        [
+            concurrency_option(
+                "Chunks read in parallel; 'auto' raises it while throughput still grows."
+            ),
+            _option(
+                "--chunk-size",
+                envvar="PRELOADER_CHUNK_SIZE",
+                type=Size(),
+                default=DEFAULT_CHUNK_SIZE,
+                show_default="64MiB",
+                help=chunk_help,
+            ),
+            _option(
+                "--method",
+                envvar="PRELOADER_METHOD",
+                type=click.Choice(READ_METHODS),
+                default="auto",
+                show_default=True,
+                help=method_help,
+            ),
+            _option(
+                "--read-timeout",
+                envvar="PRELOADER_READ_TIMEOUT",
+                type=click.FloatRange(min=0),
+                default=600,
+                show_default=True,
+                help="Give up a file whose chunk read stalls this many seconds (0: never).",
+            ),
+            _bundle("read", ("concurrency", "chunk_size", "method", "read_timeout"), ReadArgs),
+        ]
+    )
+
+
+# -- memory budget -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BudgetArgs:
+    """What to do when the plan does not fit the memory budget."""
+
+    on_overflow: OnOverflow
+    headroom: Headroom
+
+
+def _budget(on_overflow: OnOverflow, headroom: Headroom | None) -> BudgetArgs:
+    return BudgetArgs(on_overflow, headroom or DEFAULT_HEADROOM)
+
+
+budget_options: Callable[[_F], _F] = _stack(
+    [
+        _option(
+            "--on-overflow",
+            envvar="PRELOADER_ON_OVERFLOW",
+            type=click.Choice(ON_OVERFLOW_POLICIES),
+            default="trim",
+            show_default=True,
+            help="When the plan needs more page cache than the memory budget (cgroup limit "
+            "minus usage, capped by MemAvailable, minus --headroom) allows: trim warms the "
+            "plan in order up to the budget and reports what stays cold; fail exits 7 "
+            "before reading; warn reads everything.",
+        ),
+        _option(
+            "--headroom",
+            envvar="PRELOADER_HEADROOM",
+            type=HeadroomType(),
+            default=None,
+            show_default="5% of the limit, 64MiB to 1GiB",
+            help="Memory kept free below the budget: a size (256MiB) or a share of the "
+            "limit (10%).",
+        ),
+        _bundle("budget", ("on_overflow", "headroom"), _budget),
+    ]
+)
+"""``--on-overflow`` and ``--headroom``: ``budget``."""
+
+
+# -- output and exit ---------------------------------------------------------------------
+
+json_option: Callable[[_F], _F] = _option(
+    "--json",
+    "as_json",
+    envvar="PRELOADER_JSON",
+    is_flag=True,
+    help="Print one JSON object on stdout at the end.",
+)
+
+best_effort_option: Callable[[_F], _F] = _option(
+    "--best-effort",
+    envvar="PRELOADER_BEST_EFFORT",
+    is_flag=True,
+    help="Always exit 0 (log what went wrong): a failing postStart hook kills the container.",
+)
+
+
+def timeout_option(help: str, envvar: str = "PRELOADER_TIMEOUT") -> Callable[[_F], _F]:
+    """``--timeout`` in seconds, 0 for none."""
+    return _option(
+        "--timeout",
+        envvar=envvar,
+        type=click.FloatRange(min=0),
+        default=0,
+        show_default=True,
+        help=help,
+    )
+
+
+log_options: Callable[[_F], _F] = _stack(
+    [
+        _option(
+            "--log-level",
+            envvar="PRELOADER_LOG_LEVEL",
+            type=click.Choice(LEVELS),
+            default="info",
+            show_default=True,
+            help="Least severe log level to print (logs go to stderr).",
+        ),
+        _option(
+            "--log-format",
+            envvar="PRELOADER_LOG_FORMAT",
+            type=click.Choice(FORMATS),
+            default="auto",
+            show_default=True,
+            help="console (human), json (one object a line), auto (console on a TTY).",
+        ),
+        _option(
+            "--debug",
+            envvar="PRELOADER_DEBUG",
+            is_flag=True,
+            help="Show Python tracebacks for unexpected errors.",
+        ),
+    ]
+)
+"""The group's ``--log-level``, ``--log-format`` and ``--debug``."""

@@ -1,0 +1,141 @@
+"""How a command ends: the exit code, ``--best-effort``, unexpected errors, the exit.
+
+Every command builds its settings, runs, and hands back an :class:`Outcome`;
+:func:`execute` owns what happens around that: a bad flag is one log line and exit 2,
+a refusal its own code, a bug one line and exit 1 (the traceback with ``--debug``), and
+the process never waits on a worker thread stuck in a stalled read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NoReturn, TypeVar
+
+import click
+
+from .. import errors
+from .._version import __version__
+from ..logs import get_logger
+
+__all__ = [
+    "EXIT_CODES_HELP",
+    "SERVE_EXIT_CODES_HELP",
+    "WAIT_EXIT_CODES_HELP",
+    "Outcome",
+    "execute",
+    "print_json",
+    "refuse",
+]
+
+_S = TypeVar("_S")
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 ok or nothing to do (MODEL_DIR unset or missing), 1 internal error, "
+    "2 bad usage or input, 3 read errors, 4 resident share below --min-resident, "
+    "5 --timeout reached, 6 residency unverifiable with --require-verified, "
+    "7 over the memory budget with --on-overflow fail, 8 incomplete model (missing shards), "
+    "9 --lock not permitted, 130 interrupted by SIGINT/SIGTERM."
+)
+SERVE_EXIT_CODES_HELP = (
+    "Exit codes: 0 stopped by SIGTERM/SIGINT (in-flight requests answered), 1 internal "
+    "error, 2 bad usage or input (including an address it cannot listen on)."
+)
+WAIT_EXIT_CODES_HELP = (
+    "Exit codes: 0 the URL answered 200, 2 bad usage (not an http(s) URL), 5 --timeout "
+    "reached first, 130 interrupted by SIGINT/SIGTERM."
+)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a command found, and the exit code that follows from it.
+
+    :ivar code: the code the finding deserves (see :mod:`preloader.errors`).
+    :ivar best_effort: ``--best-effort``: exit 0 whatever was found (it is logged).
+    """
+
+    code: int
+    best_effort: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        """The code the process exits with: :attr:`code`, or 0 under ``--best-effort``."""
+        return errors.EXIT_OK if self.best_effort else self.code
+
+    def announce(self) -> None:
+        """Log that ``--best-effort`` hides a failure, if it does."""
+        if self.best_effort and self.code != errors.EXIT_OK:
+            get_logger().warning("best effort: exiting 0", would_exit=self.code)
+
+
+def print_json(document: dict[str, object]) -> None:
+    """The ``--json`` document: one object on one line of stdout."""
+    click.echo(json.dumps(document, sort_keys=False))
+
+
+def execute(
+    ctx: click.Context,
+    build: Callable[[], _S],
+    run: Callable[[_S], Outcome | int],
+    *,
+    best_effort: bool = False,
+    json_errors: bool = False,
+) -> NoReturn:
+    """Build a command's settings, run it, exit with its code.
+
+    :param build: resolves and validates the settings; a :class:`errors.UsageError` or
+        ``ValueError`` here is bad input: one line, exit 2 (0 with ``best_effort``), and
+        with ``json_errors`` a JSON document that says so.
+    :param run: does the work and returns the outcome (or a bare exit code).
+    """
+    try:
+        settings = build()
+    except (errors.UsageError, ValueError) as err:
+        get_logger().error("bad input", error=str(err))
+        code = Outcome(errors.EXIT_USAGE, best_effort).exit_code
+        if json_errors:
+            print_json({"error": str(err), "exit_code": code})
+        _finish(code)
+    _finish(_guard(ctx, lambda: run(settings)))
+
+
+def refuse(err: errors.PreloaderError, outcome: Outcome, as_json: bool) -> None:
+    """Report a refusal before any work: one line, the ``--json`` document."""
+    get_logger().error("refused", error=str(err), exit_code=err.exit_code)
+    outcome.announce()
+    if as_json:
+        print_json({"error": str(err), "exit_code": outcome.exit_code, "version": __version__})
+
+
+def _guard(ctx: click.Context, func: Callable[[], Outcome | int]) -> int:
+    """Turn unexpected exceptions into one log line and exit 1 (traceback with --debug)."""
+    try:
+        result = func()
+    except errors.UsageError as err:
+        get_logger().error("bad input", error=str(err))
+        return err.exit_code
+    except errors.PreloaderError as err:
+        get_logger().error("refused", error=str(err), exit_code=err.exit_code)
+        return err.exit_code
+    except Exception as err:
+        if ctx.obj and ctx.obj.get("debug"):
+            raise
+        get_logger().error(
+            "internal error", error=f"{type(err).__name__}: {err}", hint="rerun with --debug"
+        )
+        return errors.EXIT_INTERNAL
+    return result.exit_code if isinstance(result, Outcome) else result
+
+
+def _finish(code: int) -> NoReturn:
+    """Exit with ``code``; never wait on a worker thread stuck in a stalled read."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if threading.active_count() > 1:
+        os._exit(code)
+    sys.exit(code)

@@ -1,0 +1,280 @@
+"""What the commands print: text tables on stdout, ``--json`` documents, summary lines.
+
+Pure translation of reports into text and JSON; nothing here decides an exit code (the
+:class:`~preloader.cli.outcome.Outcome` does) or does I/O beyond printing and logging.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Mapping
+from typing import Any
+
+from .. import errors
+from .._version import __version__
+from ..budget import BudgetCheck
+from ..engine import ResidencyReport, WarmProgress, WarmReport
+from ..logs import get_logger
+from ..planner import Plan, printable
+from ..settings import Selection, WarmConfig
+from ..units import format_bytes
+from .outcome import Outcome, print_json
+
+__all__ = [
+    "budget_line",
+    "log_budget",
+    "log_plan_problems",
+    "plan_extras",
+    "plan_lines",
+    "ratio_text",
+    "residency_lines",
+    "skipped",
+    "summarise",
+    "summarise_stopped",
+]
+
+
+def skipped(selection: Selection, as_json: bool, document: Mapping[str, object]) -> bool:
+    """Log and print that there is nothing to do; ``False`` when there is.
+
+    :param document: the command's ``--json`` shape for an empty run (``skipped_reason``
+        is added).
+    """
+    if selection.skip_reason is None:
+        return False
+    get_logger().info("skipped", reason=selection.skip_reason)
+    if as_json:
+        reason = selection.skip_reason
+        print_json({k: reason if k == "skipped_reason" else v for k, v in document.items()})
+    return True
+
+
+def log_plan_problems(plan: Plan, log: Any) -> None:
+    for skipped in plan.skipped:
+        if skipped.error:
+            log.error("cannot read", path=printable(skipped.path), cause=skipped.reason)
+        else:
+            log.warning("skipped", path=printable(skipped.path), reason=skipped.reason)
+    if not plan.files:
+        log.warning("no files found", paths=[printable(p) for p in plan.roots])
+
+
+def summarise_stopped(
+    progress: WarmProgress, config: WarmConfig, outcome: Outcome, signum: int | None
+) -> None:
+    """The summary when a stop cut the run short of a report: what the counters saw."""
+    log = get_logger()
+    code = outcome.exit_code
+    fields: dict[str, object] = {
+        "state": progress.state,
+        "files": progress.files_total,
+        "files_done": progress.files_done,
+        "bytes": progress.bytes_total,
+        "read_bytes": progress.bytes_read,
+        "errors": progress.errors,
+        "seconds": round(progress.elapsed, 2),
+        "signal": signal.Signals(signum).name if signum else None,
+        "exit_code": code,
+    }
+    log.error("stopped before the pass could finish; residency not measured", **fields)
+    if config.json:
+        print_json(
+            {
+                "files": progress.files_total,
+                "bytes": progress.bytes_total,
+                "read_bytes": progress.bytes_read,
+                "resident_bytes": None,
+                "resident_ratio": None,
+                "residency_unknown_reason": f"stopped while {progress.state}, before "
+                "residency was measured",
+                "seconds": round(progress.elapsed, 6),
+                "errors": progress.errors,
+                "error_details": [],
+                "state": progress.state,
+                "timed_out": False,
+                "interrupted": True,
+                "exit_code": code,
+                "paths": list(config.selection.paths),
+                "version": __version__,
+            }
+        )
+
+
+def log_budget(check: BudgetCheck, log: Any) -> None:
+    budget = check.budget
+    fields: dict[str, object] = {
+        "need_bytes": check.need_bytes,
+        "allowance_bytes": check.allowance_bytes,
+        "headroom_bytes": check.headroom_bytes,
+        "limited_by": budget.limited_by,
+        "budget": budget.describe(),
+    }
+    if check.allowance_bytes is None:
+        log.info("memory budget unknown", notes=list(budget.notes), **fields)
+    elif not check.over_budget:
+        log.info("memory budget", **fields)
+    elif check.policy == "trim":
+        for cold in check.cold:
+            log.info("stays cold", path=printable(cold.path), offset=cold.offset, bytes=cold.length)
+        log.warning(
+            "over memory budget: trimming the plan",
+            warming_bytes=check.plan.total_bytes,
+            cold_bytes=check.cold_bytes,
+            cold_files=len(check.cold),
+            **fields,
+        )
+    elif check.policy == "warn":
+        log.warning(
+            "over memory budget: reading everything (--on-overflow warn); pages read first "
+            "may be reclaimed before the server loads them",
+            **fields,
+        )
+
+
+def plan_extras(the_plan: Plan, check: BudgetCheck) -> dict[str, object]:
+    """The ``--json`` keys this module adds about formats and the budget."""
+    return {
+        "budget": check.to_json(),
+        "cold": [c.to_json() for c in check.cold],
+        "cold_bytes": check.cold_bytes,
+        "choices": [c.to_json() for c in the_plan.choices],
+        "problems": [p.to_json() for p in the_plan.problems],
+    }
+
+
+def summarise(
+    report: WarmReport,
+    config: WarmConfig,
+    outcome: Outcome,
+    extras: dict[str, object],
+) -> None:
+    """The warm summary: one log line, and the ``--json`` document."""
+    log = get_logger()
+    code = outcome.code
+    rate = report.read_bytes / report.seconds if report.seconds > 0 else 0.0
+    ratio = report.resident_ratio
+    fields: dict[str, object] = {
+        "files": len(report.files),
+        "bytes": report.bytes,
+        "size": format_bytes(report.bytes),
+        "resident": f"{ratio:.1%}" if ratio is not None else "unknown",
+        "seconds": round(report.seconds, 2),
+        "rate": f"{format_bytes(rate)}/s",
+        "cpu_seconds": round(report.cpu_seconds, 2),
+        "concurrency": report.concurrency,
+        "errors": len(report.errors) + len(report.walk_errors),
+        "exit_code": code,
+    }
+    if extras.get("cold_bytes"):
+        fields["cold_bytes"] = extras["cold_bytes"]
+    if "pinned_bytes" in extras:
+        fields["pinned_bytes"] = extras["pinned_bytes"]
+    if ratio is None:
+        fields["unverified"] = report.residency_unknown_reason
+        log.warning("warm finished, residency unverified", **fields)
+    elif code == errors.EXIT_OK:
+        log.info("warm finished", **fields)
+    else:
+        log.error("warm finished with problems", **fields)
+    outcome.announce()
+    if config.json:
+        document = report.to_json()
+        document.update(extras)
+        document["exit_code"] = outcome.exit_code
+        document["paths"] = list(config.selection.paths)
+        document["version"] = __version__
+        print_json(document)
+
+
+def residency_lines(report: ResidencyReport, per_file: bool) -> list[str]:
+    lines = []
+    if per_file:
+        lines.append(f"{'RESIDENT':>12} {'SIZE':>12} {'%':>7}  FILE")
+        for item in report.files:
+            ratio = item.resident_ratio
+            resident = format_bytes(item.resident_bytes) if item.resident_bytes is not None else "?"
+            percent = f"{ratio:.1%}" if ratio is not None else "unknown"
+            lines.append(
+                f"{resident:>12} {format_bytes(item.size):>12} {percent:>7}  {printable(item.path)}"
+            )
+    total = report.resident_bytes
+    ratio = report.resident_ratio
+    lines.append(
+        f"{format_bytes(total) if total is not None else '?':>12} {format_bytes(report.bytes):>12} "
+        f"{f'{ratio:.1%}' if ratio is not None else 'unknown':>7}  "
+        f"total ({len(report.files)} files)"
+    )
+    if report.residency_unknown_reason:
+        lines.append(f"residency unknown: {report.residency_unknown_reason}")
+    return lines
+
+
+def plan_lines(the_plan: Plan, check: BudgetCheck) -> list[str]:
+    warm_files = check.plan.files
+    lines = [
+        f"warm {len(warm_files)} files, {format_bytes(check.plan.total_bytes)}, in this order:"
+    ]
+    full = {f.path: f.size for f in the_plan.files}
+    for number, spec in enumerate(warm_files, 1):
+        part = (
+            f" (first {format_bytes(spec.size)} of {format_bytes(full[spec.path])})"
+            if (full.get(spec.path, spec.size) != spec.size)
+            else ""
+        )
+        lines.append(f"{number:>5} {format_bytes(spec.size):>12}  {printable(spec.path)}{part}")
+    if the_plan.skipped:
+        lines.append(f"skip {len(the_plan.skipped)}:")
+        for skipped in the_plan.skipped:
+            size = format_bytes(skipped.size) if skipped.size is not None else "-"
+            lines.append(f"      {size:>12}  {printable(skipped.path)}: {skipped.reason}")
+    for choice in the_plan.choices:
+        lines.append(
+            f"chose {printable(choice.chosen)} of {len(choice.candidates)} models in "
+            f"{printable(choice.directory)}: {choice.reason}"
+        )
+    for problem in the_plan.problems:
+        label = "INCOMPLETE" if problem.fatal else "WARNING"
+        lines.append(f"{label} {printable(problem.path)}: {problem.message}")
+    lines.append(
+        f"memory budget: {check.budget.describe()}; needs {format_bytes(check.need_bytes)}, "
+        + (
+            f"allows {format_bytes(check.allowance_bytes)} after "
+            f"{format_bytes(check.headroom_bytes)} headroom"
+            if check.allowance_bytes is not None
+            else "budget unknown"
+        )
+    )
+    if check.cold:
+        lines.append(
+            f"stays cold under --on-overflow trim: {format_bytes(check.cold_bytes)} in "
+            f"{len(check.cold)} files:"
+        )
+        for cold in check.cold:
+            where = f" from byte {cold.offset}" if cold.offset else ""
+            lines.append(f"      {format_bytes(cold.length):>12}  {printable(cold.path)}{where}")
+    elif check.over_budget:
+        action = "exit 7 before reading" if check.policy == "fail" else "read everything anyway"
+        lines.append(f"over budget: --on-overflow {check.policy} would {action}")
+    return lines
+
+
+def budget_line(check: BudgetCheck) -> str:
+    allowance = check.allowance_bytes
+    if allowance is None:
+        verdict = "the budget is unknown"
+    elif check.over_budget:
+        verdict = (
+            f"the {format_bytes(check.need_bytes)} not resident exceed it "
+            f"(allowance {format_bytes(allowance)} after headroom)"
+        )
+    else:
+        verdict = (
+            f"the {format_bytes(check.need_bytes)} not resident fit "
+            f"(allowance {format_bytes(allowance)} after headroom)"
+        )
+    return f"memory budget: {check.budget.describe()}; {verdict}"
+
+
+def ratio_text(report: ResidencyReport) -> str:
+    ratio = report.resident_ratio
+    return f"{ratio:.1%}" if ratio is not None else "unknown"

@@ -1,0 +1,174 @@
+"""``preloader serve``: the sidecar (warm, gate ``/startz`` and ``/readyz``, keep warm,
+export metrics)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import anyio
+import click
+
+from ..logs import get_logger
+from ..planner import printable
+from ..settings import TIMEOUT_POLICIES, ServeConfig, TimeoutPolicy
+from ..startgate import parse_start_lead
+from .options import (
+    ReadArgs,
+    SelectionArgs,
+    bundle,
+    read_options,
+    selection_options,
+    timeout_option,
+)
+from .outcome import SERVE_EXIT_CODES_HELP, execute
+
+__all__ = ["serve"]
+
+
+@dataclass(frozen=True)
+class ServeFlags:
+    """The serve options that are neither selection nor reading."""
+
+    host: str
+    port: int
+    ready_ratio: float
+    ready_latch: bool
+    timeout: float
+    timeout_policy: TimeoutPolicy
+    start_lead: str
+    recheck_seconds: float
+    max_backoff: float
+
+
+@click.command(epilog=SERVE_EXIT_CODES_HELP)
+@selection_options
+@read_options(
+    chunk_help="Bytes per chunk; also the unit keep-warm measures and re-reads.",
+    method_help="How to read (see warm --help).",
+)
+@click.option(
+    "--host",
+    default="0.0.0.0",  # noqa: S104 - probes and scrapes come from outside the pod
+    show_default=True,
+    envvar="PRELOADER_HOST",
+    show_envvar=True,
+    help="Address to listen on (127.0.0.1 for the pod only, :: for IPv6).",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=9400,
+    show_default=True,
+    envvar="PRELOADER_PORT",
+    show_envvar=True,
+    help="Port to listen on (0: any free port, logged at start).",
+)
+@click.option(
+    "--ready-ratio",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.99,
+    show_default=True,
+    envvar="PRELOADER_READY_RATIO",
+    show_envvar=True,
+    help="/readyz answers 200 once the first pass is over and at least this share of "
+    "every path's bytes is resident.",
+)
+@click.option(
+    "--ready-latch/--no-ready-latch",
+    default=True,
+    show_default=True,
+    envvar="PRELOADER_READY_LATCH",
+    show_envvar=True,
+    help="Once ready, stay ready even if pages are lost later (the server has loaded "
+    "its weights by then). --no-ready-latch makes /readyz follow residency.",
+)
+@timeout_option(
+    "Seconds from start after which --timeout-policy decides readiness (0: no "
+    "deadline). Reading goes on either way."
+)
+@click.option(
+    "--timeout-policy",
+    type=click.Choice(TIMEOUT_POLICIES),
+    default="ready",
+    show_default=True,
+    envvar="PRELOADER_TIMEOUT_POLICY",
+    show_envvar=True,
+    help="At the deadline: 'ready' opens the gate anyway (an error log line and "
+    "preloader_timed_out 1), so slow storage never blocks a rollout for ever; 'unready' "
+    "keeps it closed.",
+)
+@click.option(
+    "--start-lead",
+    metavar="SECONDS",
+    default="0",
+    show_default=True,
+    envvar="PRELOADER_START_LEAD",
+    show_envvar=True,
+    help="/startz (the server container's startupProbe) opens once the first pass's "
+    "estimated time left (bytes left over the read rate of the last 20 s; no estimate "
+    "before 2 s of reading) is at most this, so the server's own start-up overlaps the "
+    "warm-up's tail; it also opens with /readyz, and at --timeout under policy 'ready'. "
+    "0: together with /readyz. Set it to about the server's start-up time.",
+)
+@click.option(
+    "--recheck-seconds",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    envvar="PRELOADER_RECHECK_SECONDS",
+    show_envvar=True,
+    help="Keep-warm: measure residency chunk by chunk this often and re-read only the "
+    "chunks that lost pages (0: keep-warm off).",
+)
+@click.option(
+    "--max-backoff",
+    type=click.FloatRange(min=0),
+    default=900.0,
+    show_default=True,
+    envvar="PRELOADER_MAX_BACKOFF_SECONDS",
+    show_envvar=True,
+    help="Longest keep-warm interval: while the same pages keep being lost, the interval "
+    "doubles up to this (state 'degraded').",
+)
+@click.pass_context
+@bundle("flags", ServeFlags)
+def serve(ctx: click.Context, selection: SelectionArgs, read: ReadArgs, flags: ServeFlags) -> None:
+    """Sidecar: warm PATH (default $MODEL_DIR and --path), gate /startz and /readyz, keep warm.
+
+    Serves /healthz (200 while the process serves), /startz (503 with a JSON reason until
+    the server may start, then 200: see --start-lead), /readyz (503 with a JSON reason
+    until the paths are warm, then 200), /status (JSON progress) and /metrics
+    (Prometheus) on --host:--port. Without any path to warm it serves and is ready at once (logged).
+    SIGTERM or SIGINT stops reading, answers requests in flight and exits 0.
+    """
+
+    def build() -> ServeConfig:
+        if not selection.paths:
+            for candidate in [selection.model_dir or "", *selection.env_paths]:
+                if candidate and not os.path.exists(candidate):
+                    get_logger().warning(
+                        "path does not exist; not served", path=printable(candidate)
+                    )
+        options = read.options()
+        return ServeConfig(
+            selection=selection.resolve(),
+            options=options,
+            host=flags.host,
+            port=flags.port,
+            ready_ratio=flags.ready_ratio,
+            ready_latch=flags.ready_latch,
+            timeout=flags.timeout or None,
+            timeout_policy=flags.timeout_policy,
+            start_lead=parse_start_lead(flags.start_lead),
+            recheck_seconds=flags.recheck_seconds,
+            max_backoff_seconds=flags.max_backoff,
+        )
+
+    def run(config: ServeConfig) -> int:
+        from .. import server  # uvicorn and starlette only for this command
+
+        sock = server.bind(config.host, config.port)
+        return anyio.run(server.serve, config, sock)
+
+    execute(ctx, build, run)

@@ -1,0 +1,232 @@
+"""The worker-thread side of a read pass: open, read with fallback, hand results back.
+
+Everything here runs in a worker thread (or is the bookkeeping it shares with the event
+loop, as :class:`FileState` documents); the scheduling lives in :mod:`preloader.engine`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import anyio
+
+from . import pagecache
+from .events import ErrorReason
+from .planner import Chunk, FileSpec
+
+__all__ = [
+    "STOP_GRACE_SECONDS",
+    "FileChangedError",
+    "FileState",
+    "Handoff",
+    "Outcome",
+    "after_read",
+    "cancel_after_stop",
+    "describe",
+    "open_regular",
+    "read_with_fallback",
+    "record_failure",
+    "whole_files_in_thread",
+]
+
+# errnos with which a filesystem says "not this way"; the engine then tries the next
+# read method for that file instead of counting an error.
+_REFUSALS = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENODEV, errno.EXDEV})
+_FALLBACK = {"sendfile": "read", "mmap": "read"}
+
+# Once stop is set (a signal, or --timeout), reads notice it within one 8 MiB step; one
+# stuck in the kernel (storage that stopped answering) is abandoned after this long.
+STOP_GRACE_SECONDS = 1.0
+_STOP_POLL_SECONDS = 0.05
+
+
+class FileChangedError(OSError):
+    """The planned file is no longer that file (replaced, or not a regular file)."""
+
+
+def open_regular(spec: FileSpec) -> int:
+    """Open a planned file read-only, refusing anything that is no longer that file.
+
+    ``O_NONBLOCK`` keeps a FIFO swapped in since planning from blocking the open; the
+    ``(dev, ino)`` check refuses a file replaced under the same name.
+    """
+    fd = os.open(spec.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FileChangedError(errno.EINVAL, "no longer a regular file")
+        if (st.st_dev, st.st_ino) != (spec.dev, spec.ino):
+            raise FileChangedError(errno.ESTALE, "replaced by another file since planning")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def describe(err: OSError) -> str:
+    return err.strerror or str(err)
+
+
+def record_failure(outcome: Outcome, err: OSError) -> None:
+    """Note a failed chunk in ``outcome``, with the reason named where it happened."""
+    outcome.error = describe(err)
+    outcome.reason = "changed" if isinstance(err, FileChangedError) else "read"
+
+
+class FileState:
+    """Per-file bookkeeping; touched only on the event loop (except the fd open)."""
+
+    # One of these per planned file: slots keep 100,000 of them small.
+    __slots__ = (
+        "_open_lock",
+        "chunks_left",
+        "chunks_total",
+        "error",
+        "fd",
+        "in_flight",
+        "method",
+        "read_bytes",
+        "resident_after_read",
+        "spec",
+        "stalled",
+    )
+
+    def __init__(self, spec: FileSpec, chunks: int, method: str) -> None:
+        self.spec = spec
+        self.chunks_total = chunks
+        self.chunks_left = chunks
+        self.in_flight = 0
+        self.method = method
+        self.fd: int | None = None
+        self.read_bytes = 0
+        self.error: str | None = None
+        self.resident_after_read: int | None = None
+        self.stalled = False
+        # Only a file read in several chunks shares its descriptor between threads.
+        self._open_lock = threading.Lock() if chunks > 1 else None
+
+    def ensure_open(self) -> int:
+        """Runs in a worker thread: the first chunk's worker opens, the others share."""
+        assert self._open_lock is not None, "whole small files open their own descriptor"
+        with self._open_lock:
+            if self.fd is None:
+                self.fd = open_regular(self.spec)
+            return self.fd
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What a worker thread did with one chunk; applied to the file on the event loop."""
+
+    read_bytes: int = 0
+    method: str = ""
+    fallback: str | None = None
+    resident_after_read: int | None = None
+    error: str | None = None
+    reason: ErrorReason = "read"
+
+
+def read_with_fallback(
+    fd: int, chunk: Chunk, method: str, stop: Callable[[], bool], outcome: Outcome
+) -> None:
+    while True:
+        try:
+            outcome.read_bytes = pagecache.read_range(fd, chunk.offset, chunk.length, method, stop)
+            outcome.method = method
+            return
+        except OSError as err:
+            if err.errno in _REFUSALS and method in _FALLBACK:
+                outcome.fallback = f"{method} -> {_FALLBACK[method]}: {describe(err)}"
+                method = _FALLBACK[method]
+                continue
+            # Which range failed tells a bad object or disk region from a dead mount.
+            last = chunk.offset + max(chunk.length, 1) - 1
+            raise OSError(
+                err.errno, f"{describe(err)} reading bytes {chunk.offset}-{last}"
+            ) from err
+
+
+def after_read(fd: int, size: int) -> int | None:
+    # Measured on the same descriptor: a filesystem that drops the cache at every open
+    # would otherwise hide that reading did populate it.
+    try:
+        return pagecache.fd_residency(fd, size)
+    except (pagecache.ResidencyUnknownError, OSError):
+        return None
+
+
+class Handoff:
+    """Results a worker thread hands back one by one, so a stall blames only its file.
+
+    Once the event loop gives up on the thread (:meth:`abandon`), the thread hands back
+    nothing more and stops at its next file.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._results: list[object] = []
+
+    def put(self, result: object) -> bool:
+        with self._lock:
+            if not self._abandoned:
+                self._results.append(result)
+            return not self._abandoned
+
+    def abandon(self) -> list[object]:
+        with self._lock:
+            self._abandoned = True
+            return list(self._results)
+
+    @property
+    def abandoned(self) -> bool:
+        return self._abandoned
+
+
+def whole_files_in_thread(
+    specs: Sequence[FileSpec],
+    batch: Sequence[Chunk],
+    method: str,
+    stop: Callable[[], bool],
+    handoff: Handoff,
+) -> bool:
+    """Open, read, measure and close each small file in one thread hand-off.
+
+    :return: ``True`` once every file of the batch was handed back.
+    """
+    for chunk in batch:
+        outcome = Outcome(method=method)
+        if not stop() and not handoff.abandoned:
+            spec = specs[chunk.file_index]
+            try:
+                fd = open_regular(spec)
+                try:
+                    read_with_fallback(fd, chunk, method, stop, outcome)
+                    outcome.resident_after_read = after_read(fd, spec.size)
+                finally:
+                    os.close(fd)
+            except OSError as err:
+                record_failure(outcome, err)
+        if not handoff.put(outcome):
+            return False
+    return True
+
+
+async def cancel_after_stop(
+    stop: threading.Event, scope: anyio.CancelScope, grace: float = STOP_GRACE_SECONDS
+) -> None:
+    """Cancel ``scope`` once ``stop`` has been set for ``grace`` seconds.
+
+    Work that polls ``stop`` ends on its own well within the grace; this bounds the rest
+    (a read or an open stuck in the kernel on storage that stopped answering).
+    """
+    while not stop.is_set():
+        await anyio.sleep(_STOP_POLL_SECONDS)
+    await anyio.sleep(grace)
+    scope.cancel()

@@ -1,0 +1,208 @@
+"""Residency after a pass, and eviction: measure each file, explain what is not cached.
+
+Each file is opened, measured (cachestat, or mincore where the kernel lacks it) and
+closed in a worker thread; a file whose residency the kernel will not reveal truthfully
+is reported unknown with the reason, never guessed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import anyio
+import anyio.to_thread
+
+from . import pagecache
+from .planner import FileSpec, Plan
+from .reading import Handoff, cancel_after_stop, describe, open_regular
+from .reports import FileResidency, ResidencyReport
+
+__all__ = [
+    "bypass_probe",
+    "evict_plan",
+    "explain",
+    "map_files",
+    "measure_residency",
+    "residency_of",
+    "unknown_residency",
+]
+
+_T = TypeVar("_T")
+_I = TypeVar("_I")
+_R = TypeVar("_R")
+
+# A file counts as resident when at least this share of it is; the last page and races
+# with concurrent eviction make exact equality too strict.
+_RESIDENT_SHARE = 0.999
+
+
+def explain(
+    spec: FileSpec, after_read: int | None, now: int, bypass: bool | None = None
+) -> str | None:
+    """Why a file that was read in full is not resident now, or ``None`` if it is.
+
+    :param bypass: a fresh plain read left the page cache untouched (see
+        :func:`pagecache.read_bypasses_cache`); ``None`` when not probed or unknown.
+    """
+    if spec.size == 0 or now >= spec.size * _RESIDENT_SHARE:
+        return None
+    share = now / spec.size
+    if after_read is not None and after_read < spec.size * _RESIDENT_SHARE:
+        return (
+            f"only {after_read / spec.size:.1%} resident right after reading: the filesystem "
+            "bypasses the page cache (FUSE direct_io, some network mounts) or memory is short"
+        )
+    if after_read is not None and now == 0 and bypass:
+        return (
+            "reads bypass the page cache (FUSE direct_io or a similar mount): a server "
+            "reading this file goes to the storage every time; warming cannot help here"
+        )
+    if after_read is not None and now == 0:
+        return (
+            "resident after reading but dropped when the file was opened again: the "
+            "filesystem invalidates the page cache at open (FUSE without kernel_cache/"
+            "keep_cache, e.g. rclone mount); warming cannot help here"
+        )
+    return (
+        f"{share:.1%} resident: pages were evicted after reading "
+        "(memory pressure or a cgroup limit)"
+    )
+
+
+def residency_of(spec: FileSpec) -> FileResidency:
+    try:
+        fd = open_regular(spec)
+    except OSError as err:
+        return FileResidency(spec.path, spec.size, None, f"cannot open: {describe(err)}")
+    try:
+        resident = pagecache.fd_residency(fd, spec.size)
+        size_now = os.fstat(fd).st_size
+        if size_now > spec.size:  # still being written (a download in progress)
+            return FileResidency(
+                spec.path,
+                spec.size,
+                resident,
+                f"grew from {spec.size} to {size_now} bytes since planning; the bytes "
+                "after the planned size were not read (warm again once it is complete)",
+            )
+        return FileResidency(spec.path, spec.size, resident)
+    except pagecache.ResidencyUnknownError as unknown:
+        return FileResidency(spec.path, spec.size, None, unknown.reason)
+    except OSError as err:
+        return FileResidency(spec.path, spec.size, None, f"cannot measure: {describe(err)}")
+    finally:
+        os.close(fd)
+
+
+def bypass_probe(spec: FileSpec) -> bool | None:
+    try:
+        fd = open_regular(spec)
+    except OSError:
+        return None
+    try:
+        return pagecache.read_bypasses_cache(fd, spec.size)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+async def map_files(
+    func: Callable[[_I], _R],
+    files: Sequence[_I],
+    concurrency: int,
+    unmeasured: Callable[[_I, str], _R] | None = None,
+    *,
+    timeout: float | None = None,
+    stop: threading.Event | None = None,
+) -> list[_R]:
+    """``func`` over ``files`` in worker threads, bounded when asked.
+
+    :param unmeasured: the result for a file ``func`` did not finish, given the reason
+        (needed with ``timeout`` or ``stop``).
+    :param timeout: seconds one file may take; a file that takes longer is given up (its
+        thread abandoned) and the rest go on.
+    :param stop: once set, the remaining files are given up after the stop grace.
+    """
+    # Batches keep thread hand-offs few for 100,000 small files and the loop responsive.
+    results: list[_R] = []
+    limiter = anyio.CapacityLimiter(max(1, concurrency))
+    batch = 256
+
+    def run_batch(specs: Sequence[_I], handoff: Handoff) -> None:
+        for spec in specs:
+            if handoff.abandoned or not handoff.put(func(spec)):
+                return
+
+    def take(handoff: Handoff) -> None:
+        results.extend(handoff.abandon())  # type: ignore[arg-type]  # only _R were put
+
+    async with anyio.create_task_group() as group:
+        if stop is not None:
+            group.start_soon(cancel_after_stop, stop, group.cancel_scope)
+        while len(results) < len(files):
+            handoff = Handoff()
+            with anyio.CancelScope() as deadline:
+                if timeout is not None:
+                    deadline.deadline = anyio.current_time() + timeout
+                try:
+                    await anyio.to_thread.run_sync(
+                        run_batch,
+                        files[len(results) : len(results) + batch],
+                        handoff,
+                        limiter=limiter,
+                        abandon_on_cancel=True,
+                    )
+                finally:
+                    take(handoff)
+            if deadline.cancelled_caught and len(results) < len(files):
+                assert unmeasured is not None
+                stuck = files[len(results)]
+                results.append(unmeasured(stuck, f"stalled for more than {timeout:g} s"))
+        group.cancel_scope.cancel()
+    if len(results) < len(files):
+        assert unmeasured is not None
+        results.extend(unmeasured(item, "the pass was stopped") for item in files[len(results) :])
+    return results
+
+
+def unknown_residency(spec: FileSpec, why: str) -> FileResidency:
+    return FileResidency(spec.path, spec.size, None, f"not measured: {why}")
+
+
+async def measure_residency(plan: Plan, concurrency: int = 4) -> ResidencyReport:
+    """Residency of every planned file, opened read-only one at a time.
+
+    :return: per-file and total residency; unknown entries carry their reason.
+    """
+    files = await map_files(residency_of, plan.files, concurrency, unknown_residency)
+    return ResidencyReport(tuple(files), plan.skipped)
+
+
+def _evict_one(spec: FileSpec) -> FileResidency:
+    try:
+        fd = open_regular(spec)
+    except OSError as err:
+        return FileResidency(spec.path, spec.size, None, f"cannot open: {describe(err)}")
+    try:
+        pagecache.evict(fd)
+        try:
+            return FileResidency(spec.path, spec.size, pagecache.fd_residency(fd, spec.size))
+        except pagecache.ResidencyUnknownError as unknown:
+            return FileResidency(spec.path, spec.size, None, unknown.reason)
+    except OSError as err:
+        return FileResidency(spec.path, spec.size, None, f"cannot evict: {describe(err)}")
+    finally:
+        os.close(fd)
+
+
+async def evict_plan(plan: Plan, concurrency: int = 4) -> ResidencyReport:
+    """Drop the clean cached pages of every planned file (``POSIX_FADV_DONTNEED``).
+
+    :return: residency measured right after eviction (pages mapped or dirty elsewhere stay).
+    """
+    files = await map_files(_evict_one, plan.files, concurrency, unknown_residency)
+    return ResidencyReport(tuple(files), plan.skipped)
