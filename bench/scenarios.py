@@ -24,8 +24,10 @@ __all__ = [
     "Scenario",
     "Sizes",
     "fuse_available",
+    "fuse_mount",
     "prepare",
     "s3fs_available",
+    "s3fs_mount",
 ]
 
 MiB = 2**20
@@ -51,6 +53,8 @@ class Sizes:
     small_bytes: int = 64 * 1024
     s3_shards: int = 4
     s3_shard_bytes: int = 64 * MiB
+    s3_large_shards: int = 4
+    s3_large_shard_bytes: int = 512 * MiB
     s3_latency_ms: float = 20.0
     s3_conn_mibps: float = 32.0
     s3_link_mibps: float = 400.0
@@ -70,6 +74,8 @@ class Sizes:
             small_bytes=64 * 1024,
             s3_shards=2,
             s3_shard_bytes=8 * MiB,
+            s3_large_shards=2,
+            s3_large_shard_bytes=24 * MiB,
             s3_latency_ms=5.0,
             s3_conn_mibps=64.0,
             s3_link_mibps=0.0,
@@ -122,6 +128,13 @@ SCENARIOS: tuple[Scenario, ...] = (
         "s3fs",
     ),
     Scenario(
+        "s3fs-large",
+        "s3fs over a loopback S3 server, real shard sizes",
+        "the same client and server with shards of 512 MiB, several chunks each: one "
+        "sequential stream per file is s3fs's fast path",
+        "s3fs",
+    ),
+    Scenario(
         "fuse-parallel",
         "Parallel-stream FUSE, one big file",
         "a FUSE filesystem that serves concurrent reads of one file in parallel with each "
@@ -141,6 +154,7 @@ class Prepared:
     bytes: int
     fixture_stats: Callable[[bool], dict[str, int]] | None = None
     median_file_bytes: int = 0
+    s3_url: str = ""  # the S3 server behind an s3fs scenario, for the direct-fetch limit
 
 
 def s3fs_available() -> str | None:
@@ -314,35 +328,47 @@ def _wait_listing(path: Path, expected: int, timeout_s: float = 15.0) -> None:
 
 
 @contextlib.contextmanager
-def _s3fs_mount(data_dir: Path, scenario: Scenario, sizes: Sizes) -> Iterator[Prepared]:
-    objects = {f"model/{name}": size for name, size in _METADATA.items()}
-    for index in range(1, sizes.s3_shards + 1):
-        name = f"model/model-{index:05d}-of-{sizes.s3_shards:05d}.safetensors"
-        objects[name] = sizes.s3_shard_bytes
-    manifest = data_dir / "s3-objects.json"
+def s3fs_mount(
+    data_dir: Path,
+    objects: dict[str, int],
+    latency_ms: float,
+    conn_mibps: float,
+    link_mibps: float,
+    backing: Path | None = None,
+    name: str = "s3",
+    on_server: Callable[[str], None] | None = None,
+) -> Iterator[tuple[Path, Callable[[bool], dict[str, int]]]]:
+    """Serve *objects* from the loopback S3 server and mount them with s3fs.
+
+    s3fs runs with ``kernel_cache`` (warmed pages survive the loader's open) and
+    without ``use_cache`` (no local disk cache: every cold read goes to the server).
+
+    :param data_dir: where the manifest, the password file and the mount point live.
+    :param objects: key (``model/...``) to size, in bucket ``models``.
+    :param latency_ms: the server's first-byte latency per request.
+    :param conn_mibps: per-connection cap (0: none).
+    :param link_mibps: whole-server cap (0: none).
+    :param backing: serve ``backing/KEY`` instead of synthetic bytes.
+    :param name: distinguishes the manifest and mount point of concurrent users.
+    :param on_server: called with the server's URL (``http://127.0.0.1:PORT``) once it
+        listens.
+    :return: a context manager yielding the mount point and the server's counters.
+    """
+    manifest = data_dir / f"{name}-objects.json"
     manifest.write_text(json.dumps({"bucket": "models", "objects": objects}))
     passwd = data_dir / "s3-passwd"
     passwd.write_text("bench-access-key:bench-secret-key\n")
     passwd.chmod(0o600)
-    mountpoint = data_dir / "mnt-s3"
+    mountpoint = data_dir / f"mnt-{name}"
     mountpoint.mkdir(exist_ok=True)
     _unmount(mountpoint)
-    server, port = _start_fixture(
-        [
-            sys.executable,
-            "-m",
-            "bench.s3server",
-            "--manifest",
-            str(manifest),
-            "--latency-ms",
-            str(sizes.s3_latency_ms),
-            "--conn-mibps",
-            str(sizes.s3_conn_mibps),
-            "--link-mibps",
-            str(sizes.s3_link_mibps),
-        ],
-        "S3",
-    )
+    argv = [sys.executable, "-m", "bench.s3server", "--manifest", str(manifest)]
+    argv += ["--latency-ms", str(latency_ms), "--conn-mibps", str(conn_mibps)]
+    argv += ["--link-mibps", str(link_mibps)]
+    argv += ["--backing", str(backing)] if backing else []
+    server, port = _start_fixture(argv, "S3")
+    if on_server is not None:
+        on_server(f"http://127.0.0.1:{port}")
     try:
         options = [
             f"url=http://127.0.0.1:{port}",
@@ -362,11 +388,12 @@ def _s3fs_mount(data_dir: Path, scenario: Scenario, sizes: Sizes) -> Iterator[Pr
         if mounted.returncode != 0:
             raise RuntimeError(f"s3fs mount failed: {mounted.stderr.strip()}")
         try:
-            _wait_listing(mountpoint / "model", len(objects))
-            stats = _http_stats(f"http://127.0.0.1:{port}/_bench/stats")
-            yield Prepared(
-                scenario, mountpoint / "model", len(objects), sum(objects.values()), stats
-            )
+            top = {key.split("/", 1)[0] for key in objects}
+            for prefix in top:
+                _wait_listing(
+                    mountpoint / prefix, sum(1 for k in objects if k.startswith(prefix + "/"))
+                )
+            yield mountpoint, _http_stats(f"http://127.0.0.1:{port}/_bench/stats")
         finally:
             _unmount(mountpoint)
     finally:
@@ -374,37 +401,80 @@ def _s3fs_mount(data_dir: Path, scenario: Scenario, sizes: Sizes) -> Iterator[Pr
 
 
 @contextlib.contextmanager
-def _fuse_mount(data_dir: Path, scenario: Scenario, sizes: Sizes) -> Iterator[Prepared]:
-    files = {"model-Q8_0.gguf": sizes.fuse_bytes}
-    manifest = data_dir / "fuse-files.json"
+def _s3fs_mount(data_dir: Path, scenario: Scenario, sizes: Sizes) -> Iterator[Prepared]:
+    large = scenario.name == "s3fs-large"
+    shards = sizes.s3_large_shards if large else sizes.s3_shards
+    shard_bytes = sizes.s3_large_shard_bytes if large else sizes.s3_shard_bytes
+    objects = {f"model/{name}": size for name, size in _METADATA.items()}
+    for index in range(1, shards + 1):
+        name = f"model/model-{index:05d}-of-{shards:05d}.safetensors"
+        objects[name] = shard_bytes
+    urls: list[str] = []
+    with s3fs_mount(
+        data_dir,
+        objects,
+        sizes.s3_latency_ms,
+        sizes.s3_conn_mibps,
+        sizes.s3_link_mibps,
+        name=scenario.name,
+        on_server=urls.append,
+    ) as (mountpoint, stats):
+        yield Prepared(
+            scenario,
+            mountpoint / "model",
+            len(objects),
+            sum(objects.values()),
+            stats,
+            s3_url=urls[0],
+        )
+
+
+@contextlib.contextmanager
+def fuse_mount(
+    data_dir: Path,
+    files: dict[str, int],
+    stream_mibps: float,
+    link_mibps: float,
+    latency_ms: float,
+    backing: Path | None = None,
+    name: str = "fuse",
+) -> Iterator[tuple[Path, Callable[[bool], dict[str, int]]]]:
+    """Mount the parallel-stream FUSE fixture (:mod:`bench.fusefs`) serving *files*.
+
+    :param data_dir: where the manifest and the mount point live.
+    :param files: path inside the mount to size.
+    :param stream_mibps: per-stream cap (0: none).
+    :param link_mibps: all-streams cap (0: none).
+    :param latency_ms: first byte of each new stream.
+    :param backing: serve ``backing/PATH`` instead of synthetic bytes.
+    :param name: distinguishes the manifest and mount point of concurrent users.
+    :return: a context manager yielding the mount point and the fixture's counters.
+    """
+    manifest = data_dir / f"{name}-files.json"
     manifest.write_text(json.dumps({"files": files}))
-    mountpoint = data_dir / "mnt-fuse"
+    mountpoint = data_dir / f"mnt-{name}"
     mountpoint.mkdir(exist_ok=True)
     _unmount(mountpoint)
-    server, port = _start_fixture(
-        [
-            sys.executable,
-            "-m",
-            "bench.fusefs",
-            str(mountpoint),
-            "--manifest",
-            str(manifest),
-            "--stream-mibps",
-            str(sizes.fuse_stream_mibps),
-            "--link-mibps",
-            str(sizes.fuse_link_mibps),
-            "--latency-ms",
-            str(sizes.fuse_latency_ms),
-        ],
-        "FUSE",
-    )
+    argv = [sys.executable, "-m", "bench.fusefs", str(mountpoint), "--manifest", str(manifest)]
+    argv += ["--stream-mibps", str(stream_mibps), "--link-mibps", str(link_mibps)]
+    argv += ["--latency-ms", str(latency_ms)]
+    argv += ["--backing", str(backing)] if backing else []
+    server, port = _start_fixture(argv, "FUSE")
     try:
         _wait_listing(mountpoint, len(files))
-        stats = _http_stats(f"http://127.0.0.1:{port}/stats")
-        yield Prepared(scenario, mountpoint, len(files), sum(files.values()), stats)
+        yield mountpoint, _http_stats(f"http://127.0.0.1:{port}/stats")
     finally:
         _unmount(mountpoint)
         _stop(server)
+
+
+@contextlib.contextmanager
+def _fuse_mount(data_dir: Path, scenario: Scenario, sizes: Sizes) -> Iterator[Prepared]:
+    files = {"model-Q8_0.gguf": sizes.fuse_bytes}
+    with fuse_mount(
+        data_dir, files, sizes.fuse_stream_mibps, sizes.fuse_link_mibps, sizes.fuse_latency_ms
+    ) as (mountpoint, stats):
+        yield Prepared(scenario, mountpoint, len(files), sum(files.values()), stats)
 
 
 @contextlib.contextmanager
