@@ -3,11 +3,13 @@
 A small state machine that lives on the event loop, on top of the engine: it plans each
 path, warms the paths one after the other, decides when the gate opens (``/readyz``),
 then re-checks residency chunk by chunk every ``recheck_seconds`` and re-reads only the
-chunks that lost pages. Threading contract: everything runs on the agent's event loop
-except :meth:`Agent.snapshot`, which the front ends (the HTTP handlers, the metrics
-collector) call from uvicorn's thread; it does no I/O, only reads plain attributes and
-builds a fresh immutable :class:`AgentSnapshot`. The agent never prints; it reports
-through an :class:`~preloader.engine.EngineEvent` callback.
+chunks that lost pages. While the first pass runs it also decides the start gate
+(``/startz``, :mod:`preloader.startgate`), which opens ``start_lead`` seconds before the
+pass's estimated end and at the latest with ``/readyz``. Threading contract: everything
+runs on the agent's event loop except :meth:`Agent.snapshot`, which the front ends (the
+HTTP handlers, the metrics collector) call from uvicorn's thread; it does no I/O, only
+reads plain attributes and builds a fresh immutable :class:`AgentSnapshot`. The agent
+never prints; it reports through an :class:`~preloader.engine.EngineEvent` callback.
 
 Readiness, per path: the first warm pass is over and the *warm share* is at least
 ``ready_ratio``. The warm share counts resident bytes as measured; a file whose residency
@@ -35,6 +37,7 @@ from .engine import (
     WarmReport,
     effective_chunk_size,
     measure_chunks,
+    measure_residency,
     rewarm_chunks,
     warm_plan,
 )
@@ -46,6 +49,7 @@ from .snapshot import FILE_STATES as FILE_STATES
 from .snapshot import STATES as STATES
 from .snapshot import AgentSnapshot as AgentSnapshot
 from .snapshot import PathSnapshot as PathSnapshot
+from .startgate import AHEAD_CHECK_SECONDS, TICK_SECONDS, StartGate
 from .units import format_bytes
 
 __all__ = [
@@ -166,9 +170,10 @@ class Agent:
 
     :param config: the serve settings (paths, read options, readiness, keep-warm).
     :param on_event: called on the event loop for engine events (per-file errors, ...) and
-        the agent's own: ``planned``, ``skipped``, ``warmed``, ``ready``, ``unready``,
-        ``timeout``, ``rewarmed``, ``degraded``, ``recovered``, ``failed``. ``path`` is the
-        file for engine events and the served path for the agent's.
+        the agent's own: ``planned``, ``skipped``, ``warmed``, ``start``, ``ready``,
+        ``unready``, ``timeout``, ``start_lead_too_long``, ``rewarmed``, ``degraded``,
+        ``recovered``, ``failed``. ``path`` is the file for engine events and the served
+        path for the agent's.
     """
 
     def __init__(
@@ -191,6 +196,9 @@ class Agent:
         self._forced_ready = False
         self._timed_out = False
         self._budget: MemoryBudget | None = None
+        self._gate = StartGate(config.start_lead, self._started)
+        if self._ready:
+            self._gate.ready_opened(self._started)
 
     # -- what front ends read ---------------------------------------------------------
 
@@ -225,6 +233,7 @@ class Agent:
             eta_seconds=eta,
             skip_reason=self.config.selection.skip_reason,
             memory_budget=self._budget,
+            start_gate=self._gate.snapshot(time.monotonic(), self._ready),
         )
 
     async def wait_until(self, predicate: Callable[[AgentSnapshot], bool]) -> AgentSnapshot:
@@ -270,10 +279,14 @@ class Agent:
         await self._plan_all()
         await self._read_budget()
         self._trim_to_budget()
-        for model in self._models:
-            if self._stop.is_set():
-                break
-            await self._warm(model)
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._watch_start_gate)
+            for model in self._models:
+                if self._stop.is_set():
+                    break
+                await self._warm(model)
+            group.cancel_scope.cancel()
+        self._gate.pass_over()
         self._first_pass_done = not self._stop.is_set()
         self._update_ready()
         self._changed()
@@ -560,6 +573,7 @@ class Agent:
         if self.config.timeout_policy == "ready":
             self._forced_ready = True
             self._ready = True
+            self._open_start_gate("timeout")
             detail = (
                 f"not warm after {seconds:g} s: READY ANYWAY (timeout policy 'ready'); "
                 "the server may load cold weights"
@@ -567,6 +581,67 @@ class Agent:
         else:
             detail = f"not warm after {seconds:g} s: staying unready (timeout policy 'unready')"
         self._emit(EventKind.TIMEOUT, detail=detail)
+        self._changed()
+
+    # -- the start gate -----------------------------------------------------------------
+
+    def _first_pass_bytes(self) -> tuple[int, int]:
+        done = sum(min(m.progress.bytes_read, m.plan.total_bytes) for m in self._models)
+        return done, sum(m.plan.total_bytes for m in self._models)
+
+    async def _watch_start_gate(self) -> None:
+        """Sample the first pass, open the start gate by the estimate, watch for reads ahead."""
+        next_check = 0.0
+        while True:
+            now = time.monotonic()
+            done, total = self._first_pass_bytes()
+            if self._gate.observe(now, done, total):
+                self._emit_start()
+            if self._gate.watching_ahead and now >= next_check:
+                await self._check_ahead()
+                next_check = time.monotonic() + AHEAD_CHECK_SECONDS
+            await anyio.sleep(TICK_SECONDS)
+
+    async def _check_ahead(self) -> None:
+        concurrency = max(1, self._options.concurrency or 4)
+        resident: int | None = 0
+        for model in self._models:
+            if not model.plan.files:
+                continue
+            try:
+                measured = (await measure_residency(model.plan, concurrency)).resident_bytes
+            except Exception:  # a bug here must not stop the warm-up: the verdict is unknown
+                measured = None
+            resident = None if resident is None or measured is None else resident + measured
+        # Read after measuring: reads that finished meanwhile count against what is ahead.
+        done, _ = self._first_pass_bytes()
+        in_flight = max([concurrency, *(m.progress.concurrency for m in self._models)])
+        slack = (in_flight + 1) * self._chunk_size
+        if self._gate.measured(resident, done, slack):
+            snap = self._gate.snapshot(time.monotonic(), self._ready)
+            self._emit(
+                EventKind.START_LEAD_TOO_LONG,
+                detail=(
+                    f"{format_bytes(snap.ahead_bytes or 0)} resident ahead of the warm-up after "
+                    f"the start gate opened: the server caught up with it (start lead "
+                    f"{self._gate.lead:g} s is longer than the server's start-up)"
+                ),
+            )
+        self._changed()
+
+    def _open_start_gate(self, by: str) -> None:
+        now = time.monotonic()
+        was_open = self._gate.is_open
+        if by == "timeout":
+            self._gate.open(now, "timeout")
+        self._gate.ready_opened(now)
+        if not was_open:
+            self._emit_start()
+
+    def _emit_start(self) -> None:
+        self._emit(
+            EventKind.START, detail=self._gate.snapshot(time.monotonic(), self._ready).reason
+        )
         self._changed()
 
     # -- readiness and state ------------------------------------------------------------
@@ -586,6 +661,7 @@ class Agent:
             return
         if condition and not self._ready:
             self._ready = True
+            self._open_start_gate("ready")
             self._emit(EventKind.READY, detail=self._reason(self.snapshot().paths))
         elif not condition and self._ready:
             self._ready = False

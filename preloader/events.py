@@ -39,6 +39,8 @@ class EventKind(str, enum.Enum):
     SKIPPED = "skipped"
     WARMED = "warmed"
     REWARMED = "rewarmed"
+    START = "start"
+    START_LEAD_TOO_LONG = "start_lead_too_long"
     READY = "ready"
     UNREADY = "unready"
     TIMEOUT = "timeout"
@@ -82,6 +84,7 @@ LEVELS: dict[EventKind, int] = {
     EventKind.NOT_RESIDENT: logging.WARNING,
     EventKind.SKIPPED: logging.WARNING,
     EventKind.UNREADY: logging.WARNING,
+    EventKind.START_LEAD_TOO_LONG: logging.WARNING,
     EventKind.STATE: logging.DEBUG,
 }
 """The log level of each kind; every other kind logs at INFO."""

@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .agent import STATES, AgentSnapshot
+from .startgate import VERDICTS
 
 __all__ = ["METRIC_NAMES", "AgentCollector", "make_registry"]
 
@@ -32,6 +33,47 @@ _METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("preloader_build_info", "gauge", "Version of the preloader; always 1.", ("version", "python")),
     ("preloader_ready", "gauge", "1 when /readyz answers 200.", ()),
     ("preloader_state", "gauge", "1 for the agent's current state.", ("state",)),
+    ("preloader_start_gate_open", "gauge", "1 when /startz answers 200.", ()),
+    (
+        "preloader_start_lead_seconds",
+        "gauge",
+        "The start lead: /startz opens when the first pass's estimated time left is this.",
+        (),
+    ),
+    (
+        "preloader_start_gate_open_seconds",
+        "gauge",
+        "Seconds from the agent's start until /startz opened; absent while it is closed.",
+        (),
+    ),
+    (
+        "preloader_start_estimate_seconds",
+        "gauge",
+        "The first pass's estimated time left (bytes left over the windowed read rate); "
+        "absent without an estimate.",
+        (),
+    ),
+    (
+        "preloader_start_to_ready_seconds",
+        "gauge",
+        "Seconds from /startz opening until /readyz opened (the time so far while /readyz "
+        "is closed): the overlap won; absent while /startz is closed.",
+        (),
+    ),
+    (
+        "preloader_start_ahead_bytes",
+        "gauge",
+        "Most planned bytes seen resident ahead of the warm-up after /startz opened early; "
+        "absent when not measured.",
+        (),
+    ),
+    (
+        "preloader_start_lead_verdict",
+        "gauge",
+        "1 for whether the start lead was right: caught_up (too long), behind (right or too "
+        "short), together (no lead used), pending, unknown.",
+        ("verdict",),
+    ),
     (
         "preloader_timed_out",
         "gauge",
@@ -141,6 +183,22 @@ class AgentCollector(Collector):
         for state in STATES:
             f["preloader_state"].add_metric([state], 1 if snap.state == state else 0)
         f["preloader_timed_out"].add_metric([], 1 if snap.timed_out else 0)
+        gate = snap.start_gate
+        if gate is not None:
+            f["preloader_start_gate_open"].add_metric([], 1 if gate.open else 0)
+            f["preloader_start_lead_seconds"].add_metric([], gate.lead_seconds)
+            if gate.open_seconds is not None:
+                f["preloader_start_gate_open_seconds"].add_metric([], gate.open_seconds)
+            if gate.estimate_seconds is not None:
+                f["preloader_start_estimate_seconds"].add_metric([], gate.estimate_seconds)
+            if gate.start_to_ready_seconds is not None:
+                f["preloader_start_to_ready_seconds"].add_metric([], gate.start_to_ready_seconds)
+            if gate.ahead_bytes is not None:
+                f["preloader_start_ahead_bytes"].add_metric([], gate.ahead_bytes)
+            for verdict in VERDICTS:
+                f["preloader_start_lead_verdict"].add_metric(
+                    [verdict], 1 if gate.verdict == verdict else 0
+                )
         available = snap.memory_budget.available_bytes if snap.memory_budget else None
         if available is not None:
             f["preloader_memory_available_bytes"].add_metric([], available)

@@ -1,7 +1,8 @@
 """``preloader serve``: the HTTP front end of the agent, and its lifecycle.
 
-A Starlette app (``/healthz``, ``/readyz``, ``/status``, ``/metrics``) served by uvicorn
-on an event loop of its own, in a thread beside the :class:`~preloader.agent.Agent`'s.
+A Starlette app (``/healthz``, ``/startz``, ``/readyz``, ``/status``, ``/metrics``)
+served by uvicorn on an event loop of its own, in a thread beside the
+:class:`~preloader.agent.Agent`'s.
 Handlers only read the agent's in-memory snapshot; they never touch the filesystem.
 
 Lifecycle: bind and listen first (so ``/healthz`` answers while the model is still being
@@ -68,7 +69,7 @@ class _LimitRequest:
     """Bound what a client can make the server hold.
 
     A request whose target and headers exceed :data:`MAX_REQUEST_HEAD` gets 431. A
-    request that announces a body (none of the four paths takes one) gets its answer and
+    request that announces a body (none of the paths takes one) gets its answer and
     then the connection is closed: otherwise uvicorn would go on discarding the body for
     as long as the client sends, keeping the connection open.
     """
@@ -104,7 +105,7 @@ class _LimitRequest:
 
 
 def create_app(agent: Agent) -> Starlette:
-    """The ASGI app over ``agent``: GET (and HEAD) on four paths, nothing else."""
+    """The ASGI app over ``agent``: GET (and HEAD) on five paths, nothing else."""
     registry = make_registry(agent.snapshot)
 
     async def healthz(request: Request) -> Response:
@@ -113,6 +114,16 @@ def create_app(agent: Agent) -> Starlette:
     async def readyz(request: Request) -> Response:
         snap = agent.snapshot()
         return _JSON(snap.readyz_json(), status_code=200 if snap.ready else 503, headers=_NO_STORE)
+
+    async def startz(request: Request) -> Response:
+        snap = agent.snapshot()
+        gate = snap.start_gate
+        assert gate is not None  # the agent always reports its start gate
+        return JSONResponse(
+            {**gate.startz_json(), "state": snap.state, "ready": snap.ready},
+            status_code=200 if gate.open else 503,
+            headers=_NO_STORE,
+        )
 
     async def status(request: Request) -> Response:
         return _JSON(agent.snapshot().to_json(), headers=_NO_STORE)
@@ -126,13 +137,14 @@ def create_app(agent: Agent) -> Starlette:
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
+            Route("/startz", startz, methods=["GET"]),
             Route("/status", status, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
         ],
         middleware=[Middleware(_LimitRequest)],
     )
     # Starlette answers `/healthz/` with a 307 to `http://<Host header>/healthz`: a path
-    # that is not one of the four must be 404, and the Host header must reach no answer.
+    # that is not one of them must be 404, and the Host header must reach no answer.
     app.router.redirect_slashes = False
     return app
 
@@ -219,6 +231,7 @@ async def serve(config: ServeConfig, sock: socket.socket) -> int:
             paths=[printable(p) for p in config.selection.paths],
             ready_ratio=config.ready_ratio,
             recheck_seconds=config.recheck_seconds,
+            start_lead=config.start_lead,
         )
         if config.selection.skip_reason is not None:
             log.warning("nothing to warm; ready at once", reason=config.selection.skip_reason)

@@ -19,6 +19,7 @@ from typing import Literal, get_args
 
 from .errors import UsageError
 from .pagecache import PAGE_SIZE
+from .startgate import parse_start_lead
 from .units import format_bytes, parse_size
 
 __all__ = [
@@ -214,6 +215,8 @@ class ServeConfig:
     :ivar timeout: seconds from start after which :attr:`timeout_policy` decides
         readiness; ``None`` for no deadline. Reading goes on either way.
     :ivar timeout_policy: ``ready`` (become ready, loudly) or ``unready`` (stay unready).
+    :ivar start_lead: seconds before the first pass's estimated end at which ``/startz``
+        opens (see :mod:`preloader.startgate`); 0 opens it with ``/readyz``.
     :ivar recheck_seconds: keep-warm interval; 0 turns keep-warm off.
     :ivar max_backoff_seconds: longest keep-warm interval after repeated losses.
     :ivar shutdown_seconds: how long a stop waits for reads and requests to finish.
@@ -227,6 +230,7 @@ class ServeConfig:
     ready_latch: bool = True
     timeout: float | None = None
     timeout_policy: TimeoutPolicy = "ready"
+    start_lead: float = 0.0
     recheck_seconds: float = 30.0
     max_backoff_seconds: float = 900.0
     shutdown_seconds: float = 1.0
@@ -239,6 +243,7 @@ class ServeConfig:
             raise UsageError(f"timeout policy {self.timeout_policy!r}: must be one of {choices}")
         if not 0 <= self.port <= 65535:
             raise UsageError(f"port {self.port}: must be between 0 and 65535")
+        parse_start_lead(self.start_lead)
         if self.recheck_seconds < 0 or self.max_backoff_seconds < 0:
             raise UsageError("recheck and back-off seconds must not be negative")
 

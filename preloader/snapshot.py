@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from ._version import __version__
 from .budget import MemoryBudget
 from .reports import resident_share
+from .startgate import StartGateSnapshot
 
 __all__ = ["FILE_STATES", "STATES", "AgentSnapshot", "PathSnapshot"]
 
@@ -117,6 +118,7 @@ class AgentSnapshot:
     :ivar skip_reason: set when there is nothing to serve (``MODEL_DIR`` unset or missing).
     :ivar memory_budget: this process's memory budget as last read by the agent (at start
         and after each keep-warm round), or ``None`` before the first reading.
+    :ivar start_gate: what ``/startz`` answers, and whether its lead was right.
     """
 
     state: str
@@ -130,6 +132,7 @@ class AgentSnapshot:
     eta_seconds: float | None
     skip_reason: str | None = None
     memory_budget: MemoryBudget | None = None
+    start_gate: StartGateSnapshot | None = None
     version: str = __version__
 
     @property
@@ -195,5 +198,6 @@ class AgentSnapshot:
             "eta_seconds": None if self.eta_seconds is None else round(self.eta_seconds, 1),
             "errors": sum(p.errors for p in self.paths),
             "memory_budget": None if self.memory_budget is None else self.memory_budget.to_json(),
+            "start_gate": None if self.start_gate is None else self.start_gate.to_json(),
             "paths": [p.to_json() for p in self.paths],
         }

@@ -1,4 +1,4 @@
-"""``preloader wait``: poll a ``/readyz`` URL until it answers 200.
+"""``preloader wait``: poll a ``/readyz`` (or ``/startz``) URL until it answers 200.
 
 Standard library only (``urllib``), so it stays light inside a server image:
 ``preloader wait && exec python3 -m sglang.launch_server ...``.

@@ -13,6 +13,8 @@ the test. It serves synthetic files from a JSON spec and misbehaves on request:
 - per file ``stall_open``: the Nth open of the file (1-based) never returns.
 - per file ``gate_from``: reads at or past this offset wait until the test calls
   :meth:`FuseMount.release` (so it can change other files at a known moment).
+- per file ``rate``: bytes per second the file is served at, all its readers together
+  (:class:`bench.throttle.Pacer`), so a warm-up through it lasts long enough to watch.
 - ``stall_readdir``: listing these directories never returns.
 
 It speaks one line per event on stdout, which the test side collects and waits on
@@ -157,6 +159,9 @@ def _say(text: str) -> None:
 def _operations(spec: dict[str, Any]) -> Any:
     import mfusepy  # type: ignore[import-untyped]  # only the filesystem process needs it
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bench package
+    from bench.throttle import Pacer, wait_for_slots
+
     files: dict[str, dict[str, Any]] = {"/" + k.strip("/"): v for k, v in spec["files"].items()}
     dirs: dict[str, set[str]] = {"/": set()}
     for path in files:
@@ -168,6 +173,7 @@ def _operations(spec: dict[str, Any]) -> Any:
                 dirs.setdefault("/" + "/".join(parts[: depth + 1]), set())
     stall_readdir = {"/" + p.strip("/") for p in spec.get("stall_readdir", [])}
     cache = spec.get("cache", "keep")
+    pacers = {path: Pacer(entry.get("rate")) for path, entry in files.items()}
     opens: dict[str, int] = {}
     lock = threading.Lock()
     never = threading.Event()  # waited on by hung operations; nobody ever sets it
@@ -251,6 +257,7 @@ def _operations(spec: dict[str, Any]) -> Any:
                 if offset < end and offset + size > start:
                     _say(f"EIO {path} {offset}")
                     raise mfusepy.FuseOSError(errno.EIO)
+            wait_for_slots(size, pacers[path])
             _say(f"READ {path} {offset} {size}")
             return pattern_bytes(offset, size, int(entry.get("seed", 0)))
 

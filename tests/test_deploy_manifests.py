@@ -16,6 +16,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from preloader.startgate import parse_start_lead
+
 from . import deploy_manifests as dm
 
 # Native sidecars (restartPolicy on an initContainer) are GA from 1.29; the rest must also
@@ -25,7 +27,7 @@ OLDEST_SUPPORTED = "1.27.0"
 TARGET = "1.30.0"
 CRD_KINDS = {("monitoring.coreos.com/v1", "PodMonitor")}
 SERVER_PORT = 9400
-SERVER_PATHS = {"/healthz", "/readyz", "/status", "/metrics"}
+SERVER_PATHS = {"/healthz", "/startz", "/readyz", "/status", "/metrics"}
 
 
 @pytest.fixture(scope="module", params=dm.OVERLAYS)
@@ -180,8 +182,9 @@ def test_probes_use_the_server_endpoints_and_port() -> None:
 def test_each_sidecar_variant_gates_what_it_says() -> None:
     ((_, gated),) = _serving_containers("sidecar")
     assert gated["restartPolicy"] == "Always"
-    assert _probe(gated, "startupProbe") == ("/readyz", "preloader")
-    assert _probe(gated, "readinessProbe") == ("/healthz", "preloader")
+    # The server starts on the start gate; Pod Ready still means resident.
+    assert _probe(gated, "startupProbe") == ("/startz", "preloader")
+    assert _probe(gated, "readinessProbe") == ("/readyz", "preloader")
 
     ((_, readiness),) = _serving_containers("sidecar-readiness-only")
     assert readiness["restartPolicy"] == "Always"
@@ -195,8 +198,17 @@ def test_each_sidecar_variant_gates_what_it_says() -> None:
     script = " ".join(server["command"])
     waited = re.search(r"preloader\.pyz wait --url (\S+)", script)
     assert waited is not None
-    assert waited.group(1) == f"http://127.0.0.1:{SERVER_PORT}/readyz"
+    assert waited.group(1) == f"http://127.0.0.1:{SERVER_PORT}/startz"
     assert script.index("preloader.pyz wait") < script.index("sglang.launch_server")
+    assert _probe(legacy, "readinessProbe") == ("/readyz", "preloader")
+
+
+def test_the_start_gate_ways_set_a_valid_lead() -> None:
+    for folder in ("sidecar", "sidecar-wait"):
+        ((_, container),) = _serving_containers(folder)
+        lead = parse_start_lead(_env(container)["PRELOADER_START_LEAD"])
+        # A lead is a start-up time: more than nothing, well inside the agent's deadline.
+        assert 0 < lead < float(_env(container)["PRELOADER_TIMEOUT"]), folder
 
 
 def test_startup_budget_outlasts_the_agent_deadline() -> None:

@@ -25,7 +25,7 @@ from ._serve import DEADLINE, Served, ready_body, start_serve, track
 from .conftest import NOBODY, evict_tree, needs_fuse, needs_root
 from .fusefs import FuseMount
 
-PATHS = ("/healthz", "/readyz", "/status", "/metrics")
+PATHS = ("/healthz", "/startz", "/readyz", "/status", "/metrics")
 
 
 def _raw(port: int, request: bytes, timeout: float = 10) -> bytes:

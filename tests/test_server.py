@@ -159,9 +159,9 @@ def test_a_non_owner_is_ready_unverified_and_exports_no_resident_bytes(
     assert server.stop()[0] == 0
 
 
-def test_only_get_and_head_on_the_four_paths(model_dir: Path, served: list[Served]) -> None:
+def test_only_get_and_head_on_the_five_paths(model_dir: Path, served: list[Served]) -> None:
     server = track(served, env={"MODEL_DIR": str(model_dir)})
-    for path in ("/healthz", "/readyz", "/status", "/metrics"):
+    for path in ("/healthz", "/startz", "/readyz", "/status", "/metrics"):
         assert server.request(path, "HEAD")[0] in (200, 503)
         assert server.request(path, "POST")[0] == 405
         assert server.request(path, "DELETE")[0] == 405

@@ -1,4 +1,5 @@
-"""``preloader serve``: the sidecar (warm, gate ``/readyz``, keep warm, export metrics)."""
+"""``preloader serve``: the sidecar (warm, gate ``/startz`` and ``/readyz``, keep warm,
+export metrics)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import anyio
 import click
 
 from ..settings import TIMEOUT_POLICIES, ServeConfig, TimeoutPolicy
+from ..startgate import parse_start_lead
 from .options import (
     Number,
     ReadArgs,
@@ -32,6 +34,7 @@ class ServeFlags:
     ready_latch: bool
     timeout: float
     timeout_policy: TimeoutPolicy
+    start_lead: str
     recheck_seconds: float
     max_backoff: float
 
@@ -94,6 +97,19 @@ class ServeFlags:
     "keeps it closed.",
 )
 @click.option(
+    "--start-lead",
+    metavar="SECONDS",
+    default="0",
+    show_default=True,
+    envvar="PRELOADER_START_LEAD",
+    show_envvar=True,
+    help="/startz (the server container's startupProbe) opens once the first pass's "
+    "estimated time left (bytes left over the read rate of the last 20 s; no estimate "
+    "before 2 s of reading) is at most this, so the server's own start-up overlaps the "
+    "warm-up's tail; it also opens with /readyz, and at --timeout under policy 'ready'. "
+    "0: together with /readyz. Set it to about the server's start-up time.",
+)
+@click.option(
     "--recheck-seconds",
     type=Number(min=0),
     default=30.0,
@@ -116,11 +132,12 @@ class ServeFlags:
 @click.pass_context
 @bundle("flags", ServeFlags)
 def serve(ctx: click.Context, selection: SelectionArgs, read: ReadArgs, flags: ServeFlags) -> None:
-    """Sidecar: warm PATH (default $MODEL_DIR and --path), gate /readyz, keep it warm.
+    """Sidecar: warm PATH (default $MODEL_DIR and --path), gate /startz and /readyz, keep warm.
 
-    Serves /healthz (200 while the process serves), /readyz (503 with a JSON reason until
-    the paths are warm, then 200), /status (JSON progress) and /metrics (Prometheus) on
-    --host:--port. Without any path to warm it serves and is ready at once (logged).
+    Serves /healthz (200 while the process serves), /startz (503 with a JSON reason until
+    the server may start, then 200: see --start-lead), /readyz (503 with a JSON reason
+    until the paths are warm, then 200), /status (JSON progress) and /metrics
+    (Prometheus) on --host:--port. Without any path to warm it serves and is ready at once (logged).
     SIGTERM or SIGINT stops reading, answers requests in flight and exits 0.
     """
 
@@ -135,6 +152,7 @@ def serve(ctx: click.Context, selection: SelectionArgs, read: ReadArgs, flags: S
             ready_latch=flags.ready_latch,
             timeout=flags.timeout or None,
             timeout_policy=flags.timeout_policy,
+            start_lead=parse_start_lead(flags.start_lead),
             recheck_seconds=flags.recheck_seconds,
             max_backoff_seconds=flags.max_backoff,
         )

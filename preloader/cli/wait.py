@@ -1,4 +1,4 @@
-"""``preloader wait``: block until the sidecar's ``/readyz`` answers 200."""
+"""``preloader wait``: block until the sidecar's ``/readyz`` (or ``/startz``) answers 200."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ class WaitFlags:
     show_default=True,
     envvar="PRELOADER_WAIT_URL",
     show_envvar=True,
-    help="The readiness URL to poll (http or https).",
+    help="The URL to poll (http or https): /readyz to start once the model is resident, "
+    "/startz to start when the sidecar's start gate opens (PRELOADER_START_LEAD).",
 )
 @timeout_option(
     "Give up after this many seconds and exit 5 (0: wait for ever).",
@@ -54,7 +55,10 @@ def wait(ctx: click.Context, flags: WaitFlags) -> None:
 
     For a server container that must not start before the model is warm, where native
     sidecars are not available: `preloader wait && exec python3 -m sglang.launch_server ...`.
-    Connection refused and 503 both mean "not yet".
+    With --url .../startz the server starts when the sidecar's start gate opens
+    (PRELOADER_START_LEAD seconds before the warm-up's estimated end), so its own start-up
+    overlaps the warm-up; exit 0 then means "may start", not "resident". Connection
+    refused and 503 both mean "not yet".
     """
 
     def build() -> WaitConfig:
