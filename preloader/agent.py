@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import anyio
 import anyio.to_thread
 
-from .budget import MemoryBudget, read_memory_budget
+from .budget import DEFAULT_HEADROOM, BudgetCheck, MemoryBudget, check_plan, read_memory_budget
 from .engine import (
     ChunkResidency,
     EngineEvent,
@@ -43,7 +43,7 @@ from .engine import (
 )
 from .events import ERROR_REASONS as ERROR_REASONS
 from .events import ErrorReason, EventKind
-from .planner import Chunk, Plan, Skipped, build_plan, iter_chunks, printable
+from .planner import Chunk, Plan, Skipped, build_plan, iter_chunks, printable, sparse_note
 from .settings import ServeConfig
 from .snapshot import FILE_STATES as FILE_STATES
 from .snapshot import STATES as STATES
@@ -101,10 +101,17 @@ class _Model:
         # Chunks read since the last check that found nothing lost; None: all of them
         # (the first pass read every chunk).
         self.read_since_clean: set[tuple[int, int]] | None = None
+        self.cold_bytes = 0
+        self.failed_reason: str | None = None
 
     @property
     def warmed(self) -> bool:
         return self.state in ("ready", "degraded", "failed")
+
+    @property
+    def kept_warm(self) -> bool:
+        """Keep-warm measures it: warmed, with files, and not refused as a whole."""
+        return self.warmed and bool(self.plan.files) and self.failed_reason is None
 
     def warm_bytes(self) -> int:
         if self.views is None:
@@ -271,6 +278,7 @@ class Agent:
             return
         await self._plan_all()
         await self._read_budget()
+        self._trim_to_budget()
         async with anyio.create_task_group() as group:
             group.start_soon(self._watch_start_gate)
             for model in self._models:
@@ -288,7 +296,7 @@ class Agent:
         for model in self._models:
             if self._stop.is_set():
                 return
-            if model.warmed and model.plan.files:
+            if model.kept_warm:
                 await self._check(model)
         await self._read_budget()
         self._update_ready()
@@ -298,19 +306,16 @@ class Agent:
 
     async def _plan_all(self) -> None:
         seen: dict[tuple[int, int], str] = {}
-        selection = self.config.selection
         for model in self._models:
+            if self._stop.is_set():
+                return
             try:
-                plan = await anyio.to_thread.run_sync(
-                    build_plan,
-                    [model.root],
-                    selection.include,
-                    selection.exclude,
-                    selection.all_formats,
-                )
+                plan = await self._walk(model.root)
             except Exception as err:  # a bug must not take the other paths down
                 self._fail(model, f"planning failed: {type(err).__name__}: {err}")
                 continue
+            if plan is None:  # stopped while walking
+                return
             files = []
             skipped = list(plan.skipped)
             for spec in plan.files:
@@ -318,12 +323,29 @@ class Agent:
                 if first == model.root:
                     files.append(spec)
                 else:
-                    skipped.append(Skipped(spec.path, f"same file already served under {first}"))
-            model.plan = Plan(plan.roots, tuple(files), tuple(skipped))
+                    skipped.append(
+                        Skipped(spec.path, f"same file already served under {printable(first)}")
+                    )
+            model.plan = Plan(plan.roots, tuple(files), tuple(skipped), plan.choices, plan.problems)
             model.read_in_full = [False] * len(files)
             model.state = "warming"
             for item in skipped:
                 self._emit(EventKind.SKIPPED, item.path, item.reason)
+            for spec in files:
+                note = sparse_note(spec)
+                if note is not None:
+                    self._emit(EventKind.SPARSE_FILE, spec.path, note)
+            for problem in plan.problems:
+                if not problem.fatal:
+                    self._emit(EventKind.ODD_LAYOUT, problem.path, problem.message)
+            fatal = [problem for problem in plan.problems if problem.fatal]
+            if fatal:
+                # As `warm` refuses it (exit 8): an incomplete model never opens the gate.
+                for problem in fatal:
+                    self._emit(EventKind.INCOMPLETE_MODEL, problem.path, problem.message)
+                cause = f"incomplete model: {printable(fatal[0].path)}: {fatal[0].message}"
+                self._fail(model, cause, reason="incomplete", where=fatal[0].path)
+                continue
             self._emit(
                 EventKind.PLANNED,
                 model.root,
@@ -331,6 +353,66 @@ class Agent:
                 f"{len(skipped)} skipped",
             )
             self._changed()
+
+    async def _walk(self, root: str) -> Plan | None:
+        """Plan one path in a worker thread; ``None`` when a stop came first.
+
+        Abandoned on stop: a ``readdir`` stuck on storage that stopped answering cannot be
+        interrupted, and a stop must not wait for it (nor for a walk of 200,000 files).
+        """
+        selection = self.config.selection
+        plans: list[Plan] = []
+        async with anyio.create_task_group() as group:
+
+            async def cancel_on_stop() -> None:
+                await self._stopping.wait()
+                group.cancel_scope.cancel()
+
+            group.start_soon(cancel_on_stop)
+            plans.append(
+                await anyio.to_thread.run_sync(
+                    lambda: build_plan(
+                        [root], selection.include, selection.exclude, selection.all_formats
+                    ),
+                    abandon_on_cancel=True,
+                )
+            )
+            group.cancel_scope.cancel()
+        return plans[0] if plans else None
+
+    def _trim_to_budget(self) -> None:
+        """Cut the plans to the memory budget as ``warm`` does (``--on-overflow trim``).
+
+        The paths' plans are taken together, in order: a sparse 1 TiB file or a model
+        larger than the pod's memory is warmed as far as it fits, and the rest stays cold
+        (``cold_bytes`` in ``/status``), instead of reading pages that would only evict
+        each other.
+        """
+        if self._budget is None:
+            return
+        models = [m for m in self._models if m.state != "failed"]
+        combined = Plan(
+            tuple(m.root for m in models), tuple(f for m in models for f in m.plan.files)
+        )
+        check: BudgetCheck = check_plan(combined, self._budget, "trim", DEFAULT_HEADROOM)
+        if not check.over_budget:
+            return
+        kept = check.plan.files  # a prefix of the combined plan, in order
+        offset = 0
+        for model in models:
+            count = len(model.plan.files)
+            mine = kept[offset : offset + count]
+            offset += count
+            model.cold_bytes = model.plan.total_bytes - sum(spec.size for spec in mine)
+            model.plan = dataclasses.replace(model.plan, files=tuple(mine))
+            model.read_in_full = [False] * len(mine)
+        self._emit(
+            EventKind.TRIMMED,
+            detail=f"over memory budget: {check.message()}; warming "
+            f"{format_bytes(check.plan.total_bytes)}, {format_bytes(check.cold_bytes)} "
+            "stay cold",
+        )
+        self._changed()
 
     async def _warm(self, model: _Model) -> None:
         if model.state == "failed":
@@ -386,7 +468,7 @@ class Agent:
 
     async def _keep_warm(self) -> None:
         while not self._stopping.is_set():
-            due = [m for m in self._models if m.warmed and m.plan.files]
+            due = [m for m in self._models if m.kept_warm]
             if not due:
                 await self._stopping.wait()
                 return
@@ -621,7 +703,7 @@ class Agent:
             weak = [p for p in paths if p.warm_ratio < self.config.ready_ratio]
             failed = [p for p in paths if p.state == "failed"]
             if failed:
-                text = f"{failed[0].path}: every file failed to read"
+                text = failed[0].failed_reason or f"{failed[0].path}: every file failed to read"
             elif weak:
                 text = (
                     f"{weak[0].path}: {weak[0].warm_ratio:.1%} warm, below the ready ratio "
@@ -629,6 +711,11 @@ class Agent:
                 )
             else:
                 text = "warm: " + ", ".join(f"{p.path} {p.warm_ratio:.1%}" for p in paths)
+            broken = [(p, detail) for p in paths for detail in p.error_details[:1]]
+            if broken and not failed:
+                count = sum(p.errors for p in paths)
+                where, cause = broken[0][1]
+                text += f"; {count} files failed (first {where}: {cause})"
             unverified = [p for p in paths if not p.verified]
             if unverified:
                 text += (
@@ -652,7 +739,7 @@ class Agent:
         rate = model.progress.bytes_read / warm_seconds if warm_seconds else 0.0
         states = model.file_states()
         return PathSnapshot(
-            path=model.root,
+            path=printable(model.root),
             state=self._model_state(model),
             files=len(model.plan.files),
             bytes=model.plan.total_bytes,
@@ -663,7 +750,7 @@ class Agent:
             warm_bytes=model.warm_bytes(),
             files_by_state=tuple((state, states[state]) for state in FILE_STATES),
             errors_by_reason=tuple((reason, model.errors[reason]) for reason in ERROR_REASONS),
-            error_details=tuple(model.error_details),
+            error_details=tuple((printable(p), c) for p, c in model.error_details),
             skipped=len(model.plan.skipped),
             warm_seconds=warm_seconds,
             rate=rate if warming or model.warm_seconds else 0.0,
@@ -671,15 +758,24 @@ class Agent:
             degraded_reason=model.degraded_reason,
             recheck_seconds=model.interval,
             last_check=model.last_check,
+            cold_bytes=model.cold_bytes,
+            failed_reason=model.failed_reason,
         )
 
     # -- events -------------------------------------------------------------------------
 
-    def _fail(self, model: _Model, cause: str) -> None:
+    def _fail(
+        self,
+        model: _Model,
+        cause: str,
+        reason: ErrorReason = "internal",
+        where: str | None = None,
+    ) -> None:
         model.state = "failed"
-        model.errors["internal"] += 1
-        model.error_details.append((model.root, cause))
-        self._emit(EventKind.FAILED, model.root, cause, "internal")
+        model.failed_reason = cause
+        model.errors[reason] += 1
+        model.error_details.append((where or model.root, cause))
+        self._emit(EventKind.FAILED, model.root, cause, reason)
         self._changed()
 
     def _engine_event(self, model: _Model, event: EngineEvent) -> None:

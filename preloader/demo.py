@@ -11,7 +11,9 @@ import json
 import os
 import struct
 
-__all__ = ["write_demo_model"]
+from .errors import UsageError
+
+__all__ = ["claim_directory", "write_demo_model"]
 
 _BLOCK = 8 * 1024 * 1024
 
@@ -39,7 +41,8 @@ def _write_shard(path: str, tensors: list[tuple[str, int]]) -> None:
         offset += elements * 2
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    # O_EXCL: the demo creates every file it writes and never overwrites one.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         os.write(fd, struct.pack("<Q", len(raw)) + raw)
         _write_random(fd, offset)
@@ -49,14 +52,38 @@ def _write_shard(path: str, tensors: list[tuple[str, int]]) -> None:
 
 
 def _write_json(path: str, content: object) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
+    with open(path, "x", encoding="utf-8") as handle:
         json.dump(content, handle)
         handle.flush()
         os.fsync(handle.fileno())
 
 
+def claim_directory(directory: str) -> None:
+    """Create ``directory`` (and its parents) for the demo, refusing one that exists.
+
+    The demo writes only into a folder it created itself: a folder given with ``--dir``
+    that already exists may hold a real model, and is never written to.
+
+    :raises UsageError: naming the folder when it exists (or cannot be created).
+    """
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
+        os.mkdir(directory, 0o755)
+    except FileExistsError:
+        what = "not empty" if os.path.isdir(directory) and os.listdir(directory) else "exists"
+        raise UsageError(
+            f"{directory}: {what}; the demo writes only into a folder it creates "
+            "(give a path that does not exist yet)"
+        ) from None
+    except OSError as err:
+        raise UsageError(f"{directory}: cannot create the demo folder: {err.strerror}") from None
+
+
 def write_demo_model(directory: str, total_bytes: int, shards: int = 4) -> list[str]:
     """Write a model of about ``total_bytes`` into ``directory`` (created if needed).
+
+    Every file is created with ``O_EXCL``: a file of that name already there is an error
+    (``FileExistsError``), never overwritten.
 
     :return: the paths written, metadata first.
     """

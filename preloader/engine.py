@@ -9,6 +9,7 @@ runs in a worker thread through :func:`anyio.to_thread.run_sync` with a
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import resource
 import threading
@@ -387,7 +388,7 @@ async def warm_plan(
         # the cache at open, that open waits for the stuck read's locked page, for ever.
         healthy = [state.spec for state in engine.files if not state.stalled]
         measured_list = await map_files(
-            residency_of,
+            functools.partial(residency_of, after_read=True),
             healthy,
             workers,
             unknown_residency,
@@ -404,6 +405,7 @@ async def warm_plan(
             and state.resident_after_read
             and state.spec in residency
             and residency[state.spec].resident_bytes == 0
+            and not residency[state.spec].changed
         ]
         probed = await map_files(
             bypass_probe,
@@ -426,6 +428,8 @@ async def warm_plan(
             )
         else:
             measured = residency[spec]
+        if measured.changed and state.error is None and measured.reason is not None:
+            engine._fail(state, measured.reason, "changed")
         cause = None
         complete = state.error is None and state.read_bytes >= spec.size
         if options.verify and complete and measured.resident_bytes is not None:

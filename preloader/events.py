@@ -18,8 +18,10 @@ from .planner import printable
 
 __all__ = ["ERROR_REASONS", "LEVELS", "EngineEvent", "ErrorReason", "EventKind", "log_event"]
 
-ErrorReason = Literal["read", "stalled", "changed", "internal"]
-"""Why a file or a path failed: the ``reason`` label of ``preloader_errors_total``."""
+ErrorReason = Literal["read", "stalled", "changed", "incomplete", "internal"]
+"""Why a file or a path failed: the ``reason`` label of ``preloader_errors_total``
+(``incomplete``: the model folder lacks files its index or split set names, so the path
+failed before reading)."""
 ERROR_REASONS: tuple[ErrorReason, ...] = get_args(ErrorReason)
 
 
@@ -45,6 +47,10 @@ class EventKind(str, enum.Enum):
     DEGRADED = "degraded"
     RECOVERED = "recovered"
     FAILED = "failed"
+    INCOMPLETE_MODEL = "incomplete model"
+    ODD_LAYOUT = "odd model layout"
+    SPARSE_FILE = "sparse file"
+    TRIMMED = "trimmed"
 
     def __str__(self) -> str:
         return self.value
@@ -69,6 +75,10 @@ class EngineEvent:
 LEVELS: dict[EventKind, int] = {
     EventKind.FILE_ERROR: logging.ERROR,
     EventKind.FAILED: logging.ERROR,
+    EventKind.INCOMPLETE_MODEL: logging.ERROR,
+    EventKind.ODD_LAYOUT: logging.WARNING,
+    EventKind.SPARSE_FILE: logging.WARNING,
+    EventKind.TRIMMED: logging.WARNING,
     EventKind.TIMEOUT: logging.ERROR,
     EventKind.DEGRADED: logging.WARNING,
     EventKind.NOT_RESIDENT: logging.WARNING,

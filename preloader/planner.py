@@ -28,6 +28,7 @@ __all__ = [
     "iter_chunks",
     "plan_selection",
     "printable",
+    "sparse_note",
 ]
 
 # Small files a server reads first (config, tokenizer, index): warming them first lets a
@@ -61,6 +62,8 @@ class FileSpec:
     :ivar dev: device of the file the path resolved to.
     :ivar ino: inode of that file; ``(dev, ino)`` identifies it across links and mounts.
     :ivar metadata: a small config/tokenizer/index file, warmed before weights.
+    :ivar allocated: bytes the file occupies on its filesystem (``st_blocks`` x 512);
+        far below :attr:`size` for a sparse file. ``None`` when not known.
     """
 
     path: str
@@ -68,6 +71,7 @@ class FileSpec:
     dev: int
     ino: int
     metadata: bool = False
+    allocated: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +133,94 @@ def printable(path: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+SPARSE_MIN_HOLE = 64 * 1024 * 1024
+
+
+def sparse_note(spec: FileSpec) -> str | None:
+    """A warning for a sparse file (allocated far below its apparent size), else ``None``.
+
+    Holes are read like any other byte (a loader reads them too, as zeros), so the page
+    cache and the memory budget count the apparent size: a 1 TiB sparse file is trimmed
+    to the budget, never read whole. Filesystems that report no blocks at all (some FUSE
+    clients) are not called sparse.
+    """
+    allocated = spec.allocated
+    if not allocated or spec.size - allocated < max(SPARSE_MIN_HOLE, spec.size // 2):
+        return None
+    return (
+        f"sparse: {spec.size} bytes apparent, {allocated} allocated; the holes read as "
+        "zeros and take page cache like data (the memory budget counts the apparent size)"
+    )
+
+
+# Kernel and pseudo filesystems hold no model and are never walked: their files change
+# size as they are read (sysfs), hold every process's tree (procfs: /proc/*/cwd) or are
+# devices (devtmpfs). Matched by the filesystem type in /proc/self/mountinfo.
+PSEUDO_FILESYSTEMS = frozenset(
+    {
+        "proc",
+        "sysfs",
+        "devtmpfs",
+        "devpts",
+        "cgroup",
+        "cgroup2",
+        "debugfs",
+        "tracefs",
+        "securityfs",
+        "configfs",
+        "pstore",
+        "bpf",
+        "mqueue",
+        "hugetlbfs",
+        "fusectl",
+        "binfmt_misc",
+        "efivarfs",
+        "autofs",
+        "rpc_pipefs",
+        "nsfs",
+    }
+)
+
+
+def _pseudo_devices(mountinfo: str = "/proc/self/mountinfo") -> dict[int, str]:
+    """``st_dev`` -> filesystem type of every mounted pseudo filesystem."""
+    devices: dict[int, str] = {}
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return devices
+    for line in lines:
+        # 36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue
+        fields, _, rest = line.partition(" - ")
+        parts = fields.split()
+        fstype = rest.split(" ", 1)[0]
+        if len(parts) < 3 or fstype not in PSEUDO_FILESYSTEMS:
+            continue
+        major, _, minor = parts[2].partition(":")
+        try:
+            devices[os.makedev(int(major), int(minor))] = fstype
+        except ValueError:
+            continue
+    return devices
+
+
+def _hf_blobs(root: str) -> str | None:
+    """The ``blobs`` folder of a Hugging Face cache repo when ``root`` lies in one of its
+    snapshots (``models--org--name/snapshots/REV/...``), whose files link to ``../../blobs``."""
+    parts = root.split(os.sep)
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith(
+            ("models--", "datasets--", "spaces--")
+        ):
+            return os.sep.join([*parts[:i], "blobs"])
+    return None
+
+
+def _within(path: str, folders: Sequence[str]) -> bool:
+    return any(path == f or path.startswith(f.rstrip(os.sep) + os.sep) for f in folders)
+
+
 def _matches(relpath: str, patterns: Sequence[str]) -> bool:
     name = relpath.rsplit("/", 1)[-1]
     for pattern in patterns:
@@ -163,6 +255,25 @@ class _Walk:
     skipped: list[Skipped] = field(default_factory=list)
     choices: list[Choice] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    # Where a symlink may lead: the roots themselves and a Hugging Face cache's blobs.
+    allowed: list[str] = field(default_factory=list)
+    pseudo: dict[int, str] = field(default_factory=dict)
+
+    def allow(self, root: str) -> None:
+        real = os.path.realpath(root)
+        self.allowed.append(real)
+        blobs = _hf_blobs(real)
+        if blobs is not None:
+            self.allowed.append(blobs)
+
+    def outside(self, path: str) -> str | None:
+        """The target of a link under a root when it leads outside every root, else None."""
+        target = os.path.realpath(path)
+        return None if _within(target, self.allowed) else target
+
+    def pseudo_kind(self, st: os.stat_result) -> str | None:
+        fstype = self.pseudo.get(st.st_dev)
+        return None if fstype is None else f"on {fstype}, a kernel filesystem: not model storage"
 
     def resolve(self, path: str, is_link: bool) -> os.stat_result | None:
         """stat through links; broken links and loops become skips."""
@@ -195,6 +306,11 @@ class _Walk:
             return []
         st = self.resolve(root, is_link)
         if st is None:
+            return []
+        regular_or_dir = stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
+        pseudo = self.pseudo_kind(st) if regular_or_dir else None
+        if pseudo is not None:
+            self.skipped.append(Skipped(root, pseudo))
             return []
         if stat.S_ISREG(st.st_mode):
             self._add_file(root, os.path.basename(root), st, found, filtered=False)
@@ -254,7 +370,14 @@ class _Walk:
             self.skipped.append(Skipped(path, "same file already planned (link or bind mount)"))
             return
         self.seen_files.add(key)
-        spec = FileSpec(path, st.st_size, st.st_dev, st.st_ino, _is_metadata(path, st.st_size))
+        spec = FileSpec(
+            path,
+            st.st_size,
+            st.st_dev,
+            st.st_ino,
+            _is_metadata(path, st.st_size),
+            st.st_blocks * 512,
+        )
         found.append((relpath, spec))
 
     def _walk_dir(
@@ -279,6 +402,21 @@ class _Walk:
                     is_link = False
                 st = self.resolve(entry.path, is_link)
                 if st is None:
+                    continue
+                wanted = stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)
+                target = self.outside(entry.path) if is_link and wanted else None
+                if target is not None:
+                    self.skipped.append(
+                        Skipped(
+                            entry.path,
+                            f"symlink leads outside the roots (to {printable(target)}); "
+                            "give the target as a PATH to warm it",
+                        )
+                    )
+                    continue
+                pseudo = self.pseudo_kind(st) if wanted else None
+                if pseudo is not None:
+                    self.skipped.append(Skipped(entry.path, pseudo))
                     continue
                 if stat.S_ISDIR(st.st_mode):
                     if self.exclude and _matches(relpath, self.exclude):
@@ -316,8 +454,12 @@ def build_plan(
 ) -> Plan:
     """Walk ``roots`` and return the warm plan.
 
-    Regular files only. Symlinks are followed; a file reached twice (two links, two roots,
-    a bind mount) is planned once, keyed by ``(st_dev, st_ino)``. FIFOs, sockets, device
+    Regular files only. Symlinks are followed when they lead to a place within a root (or,
+    for a root inside a Hugging Face cache snapshot, to that repo's ``blobs/``); a link
+    leading anywhere else is skipped, so nothing outside the roots is read. Kernel
+    filesystems (procfs, sysfs, devtmpfs, cgroupfs, ...: :data:`PSEUDO_FILESYSTEMS`) are
+    never entered. A file reached twice (two links, two roots, a bind mount) is planned
+    once, keyed by ``(st_dev, st_ino)``. FIFOs, sockets, device
     nodes (also behind links), broken links and link loops are skipped with a reason and
     never opened. Per root, metadata files come first, then the rest in natural order,
     so shards are read front to back; a safetensors index orders the shards it names.
@@ -338,6 +480,9 @@ def build_plan(
     """
     walk = _Walk(include=tuple(include), exclude=tuple(exclude), all_formats=all_formats)
     root_list = tuple(roots)
+    walk.pseudo = _pseudo_devices()
+    for root in root_list:
+        walk.allow(root)
     files: list[FileSpec] = []
     for root in root_list:
         files.extend(walk.walk_root(root))

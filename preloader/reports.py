@@ -47,12 +47,17 @@ class WarmProgress:
 
 @dataclass(frozen=True, slots=True)
 class FileResidency:
-    """Residency of one file: bytes, or ``None`` with the reason it is unknown."""
+    """Residency of one file: bytes, or ``None`` with the reason it is unknown.
+
+    :ivar changed: the file was deleted, replaced or shrank since it was read (the
+        reason says which): a read error of the pass, not an unknown residency.
+    """
 
     path: str
     size: int
     resident_bytes: int | None
     reason: str | None = None
+    changed: bool = False
 
     @property
     def resident_ratio(self) -> float | None:

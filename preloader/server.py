@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -43,6 +45,20 @@ from .signals import StopSignals
 __all__ = ["bind", "create_app", "serve"]
 
 _NO_STORE = {"Cache-Control": "no-store"}
+
+
+class _JSON(JSONResponse):
+    """JSON that always encodes: snapshots carry printable paths, and should a string
+    that is not valid Unicode (a surrogate from an undecodable name) still slip in, it is
+    sent escaped rather than failing the request with a 500."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 # The most bytes of request line and headers a request may have. h11 refuses more only
 # while the head is still incomplete in its buffer, so a head that arrives in one read
 # (up to 256 KiB from asyncio) gets past it; the app refuses it instead.
@@ -97,9 +113,7 @@ def create_app(agent: Agent) -> Starlette:
 
     async def readyz(request: Request) -> Response:
         snap = agent.snapshot()
-        return JSONResponse(
-            snap.readyz_json(), status_code=200 if snap.ready else 503, headers=_NO_STORE
-        )
+        return _JSON(snap.readyz_json(), status_code=200 if snap.ready else 503, headers=_NO_STORE)
 
     async def startz(request: Request) -> Response:
         snap = agent.snapshot()
@@ -112,7 +126,7 @@ def create_app(agent: Agent) -> Starlette:
         )
 
     async def status(request: Request) -> Response:
-        return JSONResponse(agent.snapshot().to_json(), headers=_NO_STORE)
+        return _JSON(agent.snapshot().to_json(), headers=_NO_STORE)
 
     async def metrics(request: Request) -> Response:
         return Response(

@@ -36,6 +36,8 @@ class PathSnapshot:
     :ivar warm_seconds: the first pass's duration; while it runs, the time so far.
     :ivar recheck_seconds: the current keep-warm interval (grows while degraded).
     :ivar last_check: wall-clock time of the last keep-warm measurement.
+    :ivar cold_bytes: bytes left out of the plan to stay within the memory budget.
+    :ivar failed_reason: why the path failed as a whole (an incomplete model).
     """
 
     path: str
@@ -57,6 +59,8 @@ class PathSnapshot:
     degraded_reason: str | None
     recheck_seconds: float
     last_check: float | None
+    cold_bytes: int = 0
+    failed_reason: str | None = None
 
     @property
     def warm_ratio(self) -> float:
@@ -99,6 +103,8 @@ class PathSnapshot:
             "degraded_reason": self.degraded_reason,
             "recheck_seconds": self.recheck_seconds,
             "last_check": self.last_check,
+            "cold_bytes": self.cold_bytes,
+            "failed_reason": self.failed_reason,
         }
 
 

@@ -7,6 +7,7 @@ is reported unknown with the reason, never guessed.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -72,14 +73,36 @@ def explain(
     )
 
 
-def residency_of(spec: FileSpec) -> FileResidency:
+_CHANGED = {
+    errno.ENOENT: "deleted since it was read",
+    errno.ESTALE: "replaced by another file since it was read",
+    errno.EINVAL: "no longer a regular file since it was read",
+}
+
+
+def residency_of(spec: FileSpec, after_read: bool = False) -> FileResidency:
+    """Measure one planned file; ``after_read``: the warm pass verifying what it read,
+    where a file deleted, replaced or shrunk since is a change (``changed``), not an
+    unknown residency."""
     try:
         fd = open_regular(spec)
     except OSError as err:
+        if after_read and err.errno in _CHANGED:
+            # Its planned bytes are in no file a loader can open: none of them count.
+            cause = f"{_CHANGED[err.errno]} ({describe(err)})"
+            return FileResidency(spec.path, spec.size, 0, cause, changed=True)
         return FileResidency(spec.path, spec.size, None, f"cannot open: {describe(err)}")
     try:
         resident = pagecache.fd_residency(fd, spec.size)
         size_now = os.fstat(fd).st_size
+        if after_read and size_now < spec.size:
+            return FileResidency(
+                spec.path,
+                spec.size,
+                min(resident, size_now),
+                f"shrank from {spec.size} to {size_now} bytes since it was read",
+                changed=True,
+            )
         if size_now > spec.size:  # still being written (a download in progress)
             return FileResidency(
                 spec.path,

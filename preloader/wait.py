@@ -6,7 +6,9 @@ Standard library only (``urllib``), so it stays light inside a server image:
 
 from __future__ import annotations
 
+import http.client
 import json
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -38,13 +40,23 @@ class Poll:
 
 
 def check_url(url: str) -> str:
-    """Accept only ``http``/``https`` URLs with a host.
+    """Accept only ``http``/``https`` URLs with a host and, if given, a valid port.
 
-    :raises UsageError: naming the URL otherwise.
+    :raises UsageError: naming the URL and what is wrong with it otherwise (a bad IPv6
+        literal, a port that is not a number or above 65535, spaces or control characters).
     """
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # raises ValueError for ":abc" and for 99999
+        host = parts.hostname
+    except ValueError as err:
+        raise UsageError(f"{url}: not a valid URL: {err}") from None
+    if parts.scheme not in ("http", "https") or not parts.netloc or not host:
         raise UsageError(f"{url}: not an http:// or https:// URL")
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise UsageError(f"{url}: not a valid URL: spaces or control characters")
+    if port == 0:
+        raise UsageError(f"{url}: not a valid URL: port 0")
     return url
 
 
@@ -59,11 +71,28 @@ def _reason(body: bytes) -> str:
 
 
 def poll_once(url: str, timeout: float = _REQUEST_TIMEOUT) -> Poll:
-    """GET ``url`` once; connection failures are an answer too (``status=None``).
+    """GET ``url`` once, within ``timeout`` seconds in all; connection failures are an
+    answer too (``status=None``).
+
+    The timeout bounds the whole exchange, not each socket read: a server that sends its
+    status line or body a byte at a time cannot hold the poll past it. The request runs in
+    a daemon thread that is abandoned when the time is up.
 
     :raises UsageError: for a URL that is not http(s) (never ``file:``).
     """
     check_url(url)
+    answers: list[Poll] = []
+    thread = threading.Thread(
+        target=lambda: answers.append(_request(url, timeout)), name="preloader-wait", daemon=True
+    )
+    thread.start()
+    thread.join(timeout)
+    if not answers:
+        return Poll(None, f"no complete answer within {timeout:g} s")
+    return answers[0]
+
+
+def _request(url: str, timeout: float) -> Poll:
     try:
         with _OPENER.open(url, timeout=timeout) as response:
             return Poll(response.status, _reason(response.read(64 * 1024)))
@@ -73,6 +102,8 @@ def poll_once(url: str, timeout: float = _REQUEST_TIMEOUT) -> Poll:
     except (urllib.error.URLError, OSError) as err:
         reason = err.reason if isinstance(err, urllib.error.URLError) else err
         return Poll(None, str(getattr(reason, "strerror", None) or reason))
+    except (ValueError, http.client.HTTPException) as err:  # a reply that is not HTTP
+        return Poll(None, f"not an HTTP answer: {type(err).__name__}: {err}")
 
 
 def wait_ready(

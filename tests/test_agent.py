@@ -267,7 +267,7 @@ async def test_the_keep_warm_loop_rewarms_on_its_own(model_dir: Path) -> None:
 
 
 def test_error_reasons_are_a_small_fixed_set() -> None:
-    assert ERROR_REASONS == ("read", "stalled", "changed", "internal")
+    assert ERROR_REASONS == ("read", "stalled", "changed", "incomplete", "internal")
 
 
 async def test_a_file_error_counts_under_the_reason_the_engine_gave(tmp_path: Path) -> None:
@@ -286,5 +286,6 @@ async def test_a_file_error_counts_under_the_reason_the_engine_gave(tmp_path: Pa
         "read": 1,
         "stalled": 1,
         "changed": 1,
+        "incomplete": 0,
         "internal": 0,
     }

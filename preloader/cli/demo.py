@@ -58,7 +58,7 @@ def demo(ctx: click.Context, flags: DemoFlags) -> None:
 
 
 def _run_demo(flags: DemoFlags) -> int:
-    from ..demo import write_demo_model
+    from ..demo import claim_directory, write_demo_model
 
     log = get_logger()
     conc = parse_concurrency(flags.concurrency)
@@ -66,9 +66,8 @@ def _run_demo(flags: DemoFlags) -> int:
     if directory is None:
         base = "/var/tmp" if os.path.isdir("/var/tmp") else tempfile.gettempdir()
         directory = tempfile.mkdtemp(prefix="preloader-demo-", dir=base)
-        created = True
     else:
-        created = not os.path.exists(directory)
+        claim_directory(directory)  # refuses a folder that exists: never writes into it
     try:
         log.info("writing demo model", dir=directory, size=format_bytes(flags.size))
         write_demo_model(directory, flags.size)
@@ -88,5 +87,5 @@ def _run_demo(flags: DemoFlags) -> int:
     finally:
         if flags.keep:
             click.echo(f"kept demo model in {directory}")
-        elif created:
+        else:
             shutil.rmtree(directory, ignore_errors=True)

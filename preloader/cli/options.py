@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -20,7 +22,8 @@ from typing import Any, TypeVar, cast
 import click
 
 from .. import errors
-from ..logs import FORMATS, LEVELS
+from ..logs import FORMATS, LEVELS, get_logger
+from ..planner import printable
 from ..settings import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CONCURRENCY,
@@ -40,6 +43,7 @@ from ..units import parse_size
 
 __all__ = [
     "BudgetArgs",
+    "Number",
     "ReadArgs",
     "SelectionArgs",
     "best_effort_option",
@@ -69,6 +73,24 @@ class Size(click.ParamType):  # type: ignore[type-arg]
             return parse_size(str(value))
         except ValueError as err:
             self.fail(str(err), param, ctx)
+
+
+class Number(click.FloatRange):
+    """A finite number in a range: every float option is one, so ``nan`` and ``inf``
+    (which Python's ``float`` accepts, and every comparison with ``nan`` is false) are
+    refused as bad input instead of disabling a check or reaching the engine."""
+
+    name = "NUMBER"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                self.fail(f"{value!r} is not a number", param, ctx)
+            if not math.isfinite(number):
+                self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(value, param, ctx)
 
 
 class HeadroomType(click.ParamType):  # type: ignore[type-arg]
@@ -140,7 +162,15 @@ class SelectionArgs:
     all_formats: bool
 
     def resolve(self) -> Selection:
-        """:raises errors.UsageError: for a command-line path that does not exist."""
+        """:raises errors.UsageError: for a command-line path that does not exist.
+
+        A ``MODEL_DIR`` or ``PRELOADER_PATHS`` entry that does not exist is a warning
+        (the others are still used; with none left the command skips, exit 0).
+        """
+        if not self.paths:
+            for candidate in [self.model_dir or "", *self.env_paths]:
+                if candidate and not os.path.exists(candidate):
+                    get_logger().warning("path does not exist; skipped", path=printable(candidate))
         return resolve_selection(
             self.paths,
             self.model_dir,
@@ -273,7 +303,7 @@ def read_options(chunk_help: str, method_help: str) -> Callable[[_F], _F]:
             _option(
                 "--read-timeout",
                 envvar="PRELOADER_READ_TIMEOUT",
-                type=click.FloatRange(min=0),
+                type=Number(min=0),
                 default=600,
                 show_default=True,
                 help="Give up a file whose chunk read stalls this many seconds (0: never).",
@@ -349,7 +379,7 @@ def timeout_option(help: str, envvar: str = "PRELOADER_TIMEOUT") -> Callable[[_F
     return _option(
         "--timeout",
         envvar=envvar,
-        type=click.FloatRange(min=0),
+        type=Number(min=0),
         default=0,
         show_default=True,
         help=help,

@@ -28,8 +28,10 @@ __all__ = [
     "WAIT_EXIT_CODES_HELP",
     "Outcome",
     "execute",
+    "finish",
     "print_json",
     "refuse",
+    "request_best_effort",
 ]
 
 _S = TypeVar("_S")
@@ -49,6 +51,15 @@ WAIT_EXIT_CODES_HELP = (
     "Exit codes: 0 the URL answered 200, 2 bad usage (not an http(s) URL), 5 --timeout "
     "reached first, 130 interrupted by SIGINT/SIGTERM."
 )
+
+
+_best_effort: list[bool] = [False]  # asked for on the raw command line or environment
+
+
+def request_best_effort(asked: bool) -> None:
+    """``--best-effort`` was asked for (see :class:`preloader.cli.entry.Intent`): from
+    here on every exit is 0, bugs and bad input included, each logged with its code."""
+    _best_effort[0] = asked
 
 
 @dataclass(frozen=True)
@@ -97,11 +108,13 @@ def execute(
         settings = build()
     except (errors.UsageError, ValueError) as err:
         get_logger().error("bad input", error=str(err))
-        code = Outcome(errors.EXIT_USAGE, best_effort).exit_code
+        outcome = Outcome(errors.EXIT_USAGE, best_effort)
+        outcome.announce()
+        code = outcome.exit_code
         if json_errors:
             print_json({"error": str(err), "exit_code": code})
-        _finish(code)
-    _finish(_guard(ctx, lambda: run(settings)))
+        finish(code)
+    finish(_guard(ctx, lambda: run(settings)))
 
 
 def refuse(err: errors.PreloaderError, outcome: Outcome, as_json: bool) -> None:
@@ -132,8 +145,13 @@ def _guard(ctx: click.Context, func: Callable[[], Outcome | int]) -> int:
     return result.exit_code if isinstance(result, Outcome) else result
 
 
-def _finish(code: int) -> NoReturn:
-    """Exit with ``code``; never wait on a worker thread stuck in a stalled read."""
+def finish(code: int) -> NoReturn:
+    """Exit with ``code`` (0 under ``--best-effort``, the code logged); never wait on a
+    worker thread stuck in a stalled read."""
+    if _best_effort[0] and code != errors.EXIT_OK:
+        # Outcome.announce said so already where the command itself decided the code.
+        get_logger().warning("best effort: exiting 0", exit_code=code)
+        code = errors.EXIT_OK
     sys.stdout.flush()
     sys.stderr.flush()
     if threading.active_count() > 1:

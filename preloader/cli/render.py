@@ -15,7 +15,7 @@ from .._version import __version__
 from ..budget import BudgetCheck
 from ..engine import ResidencyReport, WarmProgress, WarmReport
 from ..logs import get_logger
-from ..planner import Plan, printable
+from ..planner import Plan, printable, sparse_note
 from ..settings import Selection, WarmConfig
 from ..units import format_bytes
 from .outcome import Outcome, print_json
@@ -55,8 +55,16 @@ def log_plan_problems(plan: Plan, log: Any) -> None:
             log.error("cannot read", path=printable(skipped.path), cause=skipped.reason)
         else:
             log.warning("skipped", path=printable(skipped.path), reason=skipped.reason)
+    log_sparse(plan, log)
     if not plan.files:
         log.warning("no files found", paths=[printable(p) for p in plan.roots])
+
+
+def log_sparse(plan: Plan, log: Any) -> None:
+    for spec in plan.files:
+        note = sparse_note(spec)
+        if note is not None:
+            log.warning("sparse file", path=printable(spec.path), detail=note)
 
 
 def summarise_stopped(
@@ -157,7 +165,7 @@ def summarise(
         "files": len(report.files),
         "bytes": report.bytes,
         "size": format_bytes(report.bytes),
-        "resident": f"{ratio:.1%}" if ratio is not None else "unknown",
+        "resident": _share(ratio, len(report.files)),
         "seconds": round(report.seconds, 2),
         "rate": f"{format_bytes(rate)}/s",
         "cpu_seconds": round(report.cpu_seconds, 2),
@@ -276,5 +284,11 @@ def budget_line(check: BudgetCheck) -> str:
 
 
 def ratio_text(report: ResidencyReport) -> str:
-    ratio = report.resident_ratio
+    return _share(report.resident_ratio, len(report.files))
+
+
+def _share(ratio: float | None, files: int) -> str:
+    """A resident share for people: never "100.0%" of nothing."""
+    if not files:
+        return "no files"
     return f"{ratio:.1%}" if ratio is not None else "unknown"

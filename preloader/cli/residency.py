@@ -2,20 +2,52 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 import anyio
+import anyio.to_thread
 import click
 
 from .. import api, errors
 from ..budget import BudgetCheck, check_plan
 from ..engine import ResidencyReport
 from ..logs import get_logger
-from ..planner import plan_selection
+from ..planner import Plan, plan_selection
 from ..settings import DEFAULT_HEADROOM, Selection
+from ..signals import StopSignals
 from . import render
 from .options import BudgetArgs, SelectionArgs, budget_options, json_option, selection_options
 from .outcome import EXIT_CODES_HELP, execute, print_json
 
 __all__ = ["evict", "plan_command", "status"]
+
+_T = TypeVar("_T")
+
+
+def _until_signal(body: Callable[[], Awaitable[_T]]) -> _T | None:
+    """Run ``body``; ``None`` when SIGINT or SIGTERM came first.
+
+    Walks and measurements run in worker threads, abandoned at the signal: a ``readdir``
+    or an ``open`` hanging on storage that stopped answering cannot be interrupted, and
+    the command must not wait for it. A further signal is ignored until the exit.
+    """
+    signals = StopSignals(grace=0.0, hold_after=True)
+    results: list[_T] = []
+
+    async def run() -> None:
+        async with signals.capture():
+            results.append(await body())
+
+    anyio.run(run)
+    if not results:
+        get_logger().error("stopped before finishing", exit_code=errors.EXIT_INTERRUPTED)
+        return None
+    return results[0]
+
+
+async def _plan(selection: Selection) -> Plan:
+    return await anyio.to_thread.run_sync(plan_selection, selection, abandon_on_cancel=True)
 
 
 @click.command(epilog=EXIT_CODES_HELP)
@@ -66,7 +98,11 @@ def _run_plan(selection: Selection, as_json: bool, budget: BudgetArgs) -> int:
     nothing: dict[str, object] = {"files": [], "bytes": 0, "skipped_reason": None}
     if render.skipped(selection, as_json, nothing):
         return errors.EXIT_OK
-    the_plan = plan_selection(selection)
+    planned = _until_signal(lambda: _plan(selection))
+    if planned is None:
+        return errors.EXIT_INTERRUPTED
+    the_plan = planned
+    render.log_sparse(the_plan, get_logger())
     check: BudgetCheck = anyio.run(
         lambda: api.check_budget(the_plan, on_overflow=budget.on_overflow, headroom=budget.headroom)
     )
@@ -77,7 +113,13 @@ def _run_plan(selection: Selection, as_json: bool, budget: BudgetArgs) -> int:
         document: dict[str, object] = {
             "paths": list(selection.paths),
             "files": [
-                {"path": f.path, "bytes": f.size, "metadata": f.metadata} for f in check.plan.files
+                {
+                    "path": f.path,
+                    "bytes": f.size,
+                    "allocated_bytes": f.allocated,
+                    "metadata": f.metadata,
+                }
+                for f in check.plan.files
             ],
             "bytes": check.plan.total_bytes,
             "skipped": [
@@ -104,10 +146,17 @@ def _run_residency(selection: Selection, as_json: bool, summary: bool, evict: bo
     }
     if render.skipped(selection, as_json, nothing):
         return errors.EXIT_OK
-    plan = plan_selection(selection)
-    render.log_plan_problems(plan, log)
     action = api.evict if evict else api.residency
-    report: ResidencyReport = anyio.run(lambda: action(plan))
+
+    async def plan_and_measure() -> tuple[Plan, ResidencyReport]:
+        plan = await _plan(selection)
+        render.log_plan_problems(plan, log)
+        return plan, await action(plan)
+
+    done = _until_signal(plan_and_measure)
+    if done is None:
+        return errors.EXIT_INTERRUPTED
+    plan, report = done
     check = None
     if not evict:
         # What the rest of the model would cost, against the budget right now.

@@ -3,17 +3,15 @@ export metrics)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import anyio
 import click
 
-from ..logs import get_logger
-from ..planner import printable
 from ..settings import TIMEOUT_POLICIES, ServeConfig, TimeoutPolicy
 from ..startgate import parse_start_lead
 from .options import (
+    Number,
     ReadArgs,
     SelectionArgs,
     bundle,
@@ -66,7 +64,7 @@ class ServeFlags:
 )
 @click.option(
     "--ready-ratio",
-    type=click.FloatRange(0.0, 1.0),
+    type=Number(0.0, 1.0),
     default=0.99,
     show_default=True,
     envvar="PRELOADER_READY_RATIO",
@@ -113,7 +111,7 @@ class ServeFlags:
 )
 @click.option(
     "--recheck-seconds",
-    type=click.FloatRange(min=0),
+    type=Number(min=0),
     default=30.0,
     show_default=True,
     envvar="PRELOADER_RECHECK_SECONDS",
@@ -123,7 +121,7 @@ class ServeFlags:
 )
 @click.option(
     "--max-backoff",
-    type=click.FloatRange(min=0),
+    type=Number(min=0),
     default=900.0,
     show_default=True,
     envvar="PRELOADER_MAX_BACKOFF_SECONDS",
@@ -144,12 +142,6 @@ def serve(ctx: click.Context, selection: SelectionArgs, read: ReadArgs, flags: S
     """
 
     def build() -> ServeConfig:
-        if not selection.paths:
-            for candidate in [selection.model_dir or "", *selection.env_paths]:
-                if candidate and not os.path.exists(candidate):
-                    get_logger().warning(
-                        "path does not exist; not served", path=printable(candidate)
-                    )
         options = read.options()
         return ServeConfig(
             selection=selection.resolve(),

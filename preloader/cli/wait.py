@@ -12,7 +12,7 @@ from .. import errors
 from ..logs import get_logger
 from ..settings import WaitConfig
 from ..signals import StopSignals
-from .options import bundle, timeout_option
+from .options import Number, bundle, timeout_option
 from .outcome import WAIT_EXIT_CODES_HELP, execute
 
 __all__ = ["wait"]
@@ -41,7 +41,7 @@ class WaitFlags:
 )
 @click.option(
     "--interval",
-    type=click.FloatRange(min=0.05),
+    type=Number(min=0.05),
     default=1.0,
     show_default=True,
     envvar="PRELOADER_WAIT_INTERVAL",

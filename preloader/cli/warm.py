@@ -24,6 +24,7 @@ from ..units import format_bytes
 from . import render
 from .options import (
     BudgetArgs,
+    Number,
     ReadArgs,
     SelectionArgs,
     best_effort_option,
@@ -69,7 +70,7 @@ class WarmFlags:
 )
 @click.option(
     "--min-resident",
-    type=click.FloatRange(0.0, 1.0),
+    type=Number(0.0, 1.0),
     default=0.99,
     show_default=True,
     envvar="PRELOADER_MIN_RESIDENT",
@@ -101,7 +102,7 @@ class WarmFlags:
 )
 @click.option(
     "--progress-interval",
-    type=click.FloatRange(min=0),
+    type=Number(min=0),
     default=10.0,
     show_default=True,
     envvar="PRELOADER_PROGRESS_INTERVAL",
