@@ -8,7 +8,8 @@ only way to go fast through them, which is what this fixture measures.
 The model, per file: a read that starts within ``window`` bytes of where an
 existing stream left off continues that stream; any other read starts a new
 stream and pays the first-byte latency. Each stream has its own bandwidth cap;
-all streams share a link cap. Files are synthetic (:mod:`bench.pattern`), the
+all streams share a link cap. Files are synthetic (:mod:`bench.pattern`), or real
+files under ``--backing`` (:mod:`bench.content`), the
 mount is read-only, and the kernel page cache is kept (``kernel_cache`` and
 ``keep_cache`` on every open), so a warm-up through this mount stays warm.
 
@@ -29,9 +30,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
-from .pattern import object_bytes, object_seed
+from .content import Content
 from .throttle import Pacer, wait_for_slots
 
 __all__ = ["FuseConfig", "StreamTable", "main"]
@@ -49,6 +51,7 @@ class FuseConfig:
     first_byte_latency_s: float = 0.02
     window: int = 4 * 2**20
     idle_stream_s: float = 2.0
+    backing: Path | None = None  # serve BACKING/path instead of synthetic bytes
 
 
 @dataclass
@@ -139,7 +142,7 @@ def _make_operations(config: FuseConfig, table: StreamTable) -> Any:
     import mfusepy  # type: ignore[import-untyped]  # only the fixture process needs libfuse
 
     tree = _Tree(config.files)
-    seeds = {path: object_seed(path) for path in tree.files}
+    content = Content(list(tree.files), config.backing)
     link = Pacer(config.link_bytes_per_s)
 
     class ParallelStreamFS(mfusepy.Operations):  # type: ignore[misc]
@@ -185,7 +188,7 @@ def _make_operations(config: FuseConfig, table: StreamTable) -> Any:
             if new_stream:
                 time.sleep(config.first_byte_latency_s)
             wait_for_slots(size, pacer, link)
-            return object_bytes(seeds[path], offset, size)
+            return content.read(path, offset, size)
 
         def statfs(self, path: str) -> dict[str, int]:
             return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}
@@ -224,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream-mibps", type=float, default=64.0, help="per-stream cap, 0=none")
     parser.add_argument("--link-mibps", type=float, default=400.0, help="all streams, 0=none")
     parser.add_argument("--latency-ms", type=float, default=20.0, help="first byte of a stream")
+    parser.add_argument("--backing", type=Path, help="serve BACKING/PATH, not synthetic bytes")
     args = parser.parse_args(argv)
     with open(args.manifest) as handle:
         manifest = json.load(handle)
@@ -232,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         stream_bytes_per_s=args.stream_mibps * 2**20 or None,
         link_bytes_per_s=args.link_mibps * 2**20 or None,
         first_byte_latency_s=args.latency_ms / 1000,
+        backing=args.backing,
     )
     table = StreamTable(config)
     stats = _serve_stats(table)

@@ -5,7 +5,8 @@ ignored): ``HEAD``/``GET`` object with ``Range``, ListObjects v1 and v2 with
 prefix, delimiter and paging, bucket ``HEAD`` and ``?location``. Every request
 waits a first-byte latency; every connection's body bytes are capped in
 bandwidth, and so is the whole server (the "link"). Object bytes are synthetic
-(:mod:`bench.pattern`), so nothing of the fixture sits in the page cache.
+(:mod:`bench.pattern`), so nothing of the fixture sits in the page cache, unless
+``--backing DIR`` serves real files (:mod:`bench.content`; the e2e scenario's model).
 
 ``GET /_bench/stats`` returns JSON counters (bytes and requests served since
 the last ``GET /_bench/stats?reset=1``) so the bench can prove every cold run
@@ -28,9 +29,10 @@ import types
 import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from xml.sax.saxutils import escape
 
-from .pattern import object_bytes, object_seed
+from .content import Content
 from .throttle import Pacer, wait_for_slots
 
 __all__ = ["S3Config", "S3Server", "main", "parse_range"]
@@ -49,6 +51,7 @@ class S3Config:
     first_byte_latency_s: float = 0.02
     connection_bytes_per_s: float | None = 32 * 2**20
     link_bytes_per_s: float | None = None
+    backing: Path | None = None  # serve BACKING/key instead of synthetic bytes
 
 
 @dataclass
@@ -110,7 +113,7 @@ class S3Server(ThreadingHTTPServer):
         self.stats = _Stats()
         self.link = Pacer(config.link_bytes_per_s)
         self.keys = sorted(config.objects)
-        self.seeds = {key: object_seed(key) for key in config.objects}
+        self.content = Content(list(config.objects), config.backing)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -235,14 +238,13 @@ class _Handler(BaseHTTPRequestHandler):
         if byte_range:
             self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
         self.end_headers()
-        seed = self.server.seeds[key]
         offset = first
         end = first + length
         while offset < end:
             piece = min(_SEND_PIECE, end - offset)
             wait_for_slots(piece, self.pacer, self.server.link)
             try:
-                self.wfile.write(object_bytes(seed, offset, piece))
+                self.wfile.write(self.server.content.read(key, offset, piece))
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True
                 return
@@ -322,6 +324,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-ms", type=float, default=20.0, help="first-byte latency")
     parser.add_argument("--conn-mibps", type=float, default=32.0, help="per-connection cap, 0=none")
     parser.add_argument("--link-mibps", type=float, default=0.0, help="whole-server cap, 0=none")
+    parser.add_argument("--backing", type=Path, help="serve BACKING/KEY instead of synthetic bytes")
     return parser.parse_args(argv)
 
 
@@ -340,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         first_byte_latency_s=args.latency_ms / 1000,
         connection_bytes_per_s=args.conn_mibps * 2**20 or None,
         link_bytes_per_s=args.link_mibps * 2**20 or None,
+        backing=args.backing,
     )
     server = S3Server((args.host, args.port), config)
 

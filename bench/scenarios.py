@@ -24,8 +24,10 @@ __all__ = [
     "Scenario",
     "Sizes",
     "fuse_available",
+    "fuse_mount",
     "prepare",
     "s3fs_available",
+    "s3fs_mount",
 ]
 
 MiB = 2**20
@@ -314,35 +316,42 @@ def _wait_listing(path: Path, expected: int, timeout_s: float = 15.0) -> None:
 
 
 @contextlib.contextmanager
-def _s3fs_mount(data_dir: Path, scenario: Scenario, sizes: Sizes) -> Iterator[Prepared]:
-    objects = {f"model/{name}": size for name, size in _METADATA.items()}
-    for index in range(1, sizes.s3_shards + 1):
-        name = f"model/model-{index:05d}-of-{sizes.s3_shards:05d}.safetensors"
-        objects[name] = sizes.s3_shard_bytes
-    manifest = data_dir / "s3-objects.json"
+def s3fs_mount(
+    data_dir: Path,
+    objects: dict[str, int],
+    latency_ms: float,
+    conn_mibps: float,
+    link_mibps: float,
+    backing: Path | None = None,
+    name: str = "s3",
+) -> Iterator[tuple[Path, Callable[[bool], dict[str, int]]]]:
+    """Serve *objects* from the loopback S3 server and mount them with s3fs.
+
+    s3fs runs with ``kernel_cache`` (warmed pages survive the loader's open) and
+    without ``use_cache`` (no local disk cache: every cold read goes to the server).
+
+    :param data_dir: where the manifest, the password file and the mount point live.
+    :param objects: key (``model/...``) to size, in bucket ``models``.
+    :param latency_ms: the server's first-byte latency per request.
+    :param conn_mibps: per-connection cap (0: none).
+    :param link_mibps: whole-server cap (0: none).
+    :param backing: serve ``backing/KEY`` instead of synthetic bytes.
+    :param name: distinguishes the manifest and mount point of concurrent users.
+    :return: a context manager yielding the mount point and the server's counters.
+    """
+    manifest = data_dir / f"{name}-objects.json"
     manifest.write_text(json.dumps({"bucket": "models", "objects": objects}))
     passwd = data_dir / "s3-passwd"
     passwd.write_text("bench-access-key:bench-secret-key\n")
     passwd.chmod(0o600)
-    mountpoint = data_dir / "mnt-s3"
+    mountpoint = data_dir / f"mnt-{name}"
     mountpoint.mkdir(exist_ok=True)
     _unmount(mountpoint)
-    server, port = _start_fixture(
-        [
-            sys.executable,
-            "-m",
-            "bench.s3server",
-            "--manifest",
-            str(manifest),
-            "--latency-ms",
-            str(sizes.s3_latency_ms),
-            "--conn-mibps",
-            str(sizes.s3_conn_mibps),
-            "--link-mibps",
-            str(sizes.s3_link_mibps),
-        ],
-        "S3",
-    )
+    argv = [sys.executable, "-m", "bench.s3server", "--manifest", str(manifest)]
+    argv += ["--latency-ms", str(latency_ms), "--conn-mibps", str(conn_mibps)]
+    argv += ["--link-mibps", str(link_mibps)]
+    argv += ["--backing", str(backing)] if backing else []
+    server, port = _start_fixture(argv, "S3")
     try:
         options = [
             f"url=http://127.0.0.1:{port}",
@@ -362,11 +371,12 @@ def _s3fs_mount(data_dir: Path, scenario: Scenario, sizes: Sizes) -> Iterator[Pr
         if mounted.returncode != 0:
             raise RuntimeError(f"s3fs mount failed: {mounted.stderr.strip()}")
         try:
-            _wait_listing(mountpoint / "model", len(objects))
-            stats = _http_stats(f"http://127.0.0.1:{port}/_bench/stats")
-            yield Prepared(
-                scenario, mountpoint / "model", len(objects), sum(objects.values()), stats
-            )
+            top = {key.split("/", 1)[0] for key in objects}
+            for prefix in top:
+                _wait_listing(
+                    mountpoint / prefix, sum(1 for k in objects if k.startswith(prefix + "/"))
+                )
+            yield mountpoint, _http_stats(f"http://127.0.0.1:{port}/_bench/stats")
         finally:
             _unmount(mountpoint)
     finally:
@@ -374,37 +384,63 @@ def _s3fs_mount(data_dir: Path, scenario: Scenario, sizes: Sizes) -> Iterator[Pr
 
 
 @contextlib.contextmanager
-def _fuse_mount(data_dir: Path, scenario: Scenario, sizes: Sizes) -> Iterator[Prepared]:
-    files = {"model-Q8_0.gguf": sizes.fuse_bytes}
-    manifest = data_dir / "fuse-files.json"
+def _s3fs_mount(data_dir: Path, scenario: Scenario, sizes: Sizes) -> Iterator[Prepared]:
+    objects = {f"model/{name}": size for name, size in _METADATA.items()}
+    for index in range(1, sizes.s3_shards + 1):
+        name = f"model/model-{index:05d}-of-{sizes.s3_shards:05d}.safetensors"
+        objects[name] = sizes.s3_shard_bytes
+    with s3fs_mount(
+        data_dir, objects, sizes.s3_latency_ms, sizes.s3_conn_mibps, sizes.s3_link_mibps
+    ) as (mountpoint, stats):
+        yield Prepared(scenario, mountpoint / "model", len(objects), sum(objects.values()), stats)
+
+
+@contextlib.contextmanager
+def fuse_mount(
+    data_dir: Path,
+    files: dict[str, int],
+    stream_mibps: float,
+    link_mibps: float,
+    latency_ms: float,
+    backing: Path | None = None,
+    name: str = "fuse",
+) -> Iterator[tuple[Path, Callable[[bool], dict[str, int]]]]:
+    """Mount the parallel-stream FUSE fixture (:mod:`bench.fusefs`) serving *files*.
+
+    :param data_dir: where the manifest and the mount point live.
+    :param files: path inside the mount to size.
+    :param stream_mibps: per-stream cap (0: none).
+    :param link_mibps: all-streams cap (0: none).
+    :param latency_ms: first byte of each new stream.
+    :param backing: serve ``backing/PATH`` instead of synthetic bytes.
+    :param name: distinguishes the manifest and mount point of concurrent users.
+    :return: a context manager yielding the mount point and the fixture's counters.
+    """
+    manifest = data_dir / f"{name}-files.json"
     manifest.write_text(json.dumps({"files": files}))
-    mountpoint = data_dir / "mnt-fuse"
+    mountpoint = data_dir / f"mnt-{name}"
     mountpoint.mkdir(exist_ok=True)
     _unmount(mountpoint)
-    server, port = _start_fixture(
-        [
-            sys.executable,
-            "-m",
-            "bench.fusefs",
-            str(mountpoint),
-            "--manifest",
-            str(manifest),
-            "--stream-mibps",
-            str(sizes.fuse_stream_mibps),
-            "--link-mibps",
-            str(sizes.fuse_link_mibps),
-            "--latency-ms",
-            str(sizes.fuse_latency_ms),
-        ],
-        "FUSE",
-    )
+    argv = [sys.executable, "-m", "bench.fusefs", str(mountpoint), "--manifest", str(manifest)]
+    argv += ["--stream-mibps", str(stream_mibps), "--link-mibps", str(link_mibps)]
+    argv += ["--latency-ms", str(latency_ms)]
+    argv += ["--backing", str(backing)] if backing else []
+    server, port = _start_fixture(argv, "FUSE")
     try:
         _wait_listing(mountpoint, len(files))
-        stats = _http_stats(f"http://127.0.0.1:{port}/stats")
-        yield Prepared(scenario, mountpoint, len(files), sum(files.values()), stats)
+        yield mountpoint, _http_stats(f"http://127.0.0.1:{port}/stats")
     finally:
         _unmount(mountpoint)
         _stop(server)
+
+
+@contextlib.contextmanager
+def _fuse_mount(data_dir: Path, scenario: Scenario, sizes: Sizes) -> Iterator[Prepared]:
+    files = {"model-Q8_0.gguf": sizes.fuse_bytes}
+    with fuse_mount(
+        data_dir, files, sizes.fuse_stream_mibps, sizes.fuse_link_mibps, sizes.fuse_latency_ms
+    ) as (mountpoint, stats):
+        yield Prepared(scenario, mountpoint, len(files), sum(files.values()), stats)
 
 
 @contextlib.contextmanager
