@@ -12,8 +12,8 @@ init), then loads:
   ``.clone()`` (torch) or ``numpy.array(copy=True)`` (numpy), moved to
   ``--device`` (``cuda:R`` in the GPU variant);
 - a GGUF-like single file (:func:`write_gguf_like` in :mod:`bench.models`):
-  ``mmap`` of the whole file and a copy of every tensor in file order, as
-  llama.cpp loads one.
+  ``mmap`` of the whole file, ``MADV_WILLNEED`` on it (llama.cpp's prefetch),
+  and a copy of every tensor in file order, as llama.cpp loads one.
 
 Prints one JSON line: ``rank``, ``ready`` (imports done), ``start`` (first
 read), ``done`` (last slice held), all ``time.monotonic()`` (one clock for every
@@ -92,6 +92,7 @@ def _load_gguf_like(path: Path, device: str, framework: str) -> tuple[int, float
     copied = 0
     start = time.monotonic()
     with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+        mapped.madvise(mmap.MADV_WILLNEED)  # llama.cpp's prefetch of the whole mapping
         for _, offset, size in table:
             view = memoryview(mapped)[data_start + offset : data_start + offset + size]
             if framework == "pt":

@@ -13,6 +13,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -412,6 +413,8 @@ def render(out: Path, payload: dict[str, Any]) -> Path:
 
 def _run_e2e(args: argparse.Namespace) -> int:
     """Run the end-to-end scenario (:mod:`bench.e2e`) and write ``e2e.md``, ``e2e.png``."""
+    # SIGTERM unwinds like Ctrl-C, so the mounts and child processes are cleaned up.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         config = e2e.config_from_args(args)
         env = _child_env(args.preloader_src.resolve())
