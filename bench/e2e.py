@@ -90,7 +90,7 @@ class E2EConfig:
     storages: tuple[str, ...] = STORAGES
     modes: tuple[str, ...] = MODES
     ranks: tuple[int, ...] = (4,)
-    reps: int = 3
+    reps: int = 1  # one round is ~12 minutes on 2 cores; -n 3 for medians
     startup_s: float = 8.0
     lead_s: float | None = None  # None: the start-up delay
     shards: int = 4
