@@ -562,6 +562,7 @@ def run(
     data_dir: Path,
     env: dict[str, str],
     say: Callable[[str], None],
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run every storage x ranks x mode, ``reps`` times, modes rotated each round.
 
@@ -569,6 +570,8 @@ def run(
     :param data_dir: where the models and mounts live.
     :param env: the children's environment.
     :param say: progress lines.
+    :param checkpoint: called with the payload so far after every run (a long run
+        stopped half-way still leaves its results).
     :return: the raw payload (``kind`` ``e2e``; records, skipped, config).
     """
     framework = resolve_framework(config.framework)
@@ -589,6 +592,18 @@ def run(
         else:
             storages.append(storage)
     records: list[dict[str, Any]] = []
+    import safetensors
+
+    payload: dict[str, Any] = {
+        "kind": "e2e",
+        "run_at": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "config": dataclasses.asdict(config),
+        "framework": framework,
+        "safetensors": safetensors.__version__,
+        "torch": _torch_version() if framework == "pt" else None,
+        "skipped": skipped,
+        "records": records,
+    }
     total = sum(
         config.reps * len(modes) * (1 if s == "fuse-gguf" else len(config.ranks)) for s in storages
     )
@@ -602,6 +617,8 @@ def run(
                     for mode in order:
                         record = run_once(target, mode, ranks, rep, config, framework, env)
                         records.append(record)
+                        if checkpoint:
+                            checkpoint(payload)
                         elapsed = time.monotonic() - started
                         status = "" if record["ok"] else f" FAILED: {record['error'][-200:]}"
                         say(
@@ -613,18 +630,7 @@ def run(
                         )
             for path in target.evict:
                 measure.evict(path)  # leave the shared page cache as we found it
-    import safetensors
-
-    return {
-        "kind": "e2e",
-        "run_at": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "config": dataclasses.asdict(config),
-        "framework": framework,
-        "safetensors": safetensors.__version__,
-        "torch": _torch_version() if framework == "pt" else None,
-        "skipped": skipped,
-        "records": records,
-    }
+    return payload
 
 
 def _torch_version() -> str:
@@ -647,6 +653,7 @@ class Cell:
     failed: int
     loaded_s: float | None
     gate_s: float | None
+    first_read_s: float | None
     warmup_s: float | None
     resident_min: float
     fetched_ratio: float | None
@@ -679,6 +686,7 @@ def summarize(records: list[dict[str, Any]]) -> list[Cell]:
                 len(runs) - len(ok),
                 _median([r["loaded_s"] for r in ok]),
                 _median([r["gate_s"] for r in ok if "gate_s" in r]),
+                _median([r["first_read_s"] for r in ok]),
                 _median([r["warmup_s"] for r in ok if "warmup_s" in r]),
                 min(r["resident_after"] for r in runs),
                 _median(fetched),
@@ -742,8 +750,8 @@ def detail_table(cells: list[Cell]) -> list[str]:
     """
     lines = [
         "| storage | TP | mode | runs | loaded s | vs one-liner | vs cold | gate open s "
-        "| warm-up done s | resident after (min) | fetched / model |",
-        "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| first read s | warm-up done s | resident after (min) | fetched / model |",
+        "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for cell in cells:
         one = _find(cells, cell.storage, cell.ranks, "one-liner")
@@ -753,7 +761,7 @@ def detail_table(cells: list[Cell]) -> list[str]:
             f"| {cell.storage} | {cell.ranks} | {MODE_LABELS[cell.mode]} | {runs} "
             f"| {_fmt(cell.loaded_s, digits=2)} | {_fmt(_ratio(cell, one), ' x', 2)} "
             f"| {_fmt(_ratio(cell, cold), ' x', 2)} | {_fmt(cell.gate_s)} "
-            f"| {_fmt(cell.warmup_s)} | {cell.resident_min * 100:.2f}% "
+            f"| {_fmt(cell.first_read_s)} | {_fmt(cell.warmup_s)} | {cell.resident_min * 100:.2f}% "
             f"| {_fmt(cell.fetched_ratio, ' x', 2)} |"
         )
     return lines

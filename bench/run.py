@@ -415,20 +415,25 @@ def _run_e2e(args: argparse.Namespace) -> int:
     """Run the end-to-end scenario (:mod:`bench.e2e`) and write ``e2e.md``, ``e2e.png``."""
     # SIGTERM unwinds like Ctrl-C, so the mounts and child processes are cleaned up.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        config = e2e.config_from_args(args)
-        env = _child_env(args.preloader_src.resolve())
-        payload = e2e.run(config, args.data_dir, env, Progress(0).say)
-    except (ValueError, RuntimeError) as err:
-        print(f"bench: e2e: {err}", file=sys.stderr)
-        return 2
-    payload["machine"] = _machine(args.data_dir, args.preloader_src.resolve(), env)
+    env = _child_env(args.preloader_src.resolve())
+    machine = _machine(args.data_dir, args.preloader_src.resolve(), env)
     raw = args.out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for name in (f"e2e-{stamp}.json", "e2e-latest.json"):
-        (raw / name).write_text(json.dumps(payload, indent=1))
-    path = e2e.render(args.out, payload, payload["machine"])
+
+    def save(payload: dict[str, Any]) -> None:
+        payload["machine"] = machine
+        for name in (f"e2e-{stamp}.json", "e2e-latest.json"):
+            (raw / name).write_text(json.dumps(payload, indent=1))
+
+    try:
+        config = e2e.config_from_args(args)
+        payload = e2e.run(config, args.data_dir, env, Progress(0).say, save)
+    except (ValueError, RuntimeError) as err:
+        print(f"bench: e2e: {err}", file=sys.stderr)
+        return 2
+    save(payload)
+    path = e2e.render(args.out, payload, machine)
     print(f"bench: wrote {path} and {path.with_suffix('.png').name}", file=sys.stderr)
     print(path.read_text())
     failed = [r for r in payload["records"] if not r["ok"]]

@@ -264,3 +264,51 @@ def test_e2e_scenario_loads_through_s3fs_and_the_fuse_fixture_from_real_bytes(
             assert record["resident_after"] >= 0.999, record
     with open("/proc/mounts") as mounts:
         assert str(data) not in mounts.read()
+
+
+def test_e2e_report_compares_each_mode_with_the_one_liner_of_its_own_storage() -> None:
+    from bench import e2e
+
+    def record(storage: str, mode: str, loaded: float, resident: float = 1.0) -> dict[str, Any]:
+        return {
+            "storage": storage,
+            "ranks": 4,
+            "mode": mode,
+            "ok": True,
+            "loaded_s": loaded,
+            "first_read_s": 8.0,
+            "resident_after": resident,
+            "bytes": 100,
+        }
+
+    records = [
+        record("s3fs", "cold", 30.0),
+        record("s3fs", "one-liner", 20.0),
+        record("s3fs", "warm", 19.8),
+        record("s3fs", "sidecar-startz", 17.0),
+        record("local", "one-liner", 10.0),
+        record("local", "warm", 9.0),
+        record("local", "sidecar-readyz", 12.0, resident=0.99),
+        record("s3fs", "one-liner", 24.0),  # a second repetition: the median is 22
+    ]
+    records.append({**record("s3fs", "cold", 0.0), "ok": False})
+
+    cells = e2e.summarize(records)
+    table = "\n".join(e2e.summary_table(cells))
+    checks = "\n".join(e2e.target_checks(cells))
+
+    assert "| s3fs over loopback S3, sharded | 4 | 30.0 s (1.36 x) | 22.0 s |" in table
+    assert "19.8 s (0.90 x)" in table  # warm against the median one-liner of s3fs
+    assert "12.0 s (1.20 x)" in table  # against local's one-liner, not s3fs's
+    assert "/startz + lead <= 0.95 x one-liner and <= 0.6 x cold: met (0.77 x, 0.57 x)" in checks
+    assert "as postStart <= 0.95 x one-liner and <= 0.6 x cold: **missed** (0.90 x, 0.66 x)" in (
+        checks
+    )
+    assert "no preloader mode slower than the one-liner: **missed** (slowest: sidecar, gate " in (
+        checks
+    )
+    assert ">= 99.9% resident after every preloader mode (vmtouch): **missed** (lowest 99.00%" in (
+        checks
+    )
+    cold = next(c for c in cells if (c.storage, c.mode) == ("s3fs", "cold"))
+    assert (cold.runs, cold.failed, cold.loaded_s) == (2, 1, 30.0)
