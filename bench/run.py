@@ -285,7 +285,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "on a cold page cache (issue 5).",
     )
     parser.add_argument("--smoke", action="store_true", help="toy sizes, 1 repetition, no sweep")
-    parser.add_argument("-n", "--reps", type=int, help="repetitions per tool (default 3, smoke 1)")
+    parser.add_argument(
+        "-n",
+        "--reps",
+        type=int,
+        help="repetitions per tool (default 3, smoke 1; e2e: rounds, default 1)",
+    )
     parser.add_argument(
         "--scenarios",
         default=",".join(s.name for s in SCENARIOS),
