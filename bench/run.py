@@ -169,7 +169,7 @@ def run_once(
     before = measure.residency(target)
     if prepared.fixture_stats:
         prepared.fixture_stats(True)
-    argv = tool.argv(target, prepared.median_file_bytes)
+    argv = tool.argv(target, prepared.median_file_bytes, prepared.s3_url)
     try:
         result = measure.run_child(argv, env=env, timeout_s=timeout_s)
     except subprocess.TimeoutExpired:
@@ -299,7 +299,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--tools",
-        help="comma list of families (one-liner, vmtouch, fio, preloader) or tool names "
+        help="comma list of families (one-liner, vmtouch, fio, s3-direct, preloader) or tool names "
         "(preloader-c8, preloader-auto); default all",
     )
     parser.add_argument(
@@ -335,6 +335,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     sizes.add_argument("--small-size", type=parse_size)
     sizes.add_argument("--s3-shards", type=int)
     sizes.add_argument("--s3-shard-size", type=parse_size)
+    sizes.add_argument("--s3-large-shards", type=int)
+    sizes.add_argument("--s3-large-shard-size", type=parse_size)
     sizes.add_argument("--s3-latency-ms", type=float)
     sizes.add_argument("--s3-conn-mibps", type=float, help="per-connection cap (0: none)")
     sizes.add_argument("--s3-link-mibps", type=float, help="whole-server cap (0: none)")
@@ -356,6 +358,8 @@ def _sizes(args: argparse.Namespace) -> Sizes:
         "small_bytes": args.small_size,
         "s3_shards": args.s3_shards,
         "s3_shard_bytes": args.s3_shard_size,
+        "s3_large_shards": args.s3_large_shards,
+        "s3_large_shard_bytes": args.s3_large_shard_size,
         "s3_latency_ms": args.s3_latency_ms,
         "s3_conn_mibps": args.s3_conn_mibps,
         "s3_link_mibps": args.s3_link_mibps,

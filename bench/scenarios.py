@@ -53,6 +53,8 @@ class Sizes:
     small_bytes: int = 64 * 1024
     s3_shards: int = 4
     s3_shard_bytes: int = 64 * MiB
+    s3_large_shards: int = 4
+    s3_large_shard_bytes: int = 512 * MiB
     s3_latency_ms: float = 20.0
     s3_conn_mibps: float = 32.0
     s3_link_mibps: float = 400.0
@@ -72,6 +74,8 @@ class Sizes:
             small_bytes=64 * 1024,
             s3_shards=2,
             s3_shard_bytes=8 * MiB,
+            s3_large_shards=2,
+            s3_large_shard_bytes=24 * MiB,
             s3_latency_ms=5.0,
             s3_conn_mibps=64.0,
             s3_link_mibps=0.0,
@@ -124,6 +128,13 @@ SCENARIOS: tuple[Scenario, ...] = (
         "s3fs",
     ),
     Scenario(
+        "s3fs-large",
+        "s3fs over a loopback S3 server, real shard sizes",
+        "the same client and server with shards of 512 MiB, several chunks each: one "
+        "sequential stream per file is s3fs's fast path",
+        "s3fs",
+    ),
+    Scenario(
         "fuse-parallel",
         "Parallel-stream FUSE, one big file",
         "a FUSE filesystem that serves concurrent reads of one file in parallel with each "
@@ -143,6 +154,7 @@ class Prepared:
     bytes: int
     fixture_stats: Callable[[bool], dict[str, int]] | None = None
     median_file_bytes: int = 0
+    s3_url: str = ""  # the S3 server behind an s3fs scenario, for the direct-fetch limit
 
 
 def s3fs_available() -> str | None:
@@ -324,6 +336,7 @@ def s3fs_mount(
     link_mibps: float,
     backing: Path | None = None,
     name: str = "s3",
+    on_server: Callable[[str], None] | None = None,
 ) -> Iterator[tuple[Path, Callable[[bool], dict[str, int]]]]:
     """Serve *objects* from the loopback S3 server and mount them with s3fs.
 
@@ -337,6 +350,8 @@ def s3fs_mount(
     :param link_mibps: whole-server cap (0: none).
     :param backing: serve ``backing/KEY`` instead of synthetic bytes.
     :param name: distinguishes the manifest and mount point of concurrent users.
+    :param on_server: called with the server's URL (``http://127.0.0.1:PORT``) once it
+        listens.
     :return: a context manager yielding the mount point and the server's counters.
     """
     manifest = data_dir / f"{name}-objects.json"
@@ -352,6 +367,8 @@ def s3fs_mount(
     argv += ["--link-mibps", str(link_mibps)]
     argv += ["--backing", str(backing)] if backing else []
     server, port = _start_fixture(argv, "S3")
+    if on_server is not None:
+        on_server(f"http://127.0.0.1:{port}")
     try:
         options = [
             f"url=http://127.0.0.1:{port}",
@@ -385,14 +402,31 @@ def s3fs_mount(
 
 @contextlib.contextmanager
 def _s3fs_mount(data_dir: Path, scenario: Scenario, sizes: Sizes) -> Iterator[Prepared]:
+    large = scenario.name == "s3fs-large"
+    shards = sizes.s3_large_shards if large else sizes.s3_shards
+    shard_bytes = sizes.s3_large_shard_bytes if large else sizes.s3_shard_bytes
     objects = {f"model/{name}": size for name, size in _METADATA.items()}
-    for index in range(1, sizes.s3_shards + 1):
-        name = f"model/model-{index:05d}-of-{sizes.s3_shards:05d}.safetensors"
-        objects[name] = sizes.s3_shard_bytes
+    for index in range(1, shards + 1):
+        name = f"model/model-{index:05d}-of-{shards:05d}.safetensors"
+        objects[name] = shard_bytes
+    urls: list[str] = []
     with s3fs_mount(
-        data_dir, objects, sizes.s3_latency_ms, sizes.s3_conn_mibps, sizes.s3_link_mibps
+        data_dir,
+        objects,
+        sizes.s3_latency_ms,
+        sizes.s3_conn_mibps,
+        sizes.s3_link_mibps,
+        name=scenario.name,
+        on_server=urls.append,
     ) as (mountpoint, stats):
-        yield Prepared(scenario, mountpoint / "model", len(objects), sum(objects.values()), stats)
+        yield Prepared(
+            scenario,
+            mountpoint / "model",
+            len(objects),
+            sum(objects.values()),
+            stats,
+            s3_url=urls[0],
+        )
 
 
 @contextlib.contextmanager

@@ -22,20 +22,29 @@ class Tool:
 
     name: str  # stable key in raw results
     label: str  # what the tables show
-    family: str  # "one-liner", "vmtouch", "fio" or "preloader"
+    family: str  # "one-liner", "vmtouch", "fio", "s3-direct" or "preloader"
     concurrency: str | None = None  # preloader's -c value; None: its default
 
     def applies_to(self, scenario: Scenario) -> bool:
-        """Whether this tool runs on *scenario* (fio only measures the local device)."""
-        return self.family != "fio" or scenario.local
+        """Whether this tool runs on *scenario*.
 
-    def argv(self, target: Path, median_file_bytes: int = 0) -> list[str]:
+        fio measures only the local device, and the direct S3 fetch only the server
+        behind an s3fs scenario.
+        """
+        if self.family == "fio":
+            return scenario.local
+        if self.family == "s3-direct":
+            return scenario.kind == "s3fs"
+        return True
+
+    def argv(self, target: Path, median_file_bytes: int = 0, s3_url: str = "") -> list[str]:
         """Return the command that reads every file under *target* once.
 
         :param target: the model directory.
         :param median_file_bytes: the tree's median file size; fio cannot read a file
             smaller than its block size, so its block is the largest power of two that
             fits the median file, at most 4 MiB.
+        :param s3_url: the S3 server behind the s3fs mount (the direct fetch's source).
         :return: the argv.
         """
         if self.family == "one-liner":
@@ -56,6 +65,9 @@ class Tool:
                 "--openfiles=256",  # a tree of 20,000 files would exhaust the fd limit
                 "--output-format=json",
             ]
+        if self.family == "s3-direct":
+            # The same objects (bucket "models", prefix "model/"), straight from the server.
+            return [sys.executable, "-m", "bench.s3get", s3_url, "models", "model/"]
         return preloader_argv(target, self.concurrency)
 
 
@@ -98,6 +110,7 @@ def build_tools(sweep: list[str], with_auto: bool, only: set[str] | None) -> lis
         Tool("one-liner", "one-liner (cat, -P 4)", "one-liner"),
         Tool("vmtouch", "vmtouch -t", "vmtouch"),
         Tool("fio", "fio --direct=1 (device)", "fio"),
+        Tool("s3-direct", "range GETs, 16 connections (network)", "s3-direct"),
         Tool("preloader", "preloader (default)", "preloader"),
     ]
     tools += [

@@ -25,7 +25,7 @@ from .events import ErrorReason, EventKind
 from .keepwarm import ChunkResidency as ChunkResidency
 from .keepwarm import effective_chunk_size as effective_chunk_size
 from .keepwarm import measure_chunks as measure_chunks
-from .planner import Chunk, FileSpec, Plan, chunk_count, iter_batches
+from .planner import Chunk, FileSpec, Plan
 from .reading import STOP_GRACE_SECONDS as STOP_GRACE_SECONDS
 from .reading import (
     FileState,
@@ -42,6 +42,7 @@ from .reports import FileResult as FileResult
 from .reports import ResidencyReport as ResidencyReport
 from .reports import WarmProgress as WarmProgress
 from .reports import WarmReport as WarmReport
+from .schedule import Schedule, Stream, split_rule
 from .settings import AUTO_CONCURRENCY as AUTO_CONCURRENCY
 from .settings import WarmOptions as WarmOptions
 from .verify import bypass_probe, explain, map_files, residency_of, unknown_residency
@@ -115,25 +116,26 @@ class _Engine:
             wanted = plan.total_bytes // _AUTO_MIN_CHUNKS
             chunk_size = min(chunk_size, max(_AUTO_MIN_CHUNK, wanted))
         self.chunk_size = effective_chunk_size(chunk_size)
+        # A selection of chunks (keep-warm re-reads what lost pages): a file with none
+        # selected is never opened.
+        self.schedule = Schedule(
+            plan.files, self.chunk_size, split_rule(options.split), chunks=chunks
+        )
+        counts = self.schedule.counts()
         if chunks is None:
-            counts = [chunk_count(spec.size, self.chunk_size) for spec in plan.files]
-            self.batches = iter_batches(plan.files, self.chunk_size)
             self.bytes_total = plan.total_bytes
         else:
-            # Only the chunks asked for (keep-warm re-reads what lost pages); a file with
-            # none selected is never opened.
-            counts = [0] * len(plan.files)
-            for chunk in chunks:
-                counts[chunk.file_index] += 1
-            ordered = sorted(chunks, key=lambda c: (c.file_index, c.index))
-            self.batches = iter_batches(plan.files, self.chunk_size, chunks=ordered)
             self.bytes_total = sum(chunk.length for chunk in chunks)
         self.files = [
             FileState(spec, count, self.method)
             for spec, count in zip(plan.files, counts, strict=True)
         ]
         self.max_workers = _AUTO_MAX if auto else options.concurrency
+        # Readers: a worker takes work only while it holds one of these, so the schedule
+        # never hands out more streams than may run (auto raises and lowers it).
         self.limiter = anyio.CapacityLimiter(_AUTO_START if auto else options.concurrency)
+        # Threads: one per worker at most, whatever the readers' limit is now.
+        self.threads = anyio.CapacityLimiter(self.max_workers)
         self.progress.concurrency = int(self.limiter.total_tokens)
         self.timed_out = False
 
@@ -200,25 +202,33 @@ class _Engine:
             return
 
     async def _worker(self) -> None:
+        stream: Stream | None = None
         while not self.stop.is_set():
-            batch = next(self.batches, None)
-            if batch is None:
-                return
-            states = [self.files[chunk.file_index] for chunk in batch]
+            async with self.limiter:
+                if self.stop.is_set():
+                    return
+                taken = self.schedule.take(stream)
+                if taken is None:
+                    return
+                batch, stream = taken
+                await self._read_batch(batch)
+
+    async def _read_batch(self, batch: Sequence[Chunk]) -> None:
+        states = [self.files[chunk.file_index] for chunk in batch]
+        for state in states:
+            state.in_flight += 1
+        try:
+            if len(batch) == 1 and states[0].chunks_total > 1:
+                await self._big_file_chunk(states[0], batch[0])
+            else:
+                await self._whole_files(states, batch)
+        finally:
             for state in states:
-                state.in_flight += 1
-            try:
-                if len(batch) == 1 and states[0].chunks_total > 1:
-                    await self._big_file_chunk(states[0], batch[0])
-                else:
-                    await self._whole_files(states, batch)
-            finally:
-                for state in states:
-                    state.in_flight -= 1
-            for state in states:
-                state.chunks_left -= 1
-                if state.chunks_left == 0:
-                    await self._finish_file(state)
+                state.in_flight -= 1
+        for state in states:
+            state.chunks_left -= 1
+            if state.chunks_left == 0:
+                await self._finish_file(state)
 
     async def _in_thread(self, func: Callable[..., _T], *args: object) -> _T | None:
         """Run ``func`` on a worker thread under the per-read deadline; ``None`` if stalled."""
@@ -226,7 +236,7 @@ class _Engine:
             if self.options.read_timeout is not None:
                 scope.deadline = anyio.current_time() + self.options.read_timeout
             return await anyio.to_thread.run_sync(
-                func, *args, limiter=self.limiter, abandon_on_cancel=True
+                func, *args, limiter=self.threads, abandon_on_cancel=True
             )
         return None
 
@@ -334,7 +344,7 @@ class _Engine:
             finally:
                 os.close(fd)
 
-        state.resident_after_read = await anyio.to_thread.run_sync(finish, limiter=self.limiter)
+        state.resident_after_read = await anyio.to_thread.run_sync(finish, limiter=self.threads)
 
     def _close_leftovers(self) -> None:
         for state in self.files:

@@ -25,7 +25,6 @@ __all__ = [
     "Skipped",
     "build_plan",
     "chunk_count",
-    "iter_batches",
     "iter_chunks",
     "plan_selection",
     "printable",
@@ -366,43 +365,10 @@ def chunk_count(size: int, chunk_size: int) -> int:
 def iter_chunks(files: Sequence[FileSpec], chunk_size: int) -> Iterator[Chunk]:
     """Every byte range of every file, exactly once, in plan order.
 
-    Workers pulling from this iterator read a sharded model mostly front to back and give
-    one large file all their concurrency.
+    The engine cuts files the same way; which worker reads which chunk when is
+    :mod:`preloader.schedule`'s business.
     """
     for file_index, spec in enumerate(files):
         for index in range(chunk_count(spec.size, chunk_size)):
             offset = index * chunk_size
             yield Chunk(file_index, index, offset, max(0, min(chunk_size, spec.size - offset)))
-
-
-def iter_batches(
-    files: Sequence[FileSpec],
-    chunk_size: int,
-    max_files: int = 64,
-    chunks: Iterable[Chunk] | None = None,
-) -> Iterator[tuple[Chunk, ...]]:
-    """:func:`iter_chunks`, with runs of whole small files grouped into one batch.
-
-    A chunk of a file larger than ``chunk_size`` comes alone; consecutive files that fit in
-    one chunk are grouped up to ``chunk_size`` bytes or ``max_files`` files, so a tree of
-    100,000 small files costs a few thousand thread hand-offs, not 100,000.
-
-    :param chunks: batch these chunks (in the order given) instead of every chunk of
-        ``files``; keep-warm re-reads a selection this way.
-    """
-    batch: list[Chunk] = []
-    batch_bytes = 0
-    for chunk in iter_chunks(files, chunk_size) if chunks is None else chunks:
-        whole = chunk.index == 0 and files[chunk.file_index].size <= chunk_size
-        if batch and (
-            not whole or batch_bytes + chunk.length > chunk_size or len(batch) >= max_files
-        ):
-            yield tuple(batch)
-            batch, batch_bytes = [], 0
-        if whole:
-            batch.append(chunk)
-            batch_bytes += chunk.length
-        else:
-            yield (chunk,)
-    if batch:
-        yield tuple(batch)

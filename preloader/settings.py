@@ -58,6 +58,10 @@ READ_METHODS: tuple[ReadMethod, ...] = get_args(ReadMethod)
 OnOverflow = Literal["warn", "trim", "fail"]
 ON_OVERFLOW_POLICIES: tuple[OnOverflow, ...] = get_args(OnOverflow)
 
+SplitMode = Literal["auto", "always", "never"]
+SPLIT_MODES: tuple[SplitMode, ...] = get_args(SplitMode)
+"""When one file may be read by several workers at once (see :mod:`preloader.schedule`)."""
+
 TimeoutPolicy = Literal["ready", "unready"]
 TIMEOUT_POLICIES: tuple[TimeoutPolicy, ...] = get_args(TimeoutPolicy)
 
@@ -72,8 +76,11 @@ class WarmOptions:
     :ivar timeout: seconds for the whole read pass; ``None`` for no limit.
     :ivar read_timeout: seconds one chunk may take before its file is given up as stalled.
     :ivar verify: re-open every file after the pass and measure residency.
-    :raises ValueError: for a negative concurrency, a chunk under one page or an
-        unknown method.
+    :ivar split: when one file may be read by several workers at once (only ever at the
+        tail of a pass, see :mod:`preloader.schedule`): ``auto`` (where the storage gains
+        from it), ``always`` or ``never``.
+    :raises ValueError: for a negative concurrency, a chunk under one page, an unknown
+        method or split mode.
     """
 
     concurrency: int = DEFAULT_CONCURRENCY
@@ -82,6 +89,7 @@ class WarmOptions:
     timeout: float | None = None
     read_timeout: float | None = None
     verify: bool = True
+    split: SplitMode = "auto"
 
     def __post_init__(self) -> None:
         if self.concurrency < 0:
@@ -90,6 +98,8 @@ class WarmOptions:
             raise ValueError(f"chunk_size must be at least one page ({PAGE_SIZE})")
         if self.method not in READ_METHODS:
             raise ValueError(f"unknown read method {self.method!r}")
+        if self.split not in SPLIT_MODES:
+            raise ValueError(f"unknown split mode {self.split!r}")
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hypothesis import settings
 
 from preloader import pagecache
 from preloader.demo import write_demo_model
@@ -29,6 +30,11 @@ from .fusefs import FuseMount
 
 if TYPE_CHECKING:
     from ._serve import Served
+
+# No timing thresholds in tests: hypothesis's per-example deadline (200 ms) fails
+# properties at random on a loaded, shared machine.
+settings.register_profile("preloader", deadline=None)
+settings.load_profile("preloader")
 
 NOBODY = 65534
 AS_USER = str(Path(__file__).with_name("_as_user.py"))

@@ -116,11 +116,18 @@ def test_fuse_scenarios_read_through_the_mounts_and_unmount(
     data, out = bench_dirs
 
     _, raw = _run_bench(
-        data, out, "--scenarios", "s3fs,fuse-parallel", "--tools", "one-liner,preloader"
+        data,
+        out,
+        "--scenarios",
+        "s3fs,s3fs-large,fuse-parallel",
+        "--tools",
+        "one-liner,preloader,s3-direct",
     )
 
     records = raw["records"]
-    assert {record["scenario"] for record in records} == {"s3fs", "fuse-parallel"}
+    assert {record["scenario"] for record in records} == {"s3fs", "s3fs-large", "fuse-parallel"}
+    # The network's limit runs beside every s3fs scenario, and only there.
+    assert {r["scenario"] for r in records if r["tool"] == "s3-direct"} == {"s3fs", "s3fs-large"}
     for record in records:
         assert record["ok"], record
         assert record["resident_before"] < 0.01, f"{record['tool']} did not start cold"

@@ -20,7 +20,6 @@ from preloader.planner import (
     FileSpec,
     build_plan,
     chunk_count,
-    iter_batches,
     iter_chunks,
     printable,
 )
@@ -215,25 +214,6 @@ def test_chunks_cover_every_byte_exactly_once(sizes: list[int], chunk_size: int)
             assert 0 < length <= chunk_size or size == 0
             position += length
         assert position == size
-
-
-@given(
-    sizes=st.lists(st.integers(min_value=0, max_value=10_000), max_size=30),
-    chunk_size=st.integers(min_value=1, max_value=4096),
-    max_files=st.integers(min_value=1, max_value=8),
-)
-def test_batches_keep_plan_order_and_group_only_whole_small_files(
-    sizes: list[int], chunk_size: int, max_files: int
-) -> None:
-    files = tuple(FileSpec(f"f{i}", size, 1, i) for i, size in enumerate(sizes))
-    batches = list(iter_batches(files, chunk_size, max_files))
-    flat = [chunk for batch in batches for chunk in batch]
-    assert flat == list(iter_chunks(files, chunk_size))
-    for batch in batches:
-        assert 1 <= len(batch) <= max_files
-        if len(batch) > 1:
-            assert all(files[c.file_index].size <= chunk_size for c in batch)
-            assert sum(c.length for c in batch) <= chunk_size
 
 
 # ------------------------------------------------ properties of globbing and ordering

@@ -250,7 +250,9 @@ def read_options(chunk_help: str, method_help: str) -> Callable[[_F], _F]:
     return _stack(
         [
             concurrency_option(
-                "Chunks read in parallel; 'auto' raises it while throughput still grows."
+                "Parallel readers, each reading one file front to back; at the end of a "
+                "pass idle readers split the files left (not on s3fs). 'auto' raises it "
+                "while throughput still grows."
             ),
             _option(
                 "--chunk-size",
