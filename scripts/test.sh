@@ -3,15 +3,27 @@
 # types and the test suite. This is the README's test command; .ci/run calls it.
 #
 #   bash scripts/test.sh [extra pytest args]
+#   bash scripts/test.sh --setup-only      # install, then stop (tests/test_quickstart.py)
 #
 # Debian packages are installed with apt-get when missing (root, or sudo when present):
 # vmtouch and util-linux (fincore) as outside witnesses of residency, fio and fuse3/s3fs
-# for the benchmark smoke test and FUSE tests, prometheus for promtool.
+# for the benchmark smoke test and FUSE tests, prometheus for promtool and the dashboard
+# test, python3-venv for the virtual environment.
+#
+# Python packages go into a virtual environment: .venv in the checkout (git-ignored),
+# made from $PYTHON (default python3) and reused when it works, because Debian's and
+# Ubuntu's own python3 refuse `pip install` (PEP 668, "externally-managed-environment").
+# When $PYTHON already runs in a virtual environment, that one is used instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-APT_PACKAGES=(vmtouch util-linux fio fuse3 s3fs prometheus time)
+APT_PACKAGES=(vmtouch util-linux fio fuse3 s3fs prometheus time python3-venv)
+setup_only=0
+if [ "${1:-}" = "--setup-only" ]; then
+    setup_only=1
+    shift
+fi
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -25,8 +37,20 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-echo "== installing preloader with its dev extra"
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)'; then
+    if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+        echo "== creating .venv with $("$PYTHON" -c 'import sys; print(sys.executable)')"
+        "$PYTHON" -m venv .venv
+    fi
+    PYTHON=.venv/bin/python
+fi
+
+echo "== installing preloader with its dev extra into $("$PYTHON" -c 'import sys; print(sys.prefix)')"
 "$PYTHON" -m pip install -q --disable-pip-version-check -e '.[dev,bench]'
+if ((setup_only)); then
+    echo "== set up; the checks run with $PYTHON"
+    exit 0
+fi
 
 echo "== ruff"
 "$PYTHON" -m ruff check .
