@@ -13,6 +13,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import measure, report
+from . import e2e, measure, report
 from .scenarios import SCENARIOS, Prepared, Scenario, Sizes, fuse_available, prepare, s3fs_available
 from .tools import ONE_LINER, Tool, build_tools
 
@@ -284,11 +285,17 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "on a cold page cache (issue 5).",
     )
     parser.add_argument("--smoke", action="store_true", help="toy sizes, 1 repetition, no sweep")
-    parser.add_argument("-n", "--reps", type=int, help="repetitions per tool (default 3, smoke 1)")
+    parser.add_argument(
+        "-n",
+        "--reps",
+        type=int,
+        help="repetitions per tool (default 3, smoke 1; e2e: rounds, default 1)",
+    )
     parser.add_argument(
         "--scenarios",
         default=",".join(s.name for s in SCENARIOS),
-        help="comma list from: " + ", ".join(s.name for s in SCENARIOS),
+        help="comma list from: " + ", ".join(s.name for s in SCENARIOS) + "; and e2e (time to "
+        "a loaded model with a real loader, not in the default list; see the --e2e-* flags)",
     )
     parser.add_argument(
         "--tools",
@@ -337,6 +344,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     sizes.add_argument("--fuse-stream-mibps", type=float, help="per-stream cap (0: none)")
     sizes.add_argument("--fuse-link-mibps", type=float, help="all-streams cap (0: none)")
     sizes.add_argument("--fuse-latency-ms", type=float)
+    e2e.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -412,6 +420,35 @@ def render(out: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+def _run_e2e(args: argparse.Namespace) -> int:
+    """Run the end-to-end scenario (:mod:`bench.e2e`) and write ``e2e.md``, ``e2e.png``."""
+    # SIGTERM unwinds like Ctrl-C, so the mounts and child processes are cleaned up.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    env = _child_env(args.preloader_src.resolve())
+    machine = _machine(args.data_dir, args.preloader_src.resolve(), env)
+    raw = args.out / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+
+    def save(payload: dict[str, Any]) -> None:
+        payload["machine"] = machine
+        for name in (f"e2e-{stamp}.json", "e2e-latest.json"):
+            (raw / name).write_text(json.dumps(payload, indent=1))
+
+    try:
+        config = e2e.config_from_args(args)
+        payload = e2e.run(config, args.data_dir, env, Progress(0).say, save)
+    except (ValueError, RuntimeError) as err:
+        print(f"bench: e2e: {err}", file=sys.stderr)
+        return 2
+    save(payload)
+    path = e2e.render(args.out, payload, machine)
+    print(f"bench: wrote {path} and {path.with_suffix('.png').name}", file=sys.stderr)
+    print(path.read_text())
+    failed = [r for r in payload["records"] if not r["ok"]]
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the bench and write its results.
 
@@ -423,7 +460,11 @@ def main(argv: list[str] | None = None) -> int:
         # A smoke run must not overwrite the committed full-size results.
         args.out = REPO_ROOT / "bench" / "results" / ("smoke" if args.smoke else "")
     if args.from_raw:
-        path = render(args.out, json.loads(args.from_raw.read_text()))
+        payload = json.loads(args.from_raw.read_text())
+        if payload.get("kind") == "e2e":
+            path = e2e.render(args.out, payload, payload.get("machine", {}))
+        else:
+            path = render(args.out, payload)
         print(path.read_text())
         return 0
     if os.geteuid() != 0:
@@ -439,6 +480,11 @@ def main(argv: list[str] | None = None) -> int:
     tools = build_tools(sweep, with_auto=not args.no_auto, only=only)
     by_name = {s.name: s for s in SCENARIOS}
     wanted = [name.strip() for name in args.scenarios.split(",") if name.strip()]
+    if "e2e" in wanted:
+        wanted.remove("e2e")
+        code = _run_e2e(args)
+        if code or not wanted:
+            return code
     unknown = [name for name in wanted if name not in by_name]
     if unknown:
         print(f"bench: unknown scenario(s) {unknown}; choose from {list(by_name)}", file=sys.stderr)

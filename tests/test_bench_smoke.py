@@ -135,3 +135,187 @@ def test_fuse_scenarios_read_through_the_mounts_and_unmount(
         assert record["fixture_bytes"] >= record["bytes"], record
     with open("/proc/mounts") as mounts:
         assert str(data) not in mounts.read()
+
+
+def _run_e2e(
+    data: Path, out: Path, *args: str, module: str = "bench"
+) -> tuple[subprocess.CompletedProcess[str], Any]:
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--smoke", "--data-dir", str(data), "--out", str(out)]
+        + (["--scenarios", "e2e"] if module == "bench" else [])
+        + list(args),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, json.loads((out / "raw" / "e2e-latest.json").read_text())
+
+
+def _tensor_bytes(model: Path) -> int:
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    return int(index["metadata"]["total_size"])
+
+
+def test_e2e_scenario_loads_a_real_model_in_every_mode_from_a_cold_cache(
+    bench_dirs: tuple[Path, Path],
+) -> None:
+    _requires("vmtouch")
+    pytest.importorskip("safetensors")
+    data, out = bench_dirs
+
+    _, raw = _run_e2e(
+        data, out, "--e2e-storage", "local", "--e2e-framework", "np", "--e2e-startup", "1"
+    )
+
+    records = raw["records"]
+    assert raw["framework"] == "np"
+    modes = {record["mode"] for record in records}
+    expected = {"cold", "one-liner", "warm", "sidecar-readyz", "sidecar-startz"}
+    if "sidecar-startz" in raw["skipped"]:
+        assert raw["skipped"]["sidecar-startz"] == "skipped: this preloader has no --start-lead"
+        expected.discard("sidecar-startz")
+    assert modes == expected
+    total = _tensor_bytes(data / "e2e" / "bucket" / "model")
+    for record in records:
+        assert record["ok"], record
+        assert record["resident_before"] < 0.01, f"{record['mode']} did not start cold"
+        # Between them the ranks copied every tensor byte exactly once.
+        assert record["copied_bytes"] == total, record
+        # No rank read a weight before the server's start-up was over.
+        assert record["first_read_s"] >= record.get("gate_s", 0.0) + 1.0, record
+        assert record["loaded_s"] > record["first_read_s"]
+        if record["mode"] in {"warm", "sidecar-readyz", "sidecar-startz"}:
+            assert record["resident_after"] >= 0.999, record
+        if record["mode"] == "sidecar-readyz":
+            # The server started only once /readyz was 200.
+            assert record["gate_s"] == record["warmup_s"]
+    table = (out / "e2e.md").read_text()
+    assert "| local disk, sharded | 2 |" in table
+    assert "numpy" in table
+
+
+def test_gpu_e2e_is_the_e2e_scenario_and_runs_on_the_cpu(bench_dirs: tuple[Path, Path]) -> None:
+    _requires("vmtouch")
+    pytest.importorskip("safetensors")
+    data, out = bench_dirs
+
+    _, raw = _run_e2e(
+        data,
+        out,
+        "--e2e-device",
+        "cpu",
+        "--e2e-storage",
+        "local",
+        "--e2e-modes",
+        "cold,warm",
+        "--e2e-ranks",
+        "1",
+        "--e2e-startup",
+        "0",
+        module="bench.gpu_e2e",
+    )
+
+    assert [record["mode"] for record in raw["records"]] == ["cold", "warm"]
+    for record in raw["records"]:
+        assert record["ok"], record
+        assert record["device"] == "cpu"
+        assert record["ranks"] == 1
+    assert (out / "e2e.md").exists()
+
+
+@pytest.mark.fuse
+def test_e2e_scenario_loads_through_s3fs_and_the_fuse_fixture_from_real_bytes(
+    bench_dirs: tuple[Path, Path],
+) -> None:
+    _requires("vmtouch", "s3fs")
+    if not Path("/dev/fuse").exists():
+        pytest.skip("/dev/fuse is missing")
+    if os.geteuid() != 0:
+        pytest.skip("mounting the bench's FUSE fixtures needs root")
+    pytest.importorskip("mfusepy", reason="pip install '.[bench]' for the FUSE fixture")
+    pytest.importorskip("safetensors")
+    data, out = bench_dirs
+
+    _, raw = _run_e2e(
+        data,
+        out,
+        "--e2e-storage",
+        "s3fs,fuse-gguf",
+        "--e2e-modes",
+        "cold,warm",
+        "--e2e-framework",
+        "np",
+        "--e2e-startup",
+        "0",
+    )
+
+    records = raw["records"]
+    assert {(r["storage"], r["mode"]) for r in records} == {
+        (storage, mode) for storage in ("s3fs", "fuse-gguf") for mode in ("cold", "warm")
+    }
+    for record in records:
+        assert record["ok"], record
+        assert record["resident_before"] < 0.01, record
+        # Every run went to the fixture for every byte it read, nothing came from a cache:
+        # warm reads the whole tree, the loader every weight file (not config.json).
+        config = data / "e2e" / "bucket" / "model" / "config.json"
+        skipped = config.stat().st_size if record["storage"] == "s3fs" else 0
+        wanted = record["bytes"] - (skipped if record["mode"] == "cold" else 0)
+        assert record["fetched_bytes"] >= wanted, record
+        if record["storage"] == "fuse-gguf":
+            assert record["ranks"] == 1  # one llama.cpp-like process maps the file
+        if record["mode"] == "warm":
+            assert record["resident_after"] >= 0.999, record
+    with open("/proc/mounts") as mounts:
+        assert str(data) not in mounts.read()
+
+
+def test_e2e_report_compares_each_mode_with_the_one_liner_of_its_own_storage() -> None:
+    from bench import e2e
+
+    def record(storage: str, mode: str, loaded: float, resident: float = 1.0) -> dict[str, Any]:
+        return {
+            "storage": storage,
+            "ranks": 4,
+            "mode": mode,
+            "ok": True,
+            "loaded_s": loaded,
+            "first_read_s": 8.0,
+            "resident_after": resident,
+            "bytes": 100,
+        }
+
+    records = [
+        record("s3fs", "cold", 30.0),
+        record("s3fs", "one-liner", 20.0),
+        record("s3fs", "warm", 19.8),
+        record("s3fs", "sidecar-startz", 17.0),
+        record("local", "one-liner", 10.0),
+        record("local", "warm", 9.0),
+        record("local", "sidecar-readyz", 12.0, resident=0.99),
+        record("s3fs", "one-liner", 24.0),  # a second repetition: the median is 22
+    ]
+    records.append({**record("s3fs", "cold", 0.0), "ok": False})
+
+    cells = e2e.summarize(records)
+    table = "\n".join(e2e.summary_table(cells))
+    checks = "\n".join(e2e.target_checks(cells))
+
+    assert "| s3fs over loopback S3, sharded | 4 | 30.0 s (1.36 x) | 22.0 s |" in table
+    assert "19.8 s (0.90 x)" in table  # warm against the median one-liner of s3fs
+    assert "12.0 s (1.20 x)" in table  # against local's one-liner, not s3fs's
+    assert "/startz + lead <= 0.95 x one-liner and <= 0.6 x cold: met (0.77 x, 0.57 x)" in checks
+    assert "as postStart <= 0.95 x one-liner and <= 0.6 x cold: **missed** (0.90 x, 0.66 x)" in (
+        checks
+    )
+    assert "no preloader mode slower than the one-liner: **missed** (slowest: sidecar, gate " in (
+        checks
+    )
+    assert ">= 99.9% resident after every preloader mode (vmtouch): **missed** (lowest 99.00%" in (
+        checks
+    )
+    cold = next(c for c in cells if (c.storage, c.mode) == ("s3fs", "cold"))
+    assert (cold.runs, cold.failed, cold.loaded_s) == (2, 1, 30.0)
