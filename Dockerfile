@@ -2,7 +2,8 @@
 # preloader image: the agent for the sidecar and node warm-up DaemonSet (entrypoint
 # `preloader`, default command `serve`), plus /opt/preloader/preloader.pyz, the
 # self-contained zipapp that initContainers copy into server pods (deploy/poststart,
-# deploy/sidecar-wait).
+# deploy/sidecar-wait). The venv has the k8s extra (lightkube) for the DaemonSet's node
+# labels; the zipapp has only the base dependencies.
 #
 #   docker build -t preloader:0.1.0 --build-arg VERSION=0.1.0 \
 #     --build-arg REVISION="$(git rev-parse HEAD)" .
@@ -24,7 +25,7 @@ COPY scripts/build_zipapp.py ./scripts/
 # Wheels only (psutil ships manylinux wheels): no compiler in either stage. pip
 # byte-compiles the venv here, so nothing needs writing at run time.
 RUN python -m venv /opt/preloader/venv \
- && /opt/preloader/venv/bin/pip install --only-binary=:all: . \
+ && /opt/preloader/venv/bin/pip install --only-binary=:all: '.[k8s]' \
  && python scripts/build_zipapp.py --output /opt/preloader/preloader.pyz \
  && /opt/preloader/venv/bin/preloader --version \
  && python /opt/preloader/preloader.pyz --version

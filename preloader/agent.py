@@ -452,10 +452,13 @@ class Agent:
         model.views = views
         self._settle(model)
 
-    def _apply_measurement(self, model: _Model, measured: Sequence[ChunkResidency]) -> None:
+    def _apply_measurement(
+        self, model: _Model, measured: Sequence[ChunkResidency], settle: bool = True
+    ) -> None:
         model.views = [_FileView(m.resident_bytes, m.reason, m.error) for m in measured]
         model.last_check = time.time()
-        self._settle(model)
+        if settle:
+            self._settle(model)
 
     def _settle(self, model: _Model) -> None:
         states = model.file_states()
@@ -497,7 +500,9 @@ class Agent:
                 lost.extend(item.lost)
                 if item.error is None:
                     evicted += len(item.lost)
-        self._apply_measurement(model, measured)
+        # The state is settled once the lost chunks are read again: pages the kernel
+        # dropped and this check restores are not a degradation (node labels follow it).
+        self._apply_measurement(model, measured, settle=False)
         if not lost:
             if model.degraded_reason is not None:
                 self._emit(EventKind.RECOVERED, model.root, "no pages lost since the last check")

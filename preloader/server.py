@@ -19,13 +19,14 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import anyio
 import anyio.abc
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -38,6 +39,7 @@ from .agent import Agent, AgentSnapshot
 from .events import log_event
 from .logs import get_logger
 from .metrics import make_registry
+from .nodelabels import STOP_SECONDS, NodeApi, NodeLabeler
 from .planner import printable
 from .settings import ServeConfig
 from .signals import StopSignals
@@ -104,9 +106,14 @@ class _LimitRequest:
             await self.app(scope, receive, send_closing if has_body else send)
 
 
-def create_app(agent: Agent) -> Starlette:
-    """The ASGI app over ``agent``: GET (and HEAD) on five paths, nothing else."""
+def create_app(agent: Agent, collectors: Iterable[Collector] = ()) -> Starlette:
+    """The ASGI app over ``agent``: GET (and HEAD) on five paths, nothing else.
+
+    :param collectors: more metric families for ``/metrics`` (the node labeler's).
+    """
     registry = make_registry(agent.snapshot)
+    for collector in collectors:
+        registry.register(collector)
 
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok\n", headers=_NO_STORE)
@@ -187,19 +194,24 @@ class _ToStructlog(logging.Handler):
         get_logger().log(record.levelno, record.getMessage(), logger=record.name)
 
 
-async def serve(config: ServeConfig, sock: socket.socket) -> int:
+async def serve(config: ServeConfig, sock: socket.socket, node_api: NodeApi | None = None) -> int:
     """Run the agent and the HTTP server on ``sock`` until SIGTERM/SIGINT; return 0.
 
     :param sock: a listening socket from :func:`bind`.
+    :param node_api: with ``config.node_labels``, the API the node labeler uses
+        (:func:`preloader.nodelabels.connect`); the labels are removed before it returns.
     """
     log = get_logger()
     agent = Agent(config, on_event=log_event)
+    labeler = None
+    if config.node_labels is not None and node_api is not None:
+        labeler = NodeLabeler(config.node_labels, node_api)
     uvicorn_log = logging.getLogger("uvicorn")
     uvicorn_log.addHandler(_ToStructlog(logging.WARNING))
     uvicorn_log.propagate = False
     server = _Server(
         uvicorn.Config(
-            create_app(agent),
+            create_app(agent, [labeler.collector()] if labeler else []),
             log_config=None,
             access_log=False,
             lifespan="off",
@@ -236,14 +248,35 @@ async def serve(config: ServeConfig, sock: socket.socket) -> int:
         if config.selection.skip_reason is not None:
             log.warning("nothing to warm; ready at once", reason=config.selection.skip_reason)
         group.start_soon(agent.run)
+        if labeler is not None:
+            group.start_soon(labeler.run, agent)
         await _serve_http_in_thread(server, sock)
         agent.stop()
         # Reads notice the stop within one step; a read stuck in the kernel is abandoned.
         with anyio.move_on_after(config.shutdown_seconds):
             await agent.stopped.wait()
         group.cancel_scope.cancel()
+    if labeler is not None and node_api is not None:
+        await _withdraw_labels(labeler, node_api, skip=len(signals.received) > 1)
     log.info("stopped", **_summary(agent.snapshot()))
     return errors.EXIT_OK
+
+
+async def _withdraw_labels(labeler: NodeLabeler, node_api: NodeApi, skip: bool) -> None:
+    """Take this agent's labels off the node, in at most :data:`STOP_SECONDS`."""
+    log = get_logger()
+    if skip:
+        log.warning("node labels left on the node (second signal); the next start removes them")
+    else:
+        with anyio.move_on_after(STOP_SECONDS) as scope:
+            await labeler.withdraw()
+        if scope.cancelled_caught:
+            log.warning(
+                "node labels not removed in time; the next start removes them",
+                seconds=STOP_SECONDS,
+            )
+    with anyio.move_on_after(STOP_SECONDS, shield=True):
+        await node_api.aclose()
 
 
 async def _serve_http_in_thread(server: uvicorn.Server, sock: socket.socket) -> None:

@@ -15,12 +15,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 from .errors import UsageError
 from .pagecache import PAGE_SIZE
 from .startgate import parse_start_lead
 from .units import format_bytes, parse_size
+
+if TYPE_CHECKING:  # imported by serve only, so that warm does not load it
+    from .nodelabels import NodeLabelConfig
 
 __all__ = [
     "AUTO_CONCURRENCY",
@@ -220,6 +223,8 @@ class ServeConfig:
     :ivar recheck_seconds: keep-warm interval; 0 turns keep-warm off.
     :ivar max_backoff_seconds: longest keep-warm interval after repeated losses.
     :ivar shutdown_seconds: how long a stop waits for reads and requests to finish.
+    :ivar node_labels: label the node per warm path and post Events (``--node-label``);
+        ``None``: off.
     """
 
     selection: Selection
@@ -234,6 +239,7 @@ class ServeConfig:
     recheck_seconds: float = 30.0
     max_backoff_seconds: float = 900.0
     shutdown_seconds: float = 1.0
+    node_labels: NodeLabelConfig | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ready_ratio <= 1.0:

@@ -23,6 +23,8 @@ from . import deploy_manifests as dm
 # Native sidecars (restartPolicy on an initContainer) are GA from 1.29; the rest must also
 # work on older clusters, which is the point of sidecar-wait.
 NATIVE_SIDECAR_FOLDERS = {"sidecar", "sidecar-readiness-only"}
+# admissionregistration.k8s.io/v1 ValidatingAdmissionPolicy is GA from 1.30 (optional folder).
+POLICY_FOLDERS = {"node-warmup-policy"}
 OLDEST_SUPPORTED = "1.27.0"
 TARGET = "1.30.0"
 CRD_KINDS = {("monitoring.coreos.com/v1", "PodMonitor")}
@@ -59,7 +61,8 @@ def test_validates_strictly_against_kubernetes_schemas(
     rendered: tuple[str, list[dict[str, Any]]],
 ) -> None:
     folder, resources = rendered
-    versions = [TARGET] if folder in NATIVE_SIDECAR_FOLDERS else [OLDEST_SUPPORTED, TARGET]
+    newer = NATIVE_SIDECAR_FOLDERS | POLICY_FOLDERS
+    versions = [TARGET] if folder in newer else [OLDEST_SUPPORTED, TARGET]
     for resource in resources:
         if (resource["apiVersion"], resource["kind"]) in CRD_KINDS:
             continue  # no schema shipped; checked by test_podmonitor_*

@@ -124,7 +124,8 @@ def test_build_stage_builds_the_zipapp_where_manifests_copy_it_from(
 ) -> None:
     runs = " ".join(_values(stages[1], "RUN"))
     assert "python -m venv /opt/preloader/venv" in runs
-    assert "/opt/preloader/venv/bin/pip install --only-binary=:all: ." in runs
+    # The k8s extra: the node warm-up DaemonSet labels nodes (serve --node-label).
+    assert "/opt/preloader/venv/bin/pip install --only-binary=:all: '.[k8s]'" in runs
     assert "scripts/build_zipapp.py --output /opt/preloader/preloader.pyz" in runs
 
 
@@ -153,7 +154,7 @@ def image_venv() -> Path:
             "--quiet",
             "--disable-pip-version-check",
             "--only-binary=:all:",
-            str(dm.REPO),
+            f"{dm.REPO}[k8s]",
         ],
         check=True,
         timeout=300,
@@ -210,3 +211,19 @@ def test_entrypoint_runs_as_the_image_user_on_a_read_only_root(
     report = json.loads(warm.stdout)
     assert report["files"] == 1
     assert report["bytes"] == report["resident_bytes"] == 1 << 20
+
+
+def test_the_image_has_the_node_label_client(image_venv: Path) -> None:
+    # The k8s extra is installed: --node-label gets past the import and stops at the
+    # missing in-cluster config of this machine (not at "pip install 'preloader[k8s]'").
+    result = subprocess.run(
+        [str(image_venv / "bin" / "preloader"), "serve", "--node-label"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "NODE_NAME": "gpu-node-1", "HOME": "/nonexistent"},
+        cwd="/",
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "no in-cluster config" in result.stderr

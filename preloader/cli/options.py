@@ -5,7 +5,8 @@ on the command line wins over its environment variable. Options that belong toge
 come as one decorator that hands the command one object instead of loose values:
 :func:`selection_options` gives ``selection`` (a :class:`SelectionArgs`),
 :func:`read_options` gives ``read`` (a :class:`ReadArgs`), :func:`budget_options` gives
-``budget`` (a :class:`BudgetArgs`). To add an option to a command, declare it here and
+``budget`` (a :class:`BudgetArgs`), :func:`node_label_options` gives ``node_labels``
+(a :class:`NodeLabelArgs`). To add an option to a command, declare it here and
 list it in that command's decorators.
 """
 
@@ -17,7 +18,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
@@ -41,8 +42,12 @@ from ..settings import (
 )
 from ..units import parse_size
 
+if TYPE_CHECKING:
+    from ..nodelabels import NodeLabelConfig
+
 __all__ = [
     "BudgetArgs",
+    "NodeLabelArgs",
     "Number",
     "ReadArgs",
     "SelectionArgs",
@@ -52,6 +57,7 @@ __all__ = [
     "concurrency_option",
     "json_option",
     "log_options",
+    "node_label_options",
     "read_options",
     "selection_options",
     "timeout_option",
@@ -354,6 +360,91 @@ budget_options: Callable[[_F], _F] = _stack(
     ]
 )
 """``--on-overflow`` and ``--headroom``: ``budget``."""
+
+
+# -- node labels (serve) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeLabelArgs:
+    """``--node-label`` and its settings as given; :meth:`resolve` checks them."""
+
+    node_label: bool
+    node_name: str | None
+    model_names: tuple[str, ...]
+    label_grace: float
+    kubeconfig: str | None
+
+    def resolve(self, paths: Sequence[str]) -> NodeLabelConfig | None:
+        """The labeler's settings for the served ``paths``; ``None`` when off.
+
+        :raises errors.UsageError: no node name, a bad ``PATH=NAME``, two paths that would
+            share a label.
+        """
+        if not self.node_label:
+            return None
+        from ..nodelabels import NodeLabelConfig  # serve --node-label only
+
+        return NodeLabelConfig.resolve(
+            self.node_name, paths, self.model_names, self.label_grace, self.kubeconfig
+        )
+
+
+node_label_options: Callable[[_F], _F] = _stack(
+    [
+        _option(
+            "--node-label/--no-node-label",
+            envvar="PRELOADER_NODE_LABEL",
+            default=False,
+            show_default=True,
+            help="Label this Kubernetes node preloader.dev/<model>=warm while a path is warm, "
+            "and post an Event about the node when a path turns ready, degraded or failed. "
+            "Needs the k8s extra (pip install 'preloader[k8s]'), --node-name and RBAC to "
+            "get and patch the node and create events (deploy/node-warmup).",
+        ),
+        click.option(
+            "--node-name",
+            envvar=["PRELOADER_NODE_NAME", "NODE_NAME"],
+            show_envvar=True,
+            help="The node to label; in a pod, NODE_NAME from the downward API "
+            "(fieldRef spec.nodeName).",
+        ),
+        _option(
+            "--model-name",
+            "model_names",
+            envvar="PRELOADER_MODEL_NAMES",
+            multiple=True,
+            metavar="PATH=NAME",
+            help="The label name for a served path (repeatable; whitespace-separated in the "
+            "environment); default: the path's last component. Characters a label cannot "
+            "hold become '-', and a name over 63 characters is cut to 52 plus '-' and 10 hex "
+            "digits of its SHA-256.",
+        ),
+        _option(
+            "--label-grace",
+            envvar="PRELOADER_LABEL_GRACE_SECONDS",
+            type=click.FloatRange(min=0),
+            default=60.0,
+            show_default=True,
+            help="Seconds a path may stay degraded before its node label is removed (a "
+            "failed path loses it at once).",
+        ),
+        _option(
+            "--kubeconfig",
+            envvar="KUBECONFIG",
+            type=click.Path(dir_okay=False),
+            help="A kubeconfig file for --node-label instead of the in-cluster service "
+            "account (outside a cluster, and for tests).",
+        ),
+        _bundle(
+            "node_labels",
+            ("node_label", "node_name", "model_names", "label_grace", "kubeconfig"),
+            NodeLabelArgs,
+        ),
+    ]
+)
+"""``--node-label``, ``--node-name``, ``--model-name``, ``--label-grace``, ``--kubeconfig``:
+``node_labels`` (a :class:`NodeLabelArgs`)."""
 
 
 # -- output and exit ---------------------------------------------------------------------

@@ -45,7 +45,8 @@ EXIT_CODES_HELP = (
 )
 SERVE_EXIT_CODES_HELP = (
     "Exit codes: 0 stopped by SIGTERM/SIGINT (in-flight requests answered), 1 internal "
-    "error, 2 bad usage or input (including an address it cannot listen on)."
+    "error, 2 bad usage or input (including an address it cannot listen on, and "
+    "--node-label without a node name, the k8s extra or in-cluster config)."
 )
 WAIT_EXIT_CODES_HELP = (
     "Exit codes: 0 the URL answered 200, 2 bad usage (not an http(s) URL), 5 --timeout "

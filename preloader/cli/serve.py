@@ -11,10 +11,12 @@ import click
 from ..settings import TIMEOUT_POLICIES, ServeConfig, TimeoutPolicy
 from ..startgate import parse_start_lead
 from .options import (
+    NodeLabelArgs,
     Number,
     ReadArgs,
     SelectionArgs,
     bundle,
+    node_label_options,
     read_options,
     selection_options,
     timeout_option,
@@ -129,9 +131,16 @@ class ServeFlags:
     help="Longest keep-warm interval: while the same pages keep being lost, the interval "
     "doubles up to this (state 'degraded').",
 )
+@node_label_options
 @click.pass_context
 @bundle("flags", ServeFlags)
-def serve(ctx: click.Context, selection: SelectionArgs, read: ReadArgs, flags: ServeFlags) -> None:
+def serve(
+    ctx: click.Context,
+    selection: SelectionArgs,
+    read: ReadArgs,
+    node_labels: NodeLabelArgs,
+    flags: ServeFlags,
+) -> None:
     """Sidecar: warm PATH (default $MODEL_DIR and --path), gate /startz and /readyz, keep warm.
 
     Serves /healthz (200 while the process serves), /startz (503 with a JSON reason until
@@ -143,8 +152,9 @@ def serve(ctx: click.Context, selection: SelectionArgs, read: ReadArgs, flags: S
 
     def build() -> ServeConfig:
         options = read.options()
+        resolved = selection.resolve()
         return ServeConfig(
-            selection=selection.resolve(),
+            selection=resolved,
             options=options,
             host=flags.host,
             port=flags.port,
@@ -155,12 +165,18 @@ def serve(ctx: click.Context, selection: SelectionArgs, read: ReadArgs, flags: S
             start_lead=parse_start_lead(flags.start_lead),
             recheck_seconds=flags.recheck_seconds,
             max_backoff_seconds=flags.max_backoff,
+            node_labels=node_labels.resolve(resolved.paths),
         )
 
     def run(config: ServeConfig) -> int:
         from .. import server  # uvicorn and starlette only for this command
 
+        node_api = None
+        if config.node_labels is not None:
+            from ..nodelabels import connect  # lightkube only with --node-label
+
+            node_api = connect(config.node_labels)
         sock = server.bind(config.host, config.port)
-        return anyio.run(server.serve, config, sock)
+        return anyio.run(server.serve, config, sock, node_api)
 
     execute(ctx, build, run)
