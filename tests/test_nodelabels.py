@@ -362,6 +362,8 @@ def test_serve_labels_the_node_and_removes_the_label_on_sigterm(
     )
     server.poll(lambda: _serve.ready_body(server))
     kube.wait_for(lambda api: api.ours() == {key: "warm"})
+    # The stand-in sees the label before the agent has read the reply that records it.
+    server.wait_for_log(lambda line: line.get("event") == "node label set")
     _, metrics = server.request("/metrics")
     assert f'preloader_node_label{{label="{key}",path="{model_dir}"}} 1.0' in metrics.decode()
     code, _ = server.stop()
