@@ -323,9 +323,10 @@ def test_e2e_report_compares_each_mode_with_the_one_liner_of_its_own_storage() -
 
 def test_scale_bench_measures_startup_and_trees_at_a_tiny_size(tmp_path: Path) -> None:
     out = tmp_path / "out"
+    sizes = ["--files", "300", "--file-size", "4096", "-n", "1"]
+    places = ["--data-dir", str(tmp_path / "data"), "--out", str(out), "--clean"]
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--scale", "--files", "300", "--file-size", "4096"]
-        + ["-n", "1", "--data-dir", str(tmp_path / "data"), "--out", str(out), "--clean"],
+        [sys.executable, "-m", "bench", "--scale", *sizes, *places],
         cwd=REPO,
         capture_output=True,
         text=True,
