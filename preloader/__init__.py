@@ -9,14 +9,12 @@ module on first use (PEP 562), so ``preloader --version`` and the short commands
 only for what they run.
 """
 
-from __future__ import annotations
-
 import sys
-from typing import TYPE_CHECKING, Any
+import typing
 
 from ._version import __version__ as __version__
 
-if TYPE_CHECKING:
+if typing.TYPE_CHECKING:
     from .api import check_budget as check_budget
     from .api import evict as evict
     from .api import memory_budget as memory_budget
@@ -89,7 +87,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> typing.Any:
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
