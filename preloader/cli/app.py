@@ -22,7 +22,7 @@ __all__ = ["COMMANDS", "LazyGroup", "cli"]
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
-# name -> (module under preloader.cli, attribute): the order `--help` lists them in.
+# name -> (module under preloader.cli, attribute); `--help` lists them by name, as click does.
 COMMANDS = {
     "warm": ("warm", "warm"),
     "status": ("residency", "status"),
@@ -46,7 +46,7 @@ class LazyGroup(click.Group):
         self.lazy = lazy
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(self.lazy) + sorted(set(self.commands) - set(self.lazy))
+        return sorted(set(self.lazy) | set(self.commands))
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in self.commands and cmd_name in self.lazy:
