@@ -182,6 +182,13 @@ def test_probes_use_the_server_endpoints_and_port() -> None:
         assert _probe(container, "livenessProbe") == ("/healthz", "preloader"), folder
 
 
+def test_serving_pods_take_no_service_link_variables() -> None:
+    # A Service named preloader would put PRELOADER_PORT=tcp://ADDR:PORT into the pod.
+    for folder in ("sidecar", "sidecar-readiness-only", "sidecar-wait", "node-warmup"):
+        for spec, _ in _serving_containers(folder):
+            assert spec.get("enableServiceLinks") is False, folder
+
+
 def test_each_sidecar_variant_gates_what_it_says() -> None:
     ((_, gated),) = _serving_containers("sidecar")
     assert gated["restartPolicy"] == "Always"

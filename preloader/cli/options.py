@@ -16,11 +16,13 @@ import dataclasses
 import functools
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
+from click.core import ParameterSource
 
 from .. import errors
 from ..logs import FORMATS, LEVELS, get_logger
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BudgetArgs",
+    "ListenPort",
     "NodeLabelArgs",
     "Number",
     "ReadArgs",
@@ -113,6 +116,44 @@ class HeadroomType(click.ParamType):  # type: ignore[type-arg]
             return parse_headroom(str(value))
         except ValueError as err:
             self.fail(str(err), param, ctx)
+
+
+_SERVICE_LINK = re.compile(r"(tcp|udp|sctp)://[^\s/]+:\d+")
+
+
+class ListenPort(click.IntRange):
+    """A TCP port, 0 to 65535; from the environment, Kubernetes' service-link form is
+    passed over.
+
+    In a namespace with a Service named ``preloader``, Kubernetes puts
+    ``PRELOADER_PORT=tcp://10.0.0.1:9400`` (the Service's address) into every pod
+    (``enableServiceLinks``, on by default). That value names someone else's socket, not a
+    port to listen on: it is ignored with one warning and the default applies. On the
+    command line it stays bad input.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(0, 65535)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if (
+            isinstance(value, str)
+            and _SERVICE_LINK.fullmatch(value.strip())
+            and param is not None
+            and param.name is not None
+            and ctx is not None
+            and ctx.get_parameter_source(param.name) == ParameterSource.ENVIRONMENT
+        ):
+            get_logger().warning(
+                "service link in the port variable; ignored",
+                name=param.envvar,
+                value=value,
+                port=param.default,
+                hint="a Kubernetes Service named preloader injects it: set the port "
+                "explicitly or enableServiceLinks: false in the pod spec",
+            )
+            return param.default
+        return super().convert(value, param, ctx)
 
 
 def _stack(decorators: Sequence[Callable[[Any], Any]]) -> Callable[[_F], _F]:

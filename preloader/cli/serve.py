@@ -11,6 +11,7 @@ import click
 from ..settings import TIMEOUT_POLICIES, ServeConfig, TimeoutPolicy
 from ..startgate import parse_start_lead
 from .options import (
+    ListenPort,
     NodeLabelArgs,
     Number,
     ReadArgs,
@@ -57,12 +58,14 @@ class ServeFlags:
 )
 @click.option(
     "--port",
-    type=click.IntRange(0, 65535),
+    type=ListenPort(),
     default=9400,
     show_default=True,
     envvar="PRELOADER_PORT",
     show_envvar=True,
-    help="Port to listen on (0: any free port, logged at start).",
+    help="Port to listen on (0: any free port, logged at start). A Kubernetes service "
+    "link in PRELOADER_PORT (tcp://ADDR:PORT, from a Service named preloader) is ignored "
+    "with a warning.",
 )
 @click.option(
     "--ready-ratio",
