@@ -18,9 +18,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 
 from preloader import errors
+from preloader.cli import cli
 
 from ._serve import Served, ready_body, track
 from .conftest import CliProcess, evict_tree, needs_fuse, run_cli
@@ -443,6 +445,29 @@ def test_nan_and_inf_are_refused_by_every_float_option(
     (line,) = _logs(done)
     assert line["event"] == "bad input" and option in line["error"]
     assert "finite" in line["error"] and "env var" not in line["error"]
+
+
+def _float_options() -> list[tuple[str, click.Option]]:
+    """``(command, option)`` for every option that takes a float; "" is the group."""
+    commands = [("", cli), *cli.commands.items()]
+    return [
+        (name, param)
+        for name, command in commands
+        for param in command.params
+        if isinstance(param, click.Option) and isinstance(param.type, click.types.FloatParamType)
+    ]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_no_option_of_any_command_takes_a_non_finite_number(value: str) -> None:
+    """Every float option, of every command and those added later, refuses nan and inf."""
+    options = _float_options()
+    assert {"--label-grace", "--timeout", "--min-resident"} <= {
+        opt for _, param in options for opt in param.opts
+    }
+    for _, param in options:
+        with pytest.raises(click.BadParameter, match="finite"):
+            param.type.convert(value, param, None)
 
 
 def test_a_bad_value_from_the_environment_names_the_variable(shared_tmp: Path) -> None:

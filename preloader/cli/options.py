@@ -464,7 +464,7 @@ node_label_options: Callable[[_F], _F] = _stack(
         _option(
             "--label-grace",
             envvar="PRELOADER_LABEL_GRACE_SECONDS",
-            type=click.FloatRange(min=0),
+            type=Number(min=0),
             default=60.0,
             show_default=True,
             help="Seconds a path may stay degraded before its node label is removed (a "
