@@ -15,7 +15,7 @@ from ..logs import get_logger
 from ..settings import parse_concurrency
 from ..units import format_bytes
 from . import render
-from .options import Size, bundle, concurrency_option
+from .options import Size, bundle, concurrency_option, option
 from .outcome import EXIT_CODES_HELP, execute
 
 __all__ = ["demo"]
@@ -30,21 +30,19 @@ class DemoFlags:
 
 
 @click.command(epilog=EXIT_CODES_HELP)
-@click.option(
+@option(
     "--size",
+    envvar="PRELOADER_DEMO_SIZE",
     type=Size(),
     default="1GiB",
     show_default=True,
-    envvar="PRELOADER_DEMO_SIZE",
-    show_envvar=True,
     help="Total bytes of the synthetic model.",
 )
-@click.option(
+@option(
     "--dir",
     "directory",
-    type=click.Path(file_okay=False),
     envvar="PRELOADER_DEMO_DIR",
-    show_envvar=True,
+    type=click.Path(file_okay=False),
     help="Where to write it (default: a new folder under /var/tmp, which is disk-backed "
     "where /tmp may be tmpfs and always resident).",
 )

@@ -12,7 +12,7 @@ from .. import errors
 from ..logs import get_logger
 from ..settings import WaitConfig
 from ..signals import StopSignals
-from .options import Number, bundle, timeout_option
+from .options import bundle, number_option, option, timeout_option
 from .outcome import WAIT_EXIT_CODES_HELP, execute
 
 __all__ = ["wait"]
@@ -26,12 +26,11 @@ class WaitFlags:
 
 
 @click.command(epilog=WAIT_EXIT_CODES_HELP)
-@click.option(
+@option(
     "--url",
+    envvar="PRELOADER_WAIT_URL",
     default="http://127.0.0.1:9400/readyz",
     show_default=True,
-    envvar="PRELOADER_WAIT_URL",
-    show_envvar=True,
     help="The URL to poll (http or https): /readyz to start once the model is resident, "
     "/startz to start when the sidecar's start gate opens (PRELOADER_START_LEAD).",
 )
@@ -39,15 +38,7 @@ class WaitFlags:
     "Give up after this many seconds and exit 5 (0: wait for ever).",
     envvar="PRELOADER_WAIT_TIMEOUT",
 )
-@click.option(
-    "--interval",
-    type=Number(min=0.05),
-    default=1.0,
-    show_default=True,
-    envvar="PRELOADER_WAIT_INTERVAL",
-    show_envvar=True,
-    help="Seconds between polls.",
-)
+@number_option("--interval", "PRELOADER_WAIT_INTERVAL", 1.0, "Seconds between polls.", least=0.05)
 @click.pass_context
 @bundle("flags", WaitFlags)
 def wait(ctx: click.Context, flags: WaitFlags) -> None:
