@@ -23,6 +23,11 @@ __all__ = ["demo"]
 
 @dataclass(frozen=True)
 class DemoFlags:
+    """``demo``'s options: the synthetic model's size and folder, and how to warm it.
+
+    :ivar keep: leave the model on disk afterwards.
+    """
+
     size: int
     directory: str | None
     keep: bool
