@@ -15,8 +15,9 @@ from ..logs import get_logger
 from ..settings import parse_concurrency
 from ..units import format_bytes
 from . import render
-from .options import Size, bundle, concurrency_option, option
+from .options import bundle, concurrency_option, option
 from .outcome import EXIT_CODES_HELP, execute
+from .paramtypes import Size
 
 __all__ = ["demo"]
 

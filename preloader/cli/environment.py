@@ -5,7 +5,7 @@ environment twin, in every command), so a new option is known without a list to 
 Kubernetes' service links for a Service called ``preloader`` (``PRELOADER_SERVICE_HOST``,
 ``PRELOADER_PORT_9400_TCP...``) are not ours and are passed over; the one that collides
 with an option, ``PRELOADER_PORT=tcp://...``, is dropped by ``serve``'s port type
-(:class:`~preloader.cli.options.ListenPort`).
+(:class:`~preloader.cli.paramtypes.ListenPort`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Every command-line option, declared once.
 
+Their value types (sizes, finite numbers, headrooms, the listening port) are in
+:mod:`.paramtypes`.
+
 Each option carries its ``PRELOADER_*`` environment twin (shown in ``--help``); a flag
 on the command line wins over its environment variable. Options that belong together
 come as one decorator that hands the command one object instead of loose values:
@@ -14,15 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
-from click.core import ParameterSource
 
 from .. import errors
 from ..logs import FORMATS, LEVELS, get_logger
@@ -39,19 +39,16 @@ from ..settings import (
     Selection,
     WarmOptions,
     parse_concurrency,
-    parse_headroom,
     resolve_selection,
 )
-from ..units import parse_size
+from .paramtypes import HeadroomType, Number, Size
 
 if TYPE_CHECKING:
     from ..nodelabels import NodeLabelConfig
 
 __all__ = [
     "BudgetArgs",
-    "ListenPort",
     "NodeLabelArgs",
-    "Number",
     "ReadArgs",
     "SelectionArgs",
     "best_effort_option",
@@ -68,92 +65,6 @@ __all__ = [
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _Decorator = Callable[[_F], _F]
-
-
-class Size(click.ParamType):  # type: ignore[type-arg]
-    """A byte count: ``1048576``, ``64MiB``, ``1G``."""
-
-    name = "SIZE"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_size(str(value))
-        except ValueError as err:
-            self.fail(str(err), param, ctx)
-
-
-class Number(click.FloatRange):
-    """A finite number in a range: every float option is one, so ``nan`` and ``inf``
-    (which Python's ``float`` accepts, and every comparison with ``nan`` is false) are
-    refused as bad input instead of disabling a check or reaching the engine."""
-
-    name = "NUMBER"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                self.fail(f"{value!r} is not a number", param, ctx)
-            if not math.isfinite(number):
-                self.fail(f"{value!r} is not a finite number", param, ctx)
-        return super().convert(value, param, ctx)
-
-
-class HeadroomType(click.ParamType):  # type: ignore[type-arg]
-    """A headroom: a size (``256MiB``) or a share of the limit (``10%``)."""
-
-    name = "SIZE|PCT"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> Headroom:
-        if isinstance(value, Headroom):
-            return value
-        try:
-            return parse_headroom(str(value))
-        except ValueError as err:
-            self.fail(str(err), param, ctx)
-
-
-_SERVICE_LINK = re.compile(r"(tcp|udp|sctp)://[^\s/]+:\d+")
-
-
-class ListenPort(click.IntRange):
-    """A TCP port, 0 to 65535; from the environment, Kubernetes' service-link form is
-    passed over.
-
-    In a namespace with a Service named ``preloader``, Kubernetes puts
-    ``PRELOADER_PORT=tcp://10.0.0.1:9400`` (the Service's address) into every pod
-    (``enableServiceLinks``, on by default). That value names someone else's socket, not a
-    port to listen on: it is ignored with one warning and the default applies. On the
-    command line it stays bad input.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(0, 65535)
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if (
-            isinstance(value, str)
-            and _SERVICE_LINK.fullmatch(value.strip())
-            and param is not None
-            and param.name is not None
-            and ctx is not None
-            and ctx.get_parameter_source(param.name) == ParameterSource.ENVIRONMENT
-        ):
-            get_logger().warning(
-                "service link in the port variable; ignored",
-                name=param.envvar,
-                value=value,
-                port=param.default,
-                hint="a Kubernetes Service named preloader injects it: set the port "
-                "explicitly or enableServiceLinks: false in the pod spec",
-            )
-            return param.default
-        return super().convert(value, param, ctx)
 
 
 def _stack(decorators: Sequence[Callable[[Any], Any]]) -> Callable[[_F], _F]:

@@ -11,7 +11,6 @@ import click
 from ..settings import TIMEOUT_POLICIES, ServeConfig, TimeoutPolicy
 from ..startgate import parse_start_lead
 from .options import (
-    ListenPort,
     NodeLabelArgs,
     ReadArgs,
     SelectionArgs,
@@ -25,6 +24,7 @@ from .options import (
     timeout_option,
 )
 from .outcome import SERVE_EXIT_CODES_HELP, execute
+from .paramtypes import ListenPort
 
 __all__ = ["serve"]
 
