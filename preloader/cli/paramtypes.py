@@ -20,18 +20,32 @@ from ..units import parse_size
 __all__ = ["HeadroomType", "ListenPort", "Number", "Size"]
 
 
-class Size(click.ParamType):  # type: ignore[type-arg]
+class _Parsed(click.ParamType):  # type: ignore[type-arg]
+    """A value parsed from its text by :meth:`parse`; a value already of :attr:`kind`
+    (a default) passes as it is, and a ``ValueError`` is click's one-line failure."""
+
+    kind: type
+
+    def parse(self, text: str) -> Any:
+        raise NotImplementedError
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, self.kind):
+            return value
+        try:
+            return self.parse(str(value))
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+class Size(_Parsed):
     """A byte count: ``1048576``, ``64MiB``, ``1G``."""
 
     name = "SIZE"
+    kind = int
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_size(str(value))
-        except ValueError as err:
-            self.fail(str(err), param, ctx)
+    def parse(self, text: str) -> int:
+        return parse_size(text)
 
 
 class Number(click.FloatRange):
@@ -52,20 +66,14 @@ class Number(click.FloatRange):
         return super().convert(value, param, ctx)
 
 
-class HeadroomType(click.ParamType):  # type: ignore[type-arg]
+class HeadroomType(_Parsed):
     """A headroom: a size (``256MiB``) or a share of the limit (``10%``)."""
 
     name = "SIZE|PCT"
+    kind = Headroom
 
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> Headroom:
-        if isinstance(value, Headroom):
-            return value
-        try:
-            return parse_headroom(str(value))
-        except ValueError as err:
-            self.fail(str(err), param, ctx)
+    def parse(self, text: str) -> Headroom:
+        return parse_headroom(text)
 
 
 _SERVICE_LINK = re.compile(r"(tcp|udp|sctp)://[^\s/]+:\d+")
