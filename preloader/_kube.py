@@ -9,7 +9,7 @@ created with ``POST /api/v1/namespaces/default/events``.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 
 import httpx2
@@ -30,24 +30,26 @@ def load_config(kubeconfig: str | None, service_account: str) -> KubeConfig:
     :raises ValueError: one line saying what is missing.
     """
     if kubeconfig:
-        try:
-            return KubeConfig.from_file(kubeconfig)
-        except ConfigError as err:
-            raise ValueError(f"{kubeconfig}: {err}") from None
-        except OSError as err:
-            raise ValueError(f"{kubeconfig}: {err.strerror}") from None
+        return _loaded(lambda: KubeConfig.from_file(kubeconfig), kubeconfig)
     token = os.path.join(service_account, "token")
     if not os.path.exists(token):
         raise ValueError(
             f"no in-cluster config ({token}: no such file; is automountServiceAccountToken "
             "off?) and no --kubeconfig/KUBECONFIG"
         )
+    return _loaded(lambda: KubeConfig.from_service_account(service_account), "no in-cluster config")
+
+
+def _loaded(load: Callable[[], KubeConfig], what: str) -> KubeConfig:
+    """``load()``; its failure as one :class:`ValueError` line that starts with ``what``."""
     try:
-        return KubeConfig.from_service_account(service_account)
-    except KeyError as err:
-        raise ValueError(f"no in-cluster config: {err.args[0]} is not set") from None
+        return load()
     except ConfigError as err:
-        raise ValueError(f"no in-cluster config: {err}") from None
+        raise ValueError(f"{what}: {err}") from None
+    except KeyError as err:  # the service account's KUBERNETES_SERVICE_* is not set
+        raise ValueError(f"{what}: {err.args[0]} is not set") from None
+    except OSError as err:
+        raise ValueError(f"{what}: {err.strerror}") from None
 
 
 class LightkubeNodeApi:

@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from .logs import get_logger
 from .planner import printable
 
-__all__ = ["ERROR_REASONS", "LEVELS", "EngineEvent", "ErrorReason", "EventKind", "log_event"]
+__all__ = [
+    "ERROR_REASONS",
+    "LEVELS",
+    "Emitter",
+    "EngineEvent",
+    "ErrorReason",
+    "EventKind",
+    "log_event",
+]
 
 ErrorReason = Literal["read", "stalled", "changed", "incomplete", "internal"]
 """Why a file or a path failed: the ``reason`` label of ``preloader_errors_total``
@@ -70,6 +79,27 @@ class EngineEvent:
     path: str = ""
     detail: str = ""
     reason: ErrorReason | None = None
+
+
+class Emitter:
+    """Builds an :class:`EngineEvent` and hands it to ``on_event``; nothing without one.
+
+    :param on_event: the front end's callback, called where the event happens (on the
+        event loop).
+    """
+
+    def __init__(self, on_event: Callable[[EngineEvent], None] | None) -> None:
+        self.on_event = on_event
+
+    def __call__(
+        self,
+        kind: EventKind,
+        path: str = "",
+        detail: str = "",
+        reason: ErrorReason | None = None,
+    ) -> None:
+        if self.on_event is not None:
+            self.on_event(EngineEvent(kind, path, detail, reason))
 
 
 LEVELS: dict[EventKind, int] = {

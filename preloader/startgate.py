@@ -204,6 +204,7 @@ class StartGateSnapshot:
     reason: str
 
     def startz_json(self) -> dict[str, object]:
+        """``/startz``'s body."""
         return {
             "open": self.open,
             "reason": self.reason,
@@ -213,13 +214,10 @@ class StartGateSnapshot:
         }
 
     def to_json(self) -> dict[str, object]:
+        """``/status``'s ``start_gate``: what ``/startz`` says, and how the lead fared."""
         return {
-            "open": self.open,
-            "reason": self.reason,
-            "lead_seconds": self.lead_seconds,
-            "opened_by": self.opened_by,
+            **self.startz_json(),
             "open_seconds": _round(self.open_seconds),
-            "estimate_seconds": _round(self.estimate_seconds),
             "estimate_at_open_seconds": _round(self.estimate_at_open_seconds),
             "start_to_ready_seconds": _round(self.start_to_ready_seconds),
             "ahead_bytes": self.ahead_bytes,

@@ -92,30 +92,42 @@ def residency_of(spec: FileSpec, after_read: bool = False) -> FileResidency:
             cause = f"{_CHANGED[err.errno]} ({describe(err)})"
             return FileResidency(spec.path, spec.size, 0, cause, changed=True)
         return FileResidency(spec.path, spec.size, None, f"cannot open: {describe(err)}")
+    return _on_open_file(spec, fd, "measure", lambda: _measure_open(spec, fd, after_read))
+
+
+def _measure_open(spec: FileSpec, fd: int, after_read: bool) -> FileResidency:
+    resident = pagecache.fd_residency(fd, spec.size)
+    size_now = os.fstat(fd).st_size
+    if after_read and size_now < spec.size:
+        return FileResidency(
+            spec.path,
+            spec.size,
+            min(resident, size_now),
+            f"shrank from {spec.size} to {size_now} bytes since it was read",
+            changed=True,
+        )
+    if size_now > spec.size:  # still being written (a download in progress)
+        return FileResidency(
+            spec.path,
+            spec.size,
+            resident,
+            f"grew from {spec.size} to {size_now} bytes since planning; the bytes "
+            "after the planned size were not read (warm again once it is complete)",
+        )
+    return FileResidency(spec.path, spec.size, resident)
+
+
+def _on_open_file(
+    spec: FileSpec, fd: int, action: str, body: Callable[[], FileResidency]
+) -> FileResidency:
+    """``body()`` on the open ``fd``, then close it: the kernel refusing to tell residency
+    and an ``OSError`` (``cannot <action>: ...``) become an unknown residency."""
     try:
-        resident = pagecache.fd_residency(fd, spec.size)
-        size_now = os.fstat(fd).st_size
-        if after_read and size_now < spec.size:
-            return FileResidency(
-                spec.path,
-                spec.size,
-                min(resident, size_now),
-                f"shrank from {spec.size} to {size_now} bytes since it was read",
-                changed=True,
-            )
-        if size_now > spec.size:  # still being written (a download in progress)
-            return FileResidency(
-                spec.path,
-                spec.size,
-                resident,
-                f"grew from {spec.size} to {size_now} bytes since planning; the bytes "
-                "after the planned size were not read (warm again once it is complete)",
-            )
-        return FileResidency(spec.path, spec.size, resident)
+        return body()
     except pagecache.ResidencyUnknownError as unknown:
         return FileResidency(spec.path, spec.size, None, unknown.reason)
     except OSError as err:
-        return FileResidency(spec.path, spec.size, None, f"cannot measure: {describe(err)}")
+        return FileResidency(spec.path, spec.size, None, f"cannot {action}: {describe(err)}")
     finally:
         os.close(fd)
 
@@ -210,16 +222,12 @@ def _evict_one(spec: FileSpec) -> FileResidency:
         fd = open_regular(spec)
     except OSError as err:
         return FileResidency(spec.path, spec.size, None, f"cannot open: {describe(err)}")
-    try:
+
+    def evict_and_measure() -> FileResidency:
         pagecache.evict(fd)
-        try:
-            return FileResidency(spec.path, spec.size, pagecache.fd_residency(fd, spec.size))
-        except pagecache.ResidencyUnknownError as unknown:
-            return FileResidency(spec.path, spec.size, None, unknown.reason)
-    except OSError as err:
-        return FileResidency(spec.path, spec.size, None, f"cannot evict: {describe(err)}")
-    finally:
-        os.close(fd)
+        return FileResidency(spec.path, spec.size, pagecache.fd_residency(fd, spec.size))
+
+    return _on_open_file(spec, fd, "evict", evict_and_measure)
 
 
 async def evict_plan(plan: Plan, concurrency: int = 4) -> ResidencyReport:

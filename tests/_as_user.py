@@ -47,6 +47,15 @@ uvicorn.Config(
     log_config=None,
 ).load()
 
+# serve --node-label's client (the k8s extra), when installed: lightkube reads its
+# version from importlib.metadata and httpx imports its transports lazily.
+try:
+    import importlib.metadata
+
+    import preloader._kube
+except ImportError:
+    pass
+
 uid = int(sys.argv[1])
 os.setgroups([])
 os.setgid(uid)

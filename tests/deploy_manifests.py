@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_CONTAINER_CAPS",
     "DEPLOY",
     "IMAGE_UID",
+    "NODE_LABEL_METRICS",
     "OVERLAYS",
     "REPO",
     "Invocation",
@@ -68,8 +69,15 @@ AGREED_METRICS = frozenset(
         "preloader_rewarm_bytes_total",
         "preloader_evictions_detected_total",
         "preloader_build_info",
+        "preloader_start_gate_open",
+        "preloader_start_lead_seconds",
+        "preloader_start_estimate_seconds",
+        "preloader_start_to_ready_seconds",
+        "preloader_start_lead_verdict",
     }
 )
+#: Exported only by ``serve --node-label`` (the node labeler's collector).
+NODE_LABEL_METRICS = frozenset({"preloader_node_label", "preloader_kube_api_errors_total"})
 
 Resource = dict[str, Any]
 _KNOWN_KUSTOMIZATION_KEYS = {"apiVersion", "kind", "resources", "configMapGenerator"}

@@ -182,6 +182,13 @@ def test_probes_use_the_server_endpoints_and_port() -> None:
         assert _probe(container, "livenessProbe") == ("/healthz", "preloader"), folder
 
 
+def test_serving_pods_take_no_service_link_variables() -> None:
+    # A Service named preloader would put PRELOADER_PORT=tcp://ADDR:PORT into the pod.
+    for folder in ("sidecar", "sidecar-readiness-only", "sidecar-wait", "node-warmup"):
+        for spec, _ in _serving_containers(folder):
+            assert spec.get("enableServiceLinks") is False, folder
+
+
 def test_each_sidecar_variant_gates_what_it_says() -> None:
     ((_, gated),) = _serving_containers("sidecar")
     assert gated["restartPolicy"] == "Always"
@@ -371,7 +378,8 @@ def _dashboard() -> dict[str, Any]:
 def test_dashboard_uses_only_agreed_metric_names() -> None:
     exprs = [t["expr"] for p in _dashboard()["panels"] for t in p["targets"]]
     used = {name for expr in exprs for name in re.findall(r"\bpreloader_[a-z_]+\b", expr)}
-    assert used <= dm.AGREED_METRICS, used - dm.AGREED_METRICS
+    agreed = dm.AGREED_METRICS | dm.NODE_LABEL_METRICS
+    assert used <= agreed, used - agreed
     # Progress, throughput, residency and errors are all shown.
     for needed in (
         "preloader_resident_bytes",

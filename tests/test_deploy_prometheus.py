@@ -1,12 +1,15 @@
 """deploy/monitoring against a real Prometheus: every Grafana panel query returns data.
 
-A real ``preloader serve`` warms a small model that holds one file the agent may not read
-(a per-file read error: the errors panel plots ``preloader_errors_total``, which has no
-series until something fails). As root the agent runs as uid 65534 and owns the other
-files, so residency is measurable. A real Prometheus (Debian's ``prometheus``) scrapes it
-on loopback every second, with the ``namespace`` and ``pod`` target labels that the
-PodMonitor's targets carry, and the test waits (bounded polls of the HTTP API, no sleeps)
-until the target is ``up`` and has been scraped five times.
+A real ``preloader serve --node-label`` warms a small model that holds one file the agent
+may not read (a per-file read error: the errors panel plots ``preloader_errors_total``,
+which has no series until something fails) and labels its node through the stand-in API
+server of ``tests/kubeapi.py`` (the node-label panels); the fixture waits until the label
+is set, by which time ``/startz`` has opened (the start gate's panels). As root the agent
+runs as uid 65534 and owns the other files, so residency is measurable. A real Prometheus
+(Debian's ``prometheus``) scrapes it on loopback every second, with the ``namespace`` and
+``pod`` target labels that the PodMonitor's targets carry, and the test waits (bounded
+polls of the HTTP API, no sleeps) until the target is ``up`` and has been scraped five
+times.
 
 The rule each target of ``deploy/monitoring/grafana-dashboard.json`` must pass, after
 Grafana's variables are resolved to concrete values:
@@ -47,6 +50,7 @@ from . import deploy_manifests as dm
 from ._prometheus import Prometheus, PrometheusError, scrape_config
 from ._serve import Served, start_serve
 from .conftest import NOBODY, evict_tree
+from .kubeapi import KubeApi
 
 pytestmark = pytest.mark.skipif(
     shutil.which("prometheus") is None or shutil.which("promtool") is None,
@@ -89,11 +93,18 @@ def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Monitored]:
             if path != unreadable:
                 os.chown(path, NOBODY, NOBODY)  # the agent owns them: residency is known
     evict_tree(model)
-    env = {"MODEL_DIR": str(model)}
-    server: Served = start_serve(env=env, user=NOBODY if as_root else None)
+    # --node-label against the stand-in API server, for the node-label panels.
+    kube = KubeApi()
+    kube.up()
+    kubeconfig = kube.kubeconfig(shared)
+    kubeconfig.chmod(0o644)  # the agent's uid reads it
+    env = {"MODEL_DIR": str(model), "NODE_NAME": kube.node_name, "KUBECONFIG": str(kubeconfig)}
+    server: Served = start_serve("--node-label", env=env, user=NOBODY if as_root else None)
     prometheus: Prometheus | None = None
     try:
         server.wait_for_log(lambda line: line.get("event") == "warmed")
+        # /startz open and the label written: the start gate's and node-label panels.
+        server.wait_for_log(lambda line: line.get("event") == "node label set")
         config = scrape_config(f"127.0.0.1:{server.port}", SCRAPE_INTERVAL, TARGET_LABELS)
         prometheus = Prometheus(tmp_path_factory.mktemp("prometheus"), config)
         prometheus.poll('up{job="preloader"} == 1')
@@ -104,6 +115,7 @@ def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Monitored]:
         if prometheus is not None:
             prometheus.stop()
         server.kill()
+        kube.down()
 
 
 def _panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -196,6 +208,19 @@ def test_every_dashboard_query_returns_data(monitored: Monitored) -> None:
     dashboard = _dashboard()
     assert len(_targets(dashboard)) >= 10  # the panels are there to be checked
     assert dashboard_problems(dashboard, monitored) == []
+
+
+def test_the_start_gate_and_the_node_labels_have_panels() -> None:
+    plotted = set().union(*(metric_names(target["expr"]) for _, target in _targets(_dashboard())))
+    assert {
+        "preloader_start_gate_open",
+        "preloader_start_lead_seconds",
+        "preloader_start_estimate_seconds",
+        "preloader_start_to_ready_seconds",
+        "preloader_start_lead_verdict",
+        "preloader_node_label",
+        "preloader_kube_api_errors_total",
+    } <= plotted
 
 
 def test_template_variables_find_the_scraped_target(monitored: Monitored) -> None:

@@ -18,11 +18,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 
 from preloader import errors
+from preloader.cli import cli
 
-from ._serve import Served, track
+from ._serve import Served, ready_body, track
 from .conftest import CliProcess, evict_tree, needs_fuse, run_cli
 from .fusefs import FuseMount
 
@@ -445,6 +447,29 @@ def test_nan_and_inf_are_refused_by_every_float_option(
     assert "finite" in line["error"] and "env var" not in line["error"]
 
 
+def _float_options() -> list[tuple[str, click.Option]]:
+    """``(command, option)`` for every option that takes a float; "" is the group."""
+    commands = [("", cli), *cli.commands.items()]
+    return [
+        (name, param)
+        for name, command in commands
+        for param in command.params
+        if isinstance(param, click.Option) and isinstance(param.type, click.types.FloatParamType)
+    ]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_no_option_of_any_command_takes_a_non_finite_number(value: str) -> None:
+    """Every float option, of every command and those added later, refuses nan and inf."""
+    options = _float_options()
+    assert {"--label-grace", "--timeout", "--min-resident"} <= {
+        opt for _, param in options for opt in param.opts
+    }
+    for _, param in options:
+        with pytest.raises(click.BadParameter, match="finite"):
+            param.type.convert(value, param, None)
+
+
 def test_a_bad_value_from_the_environment_names_the_variable(shared_tmp: Path) -> None:
     model = _sharded(shared_tmp / "model")
     done = run_cli("warm", str(model), env={"PRELOADER_MIN_RESIDENT": "nan"})
@@ -487,6 +512,64 @@ def test_kubernetes_service_links_are_not_called_misspelt(shared_tmp: Path) -> N
     env = {"PRELOADER_SERVICE_HOST": "10.0.0.1", "PRELOADER_PORT_9400_TCP": "tcp://x"}
     done = run_cli("warm", str(model), env=env)
     assert not [line for line in _logs(done) if line["event"].startswith("unknown")]
+
+
+# What Kubernetes puts into every pod of a namespace with a Service named `preloader`.
+SERVICE_LINKS = {
+    "PRELOADER_SERVICE_HOST": "10.0.0.1",
+    "PRELOADER_SERVICE_PORT": "8080",
+    "PRELOADER_SERVICE_PORT_METRICS": "8080",
+    "PRELOADER_PORT": "tcp://10.0.0.1:8080",
+    "PRELOADER_PORT_8080_TCP": "tcp://10.0.0.1:8080",
+    "PRELOADER_PORT_8080_TCP_PROTO": "tcp",
+    "PRELOADER_PORT_8080_TCP_PORT": "8080",
+    "PRELOADER_PORT_8080_TCP_ADDR": "10.0.0.1",
+}
+
+
+def _default_port_free() -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", 9400))
+        except OSError:
+            return False
+    return True
+
+
+def test_serve_ignores_a_service_link_in_preloader_port(
+    shared_tmp: Path, served: list[Served]
+) -> None:
+    if not _default_port_free():
+        pytest.skip("port 9400 is taken on this machine; the fallback needs it")
+    model = _sharded(shared_tmp / "model")
+    server = track(served, str(model), "--recheck-seconds", "0", env=SERVICE_LINKS)
+    assert server.port == 9400  # the default, not 8080 nor a usage error
+    (warning,) = [line for line in server.logs if line["event"].startswith("service link")]
+    assert warning["level"] == "warning" and warning["name"] == "PRELOADER_PORT"
+    assert warning["value"] == "tcp://10.0.0.1:8080" and warning["port"] == 9400
+    assert not [line for line in server.logs if line["event"].startswith("unknown environment")]
+    assert server.poll(lambda: ready_body(server))["ready"] is True
+    assert server.stop()[0] == errors.EXIT_OK
+
+
+def test_serve_with_service_links_and_an_explicit_port_says_nothing(
+    shared_tmp: Path, served: list[Served]
+) -> None:
+    model = _sharded(shared_tmp / "model")
+    server = track(served, str(model), "--port", "0", "--recheck-seconds", "0", env=SERVICE_LINKS)
+    assert server.port not in (0, 8080)
+    assert server.poll(lambda: ready_body(server))["ready"] is True
+    noise = ("service link", "unknown environment")
+    assert not [line for line in server.logs if line["event"].startswith(noise)]
+    assert server.stop()[0] == errors.EXIT_OK
+
+
+def test_a_service_link_form_on_the_command_line_is_bad_input(shared_tmp: Path) -> None:
+    model = _sharded(shared_tmp / "model")
+    done = run_cli("serve", "--port", "tcp://10.0.0.1:8080", str(model))
+    assert done.returncode == errors.EXIT_USAGE
+    (line,) = _logs(done)
+    assert line["event"] == "bad input" and "--port" in line["error"]
 
 
 # ------------------------------------------------------------ 13. closed and broken stdout

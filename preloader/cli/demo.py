@@ -15,14 +15,20 @@ from ..logs import get_logger
 from ..settings import parse_concurrency
 from ..units import format_bytes
 from . import render
-from .options import Size, bundle, concurrency_option
+from .options import bundle, concurrency_option, option
 from .outcome import EXIT_CODES_HELP, execute
+from .paramtypes import Size
 
 __all__ = ["demo"]
 
 
 @dataclass(frozen=True)
 class DemoFlags:
+    """``demo``'s options: the synthetic model's size and folder, and how to warm it.
+
+    :ivar keep: leave the model on disk afterwards.
+    """
+
     size: int
     directory: str | None
     keep: bool
@@ -30,21 +36,19 @@ class DemoFlags:
 
 
 @click.command(epilog=EXIT_CODES_HELP)
-@click.option(
+@option(
     "--size",
+    envvar="PRELOADER_DEMO_SIZE",
     type=Size(),
     default="1GiB",
     show_default=True,
-    envvar="PRELOADER_DEMO_SIZE",
-    show_envvar=True,
     help="Total bytes of the synthetic model.",
 )
-@click.option(
+@option(
     "--dir",
     "directory",
-    type=click.Path(file_okay=False),
     envvar="PRELOADER_DEMO_DIR",
-    show_envvar=True,
+    type=click.Path(file_okay=False),
     help="Where to write it (default: a new folder under /var/tmp, which is disk-backed "
     "where /tmp may be tmpfs and always resident).",
 )

@@ -3,7 +3,9 @@
 The known names are read from the click declarations themselves (every option's
 environment twin, in every command), so a new option is known without a list to keep.
 Kubernetes' service links for a Service called ``preloader`` (``PRELOADER_SERVICE_HOST``,
-``PRELOADER_PORT_9400_TCP...``) are not ours and are passed over.
+``PRELOADER_PORT_9400_TCP...``) are not ours and are passed over; the one that collides
+with an option, ``PRELOADER_PORT=tcp://...``, is dropped by ``serve``'s port type
+(:class:`~preloader.cli.paramtypes.ListenPort`).
 """
 
 from __future__ import annotations

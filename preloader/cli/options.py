@@ -1,5 +1,8 @@
 """Every command-line option, declared once.
 
+Their value types (sizes, finite numbers, headrooms, the listening port) are in
+:mod:`.paramtypes`.
+
 Each option carries its ``PRELOADER_*`` environment twin (shown in ``--help``); a flag
 on the command line wins over its environment variable. Options that belong together
 come as one decorator that hands the command one object instead of loose values:
@@ -14,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,10 +38,9 @@ from ..settings import (
     Selection,
     WarmOptions,
     parse_concurrency,
-    parse_headroom,
     resolve_selection,
 )
-from ..units import parse_size
+from .paramtypes import HeadroomType, Number, Size
 
 if TYPE_CHECKING:
     from ..nodelabels import NodeLabelConfig
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 __all__ = [
     "BudgetArgs",
     "NodeLabelArgs",
-    "Number",
     "ReadArgs",
     "SelectionArgs",
     "best_effort_option",
@@ -64,54 +64,6 @@ __all__ = [
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _Decorator = Callable[[_F], _F]
-
-
-class Size(click.ParamType):  # type: ignore[type-arg]
-    """A byte count: ``1048576``, ``64MiB``, ``1G``."""
-
-    name = "SIZE"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_size(str(value))
-        except ValueError as err:
-            self.fail(str(err), param, ctx)
-
-
-class Number(click.FloatRange):
-    """A finite number in a range: every float option is one, so ``nan`` and ``inf``
-    (which Python's ``float`` accepts, and every comparison with ``nan`` is false) are
-    refused as bad input instead of disabling a check or reaching the engine."""
-
-    name = "NUMBER"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                self.fail(f"{value!r} is not a number", param, ctx)
-            if not math.isfinite(number):
-                self.fail(f"{value!r} is not a finite number", param, ctx)
-        return super().convert(value, param, ctx)
-
-
-class HeadroomType(click.ParamType):  # type: ignore[type-arg]
-    """A headroom: a size (``256MiB``) or a share of the limit (``10%``)."""
-
-    name = "SIZE|PCT"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> Headroom:
-        if isinstance(value, Headroom):
-            return value
-        try:
-            return parse_headroom(str(value))
-        except ValueError as err:
-            self.fail(str(err), param, ctx)
 
 
 def _stack(decorators: Sequence[Callable[[Any], Any]]) -> Callable[[_F], _F]:
@@ -147,9 +99,37 @@ def bundle(target: str, cls: type[object]) -> Callable[[_F], _F]:
     return _bundle(target, [f.name for f in dataclasses.fields(cls)], cls)  # type: ignore[arg-type]
 
 
-def _option(*names: str, envvar: str, **attrs: Any) -> Callable[[_F], _F]:
-    """A click option with its environment twin shown in ``--help``."""
+def option(*names: str, envvar: str | list[str], **attrs: Any) -> Callable[[_F], _F]:
+    """A click option with its environment twin (or twins, first set wins) in ``--help``."""
     return click.option(*names, envvar=envvar, show_envvar=True, **attrs)
+
+
+def number_option(
+    name: str, envvar: str, default: float, help: str, least: float = 0, most: float | None = None
+) -> Callable[[_F], _F]:
+    """A finite number from ``least`` to ``most`` (seconds, a share), default shown."""
+    return option(
+        name, envvar=envvar, type=Number(least, most), default=default, show_default=True, help=help
+    )
+
+
+def choice_option(
+    name: str, envvar: str, choices: Sequence[str], default: str, help: str
+) -> Callable[[_F], _F]:
+    """One of ``choices``, default shown."""
+    return option(
+        name,
+        envvar=envvar,
+        type=click.Choice(choices),
+        default=default,
+        show_default=True,
+        help=help,
+    )
+
+
+def flag_option(*names: str, envvar: str, help: str) -> Callable[[_F], _F]:
+    """An on-only flag (``--json``); for on/off pairs use :func:`option` with ``A/B``."""
+    return option(*names, envvar=envvar, is_flag=True, help=help)
 
 
 # -- selection ---------------------------------------------------------------------------
@@ -201,7 +181,7 @@ def selection_options(func: _F) -> _F:
                 hidden=True,
                 help="Default root when no PATH is given (the reference name).",
             ),
-            _option(
+            option(
                 "--path",
                 "env_paths",
                 envvar="PRELOADER_PATHS",
@@ -210,7 +190,7 @@ def selection_options(func: _F) -> _F:
                 help="Extra root, repeatable; in the environment ':'-separated. Used, with "
                 "MODEL_DIR, only when no PATH argument is given.",
             ),
-            _option(
+            option(
                 "--include",
                 envvar="PRELOADER_INCLUDE",
                 multiple=True,
@@ -219,17 +199,16 @@ def selection_options(func: _F) -> _F:
                 "environment). A GLOB without '/' matches the file name, with '/' the path "
                 "relative to the root.",
             ),
-            _option(
+            option(
                 "--exclude",
                 envvar="PRELOADER_EXCLUDE",
                 multiple=True,
                 metavar="GLOB",
                 help="Skip files and directories matching GLOB (repeatable).",
             ),
-            _option(
+            flag_option(
                 "--all-formats",
                 envvar="PRELOADER_ALL_FORMATS",
-                is_flag=True,
                 help="Warm every format: PyTorch .bin/.pt/.pth beside safetensors, "
                 "safetensors the index does not name, and every GGUF model of a folder "
                 "(default: only what sglang, vLLM and llama.cpp load).",
@@ -248,7 +227,7 @@ def selection_options(func: _F) -> _F:
 
 def concurrency_option(help: str) -> Callable[[_F], _F]:
     """``-c``/``--concurrency``/``PRELOADER_CONC``: chunks read in parallel."""
-    return _option(
+    return option(
         "-c",
         "--concurrency",
         envvar="PRELOADER_CONC",
@@ -291,7 +270,7 @@ def read_options(chunk_help: str, method_help: str) -> Callable[[_F], _F]:
                 "pass idle readers split the files left (not on s3fs). 'auto' raises it "
                 "while throughput still grows."
             ),
-            _option(
+            option(
                 "--chunk-size",
                 envvar="PRELOADER_CHUNK_SIZE",
                 type=Size(),
@@ -299,21 +278,12 @@ def read_options(chunk_help: str, method_help: str) -> Callable[[_F], _F]:
                 show_default="64MiB",
                 help=chunk_help,
             ),
-            _option(
-                "--method",
-                envvar="PRELOADER_METHOD",
-                type=click.Choice(READ_METHODS),
-                default="auto",
-                show_default=True,
-                help=method_help,
-            ),
-            _option(
+            choice_option("--method", "PRELOADER_METHOD", READ_METHODS, "auto", method_help),
+            number_option(
                 "--read-timeout",
-                envvar="PRELOADER_READ_TIMEOUT",
-                type=Number(min=0),
-                default=600,
-                show_default=True,
-                help="Give up a file whose chunk read stalls this many seconds (0: never).",
+                "PRELOADER_READ_TIMEOUT",
+                600,
+                "Give up a file whose chunk read stalls this many seconds (0: never).",
             ),
             _bundle("read", ("concurrency", "chunk_size", "method", "read_timeout"), ReadArgs),
         ]
@@ -337,18 +307,17 @@ def _budget(on_overflow: OnOverflow, headroom: Headroom | None) -> BudgetArgs:
 
 budget_options: Callable[[_F], _F] = _stack(
     [
-        _option(
+        choice_option(
             "--on-overflow",
-            envvar="PRELOADER_ON_OVERFLOW",
-            type=click.Choice(ON_OVERFLOW_POLICIES),
-            default="trim",
-            show_default=True,
-            help="When the plan needs more page cache than the memory budget (cgroup limit "
+            "PRELOADER_ON_OVERFLOW",
+            ON_OVERFLOW_POLICIES,
+            "trim",
+            "When the plan needs more page cache than the memory budget (cgroup limit "
             "minus usage, capped by MemAvailable, minus --headroom) allows: trim warms the "
             "plan in order up to the budget and reports what stays cold; fail exits 7 "
             "before reading; warn reads everything.",
         ),
-        _option(
+        option(
             "--headroom",
             envvar="PRELOADER_HEADROOM",
             type=HeadroomType(),
@@ -393,7 +362,7 @@ class NodeLabelArgs:
 
 node_label_options: Callable[[_F], _F] = _stack(
     [
-        _option(
+        option(
             "--node-label/--no-node-label",
             envvar="PRELOADER_NODE_LABEL",
             default=False,
@@ -403,14 +372,13 @@ node_label_options: Callable[[_F], _F] = _stack(
             "Needs the k8s extra (pip install 'preloader[k8s]'), --node-name and RBAC to "
             "get and patch the node and create events (deploy/node-warmup).",
         ),
-        click.option(
+        option(
             "--node-name",
             envvar=["PRELOADER_NODE_NAME", "NODE_NAME"],
-            show_envvar=True,
             help="The node to label; in a pod, NODE_NAME from the downward API "
             "(fieldRef spec.nodeName).",
         ),
-        _option(
+        option(
             "--model-name",
             "model_names",
             envvar="PRELOADER_MODEL_NAMES",
@@ -421,16 +389,14 @@ node_label_options: Callable[[_F], _F] = _stack(
             "hold become '-', and a name over 63 characters is cut to 52 plus '-' and 10 hex "
             "digits of its SHA-256.",
         ),
-        _option(
+        number_option(
             "--label-grace",
-            envvar="PRELOADER_LABEL_GRACE_SECONDS",
-            type=click.FloatRange(min=0),
-            default=60.0,
-            show_default=True,
-            help="Seconds a path may stay degraded before its node label is removed (a "
+            "PRELOADER_LABEL_GRACE_SECONDS",
+            60.0,
+            "Seconds a path may stay degraded before its node label is removed (a "
             "failed path loses it at once).",
         ),
-        _option(
+        option(
             "--kubeconfig",
             envvar="KUBECONFIG",
             type=click.Path(dir_okay=False),
@@ -450,56 +416,41 @@ node_label_options: Callable[[_F], _F] = _stack(
 
 # -- output and exit ---------------------------------------------------------------------
 
-json_option: Callable[[_F], _F] = _option(
-    "--json",
-    "as_json",
-    envvar="PRELOADER_JSON",
-    is_flag=True,
-    help="Print one JSON object on stdout at the end.",
+json_option: Callable[[_F], _F] = flag_option(
+    "--json", "as_json", envvar="PRELOADER_JSON", help="Print one JSON object on stdout at the end."
 )
 
-best_effort_option: Callable[[_F], _F] = _option(
+best_effort_option: Callable[[_F], _F] = flag_option(
     "--best-effort",
     envvar="PRELOADER_BEST_EFFORT",
-    is_flag=True,
     help="Always exit 0 (log what went wrong): a failing postStart hook kills the container.",
 )
 
 
 def timeout_option(help: str, envvar: str = "PRELOADER_TIMEOUT") -> Callable[[_F], _F]:
     """``--timeout`` in seconds, 0 for none."""
-    return _option(
-        "--timeout",
-        envvar=envvar,
-        type=Number(min=0),
-        default=0,
-        show_default=True,
-        help=help,
-    )
+    return number_option("--timeout", envvar, 0, help)
 
 
 log_options: Callable[[_F], _F] = _stack(
     [
-        _option(
+        choice_option(
             "--log-level",
-            envvar="PRELOADER_LOG_LEVEL",
-            type=click.Choice(LEVELS),
-            default="info",
-            show_default=True,
-            help="Least severe log level to print (logs go to stderr).",
+            "PRELOADER_LOG_LEVEL",
+            LEVELS,
+            "info",
+            "Least severe log level to print (logs go to stderr).",
         ),
-        _option(
+        choice_option(
             "--log-format",
-            envvar="PRELOADER_LOG_FORMAT",
-            type=click.Choice(FORMATS),
-            default="auto",
-            show_default=True,
-            help="console (human), json (one object a line), auto (console on a TTY).",
+            "PRELOADER_LOG_FORMAT",
+            FORMATS,
+            "auto",
+            "console (human), json (one object a line), auto (console on a TTY).",
         ),
-        _option(
+        flag_option(
             "--debug",
             envvar="PRELOADER_DEBUG",
-            is_flag=True,
             help="Show Python tracebacks for unexpected errors.",
         ),
     ]

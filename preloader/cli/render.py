@@ -71,37 +71,33 @@ def summarise_stopped(
     progress: WarmProgress, config: WarmConfig, outcome: Outcome, signum: int | None
 ) -> None:
     """The summary when a stop cut the run short of a report: what the counters saw."""
-    log = get_logger()
-    code = outcome.exit_code
-    fields: dict[str, object] = {
-        "state": progress.state,
+    counted: dict[str, object] = {  # what both the log line and --json say
         "files": progress.files_total,
-        "files_done": progress.files_done,
         "bytes": progress.bytes_total,
         "read_bytes": progress.bytes_read,
         "errors": progress.errors,
-        "seconds": round(progress.elapsed, 2),
-        "signal": signal.Signals(signum).name if signum else None,
-        "exit_code": code,
+        "state": progress.state,
+        "exit_code": outcome.exit_code,
     }
-    log.error("stopped before the pass could finish; residency not measured", **fields)
+    get_logger().error(
+        "stopped before the pass could finish; residency not measured",
+        files_done=progress.files_done,
+        seconds=round(progress.elapsed, 2),
+        signal=signal.Signals(signum).name if signum else None,
+        **counted,
+    )
     if config.json:
         print_json(
             {
-                "files": progress.files_total,
-                "bytes": progress.bytes_total,
-                "read_bytes": progress.bytes_read,
+                **counted,
                 "resident_bytes": None,
                 "resident_ratio": None,
                 "residency_unknown_reason": f"stopped while {progress.state}, before "
                 "residency was measured",
                 "seconds": round(progress.elapsed, 6),
-                "errors": progress.errors,
                 "error_details": [],
-                "state": progress.state,
                 "timed_out": False,
                 "interrupted": True,
-                "exit_code": code,
                 "paths": list(config.selection.paths),
                 "version": __version__,
             }

@@ -12,16 +12,19 @@ from ..settings import TIMEOUT_POLICIES, ServeConfig, TimeoutPolicy
 from ..startgate import parse_start_lead
 from .options import (
     NodeLabelArgs,
-    Number,
     ReadArgs,
     SelectionArgs,
     bundle,
+    choice_option,
     node_label_options,
+    number_option,
+    option,
     read_options,
     selection_options,
     timeout_option,
 )
 from .outcome import SERVE_EXIT_CODES_HELP, execute
+from .paramtypes import ListenPort
 
 __all__ = ["serve"]
 
@@ -47,39 +50,37 @@ class ServeFlags:
     chunk_help="Bytes per chunk; also the unit keep-warm measures and re-reads.",
     method_help="How to read (see warm --help).",
 )
-@click.option(
+@option(
     "--host",
+    envvar="PRELOADER_HOST",
     default="0.0.0.0",  # noqa: S104 - probes and scrapes come from outside the pod
     show_default=True,
-    envvar="PRELOADER_HOST",
-    show_envvar=True,
     help="Address to listen on (127.0.0.1 for the pod only, :: for IPv6).",
 )
-@click.option(
+@option(
     "--port",
-    type=click.IntRange(0, 65535),
+    envvar="PRELOADER_PORT",
+    type=ListenPort(),
     default=9400,
     show_default=True,
-    envvar="PRELOADER_PORT",
-    show_envvar=True,
-    help="Port to listen on (0: any free port, logged at start).",
+    help="Port to listen on (0: any free port, logged at start). A Kubernetes service "
+    "link in PRELOADER_PORT (tcp://ADDR:PORT, from a Service named preloader) is ignored "
+    "with a warning.",
 )
-@click.option(
+@number_option(
     "--ready-ratio",
-    type=Number(0.0, 1.0),
-    default=0.99,
-    show_default=True,
-    envvar="PRELOADER_READY_RATIO",
-    show_envvar=True,
-    help="/readyz answers 200 once the first pass is over and at least this share of "
+    "PRELOADER_READY_RATIO",
+    0.99,
+    "/readyz answers 200 once the first pass is over and at least this share of "
     "every path's bytes is resident.",
+    least=0.0,
+    most=1.0,
 )
-@click.option(
+@option(
     "--ready-latch/--no-ready-latch",
+    envvar="PRELOADER_READY_LATCH",
     default=True,
     show_default=True,
-    envvar="PRELOADER_READY_LATCH",
-    show_envvar=True,
     help="Once ready, stay ready even if pages are lost later (the server has loaded "
     "its weights by then). --no-ready-latch makes /readyz follow residency.",
 )
@@ -87,48 +88,39 @@ class ServeFlags:
     "Seconds from start after which --timeout-policy decides readiness (0: no "
     "deadline). Reading goes on either way."
 )
-@click.option(
+@choice_option(
     "--timeout-policy",
-    type=click.Choice(TIMEOUT_POLICIES),
-    default="ready",
-    show_default=True,
-    envvar="PRELOADER_TIMEOUT_POLICY",
-    show_envvar=True,
-    help="At the deadline: 'ready' opens the gate anyway (an error log line and "
+    "PRELOADER_TIMEOUT_POLICY",
+    TIMEOUT_POLICIES,
+    "ready",
+    "At the deadline: 'ready' opens the gate anyway (an error log line and "
     "preloader_timed_out 1), so slow storage never blocks a rollout for ever; 'unready' "
     "keeps it closed.",
 )
-@click.option(
+@option(
     "--start-lead",
+    envvar="PRELOADER_START_LEAD",
     metavar="SECONDS",
     default="0",
     show_default=True,
-    envvar="PRELOADER_START_LEAD",
-    show_envvar=True,
     help="/startz (the server container's startupProbe) opens once the first pass's "
     "estimated time left (bytes left over the read rate of the last 20 s; no estimate "
     "before 2 s of reading) is at most this, so the server's own start-up overlaps the "
     "warm-up's tail; it also opens with /readyz, and at --timeout under policy 'ready'. "
     "0: together with /readyz. Set it to about the server's start-up time.",
 )
-@click.option(
+@number_option(
     "--recheck-seconds",
-    type=Number(min=0),
-    default=30.0,
-    show_default=True,
-    envvar="PRELOADER_RECHECK_SECONDS",
-    show_envvar=True,
-    help="Keep-warm: measure residency chunk by chunk this often and re-read only the "
+    "PRELOADER_RECHECK_SECONDS",
+    30.0,
+    "Keep-warm: measure residency chunk by chunk this often and re-read only the "
     "chunks that lost pages (0: keep-warm off).",
 )
-@click.option(
+@number_option(
     "--max-backoff",
-    type=Number(min=0),
-    default=900.0,
-    show_default=True,
-    envvar="PRELOADER_MAX_BACKOFF_SECONDS",
-    show_envvar=True,
-    help="Longest keep-warm interval: while the same pages keep being lost, the interval "
+    "PRELOADER_MAX_BACKOFF_SECONDS",
+    900.0,
+    "Longest keep-warm interval: while the same pages keep being lost, the interval "
     "doubles up to this (state 'degraded').",
 )
 @node_label_options

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import anyio
 import anyio.to_thread
 import click
@@ -12,26 +10,18 @@ from .. import errors
 from ..logs import get_logger
 from ..settings import WaitConfig
 from ..signals import StopSignals
-from .options import Number, bundle, timeout_option
+from .options import number_option, option, timeout_option
 from .outcome import WAIT_EXIT_CODES_HELP, execute
 
 __all__ = ["wait"]
 
 
-@dataclass(frozen=True)
-class WaitFlags:
-    url: str
-    timeout: float
-    interval: float
-
-
 @click.command(epilog=WAIT_EXIT_CODES_HELP)
-@click.option(
+@option(
     "--url",
+    envvar="PRELOADER_WAIT_URL",
     default="http://127.0.0.1:9400/readyz",
     show_default=True,
-    envvar="PRELOADER_WAIT_URL",
-    show_envvar=True,
     help="The URL to poll (http or https): /readyz to start once the model is resident, "
     "/startz to start when the sidecar's start gate opens (PRELOADER_START_LEAD).",
 )
@@ -39,18 +29,9 @@ class WaitFlags:
     "Give up after this many seconds and exit 5 (0: wait for ever).",
     envvar="PRELOADER_WAIT_TIMEOUT",
 )
-@click.option(
-    "--interval",
-    type=Number(min=0.05),
-    default=1.0,
-    show_default=True,
-    envvar="PRELOADER_WAIT_INTERVAL",
-    show_envvar=True,
-    help="Seconds between polls.",
-)
+@number_option("--interval", "PRELOADER_WAIT_INTERVAL", 1.0, "Seconds between polls.", least=0.05)
 @click.pass_context
-@bundle("flags", WaitFlags)
-def wait(ctx: click.Context, flags: WaitFlags) -> None:
+def wait(ctx: click.Context, url: str, timeout: float, interval: float) -> None:
     """Block until URL (default the local sidecar's /readyz) answers 200, then exit 0.
 
     For a server container that must not start before the model is warm, where native
@@ -62,7 +43,7 @@ def wait(ctx: click.Context, flags: WaitFlags) -> None:
     """
 
     def build() -> WaitConfig:
-        return WaitConfig(url=flags.url, timeout=flags.timeout or None, interval=flags.interval)
+        return WaitConfig(url=url, timeout=timeout or None, interval=interval)
 
     execute(ctx, build, run_wait)
 

@@ -24,13 +24,15 @@ from ..units import format_bytes
 from . import render
 from .options import (
     BudgetArgs,
-    Number,
     ReadArgs,
     SelectionArgs,
     best_effort_option,
     budget_options,
     bundle,
+    flag_option,
     json_option,
+    number_option,
+    option,
     read_options,
     selection_options,
     timeout_option,
@@ -68,20 +70,17 @@ class WarmFlags:
     "MADV_POPULATE_READ (zero-copy), or read (copies; works everywhere). A filesystem "
     "that refuses one falls back to read.",
 )
-@click.option(
+@number_option(
     "--min-resident",
-    type=Number(0.0, 1.0),
-    default=0.99,
-    show_default=True,
-    envvar="PRELOADER_MIN_RESIDENT",
-    show_envvar=True,
-    help="Exit 4 when less than this share of the bytes is resident after warming.",
+    "PRELOADER_MIN_RESIDENT",
+    0.99,
+    "Exit 4 when less than this share of the bytes is resident after warming.",
+    least=0.0,
+    most=1.0,
 )
-@click.option(
+@flag_option(
     "--require-verified",
-    is_flag=True,
     envvar="PRELOADER_REQUIRE_VERIFIED",
-    show_envvar=True,
     help="Exit 6 when residency cannot be measured truthfully (the process neither owns "
     "the files nor holds CAP_FOWNER). Without it, a finished read pass counts, flagged "
     "as unverified.",
@@ -92,29 +91,23 @@ class WarmFlags:
 )
 @best_effort_option
 @json_option
-@click.option(
+@option(
     "--progress/--no-progress",
-    default=None,
     envvar="PRELOADER_PROGRESS",
-    show_envvar=True,
+    default=None,
     help="Progress bar on stderr. Default: a bar on a terminal, else a log line every "
     "--progress-interval seconds.",
 )
-@click.option(
+@number_option(
     "--progress-interval",
-    type=Number(min=0),
-    default=10.0,
-    show_default=True,
-    envvar="PRELOADER_PROGRESS_INTERVAL",
-    show_envvar=True,
-    help="Seconds between progress log lines when there is no bar (0: none).",
+    "PRELOADER_PROGRESS_INTERVAL",
+    10.0,
+    "Seconds between progress log lines when there is no bar (0: none).",
 )
 @budget_options
-@click.option(
+@flag_option(
     "--lock",
-    is_flag=True,
     envvar="PRELOADER_LOCK",
-    show_envvar=True,
     help="After warming, pin the pages with mmap + mlock (like vmtouch -l) and keep "
     "running until SIGTERM/SIGINT, then release them and exit. Needs CAP_IPC_LOCK or "
     "RLIMIT_MEMLOCK above the plan's size (exit 9 otherwise). Never in a postStart hook.",
