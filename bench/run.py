@@ -455,6 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     :param argv: command line, without the program name.
     :return: 0 on success, 2 when the bench cannot run here, 1 when a tool failed.
     """
+    if "--scale" in (sys.argv[1:] if argv is None else argv):
+        from . import scale  # cost at scale: its own flags (python -m bench --scale -h)
+
+        return scale.main(argv)
     args = _parse_args(argv)
     if args.out is None:
         # A smoke run must not overwrite the committed full-size results.

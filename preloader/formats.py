@@ -65,7 +65,7 @@ _MAX_INDEX_BYTES = 64 * 1024 * 1024
 _PREFERRED_QUANT = "q4_k_m"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One walked file, as :func:`arrange` sees it.
 
@@ -225,11 +225,26 @@ def _join(directory: str, name: str) -> str:
     return posixpath.normpath(f"{directory}/{name}") if directory else posixpath.normpath(name)
 
 
-def natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
-    """Sort key: "shard-2" before "shard-10"; zero-padded HF names sort the same either way."""
-    return tuple(
-        (0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", text)
-    )
+def natural_key(text: str) -> str:
+    """Sort key: "shard-2" before "shard-10"; zero-padded HF names sort the same either way.
+
+    One string per name, not a tuple of parts: a plan of a million files sorts a million
+    keys at once, and a tuple of tuples costs ten times the memory. The string compares as
+    the parts would: ``re.split`` alternates text and digit runs, so each text run ends in
+    NUL (never in a path; a shorter run sorts first) and each number is its length then
+    its digits (no leading zeros; a longer number is larger).
+    """
+    out = []
+    for position, part in enumerate(_DIGITS.split(text)):
+        if position % 2:
+            digits = str(int(part))
+            out.append(chr(1 + len(digits)) + digits)
+        else:
+            out.append(part + "\0")
+    return "".join(out)
+
+
+_DIGITS = re.compile(r"(\d+)")
 
 
 class _Folder:

@@ -1,12 +1,14 @@
-"""structlog set-up: readable on a terminal, one JSON object a line everywhere else."""
+"""structlog set-up: readable on a terminal, one JSON object a line everywhere else.
+
+structlog (and the asyncio it imports) is loaded on first use, not at import: the option
+declarations import this module for :data:`LEVELS` and :data:`FORMATS`, and
+``preloader --version`` must not pay for a logger it never uses.
+"""
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Any
-
-import structlog
 
 __all__ = ["configure", "get_logger"]
 
@@ -20,6 +22,10 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     :param level: ``debug``, ``info``, ``warning`` or ``error``.
     :param fmt: ``console``, ``json``, or ``auto`` (console on a TTY, JSON otherwise).
     """
+    import logging
+
+    import structlog
+
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
     renderer: Any = (
@@ -42,4 +48,6 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
 
 def get_logger() -> Any:
     """The project's logger (a structlog bound logger)."""
+    import structlog
+
     return structlog.get_logger("preloader")

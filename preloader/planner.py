@@ -245,12 +245,37 @@ def _special_kind(mode: int) -> str:
     return "not a regular file"
 
 
+@dataclass(slots=True)
+class _Found:
+    """The files one root's walk found: two parallel lists, not a tuple per file (a plan of
+    a million files holds them all at once)."""
+
+    relpaths: list[str] = field(default_factory=list)
+    specs: list[FileSpec] = field(default_factory=list)
+
+    def in_order(self) -> tuple[list[formats.Entry], list[FileSpec]]:
+        """Entries and specs in natural order, metadata first (a stable sort by name, then
+        a stable partition), for :func:`formats.arrange`."""
+        order = sorted(range(len(self.specs)), key=lambda i: formats.natural_key(self.relpaths[i]))
+        specs = self.specs
+        order = [i for i in order if specs[i].metadata] + [
+            i for i in order if not specs[i].metadata
+        ]
+        entries = [formats.Entry(self.relpaths[i], specs[i].size, specs[i].metadata) for i in order]
+        ordered = [specs[i] for i in order]
+        self.relpaths.clear()
+        self.specs = ordered
+        return entries, ordered
+
+
 @dataclass
 class _Walk:
     include: Sequence[str]
     exclude: Sequence[str]
     all_formats: bool = False
-    seen_files: set[tuple[int, int]] = field(default_factory=set)
+    # Planned inodes per device: one set of ints per filesystem, not a tuple per file.
+    seen_files: dict[int, set[int]] = field(default_factory=dict)
+    devices: dict[int, int] = field(default_factory=dict)
     seen_dirs: set[tuple[int, int]] = field(default_factory=set)
     skipped: list[Skipped] = field(default_factory=list)
     choices: list[Choice] = field(default_factory=list)
@@ -293,7 +318,7 @@ class _Walk:
             return None
 
     def walk_root(self, root: str) -> list[FileSpec]:
-        found: list[tuple[str, FileSpec]] = []
+        found = _Found()
         # lstat, not os.path.lexists: a folder above that may not be searched is an
         # error to report (EACCES), not a root that "does not exist".
         try:
@@ -316,23 +341,29 @@ class _Walk:
             self._add_file(root, os.path.basename(root), st, found, filtered=False)
         elif stat.S_ISDIR(st.st_mode):
             self._walk_dir(root, st, found)
-            found.sort(key=lambda item: (not item[1].metadata, formats.natural_key(item[0])))
-            return self._arrange(root, found)
+            entries, specs = found.in_order()
+            return self._arrange(root, entries, specs)
         else:
             self.skipped.append(Skipped(root, _special_kind(st.st_mode)))
-        return [spec for _, spec in found]
+        return found.specs
 
-    def _arrange(self, root: str, found: list[tuple[str, FileSpec]]) -> list[FileSpec]:
-        """Apply the model-format rules (:mod:`preloader.formats`) to one walked root."""
+    def _arrange(
+        self, root: str, entries: list[formats.Entry], specs: list[FileSpec]
+    ) -> list[FileSpec]:
+        """Apply the model-format rules (:mod:`preloader.formats`) to one walked root.
+
+        :param entries: the walked files in natural order, metadata first.
+        :param specs: their specs, in the same order.
+        """
         arrangement = formats.arrange(
-            [formats.Entry(rel, spec.size, spec.metadata) for rel, spec in found],
+            entries,
             load_index=lambda rel: formats.read_safetensors_index(os.path.join(root, rel)),
             exists=lambda rel: os.path.exists(os.path.join(root, rel)),
             all_formats=self.all_formats,
             choose_gguf=not self.include,
         )
         for index, reason in arrangement.skipped:
-            spec = found[index][1]
+            spec = specs[index]
             self.skipped.append(Skipped(spec.path, reason, spec.size))
         for choice in arrangement.choices:
             self.choices.append(
@@ -345,14 +376,14 @@ class _Walk:
             )
         for problem in arrangement.problems:
             self.problems.append(replace(problem, path=os.path.join(root, problem.path)))
-        return [found[index][1] for index in arrangement.order]
+        return [specs[index] for index in arrangement.order]
 
     def _add_file(
         self,
         path: str,
         relpath: str,
         st: os.stat_result,
-        found: list[tuple[str, FileSpec]],
+        found: _Found,
         filtered: bool = True,
     ) -> None:
         if filtered and self.exclude and _matches(relpath, self.exclude):
@@ -365,24 +396,24 @@ class _Walk:
         if filtered and self.include and not _matches(relpath, self.include):
             self.skipped.append(Skipped(path, "not matched by --include", st.st_size))
             return
-        key = (st.st_dev, st.st_ino)
-        if key in self.seen_files:
+        dev = self.devices.setdefault(st.st_dev, st.st_dev)  # one int object per device
+        inodes = self.seen_files.setdefault(dev, set())
+        if st.st_ino in inodes:
             self.skipped.append(Skipped(path, "same file already planned (link or bind mount)"))
             return
-        self.seen_files.add(key)
+        inodes.add(st.st_ino)
         spec = FileSpec(
             path,
             st.st_size,
-            st.st_dev,
+            dev,
             st.st_ino,
             _is_metadata(path, st.st_size),
             st.st_blocks * 512,
         )
-        found.append((relpath, spec))
+        found.relpaths.append(relpath)
+        found.specs.append(spec)
 
-    def _walk_dir(
-        self, root: str, root_st: os.stat_result, found: list[tuple[str, FileSpec]]
-    ) -> None:
+    def _walk_dir(self, root: str, root_st: os.stat_result, found: _Found) -> None:
         self.seen_dirs.add((root_st.st_dev, root_st.st_ino))
         # An explicit stack, not recursion: a 200-deep tree must not hit Python's limit.
         stack: list[tuple[str, str]] = [(root, "")]

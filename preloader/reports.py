@@ -114,17 +114,21 @@ class ResidencyReport:
     def resident_ratio(self) -> float | None:
         return resident_share(self.resident_bytes, self.bytes)
 
-    def to_json(self) -> dict[str, object]:
+    def to_json(self, per_file: bool = True) -> dict[str, object]:
+        """The report as JSON; ``per_file=False`` leaves ``per_file`` out (a front end
+        that streams it)."""
         resident, reason = _total_resident(self.files)
-        return {
+        document: dict[str, object] = {
             "files": len(self.files),
             "bytes": self.bytes,
             "resident_bytes": resident,
             "resident_ratio": self.resident_ratio,
             "residency_unknown_reason": reason,
             "skipped": len(self.skipped),
-            "per_file": [f.to_json() for f in self.files],
         }
+        if per_file:
+            document["per_file"] = [f.to_json() for f in self.files]
+        return document
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, get_args
 
 from .errors import UsageError
-from .pagecache import PAGE_SIZE
-from .startgate import parse_start_lead
 from .units import format_bytes, parse_size
 
 if TYPE_CHECKING:  # imported by serve only, so that warm does not load it
@@ -96,6 +94,8 @@ class WarmOptions:
     split: SplitMode = "auto"
 
     def __post_init__(self) -> None:
+        from .pagecache import PAGE_SIZE  # here, not at the top: keeps `--version` light
+
         if self.concurrency < 0:
             raise ValueError("concurrency must be >= 1 (or 0 for auto)")
         if self.chunk_size < PAGE_SIZE:
@@ -249,6 +249,8 @@ class ServeConfig:
             raise UsageError(f"timeout policy {self.timeout_policy!r}: must be one of {choices}")
         if not 0 <= self.port <= 65535:
             raise UsageError(f"port {self.port}: must be between 0 and 65535")
+        from .startgate import parse_start_lead  # here, not at the top: `--version`
+
         parse_start_lead(self.start_lead)
         if self.recheck_seconds < 0 or self.max_backoff_seconds < 0:
             raise UsageError("recheck and back-off seconds must not be negative")

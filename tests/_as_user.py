@@ -24,6 +24,11 @@ import preloader.cli  # (import everything before dropping privileges)
 import preloader.demo
 import preloader.server
 
+# The CLI imports each command's module (and the package its names) on first use.
+for module in pkgutil.walk_packages(preloader.__path__, "preloader."):
+    if module.name != "preloader._kube":  # lightkube: only with --node-label
+        importlib.import_module(module.name)
+
 # anyio and click import modules lazily (click's usage text needs click._textwrap); load
 # them all while the files are still readable.
 for module in pkgutil.walk_packages(anyio.__path__, "anyio."):

@@ -319,3 +319,29 @@ def test_e2e_report_compares_each_mode_with_the_one_liner_of_its_own_storage() -
     )
     cold = next(c for c in cells if (c.storage, c.mode) == ("s3fs", "cold"))
     assert (cold.runs, cold.failed, cold.loaded_s) == (2, 1, 30.0)
+
+
+def test_scale_bench_measures_startup_and_trees_at_a_tiny_size(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    sizes = ["--files", "300", "--file-size", "4096", "-n", "1"]
+    places = ["--data-dir", str(tmp_path / "data"), "--out", str(out), "--clean"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--scale", *sizes, *places],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads((out / "scale.json").read_text())
+    tree = found["trees"]["300"]
+    assert set(tree) == {
+        "find -type f \\| wc -l",
+        "preloader plan",
+        "preloader plan --json",
+        "preloader status --json",
+    }
+    assert all(run["rss_mib"] > 0 and run["cpu_s"] >= 0 for run in tree.values())
+    assert "preloader --version" in found["startup"]
+    assert "300 files of 4096 B" in (out / "scale.md").read_text()
+    assert not (tmp_path / "data").exists()

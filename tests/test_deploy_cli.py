@@ -32,9 +32,9 @@ INVOCATIONS = [inv for folder in dm.OVERLAYS for inv in dm.invocations(folder, d
 def _group() -> click.Group:
     from preloader import cli as cli_module
 
-    groups = [value for value in vars(cli_module).values() if isinstance(value, click.Group)]
-    assert len(groups) == 1, "expected one click group in preloader.cli"
-    return groups[0]
+    group = cli_module.cli
+    assert isinstance(group, click.Group), "expected the click group as preloader.cli.cli"
+    return group
 
 
 def _envvars(command: click.Command) -> set[str]:
@@ -50,7 +50,7 @@ def _envvars(command: click.Command) -> set[str]:
 
 def _command(name: str) -> click.Command:
     group = _group()
-    command = group.commands.get(name)
+    command = group.get_command(click.Context(group), name)
     if command is None:
         pytest.skip(f"`preloader {name}` is not in the CLI yet (issue 3)")
     return command

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import tempfile
@@ -341,3 +343,31 @@ def test_chunks_of_huge_files_are_page_aligned_and_cover_the_file(size: int, pag
         chunks = list(iter_chunks((spec,), chunk_size))
         assert sum(c.length for c in chunks) == size
         assert all(c.offset % PAGE_SIZE == 0 for c in chunks)
+
+
+def _parts_key(text: str) -> tuple[tuple[int, int | str], ...]:
+    """The natural order spelt out: text and digit runs, numbers compared as numbers."""
+    return tuple(
+        (0, int(part)) if index % 2 else (1, part)
+        for index, part in enumerate(re.split(r"(\d+)", text))
+    )
+
+
+@given(st.lists(st.text(alphabet="ab0129-._/\x01\x7f", max_size=12), min_size=2, max_size=40))
+def test_the_one_string_natural_key_orders_as_the_parts_do(names: list[str]) -> None:
+    assert sorted(names, key=_natural_key) == sorted(names, key=_parts_key)
+    for a, b in itertools.pairwise(names):
+        assert (_natural_key(a) < _natural_key(b)) == (_parts_key(a) < _parts_key(b))
+        assert (_natural_key(a) == _natural_key(b)) == (_parts_key(a) == _parts_key(b))
+
+
+def test_a_file_reached_from_two_roots_is_planned_once_and_first(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "w-2.bin").write_bytes(b"x" * 10)
+    (tmp_path / "a" / "w-10.bin").write_bytes(b"y" * 10)
+    os.link(tmp_path / "a" / "w-10.bin", tmp_path / "b" / "w-1.bin")
+    plan = build_plan([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert [os.path.relpath(f.path, tmp_path) for f in plan.files] == ["a/w-2.bin", "a/w-10.bin"]
+    assert [s.reason for s in plan.skipped] == ["same file already planned (link or bind mount)"]
+    assert len({(f.dev, f.ino) for f in plan.files}) == 2

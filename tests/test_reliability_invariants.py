@@ -87,7 +87,7 @@ SETTINGS = settings(
 
 
 def _options(command: str) -> list[click.Option]:
-    params = cli.commands[command].params
+    params = cli.load_all()[command].params
     return [p for p in params if isinstance(p, click.Option) and p.name not in NEVER_DRAWN]
 
 

@@ -4,56 +4,44 @@ Layout: :mod:`.options` declares every option once; one thin module per command 
 (:mod:`.warm`; :mod:`.residency` for ``status``, ``evict``, ``plan``; :mod:`.serve`;
 :mod:`.wait`; :mod:`.demo`) builds its settings and runs; :mod:`.render` prints text and
 JSON; :mod:`.outcome` owns exit codes and ``--best-effort``. Only the front ends print.
+
+The group lives in :mod:`.app`, and a command's module is imported when that command
+runs (:class:`~.app.LazyGroup`): ``warm`` never loads the HTTP server, Prometheus or the
+Kubernetes client. ``preloader --version`` (alone) is answered before click is imported.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING, Any
 
-import click
-
-from .. import errors
 from .._version import __version__
-from ..logs import configure, get_logger
-from .demo import demo
-from .entry import Intent, usage_error
-from .environment import unknown_variables
-from .options import log_options
-from .outcome import EXIT_CODES_HELP, finish, request_best_effort
-from .residency import evict, plan_command, status
-from .serve import serve
 from .streams import protect_streams
-from .wait import wait
-from .warm import SHUTDOWN_GRACE_SECONDS as SHUTDOWN_GRACE_SECONDS
-from .warm import warm
-from .warm import warm_exit_code as warm_exit_code
+
+if TYPE_CHECKING:
+    from .app import cli as cli
+    from .warm import SHUTDOWN_GRACE_SECONDS as SHUTDOWN_GRACE_SECONDS
+    from .warm import warm_exit_code as warm_exit_code
 
 __all__ = ["SHUTDOWN_GRACE_SECONDS", "cli", "main", "warm_exit_code"]
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+# `preloader --version` as click's version option prints it, for the one call (a probe,
+# a bug report) that should not pay for importing click and the option declarations.
+_VERSION_ARGS = (["--version"], ["-V"])
+_VERSION_LINE = f"preloader, version {__version__}\n"
 
 
-@click.group(context_settings=CONTEXT, epilog=EXIT_CODES_HELP)
-@click.version_option(__version__, "-V", "--version", prog_name="preloader")
-@log_options
-@click.pass_context
-def cli(ctx: click.Context, log_level: str, log_format: str, debug: bool) -> None:
-    """Make model weight files resident in the Linux page cache, and prove it.
+def __getattr__(name: str) -> Any:
+    if name == "cli":
+        from .app import cli
 
-    A drop-in for the postStart one-liner `find $MODEL_DIR -type f | xargs -P
-    $PRELOADER_CONC cat > /dev/null`: zero-copy chunked reads, residency verified by
-    cachestat(2), progress, clear errors.
-    """
-    configure(log_level, log_format)
-    ctx.obj = {"debug": debug}
-    log = get_logger()
-    for name, close in unknown_variables(ctx.command, os.environ):
-        log.warning("unknown environment variable; ignored", name=name, did_you_mean=close)
+        return cli
+    if name in ("SHUTDOWN_GRACE_SECONDS", "warm_exit_code"):
+        from . import warm
 
-
-for _command in (warm, status, evict, plan_command, demo, serve, wait):
-    cli.add_command(_command)
+        return getattr(warm, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main() -> None:
@@ -65,6 +53,18 @@ def main() -> None:
     """
     protect_streams()
     args = sys.argv[1:]
+    if args in _VERSION_ARGS:
+        sys.stdout.write(_VERSION_LINE)
+        sys.stdout.flush()
+        sys.exit(0)
+
+    import click
+
+    from .. import errors
+    from .app import cli
+    from .entry import Intent, usage_error
+    from .outcome import finish, request_best_effort
+
     intent = Intent.read(cli, args, os.environ)
     request_best_effort(intent.best_effort)
     try:

@@ -47,7 +47,7 @@ def _command(group: click.Group, args: Sequence[str]) -> click.Command | None:
         if arg.startswith("-"):
             index += 1
             continue
-        return group.commands.get(arg)
+        return group.get_command(click.Context(group), arg)
     return None
 
 

@@ -27,26 +27,50 @@ def declared_variables(command: click.Command) -> set[str]:
     return set(_walk(command))
 
 
-def _walk(command: click.Command) -> Iterator[str]:
+def _own(command: click.Command) -> Iterator[str]:
     for param in command.params:
         envvar = param.envvar
         if isinstance(envvar, str):
             yield envvar
         elif envvar:
             yield from envvar
+
+
+def _walk(command: click.Command) -> Iterator[str]:
+    yield from _own(command)
     if isinstance(command, click.Group):
-        for sub in command.commands.values():
-            yield from _walk(sub)
+        ctx = click.Context(command)
+        for name in command.list_commands(ctx):
+            sub = command.get_command(ctx, name)
+            if sub is not None:
+                yield from _walk(sub)
 
 
 def unknown_variables(
-    command: click.Command, environ: Mapping[str, str]
+    command: click.Command, environ: Mapping[str, str], invoked: str | None = None
 ) -> list[tuple[str, str | None]]:
-    """``(name, closest known name or None)`` for each ``PRELOADER_*`` nobody declares."""
+    """``(name, closest known name or None)`` for each ``PRELOADER_*`` nobody declares.
+
+    :param invoked: the subcommand being run, if any. The names it and the group declare
+        are checked first; the other subcommands (each an import) are loaded only when a
+        name is left over, so the common case costs no imports and the answer is the same.
+    """
+    ours = sorted(
+        name for name in environ if name.startswith(PREFIX) and not _SERVICE_LINKS.match(name)
+    )
+    if not ours:
+        return []
+    near = set(_own(command))
+    if invoked is not None and isinstance(command, click.Group):
+        sub = command.get_command(click.Context(command), invoked)
+        if sub is not None:
+            near |= declared_variables(sub)
+    if all(name in near for name in ours):
+        return []
     known = sorted(declared_variables(command))
     found = []
-    for name in sorted(environ):
-        if not name.startswith(PREFIX) or name in known or _SERVICE_LINKS.match(name):
+    for name in ours:
+        if name in known:
             continue
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
         found.append((name, close[0] if close else None))

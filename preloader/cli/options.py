@@ -26,7 +26,6 @@ import click
 
 from .. import errors
 from ..logs import FORMATS, LEVELS, get_logger
-from ..planner import printable
 from ..settings import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CONCURRENCY,
@@ -153,6 +152,8 @@ class SelectionArgs:
         A ``MODEL_DIR`` or ``PRELOADER_PATHS`` entry that does not exist is a warning
         (the others are still used; with none left the command skips, exit 0).
         """
+        from ..planner import printable  # here: importing options stays light (`--version`)
+
         if not self.paths:
             for candidate in [self.model_dir or "", *self.env_paths]:
                 if candidate and not os.path.exists(candidate):

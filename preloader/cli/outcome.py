@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import NoReturn, TypeVar
 
@@ -85,9 +85,46 @@ class Outcome:
             get_logger().warning("best effort: exiting 0", would_exit=self.code)
 
 
-def print_json(document: dict[str, object]) -> None:
-    """The ``--json`` document: one object on one line of stdout."""
-    click.echo(json.dumps(document, sort_keys=False))
+class JsonItems:
+    """A list in a ``--json`` document that is written item by item, never built whole.
+
+    :func:`print_json` writes ``[item, item, ...]`` exactly as :func:`json.dumps` would
+    write the list, so a per-file list of a million files costs one item's memory.
+
+    :param items: a callable returning a fresh iterator of JSON-able items.
+    """
+
+    def __init__(self, items: Callable[[], Iterable[object]]) -> None:
+        self.items = items
+
+
+_FLUSH_EVERY = 1024  # items per write
+
+
+def print_json(document: Mapping[str, object]) -> None:
+    """The ``--json`` document: one object on one line of stdout.
+
+    Values that are :class:`JsonItems` are streamed; the line is the one
+    ``json.dumps(document)`` would give with those lists built.
+    """
+    if not any(isinstance(value, JsonItems) for value in document.values()):
+        click.echo(json.dumps(document, sort_keys=False))
+        return
+    parts: list[str] = ["{"]
+    for position, (key, value) in enumerate(document.items()):
+        parts.append(f"{', ' if position else ''}{json.dumps(key)}: ")
+        if not isinstance(value, JsonItems):
+            parts.append(json.dumps(value))
+            continue
+        parts.append("[")
+        for index, item in enumerate(value.items()):
+            parts.append(f"{', ' if index else ''}{json.dumps(item)}")
+            if len(parts) >= _FLUSH_EVERY:
+                click.echo("".join(parts), nl=False)
+                parts.clear()
+        parts.append("]")
+    parts.append("}")
+    click.echo("".join(parts))
 
 
 def execute(

@@ -18,7 +18,7 @@ from ..settings import DEFAULT_HEADROOM, Selection
 from ..signals import StopSignals
 from . import render
 from .options import BudgetArgs, SelectionArgs, budget_options, json_option, selection_options
-from .outcome import EXIT_CODES_HELP, execute, print_json
+from .outcome import EXIT_CODES_HELP, JsonItems, execute, print_json
 
 __all__ = ["evict", "plan_command", "status"]
 
@@ -112,19 +112,23 @@ def _run_plan(selection: Selection, as_json: bool, budget: BudgetArgs) -> int:
     if as_json:
         document: dict[str, object] = {
             "paths": list(selection.paths),
-            "files": [
-                {
-                    "path": f.path,
-                    "bytes": f.size,
-                    "allocated_bytes": f.allocated,
-                    "metadata": f.metadata,
-                }
-                for f in check.plan.files
-            ],
+            "files": JsonItems(
+                lambda: (
+                    {
+                        "path": f.path,
+                        "bytes": f.size,
+                        "allocated_bytes": f.allocated,
+                        "metadata": f.metadata,
+                    }
+                    for f in check.plan.files
+                )
+            ),
             "bytes": check.plan.total_bytes,
-            "skipped": [
-                {"path": s.path, "reason": s.reason, "bytes": s.size} for s in the_plan.skipped
-            ],
+            "skipped": JsonItems(
+                lambda: (
+                    {"path": s.path, "reason": s.reason, "bytes": s.size} for s in the_plan.skipped
+                )
+            ),
         }
         document.update(render.plan_extras(the_plan, check))
         document["exit_code"] = code
@@ -168,7 +172,8 @@ def _run_residency(selection: Selection, as_json: bool, summary: bool, evict: bo
             [item.resident_bytes for item in report.files],
         )
     if as_json:
-        document = report.to_json()
+        document = report.to_json(per_file=False)
+        document["per_file"] = JsonItems(lambda: (f.to_json() for f in report.files))
         if check is not None:
             document["budget"] = check.to_json()
         print_json(document)
