@@ -88,6 +88,8 @@ _AUTO_MIN_CHUNKS = 64
 _AUTO_MIN_CHUNK = 16 * 1024 * 1024
 _AUTO_MIN_GAIN = 1.10
 _AUTO_WINDOW_SECONDS = 0.5
+# Fewest threads measuring residency side by side after the read pass.
+_VERIFY_WORKERS = 16
 
 
 def _cpu_seconds() -> float:
@@ -379,7 +381,9 @@ async def warm_plan(
     engine = _Engine(plan, options, progress, on_event, stop)
     await engine.run()
 
-    workers = max(1, options.concurrency or 4)
+    # Verifying is an open, a cachestat and a close per file: bound by the open's round
+    # trip on network filesystems (a HEAD request on s3fs), not by bandwidth.
+    workers = max(_VERIFY_WORKERS, options.concurrency)
     residency: dict[FileSpec, FileResidency] = {}
     bypass: dict[FileSpec, bool | None] = {}
     if options.verify:

@@ -154,54 +154,69 @@ async def map_files(
     timeout: float | None = None,
     stop: threading.Event | None = None,
 ) -> list[_R]:
-    """``func`` over ``files`` in worker threads, bounded when asked.
+    """``func`` over ``files`` in up to ``concurrency`` worker threads at once.
+
+    Results come back in the order of ``files``. The threads run side by side: an open
+    on a network filesystem is a round trip (a HEAD request on s3fs), so measuring one
+    file after another would add every round trip up.
 
     :param unmeasured: the result for a file ``func`` did not finish, given the reason
         (needed with ``timeout`` or ``stop``).
-    :param timeout: seconds one file may take; a file that takes longer is given up (its
-        thread abandoned) and the rest go on.
+    :param timeout: seconds one batch of files may take; the file in hand when it runs
+        out is given up (its thread abandoned) and the rest of the batch goes on.
     :param stop: once set, the remaining files are given up after the stop grace.
     """
-    # Batches keep thread hand-offs few for 100,000 small files and the loop responsive.
-    results: list[_R] = []
-    limiter = anyio.CapacityLimiter(max(1, concurrency))
-    batch = 256
+    results: dict[int, _R] = {}
+    workers = max(1, min(concurrency, len(files)))
+    # Batches keep thread hand-offs few for 100,000 small files and the loop responsive;
+    # a short list is cut so every worker gets a share.
+    batch = max(1, min(256, -(-len(files) // workers)))
+    limiter = anyio.CapacityLimiter(workers)
+    cursor = 0
 
-    def run_batch(specs: Sequence[_I], handoff: Handoff) -> None:
-        for spec in specs:
-            if handoff.abandoned or not handoff.put(func(spec)):
+    def run_batch(first: int, end: int, handoff: Handoff) -> None:
+        for index in range(first, end):
+            if handoff.abandoned or not handoff.put(func(files[index])):
                 return
 
-    def take(handoff: Handoff) -> None:
-        results.extend(handoff.abandon())  # type: ignore[arg-type]  # only _R were put
+    async def worker() -> None:
+        nonlocal cursor
+        while cursor < len(files):
+            first, end = cursor, min(len(files), cursor + batch)
+            cursor = end
+            while first < end:
+                handoff = Handoff()
+                with anyio.CancelScope() as deadline:
+                    if timeout is not None:
+                        deadline.deadline = anyio.current_time() + timeout
+                    try:
+                        await anyio.to_thread.run_sync(
+                            run_batch, first, end, handoff, limiter=limiter, abandon_on_cancel=True
+                        )
+                    finally:
+                        for result in handoff.abandon():
+                            results[first] = result  # type: ignore[assignment]  # only _R put
+                            first += 1
+                if deadline.cancelled_caught and first < end:
+                    assert unmeasured is not None
+                    results[first] = unmeasured(
+                        files[first], f"stalled for more than {timeout:g} s"
+                    )
+                    first += 1
 
     async with anyio.create_task_group() as group:
         if stop is not None:
             group.start_soon(cancel_after_stop, stop, group.cancel_scope)
-        while len(results) < len(files):
-            handoff = Handoff()
-            with anyio.CancelScope() as deadline:
-                if timeout is not None:
-                    deadline.deadline = anyio.current_time() + timeout
-                try:
-                    await anyio.to_thread.run_sync(
-                        run_batch,
-                        files[len(results) : len(results) + batch],
-                        handoff,
-                        limiter=limiter,
-                        abandon_on_cancel=True,
-                    )
-                finally:
-                    take(handoff)
-            if deadline.cancelled_caught and len(results) < len(files):
-                assert unmeasured is not None
-                stuck = files[len(results)]
-                results.append(unmeasured(stuck, f"stalled for more than {timeout:g} s"))
+        async with anyio.create_task_group() as pool:
+            for _ in range(workers):
+                pool.start_soon(worker)
         group.cancel_scope.cancel()
     if len(results) < len(files):
         assert unmeasured is not None
-        results.extend(unmeasured(item, "the pass was stopped") for item in files[len(results) :])
-    return results
+        for index, item in enumerate(files):
+            if index not in results:
+                results[index] = unmeasured(item, "the pass was stopped")
+    return [results[index] for index in range(len(files))]
 
 
 def unknown_residency(spec: FileSpec, why: str) -> FileResidency:

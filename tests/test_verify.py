@@ -1,0 +1,94 @@
+"""The verification pass after reading: files measured side by side, in plan order.
+
+An open on a network filesystem is a round trip (a HEAD request on s3fs), so the pass
+measures up to ``concurrency`` files at once; shown with real threads that can only all
+finish together, and on a real FUSE mount where one file's reopen never returns.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import pytest
+
+from preloader.engine import WarmOptions, WarmReport, warm_plan
+from preloader.planner import build_plan
+from preloader.verify import map_files
+
+from .conftest import needs_fuse
+from .fusefs import FuseMount
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_map_files_runs_concurrency_files_at_once_and_keeps_their_order() -> None:
+    # Each call waits until four calls are in flight: one at a time, the barrier breaks
+    # (its timeout only bounds a regression, it never decides a pass).
+    barrier = threading.Barrier(4, timeout=30)
+    finished: list[int] = []
+
+    def measure(item: int) -> int:
+        barrier.wait()
+        finished.append(item)
+        return item * 10
+
+    items = list(range(8))
+    assert await map_files(measure, items, concurrency=4) == [item * 10 for item in items]
+    assert sorted(finished) == items
+
+
+@pytest.mark.anyio
+async def test_map_files_gives_up_only_the_item_that_stalls() -> None:
+    release = threading.Event()
+
+    def measure(item: int) -> str:
+        if item == 0:
+            release.wait(timeout=30)  # stuck until the test ends
+        return f"measured {item}"
+
+    try:
+        results = await map_files(
+            measure, [0, 1, 2], concurrency=1, unmeasured=lambda i, why: why, timeout=0.5
+        )
+    finally:
+        release.set()
+    assert results == ["stalled for more than 0.5 s", "measured 1", "measured 2"]
+
+
+@needs_fuse
+@pytest.mark.anyio
+async def test_a_reopen_that_hangs_does_not_hold_up_measuring_the_other_files(
+    fuse_fs: Callable[..., FuseMount], shared_tmp: Path
+) -> None:
+    # The second open of a.bin (the verification's) never returns; b.bin's reopen must
+    # come while a.bin's still hangs, long before the read timeout would give it up.
+    files = {"a.bin": {"size": MiB, "stall_open": 2}, "b.bin": {"size": MiB}}
+    fs = fuse_fs({"cache": "keep", "files": files})
+    plan = build_plan([str(fs.path("a.bin")), str(fs.path("b.bin"))])
+    stop = threading.Event()
+    reports: list[WarmReport] = []
+
+    async def warm() -> None:
+        options = WarmOptions(concurrency=2, chunk_size=MiB, read_timeout=600)
+        reports.append(await warm_plan(plan, options, stop=stop))
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(warm)
+        await anyio.to_thread.run_sync(fs.wait_for, "STALL open /a.bin")
+        await anyio.to_thread.run_sync(fs.wait_for, "OPEN /b.bin 2")
+        stop.set()
+    (report,) = reports
+    by_name = {Path(result.path).name: result for result in report.files}
+    assert by_name["b.bin"].residency.resident_bytes == MiB
+    assert by_name["a.bin"].residency.resident_bytes is None
+    assert report.interrupted
