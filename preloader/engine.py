@@ -21,8 +21,8 @@ from typing import TypeVar
 import anyio
 import anyio.to_thread
 
+from .events import Emitter, ErrorReason, EventKind
 from .events import EngineEvent as EngineEvent
-from .events import ErrorReason, EventKind
 from .keepwarm import ChunkResidency as ChunkResidency
 from .keepwarm import effective_chunk_size as effective_chunk_size
 from .keepwarm import measure_chunks as measure_chunks
@@ -110,7 +110,7 @@ class _Engine:
         self.plan = plan
         self.options = options
         self.progress = progress
-        self.on_event = on_event
+        self.emit = Emitter(on_event)
         self.stop = stop
         self.method = "sendfile" if options.method == "auto" else options.method
         auto = options.concurrency == AUTO_CONCURRENCY
@@ -141,16 +141,6 @@ class _Engine:
         self.threads = anyio.CapacityLimiter(self.max_workers)
         self.progress.concurrency = int(self.limiter.total_tokens)
         self.timed_out = False
-
-    def emit(
-        self,
-        kind: EventKind,
-        path: str = "",
-        detail: str = "",
-        reason: ErrorReason | None = None,
-    ) -> None:
-        if self.on_event is not None:
-            self.on_event(EngineEvent(kind, path, detail, reason))
 
     def set_state(self, state: str) -> None:
         self.progress.state = state
