@@ -18,6 +18,7 @@ import anyio
 from . import pagecache
 from .events import ErrorReason
 from .planner import Chunk, FileSpec
+from .prefetch import may_prefetch, prefetch
 
 __all__ = [
     "STOP_GRACE_SECONDS",
@@ -31,6 +32,7 @@ __all__ = [
     "open_regular",
     "read_with_fallback",
     "record_failure",
+    "still_planned",
     "whole_files_in_thread",
 ]
 
@@ -189,6 +191,49 @@ class Handoff:
         return self._abandoned
 
 
+def still_planned(spec: FileSpec) -> None:
+    """Refuse a file whose path now names another file than the planned one.
+
+    For a descriptor opened ahead of its read: the check :func:`open_regular` made at the
+    open, made again once the file has been read, so a file replaced in between is
+    ``changed`` and never counted warm.
+
+    :raises FileChangedError: replaced, or no longer a regular file.
+    :raises OSError: the path is gone (deleted since).
+    """
+    st = os.stat(spec.path)
+    if not stat.S_ISREG(st.st_mode):
+        raise FileChangedError(errno.EINVAL, "no longer a regular file")
+    if (st.st_dev, st.st_ino) != (spec.dev, spec.ino):
+        raise FileChangedError(errno.ESTALE, "replaced by another file since planning")
+
+
+def _open_ahead(
+    specs: Sequence[FileSpec], batch: Sequence[Chunk], stop: Callable[[], bool]
+) -> list[int | OSError | None]:
+    """Open and prefetch every file of ``batch`` that :func:`may_prefetch` allows.
+
+    :return: per file, its open descriptor, why it could not be opened, or ``None``
+        (not prefetched: opened when its turn comes).
+    """
+    ahead: list[int | OSError | None] = []
+    for chunk in batch:
+        spec = specs[chunk.file_index]
+        if stop() or not may_prefetch(spec):
+            ahead.append(None)
+            continue
+        try:
+            fd = open_regular(spec)
+        except OSError as err:
+            if err.errno in (errno.EMFILE, errno.ENFILE):  # out of descriptors: no more ahead
+                return ahead + [None] * (len(batch) - len(ahead))
+            ahead.append(err)
+            continue
+        ahead.append(fd)
+        prefetch(fd, chunk.offset, chunk.length)
+    return ahead
+
+
 def whole_files_in_thread(
     specs: Sequence[FileSpec],
     batch: Sequence[Chunk],
@@ -198,24 +243,39 @@ def whole_files_in_thread(
 ) -> bool:
     """Open, read, measure and close each small file in one thread hand-off.
 
+    Where :mod:`preloader.prefetch` allows it, the files of the batch are opened and
+    prefetched first, then read one by one; a file opened ahead is checked again after
+    its read (:func:`still_planned`).
+
     :return: ``True`` once every file of the batch was handed back.
     """
-    for chunk in batch:
-        outcome = Outcome(method=method)
-        if not stop() and not handoff.abandoned:
-            spec = specs[chunk.file_index]
-            try:
-                fd = open_regular(spec)
+    ahead = _open_ahead(specs, batch, stop) if len(batch) > 1 else [None] * len(batch)
+    try:
+        for position, chunk in enumerate(batch):
+            outcome = Outcome(method=method)
+            if not stop() and not handoff.abandoned:
+                spec = specs[chunk.file_index]
+                opened, ahead[position] = ahead[position], None
                 try:
-                    read_with_fallback(fd, chunk, method, stop, outcome)
-                    outcome.resident_after_read = after_read(fd, spec.size)
-                finally:
-                    os.close(fd)
-            except OSError as err:
-                record_failure(outcome, err)
-        if not handoff.put(outcome):
-            return False
-    return True
+                    if isinstance(opened, OSError):
+                        raise opened
+                    fd = open_regular(spec) if opened is None else opened
+                    try:
+                        read_with_fallback(fd, chunk, method, stop, outcome)
+                        outcome.resident_after_read = after_read(fd, spec.size)
+                        if opened is not None:
+                            still_planned(spec)
+                    finally:
+                        os.close(fd)
+                except OSError as err:
+                    record_failure(outcome, err)
+            if not handoff.put(outcome):
+                return False
+        return True
+    finally:
+        for left in ahead:  # a stop or an abandoned hand-off leaves some unread
+            if isinstance(left, int):
+                os.close(left)
 
 
 async def cancel_after_stop(
