@@ -459,6 +459,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import scale  # cost at scale: its own flags (python -m bench --scale -h)
 
         return scale.main(argv)
+    if "--recheck" in (sys.argv[1:] if argv is None else argv):
+        from . import recheck  # keep-warm recheck cost: its own flags (--recheck -h)
+
+        return recheck.main(argv)
     args = _parse_args(argv)
     if args.out is None:
         # A smoke run must not overwrite the committed full-size results.

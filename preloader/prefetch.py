@@ -13,6 +13,7 @@ used), costs a round trip per file, or does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -52,7 +53,5 @@ def prefetch(fd: int, offset: int, length: int) -> None:
     Advice only: a kernel that refuses it (``EINVAL`` on some filesystems) loses nothing,
     the read that follows brings the pages in anyway.
     """
-    try:
+    with contextlib.suppress(OSError):
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
-    except OSError:
-        pass

@@ -51,11 +51,14 @@ class FileChangedError(OSError):
     """The planned file is no longer that file (replaced, or not a regular file)."""
 
 
-def open_regular(spec: FileSpec) -> int:
+def open_regular(spec: FileSpec, blocking: bool = True) -> int:
     """Open a planned file read-only, refusing anything that is no longer that file.
 
     ``O_NONBLOCK`` keeps a FIFO swapped in since planning from blocking the open; the
     ``(dev, ino)`` check refuses a file replaced under the same name.
+
+    :param blocking: clear ``O_NONBLOCK`` once it is known to be the planned file (for
+        reading); ``False`` leaves it set, for a descriptor only measured.
     """
     fd = os.open(spec.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     try:
@@ -64,7 +67,8 @@ def open_regular(spec: FileSpec) -> int:
             raise FileChangedError(errno.EINVAL, "no longer a regular file")
         if (st.st_dev, st.st_ino) != (spec.dev, spec.ino):
             raise FileChangedError(errno.ESTALE, "replaced by another file since planning")
-        os.set_blocking(fd, True)
+        if blocking:
+            os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
