@@ -28,7 +28,7 @@ PREFETCH_FILESYSTEMS = frozenset(
 """Filesystems that always sit on a local block device and read ahead on ``WILLNEED``."""
 
 _lock = threading.Lock()
-_by_device: dict[int, bool] = {}
+_by_device: dict[tuple[str, int], bool] = {}
 
 
 def may_prefetch(spec: FileSpec, mountinfo: str = "/proc/self/mountinfo") -> bool:
@@ -38,12 +38,11 @@ def may_prefetch(spec: FileSpec, mountinfo: str = "/proc/self/mountinfo") -> boo
     is read again only for a device not seen before (a mount made since), at most once
     per device; a device it does not list is not prefetched.
     """
-    known = _by_device.get(spec.dev)
+    known = _by_device.get((mountinfo, spec.dev))
     if known is None:
-        types = mount_types(mountinfo)
-        known = types.get(spec.dev) in PREFETCH_FILESYSTEMS
+        known = mount_types(mountinfo).get(spec.dev) in PREFETCH_FILESYSTEMS
         with _lock:
-            _by_device[spec.dev] = known
+            _by_device[(mountinfo, spec.dev)] = known
     return known
 
 
