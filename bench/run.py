@@ -283,6 +283,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench",
         description="Benchmark preloader against the postStart one-liner, vmtouch and fio "
         "on a cold page cache (issue 5).",
+        epilog="Two more benches take their own flags: python -m bench --scale -h (start-up "
+        "and planning of 100,000 / 1,000,000 files) and python -m bench --recheck -h (the "
+        "keep-warm recheck's CPU-seconds and bytes read).",
     )
     parser.add_argument("--smoke", action="store_true", help="toy sizes, 1 repetition, no sweep")
     parser.add_argument(
