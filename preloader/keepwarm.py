@@ -11,14 +11,10 @@ from dataclasses import dataclass
 from . import pagecache
 from .planner import Chunk, FileSpec, Plan, iter_chunks
 from .reading import describe, open_regular
+from .settings import WarmOptions
 from .verify import map_files
 
-__all__ = ["ChunkResidency", "effective_chunk_size", "measure_chunks"]
-
-
-def effective_chunk_size(chunk_size: int) -> int:
-    """The chunk size the engine really uses: ``chunk_size`` rounded down to whole pages."""
-    return max(pagecache.PAGE_SIZE, chunk_size - chunk_size % pagecache.PAGE_SIZE)
+__all__ = ["ChunkResidency", "measure_chunks"]
 
 
 @dataclass(frozen=True)
@@ -94,7 +90,7 @@ async def measure_chunks(
 
     :return: one entry per planned file, in plan order.
     """
-    size = effective_chunk_size(chunk_size)
+    size = WarmOptions(chunk_size=chunk_size).chunk_size_for()
     results = await map_files(
         lambda item: _chunk_residency_of(item, size), list(enumerate(plan.files)), concurrency
     )

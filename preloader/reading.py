@@ -10,6 +10,7 @@ import errno
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ __all__ = [
     "open_regular",
     "read_with_fallback",
     "record_failure",
+    "slide_deadline",
     "whole_files_in_thread",
 ]
 
@@ -166,17 +168,22 @@ class Handoff:
 
     Once the event loop gives up on the thread (:meth:`abandon`), the thread hands back
     nothing more and stops at its next file.
+
+    :ivar last_put: :func:`time.monotonic` of the last result handed back (of the
+        hand-off's creation before the first): a per-file deadline runs from it.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._abandoned = False
         self._results: list[object] = []
+        self.last_put = time.monotonic()
 
     def put(self, result: object) -> bool:
         with self._lock:
             if not self._abandoned:
                 self._results.append(result)
+                self.last_put = time.monotonic()
             return not self._abandoned
 
     def abandon(self) -> list[object]:
@@ -187,6 +194,19 @@ class Handoff:
     @property
     def abandoned(self) -> bool:
         return self._abandoned
+
+
+async def slide_deadline(scope: anyio.CancelScope, handoff: Handoff, seconds: float) -> None:
+    """Keep ``scope``'s deadline ``seconds`` after ``handoff``'s last result, for ever.
+
+    Start it inside ``scope`` beside a thread that works through a batch of files: the
+    scope is cancelled once one file has taken ``seconds``, however long the batch runs.
+    """
+    while True:
+        left = handoff.last_put + seconds - time.monotonic()
+        scope.deadline = anyio.current_time() + left
+        # Wake before the deadline, to move it if a result came in meanwhile.
+        await anyio.sleep(max(0.0, min(left, seconds / 4)))
 
 
 def whole_files_in_thread(
