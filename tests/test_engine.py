@@ -97,6 +97,15 @@ async def test_auto_concurrency_warms_and_reports_what_it_settled_on(model_dir: 
     assert report.errors == ()
     assert report.resident_ratio == 1.0
     assert report.concurrency >= 4  # starts at the fixed default and only goes up
+    # The report says how it settled: a model this small ends before the first window.
+    assert report.autotune is not None
+    assert report.autotune.settled == report.concurrency
+    assert all(readers >= 4 for readers, _ in report.autotune.steps)
+    assert report.autotune.why
+    document = report.to_json()["autotune"]
+    assert isinstance(document, dict) and document["settled"] == report.concurrency
+    fixed = await warm_plan(plan, WarmOptions(concurrency=4, chunk_size=MiB))
+    assert fixed.autotune is None and fixed.to_json()["autotune"] is None
 
 
 @pytest.mark.parametrize("method", ["sendfile", "mmap", "read"])
