@@ -30,7 +30,6 @@ from .engine import (
     EngineEvent,
     WarmProgress,
     WarmReport,
-    effective_chunk_size,
 )
 from .events import Emitter, ErrorReason, EventKind
 from .planner import Plan, printable
@@ -150,7 +149,7 @@ class AgentState:
         self.config = config
         self._emit = Emitter(on_event)
         self._options = dataclasses.replace(config.options, timeout=None, verify=True)
-        self._chunk_size = effective_chunk_size(config.options.chunk_size)
+        self._chunk_size = config.options.chunk_size_for()
         self._models = [
             ServedPath(root, config.recheck_seconds)
             for root in dict.fromkeys(config.selection.paths)

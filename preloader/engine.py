@@ -8,8 +8,6 @@ runs in a worker thread through :func:`anyio.to_thread.run_sync` with a
 
 from __future__ import annotations
 
-import errno
-import functools
 import os
 import resource
 import threading
@@ -24,9 +22,8 @@ import anyio.to_thread
 from .events import Emitter, ErrorReason, EventKind
 from .events import EngineEvent as EngineEvent
 from .keepwarm import ChunkResidency as ChunkResidency
-from .keepwarm import effective_chunk_size as effective_chunk_size
 from .keepwarm import measure_chunks as measure_chunks
-from .planner import Chunk, FileSpec, Plan
+from .planner import Chunk, Plan
 from .reading import STOP_GRACE_SECONDS as STOP_GRACE_SECONDS
 from .reading import (
     FileState,
@@ -35,9 +32,11 @@ from .reading import (
     after_read,
     read_with_fallback,
     record_failure,
+    slide_deadline,
     whole_files_in_thread,
 )
 from .reading import cancel_after_stop as cancel_after_stop
+from .reports import Autotune
 from .reports import FileResidency as FileResidency
 from .reports import FileResult as FileResult
 from .reports import ResidencyReport as ResidencyReport
@@ -46,7 +45,7 @@ from .reports import WarmReport as WarmReport
 from .schedule import Schedule, Stream, split_rule
 from .settings import AUTO_CONCURRENCY as AUTO_CONCURRENCY
 from .settings import WarmOptions as WarmOptions
-from .verify import bypass_probe, explain, map_files, residency_of, unknown_residency
+from .verify import Verification, explain, unknown_residency, verify_pass
 from .verify import evict_plan as evict_plan
 from .verify import measure_residency as measure_residency
 
@@ -63,7 +62,6 @@ __all__ = [
     "WarmProgress",
     "WarmReport",
     "cancel_after_stop",
-    "effective_chunk_size",
     "evict_plan",
     "measure_chunks",
     "measure_residency",
@@ -71,25 +69,14 @@ __all__ = [
     "warm_plan",
 ]
 
-# errnos with which a filesystem says "not this way"; the engine then tries the next
-# read method for that file instead of counting an error.
-_REFUSALS = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENODEV, errno.EXDEV})
-_FALLBACK = {"sendfile": "read", "mmap": "read"}
-
 _T = TypeVar("_T")
 
 # auto starts at the fixed default, so it never reads slower than leaving -c alone, and
 # doubles from there.
 _AUTO_START = 4
 _AUTO_MAX = 64
-# auto cuts the plan into at least this many chunks (down to _AUTO_MIN_CHUNK each), so
-# the tuner sees enough chunks complete to measure a rate before the plan runs out.
-_AUTO_MIN_CHUNKS = 64
-_AUTO_MIN_CHUNK = 16 * 1024 * 1024
 _AUTO_MIN_GAIN = 1.10
 _AUTO_WINDOW_SECONDS = 0.5
-# Fewest threads measuring residency side by side after the read pass.
-_VERIFY_WORKERS = 16
 
 
 def _cpu_seconds() -> float:
@@ -114,11 +101,8 @@ class _Engine:
         self.stop = stop
         self.method = "sendfile" if options.method == "auto" else options.method
         auto = options.concurrency == AUTO_CONCURRENCY
-        chunk_size = options.chunk_size
-        if auto and chunks is None:  # a selection of chunks keeps the size they were cut at
-            wanted = plan.total_bytes // _AUTO_MIN_CHUNKS
-            chunk_size = min(chunk_size, max(_AUTO_MIN_CHUNK, wanted))
-        self.chunk_size = effective_chunk_size(chunk_size)
+        # A selection of chunks (keep-warm's) was cut at the plain size.
+        self.chunk_size = options.chunk_size_for(plan.total_bytes if chunks is None else None)
         # A selection of chunks (keep-warm re-reads what lost pages): a file with none
         # selected is never opened.
         self.schedule = Schedule(
@@ -141,6 +125,9 @@ class _Engine:
         self.threads = anyio.CapacityLimiter(self.max_workers)
         self.progress.concurrency = int(self.limiter.total_tokens)
         self.timed_out = False
+        # -c auto: (readers, bytes per second) of every window measured, and why it settled.
+        self.tuning: list[tuple[int, float]] = []
+        self.tuned: str | None = None
 
     def set_state(self, state: str) -> None:
         self.progress.state = state
@@ -182,17 +169,35 @@ class _Engine:
             ) or time.monotonic() - before < _AUTO_WINDOW_SECONDS:
                 await anyio.sleep(_AUTO_WINDOW_SECONDS / 2)
             rate = (self.progress.bytes_read - before_bytes) / (time.monotonic() - before)
+            self.tuning.append((tokens, rate))
             if rate > best_rate * _AUTO_MIN_GAIN and tokens < _AUTO_MAX:
                 best_rate, best_tokens = rate, tokens
                 self.limiter.total_tokens = min(_AUTO_MAX, tokens * 2)
                 self.progress.concurrency = int(self.limiter.total_tokens)
                 continue
+            if tokens >= _AUTO_MAX and rate > best_rate * _AUTO_MIN_GAIN:
+                why = f"throughput still grew at {tokens} readers, the most auto uses"
+            else:
+                why = (
+                    f"{tokens} readers read {rate / max(best_rate, 1.0):.2f} x what "
+                    f"{best_tokens} did: less than the {_AUTO_MIN_GAIN:.2f} x a doubling "
+                    "must gain"
+                )
             if rate > best_rate:
                 best_tokens = tokens
             self.limiter.total_tokens = best_tokens
             self.progress.concurrency = best_tokens
-            self.emit(EventKind.CONCURRENCY, detail=f"settled at {best_tokens}")
+            self.tuned = why
+            self.emit(EventKind.CONCURRENCY, detail=f"settled at {best_tokens}: {why}")
             return
+
+    def autotune(self) -> Autotune | None:
+        """How ``-c auto`` settled, for the report; ``None`` for a fixed ``-c``."""
+        if self.options.concurrency != AUTO_CONCURRENCY:
+            return None
+        readers = int(self.limiter.total_tokens)
+        why = self.tuned or f"the pass ended while it measured {readers} readers"
+        return Autotune(tuple(self.tuning), readers, why)
 
     async def _worker(self) -> None:
         stream: Stream | None = None
@@ -223,14 +228,30 @@ class _Engine:
             if state.chunks_left == 0:
                 await self._finish_file(state)
 
-    async def _in_thread(self, func: Callable[..., _T], *args: object) -> _T | None:
-        """Run ``func`` on a worker thread under the per-read deadline; ``None`` if stalled."""
+    async def _in_thread(
+        self, func: Callable[..., _T], *args: object, handoff: Handoff | None = None
+    ) -> _T | None:
+        """Run ``func`` on a worker thread under the per-read deadline; ``None`` if stalled.
+
+        :param handoff: the thread hands back one result per file: the deadline then runs
+            from the last one, so it is per file however many the batch holds.
+        """
+        timeout = self.options.read_timeout
         with anyio.CancelScope() as scope:
-            if self.options.read_timeout is not None:
-                scope.deadline = anyio.current_time() + self.options.read_timeout
-            return await anyio.to_thread.run_sync(
-                func, *args, limiter=self.threads, abandon_on_cancel=True
-            )
+            if timeout is None:
+                return await anyio.to_thread.run_sync(
+                    func, *args, limiter=self.threads, abandon_on_cancel=True
+                )
+            async with anyio.create_task_group() as group:
+                if handoff is None:
+                    scope.deadline = anyio.current_time() + timeout
+                else:
+                    group.start_soon(slide_deadline, scope, handoff, timeout)
+                result = await anyio.to_thread.run_sync(
+                    func, *args, limiter=self.threads, abandon_on_cancel=True
+                )
+                group.cancel_scope.cancel()
+            return result
         return None
 
     def _stalled(self, states: Sequence[FileState]) -> None:
@@ -271,6 +292,7 @@ class _Engine:
                     self.method,
                     self.stop.is_set,
                     handoff,
+                    handoff=handoff,
                 )
             except anyio.get_cancelled_exc_class():
                 # What the thread finished still counts; only the file in hand may still
@@ -339,6 +361,44 @@ class _Engine:
 
         state.resident_after_read = await anyio.to_thread.run_sync(finish, limiter=self.threads)
 
+    def result(self, index: int, verification: Verification | None) -> FileResult:
+        """The report line of file ``index`` once the pass (and its verification) ended."""
+        state = self.files[index]
+        spec = state.spec
+        if verification is None:
+            measured = FileResidency(spec.path, spec.size, None, "not verified")
+        elif state.stalled:
+            measured = unknown_residency(
+                spec, "its read stalled, and opening it again could hang too"
+            )
+        else:
+            measured = verification.residency[index]
+        if measured.changed and state.error is None and measured.reason is not None:
+            self._fail(state, measured.reason, "changed")
+        cause = None
+        complete = state.error is None and state.read_bytes >= spec.size
+        if verification is not None and complete and measured.resident_bytes is not None:
+            bypass = verification.bypass.get(index)
+            cause = explain(spec, state.resident_after_read, measured.resident_bytes, bypass)
+            if cause is None and measured.reason is not None:
+                cause = measured.reason  # measured, with a caveat (it grew)
+            if cause is not None:
+                self.emit(EventKind.NOT_RESIDENT, spec.path, cause)
+        elif state.error is None and state.stalled:
+            cause = "not read in full: its read did not return before the pass stopped"
+        elif state.error is None and not complete:
+            cause = "not read: the pass was stopped before this file"
+        return FileResult(
+            path=spec.path,
+            size=spec.size,
+            read_bytes=state.read_bytes,
+            method=state.method,
+            residency=measured,
+            resident_after_read=state.resident_after_read,
+            error=state.error,
+            cause=cause,
+        )
+
     def _close_leftovers(self) -> None:
         for state in self.files:
             if state.fd is not None and state.in_flight == 0 and not state.stalled:
@@ -369,91 +429,20 @@ async def warm_plan(
     cpu_before = _cpu_seconds()
     started = time.monotonic()
     engine = _Engine(plan, options, progress, on_event, stop)
-    await engine.run()
-
-    # Verifying is an open, a cachestat and a close per file: bound by the open's round
-    # trip on network filesystems (a HEAD request on s3fs), not by bandwidth.
-    workers = max(_VERIFY_WORKERS, options.concurrency)
-    residency: dict[FileSpec, FileResidency] = {}
-    bypass: dict[FileSpec, bool | None] = {}
-    if options.verify:
+    await engine.run()  # 1. the read pass
+    verification = None
+    if options.verify:  # 2. what stayed resident
         engine.set_state("verifying")
-        # A file whose read stalled is not opened again: on a filesystem that invalidates
-        # the cache at open, that open waits for the stuck read's locked page, for ever.
-        healthy = [state.spec for state in engine.files if not state.stalled]
-        measured_list = await map_files(
-            functools.partial(residency_of, after_read=True),
-            healthy,
-            workers,
-            unknown_residency,
-            timeout=options.read_timeout,
-            stop=stop,
+        verification = await verify_pass(
+            engine.files, options.concurrency, timeout=options.read_timeout, stop=stop
         )
-        residency = dict(zip(healthy, measured_list, strict=True))
-        # Read in full, resident then, gone at the next open: tell a filesystem that drops
-        # the cache at open from one whose reads bypass it (direct_io), with one page.
-        suspects = [
-            state.spec
-            for state in engine.files
-            if state.error is None
-            and state.resident_after_read
-            and state.spec in residency
-            and residency[state.spec].resident_bytes == 0
-            and not residency[state.spec].changed
-        ]
-        probed = await map_files(
-            bypass_probe,
-            suspects,
-            workers,
-            lambda spec, why: None,
-            timeout=options.read_timeout,
-            stop=stop,
-        )
-        bypass = dict(zip(suspects, probed, strict=True))
-
-    results = []
-    for state in engine.files:
-        spec = state.spec
-        if not options.verify:
-            measured = FileResidency(spec.path, spec.size, None, "not verified")
-        elif state.stalled:
-            measured = unknown_residency(
-                spec, "its read stalled, and opening it again could hang too"
-            )
-        else:
-            measured = residency[spec]
-        if measured.changed and state.error is None and measured.reason is not None:
-            engine._fail(state, measured.reason, "changed")
-        cause = None
-        complete = state.error is None and state.read_bytes >= spec.size
-        if options.verify and complete and measured.resident_bytes is not None:
-            cause = explain(
-                spec, state.resident_after_read, measured.resident_bytes, bypass.get(spec)
-            )
-            if cause is None and measured.reason is not None:
-                cause = measured.reason  # measured, with a caveat (it grew)
-            if cause is not None:
-                engine.emit(EventKind.NOT_RESIDENT, spec.path, cause)
-        elif state.error is None and state.stalled:
-            cause = "not read in full: its read did not return before the pass stopped"
-        elif state.error is None and not complete:
-            cause = "not read: the pass was stopped before this file"
-        results.append(
-            FileResult(
-                path=spec.path,
-                size=spec.size,
-                read_bytes=state.read_bytes,
-                method=state.method,
-                residency=measured,
-                resident_after_read=state.resident_after_read,
-                error=state.error,
-                cause=cause,
-            )
-        )
+    results = tuple(  # 3. one result per file, with the cause of what is not resident
+        engine.result(index, verification) for index in range(len(engine.files))
+    )
     engine.set_state("done")
     interrupted = stop.is_set() and not engine.timed_out  # a signal while verifying counts
     return WarmReport(
-        files=tuple(results),
+        files=results,
         skipped=plan.skipped,
         seconds=time.monotonic() - started,
         cpu_seconds=_cpu_seconds() - cpu_before,
@@ -463,6 +452,7 @@ async def warm_plan(
         timed_out=engine.timed_out,
         interrupted=interrupted,
         verified=options.verify,
+        autotune=engine.autotune(),
     )
 
 

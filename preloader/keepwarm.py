@@ -17,19 +17,15 @@ import anyio.to_thread
 from . import pagecache
 from .planner import Chunk, FileSpec, Plan, iter_chunks
 from .reading import describe, open_regular
+from .settings import WarmOptions
 
-__all__ = ["ChunkResidency", "effective_chunk_size", "measure_chunks"]
+__all__ = ["ChunkResidency", "measure_chunks"]
 
 # Files measured in one thread hand-off: few hand-offs for 100,000 files.
 _RUN_FILES = 512
 # Bytes of a file mapped at a time for mincore (rounded to whole chunks): a 128 KiB vector
 # per 512 MiB.
 _MINCORE_WINDOW = 1 << 30
-
-
-def effective_chunk_size(chunk_size: int) -> int:
-    """The chunk size the engine really uses: ``chunk_size`` rounded down to whole pages."""
-    return max(pagecache.PAGE_SIZE, chunk_size - chunk_size % pagecache.PAGE_SIZE)
 
 
 class ChunkResidency(NamedTuple):
@@ -218,7 +214,7 @@ async def measure_chunks(
 
     :return: one entry per planned file, in plan order.
     """
-    size = effective_chunk_size(chunk_size)
+    size = WarmOptions(chunk_size=chunk_size).chunk_size_for()
     files = plan.files
     limiter = anyio.CapacityLimiter(max(1, concurrency))
     runs: list[list[ChunkResidency]] = [[] for _ in range(0, len(files), _RUN_FILES)]

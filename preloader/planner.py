@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from . import formats
 from .formats import Choice, Problem
+from .procfs import mount_types
 from .settings import Selection
 
 __all__ = [
@@ -180,29 +181,6 @@ PSEUDO_FILESYSTEMS = frozenset(
         "nsfs",
     }
 )
-
-
-def _pseudo_devices(mountinfo: str = "/proc/self/mountinfo") -> dict[int, str]:
-    """``st_dev`` -> filesystem type of every mounted pseudo filesystem."""
-    devices: dict[int, str] = {}
-    try:
-        with open(mountinfo, encoding="utf-8", errors="replace") as handle:
-            lines = handle.read().splitlines()
-    except OSError:
-        return devices
-    for line in lines:
-        # 36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue
-        fields, _, rest = line.partition(" - ")
-        parts = fields.split()
-        fstype = rest.split(" ", 1)[0]
-        if len(parts) < 3 or fstype not in PSEUDO_FILESYSTEMS:
-            continue
-        major, _, minor = parts[2].partition(":")
-        try:
-            devices[os.makedev(int(major), int(minor))] = fstype
-        except ValueError:
-            continue
-    return devices
 
 
 def _hf_blobs(root: str) -> str | None:
@@ -511,7 +489,7 @@ def build_plan(
     """
     walk = _Walk(include=tuple(include), exclude=tuple(exclude), all_formats=all_formats)
     root_list = tuple(roots)
-    walk.pseudo = _pseudo_devices()
+    walk.pseudo = {dev: kind for dev, kind in mount_types().items() if kind in PSEUDO_FILESYSTEMS}
     for root in root_list:
         walk.allow(root)
     files: list[FileSpec] = []

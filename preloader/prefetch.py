@@ -18,7 +18,7 @@ import os
 import threading
 
 from .planner import FileSpec
-from .schedule import mount_types
+from .procfs import mount_types
 
 __all__ = ["PREFETCH_FILESYSTEMS", "may_prefetch", "prefetch"]
 

@@ -10,6 +10,7 @@ import errno
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ __all__ = [
     "open_regular",
     "read_with_fallback",
     "record_failure",
+    "slide_deadline",
     "still_planned",
     "whole_files_in_thread",
 ]
@@ -139,8 +141,25 @@ class Outcome:
 
 
 def read_with_fallback(
-    fd: int, chunk: Chunk, method: str, stop: Callable[[], bool], outcome: Outcome
+    fd: int,
+    chunk: Chunk,
+    method: str,
+    stop: Callable[[], bool],
+    outcome: Outcome,
+    skip_cached: bool = True,
 ) -> None:
+    """Bring ``chunk`` into the page cache with ``method``, falling back where refused.
+
+    A chunk whose every page is cached already is not read again (one ``cachestat``):
+    warming a warm model costs no I/O and almost no CPU. Its bytes count as read.
+
+    :param skip_cached: ``False`` for a chunk just prefetched: cachestat counts pages
+        whose read is still in flight (or failed), so only the read tells it is there.
+    """
+    if skip_cached and _all_cached(fd, chunk):
+        outcome.read_bytes = chunk.length
+        outcome.method = method
+        return
     while True:
         try:
             outcome.read_bytes = pagecache.read_range(fd, chunk.offset, chunk.length, method, stop)
@@ -158,6 +177,17 @@ def read_with_fallback(
             ) from err
 
 
+def _all_cached(fd: int, chunk: Chunk) -> bool:
+    """Whether every page of ``chunk`` is in the page cache; ``False`` when unknown."""
+    if chunk.length <= 0:
+        return False
+    try:
+        cached = pagecache.range_resident_pages(fd, chunk.offset, chunk.length)
+    except (pagecache.ResidencyUnknownError, OSError):
+        return False
+    return cached >= -(-chunk.length // pagecache.PAGE_SIZE)
+
+
 def after_read(fd: int, size: int) -> int | None:
     # Measured on the same descriptor: a filesystem that drops the cache at every open
     # would otherwise hide that reading did populate it.
@@ -172,17 +202,22 @@ class Handoff:
 
     Once the event loop gives up on the thread (:meth:`abandon`), the thread hands back
     nothing more and stops at its next file.
+
+    :ivar last_put: :func:`time.monotonic` of the last result handed back (of the
+        hand-off's creation before the first): a per-file deadline runs from it.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._abandoned = False
         self._results: list[object] = []
+        self.last_put = time.monotonic()
 
     def put(self, result: object) -> bool:
         with self._lock:
             if not self._abandoned:
                 self._results.append(result)
+                self.last_put = time.monotonic()
             return not self._abandoned
 
     def abandon(self) -> list[object]:
@@ -214,28 +249,47 @@ def still_planned(spec: FileSpec) -> None:
 
 def _open_ahead(
     specs: Sequence[FileSpec], batch: Sequence[Chunk], stop: Callable[[], bool]
-) -> list[int | OSError | None]:
+) -> tuple[list[int | OSError | None], list[bool]]:
     """Open and prefetch every file of ``batch`` that :func:`may_prefetch` allows.
 
+    A file whose pages are all cached already is opened but not prefetched (its read is
+    skipped as any cached chunk's).
+
     :return: per file, its open descriptor, why it could not be opened, or ``None``
-        (not prefetched: opened when its turn comes).
+        (not prefetched: opened when its turn comes); and per file whether it was
+        prefetched.
     """
-    ahead: list[int | OSError | None] = []
-    for chunk in batch:
+    ahead: list[int | OSError | None] = [None] * len(batch)
+    fetched = [False] * len(batch)
+    for position, chunk in enumerate(batch):
         spec = specs[chunk.file_index]
         if stop() or not may_prefetch(spec):
-            ahead.append(None)
             continue
         try:
             fd = open_regular(spec)
         except OSError as err:
             if err.errno in (errno.EMFILE, errno.ENFILE):  # out of descriptors: no more ahead
-                return ahead + [None] * (len(batch) - len(ahead))
-            ahead.append(err)
+                break
+            ahead[position] = err
             continue
-        ahead.append(fd)
-        prefetch(fd, chunk.offset, chunk.length)
-    return ahead
+        ahead[position] = fd
+        if not _all_cached(fd, chunk):
+            prefetch(fd, chunk.offset, chunk.length)
+            fetched[position] = True
+    return ahead, fetched
+
+
+async def slide_deadline(scope: anyio.CancelScope, handoff: Handoff, seconds: float) -> None:
+    """Keep ``scope``'s deadline ``seconds`` after ``handoff``'s last result, for ever.
+
+    Start it inside ``scope`` beside a thread that works through a batch of files: the
+    scope is cancelled once one file has taken ``seconds``, however long the batch runs.
+    """
+    while True:
+        left = handoff.last_put + seconds - time.monotonic()
+        scope.deadline = anyio.current_time() + left
+        # Wake before the deadline, to move it if a result came in meanwhile.
+        await anyio.sleep(max(0.0, min(left, seconds / 4)))
 
 
 def whole_files_in_thread(
@@ -253,7 +307,10 @@ def whole_files_in_thread(
 
     :return: ``True`` once every file of the batch was handed back.
     """
-    ahead = _open_ahead(specs, batch, stop) if len(batch) > 1 else [None] * len(batch)
+    if len(batch) > 1:
+        ahead, fetched = _open_ahead(specs, batch, stop)
+    else:
+        ahead, fetched = [None], [False]
     try:
         for position, chunk in enumerate(batch):
             outcome = Outcome(method=method)
@@ -265,7 +322,9 @@ def whole_files_in_thread(
                         raise opened
                     fd = open_regular(spec) if opened is None else opened
                     try:
-                        read_with_fallback(fd, chunk, method, stop, outcome)
+                        read_with_fallback(
+                            fd, chunk, method, stop, outcome, skip_cached=not fetched[position]
+                        )
                         outcome.resident_after_read = after_read(fd, spec.size)
                         if opened is not None:
                             still_planned(spec)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .planner import Chunk, FileSpec, chunk_count
+from .procfs import mount_types
 from .settings import SPLIT_MODES as SPLIT_MODES
 
 __all__ = [
@@ -179,29 +180,6 @@ class Schedule:
         widest.end = middle
         self._running.append(stream)
         return (self._chunk(stream),), stream
-
-
-def mount_types(mountinfo: str = "/proc/self/mountinfo") -> dict[int, str]:
-    """Filesystem type (``ext4``, ``fuse.s3fs``) of every mounted device, by ``st_dev``.
-
-    Read from the kernel's mount table, so it names what the kernel mounted, not what a
-    path looks like; empty when the table cannot be read.
-    """
-    types: dict[int, str] = {}
-    try:
-        with open(mountinfo, encoding="utf-8", errors="replace") as table:
-            lines = table.read().splitlines()
-    except OSError:
-        return types
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 3 or "-" not in fields[3:]:
-            continue
-        major, _, minor = fields[2].partition(":")
-        after = fields[fields.index("-", 3) + 1 :]
-        if after and major.isdigit() and minor.isdigit():
-            types.setdefault(os.makedev(int(major), int(minor)), after[0])
-    return types
 
 
 def filesystem_type(path: str) -> str | None:

@@ -54,6 +54,13 @@ AUTO_CONCURRENCY = 0
 DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
 """Bytes per chunk when ``--chunk-size`` is not given."""
 
+AUTO_MIN_CHUNKS = 64
+"""With ``-c auto`` a pass is cut into at least this many chunks (down to
+:data:`AUTO_MIN_CHUNK` each), so the tuner sees enough of them complete to measure a rate
+before the plan runs out."""
+
+AUTO_MIN_CHUNK = 16 * 1024 * 1024
+
 ReadMethod = Literal["auto", "sendfile", "mmap", "read"]
 READ_METHODS: tuple[ReadMethod, ...] = get_args(ReadMethod)
 
@@ -104,6 +111,21 @@ class WarmOptions:
             raise ValueError(f"unknown read method {self.method!r}")
         if self.split not in SPLIT_MODES:
             raise ValueError(f"unknown split mode {self.split!r}")
+
+    def chunk_size_for(self, total_bytes: int | None = None) -> int:
+        """The chunk size reads are cut at: the one rule the engine and keep-warm share.
+
+        :attr:`chunk_size` rounded down to whole pages. For a full pass over
+        ``total_bytes`` with ``-c auto``, smaller where the plan would otherwise make fewer
+        than :data:`AUTO_MIN_CHUNKS` chunks. Keep-warm measures and re-reads lost chunks
+        at the plain size (``total_bytes`` omitted), whatever the first pass used.
+        """
+        from .pagecache import PAGE_SIZE
+
+        size = self.chunk_size
+        if total_bytes is not None and self.concurrency == AUTO_CONCURRENCY:
+            size = min(size, max(AUTO_MIN_CHUNK, total_bytes // AUTO_MIN_CHUNKS))
+        return max(PAGE_SIZE, size - size % PAGE_SIZE)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import errno
 import os
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import anyio
@@ -18,7 +19,14 @@ import anyio.to_thread
 
 from . import pagecache
 from .planner import FileSpec, Plan
-from .reading import Handoff, cancel_after_stop, describe, open_regular
+from .reading import (
+    FileState,
+    Handoff,
+    cancel_after_stop,
+    describe,
+    open_regular,
+    slide_deadline,
+)
 from .reports import FileResidency, ResidencyReport
 
 __all__ = [
@@ -29,11 +37,17 @@ __all__ = [
     "measure_residency",
     "residency_of",
     "unknown_residency",
+    "verify_pass",
 ]
 
 _T = TypeVar("_T")
 _I = TypeVar("_I")
 _R = TypeVar("_R")
+
+# Fewest threads measuring residency side by side after a read pass: verifying is an
+# open, a cachestat and a close per file, bound by the open's round trip on network
+# filesystems (a HEAD request on s3fs), not by bandwidth.
+_VERIFY_WORKERS = 16
 
 # A file counts as resident when at least this share of it is; the last page and races
 # with concurrent eviction make exact equality too strict.
@@ -162,8 +176,8 @@ async def map_files(
 
     :param unmeasured: the result for a file ``func`` did not finish, given the reason
         (needed with ``timeout`` or ``stop``).
-    :param timeout: seconds one batch of files may take; the file in hand when it runs
-        out is given up (its thread abandoned) and the rest of the batch goes on.
+    :param timeout: seconds one file may take; the file in hand when it runs out is given
+        up (its thread abandoned) and the rest of its batch goes on in a fresh thread.
     :param stop: once set, the remaining files are given up after the stop grace.
     """
     results: dict[int, _R] = {}
@@ -187,12 +201,19 @@ async def map_files(
             while first < end:
                 handoff = Handoff()
                 with anyio.CancelScope() as deadline:
-                    if timeout is not None:
-                        deadline.deadline = anyio.current_time() + timeout
                     try:
-                        await anyio.to_thread.run_sync(
-                            run_batch, first, end, handoff, limiter=limiter, abandon_on_cancel=True
-                        )
+                        async with anyio.create_task_group() as batch_group:
+                            if timeout is not None:
+                                batch_group.start_soon(slide_deadline, deadline, handoff, timeout)
+                            await anyio.to_thread.run_sync(
+                                run_batch,
+                                first,
+                                end,
+                                handoff,
+                                limiter=limiter,
+                                abandon_on_cancel=True,
+                            )
+                            batch_group.cancel_scope.cancel()
                     finally:
                         for result in handoff.abandon():
                             results[first] = result  # type: ignore[assignment]  # only _R put
@@ -252,3 +273,62 @@ async def evict_plan(plan: Plan, concurrency: int = 4) -> ResidencyReport:
     """
     files = await map_files(_evict_one, plan.files, concurrency, unknown_residency)
     return ResidencyReport(tuple(files), plan.skipped)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What :func:`verify_pass` measured, keyed by the file's index in the pass.
+
+    :ivar residency: residency now of every file opened again (not of stalled ones).
+    :ivar bypass: for a file read in full, resident then and gone at the re-open,
+        whether a fresh plain read bypasses the cache (:func:`bypass_probe`).
+    """
+
+    residency: dict[int, FileResidency]
+    bypass: dict[int, bool | None]
+
+
+async def verify_pass(
+    states: Sequence[FileState],
+    concurrency: int,
+    *,
+    timeout: float | None = None,
+    stop: threading.Event | None = None,
+) -> Verification:
+    """Re-open every file of a finished read pass and measure what stayed resident.
+
+    :param concurrency: the pass's readers; at least 16 threads measure side by side.
+    :param timeout: the per-read timeout, applied to each open and measurement.
+    """
+    workers = max(_VERIFY_WORKERS, concurrency)
+    # A file whose read stalled is not opened again: on a filesystem that invalidates the
+    # cache at open, that open waits for the stuck read's locked page, for ever.
+    healthy = [index for index, state in enumerate(states) if not state.stalled]
+    measured = await map_files(
+        lambda index: residency_of(states[index].spec, after_read=True),
+        healthy,
+        workers,
+        lambda index, why: unknown_residency(states[index].spec, why),
+        timeout=timeout,
+        stop=stop,
+    )
+    residency = dict(zip(healthy, measured, strict=True))
+    # Read in full, resident then, gone at the next open: tell a filesystem that drops the
+    # cache at open from one whose reads bypass it (direct_io), with one page.
+    suspects = [
+        index
+        for index in healthy
+        if states[index].error is None
+        and states[index].resident_after_read
+        and residency[index].resident_bytes == 0
+        and not residency[index].changed
+    ]
+    probed = await map_files(
+        lambda index: bypass_probe(states[index].spec),
+        suspects,
+        workers,
+        lambda index, why: None,
+        timeout=timeout,
+        stop=stop,
+    )
+    return Verification(residency, dict(zip(suspects, probed, strict=True)))

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from preloader import prefetch
+from preloader import pagecache, prefetch
 from preloader.engine import EngineEvent, WarmOptions, rewarm_chunks, warm_plan
 from preloader.planner import FileSpec, build_plan, iter_chunks
 
@@ -63,14 +63,24 @@ def _local_disk(path: Path) -> None:
         pytest.skip(f"{path} is not on a local block filesystem here")
 
 
-async def test_small_files_on_local_disk_are_prefetched_and_resident(
-    shared_tmp: Path, willneed: list[str]
+async def test_small_files_on_local_disk_are_prefetched_read_and_resident(
+    shared_tmp: Path, willneed: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tree = _small_tree(shared_tmp / "small")
     _local_disk(tree)
     plan = build_plan([str(tree)])
+    reads: list[str] = []
+    real_read = pagecache.read_range
+
+    def counting_read(fd: int, offset: int, length: int, method: str, stop: Any) -> int:
+        reads.append(_path_of(fd))
+        return real_read(fd, offset, length, method, stop)
+
+    monkeypatch.setattr(pagecache, "read_range", counting_read)
     report = await warm_plan(plan)
     assert sorted(willneed) == sorted(spec.path for spec in plan.files)
+    # Read after the prefetch, never skipped: cachestat counts pages still in flight.
+    assert sorted(reads) == sorted(willneed)
     assert all(f.error is None for f in report.files)
     # Outside witnesses, not preloader's own count.
     assert vmtouch_resident(tree) == (FILES * SIZE // 4096, FILES * SIZE // 4096)

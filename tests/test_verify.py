@@ -65,6 +65,37 @@ async def test_map_files_gives_up_only_the_item_that_stalls() -> None:
     assert results == ["stalled for more than 0.5 s", "measured 1", "measured 2"]
 
 
+@pytest.mark.anyio
+async def test_map_files_timeout_is_per_item_not_per_batch() -> None:
+    # Ten items of 0.2 s run in one thread's batch (2 s) under a 0.8 s timeout: each
+    # item is well inside it, so none may be given up however long the batch runs.
+    def measure(item: int) -> str:
+        threading.Event().wait(0.2)  # the work itself: a slow open, not a synchronisation
+        return f"measured {item}"
+
+    items = list(range(10))
+    results = await map_files(
+        measure, items, concurrency=1, unmeasured=lambda i, why: why, timeout=0.8
+    )
+    assert results == [f"measured {item}" for item in items]
+
+
+@needs_fuse
+@pytest.mark.anyio
+async def test_read_timeout_is_per_file_in_a_batch_of_small_files(
+    fuse_fs: Callable[..., FuseMount],
+) -> None:
+    # One worker reads twelve 64 KiB files served at 256 KiB/s (0.25 s each) in one
+    # batch: 3 s in all, against a 1.5 s read timeout that each file is well inside.
+    files = {f"f{index:02}.bin": {"size": 64 * 1024, "rate": 256 * 1024} for index in range(12)}
+    fs = fuse_fs({"cache": "keep", "files": files})
+    plan = build_plan([str(fs.mountpoint)])
+    options = WarmOptions(concurrency=1, chunk_size=MiB, read_timeout=1.5)
+    report = await warm_plan(plan, options)
+    assert [result.error for result in report.files] == [None] * 12
+    assert report.read_bytes == 12 * 64 * 1024
+
+
 @needs_fuse
 @pytest.mark.anyio
 async def test_a_reopen_that_hangs_does_not_hold_up_measuring_the_other_files(
