@@ -293,6 +293,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench",
         description="Benchmark preloader against the postStart one-liner, vmtouch and fio "
         "on a cold page cache (issue 5).",
+        epilog="Two more benches take their own flags: python -m bench --scale -h (start-up "
+        "and planning of 100,000 / 1,000,000 files) and python -m bench --recheck -h (the "
+        "keep-warm recheck's CPU-seconds and bytes read).",
     )
     parser.add_argument("--smoke", action="store_true", help="toy sizes, 1 repetition, no sweep")
     parser.add_argument(
@@ -477,6 +480,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import scale  # cost at scale: its own flags (python -m bench --scale -h)
 
         return scale.main(argv)
+    if "--recheck" in (sys.argv[1:] if argv is None else argv):
+        from . import recheck  # keep-warm recheck cost: its own flags (--recheck -h)
+
+        return recheck.main(argv)
     args = _parse_args(argv)
     if args.out is None:
         # A smoke run must not overwrite the committed full-size results.
