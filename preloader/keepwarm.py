@@ -102,15 +102,7 @@ def _measure_file(index: int, spec: FileSpec, chunk_size: int) -> ChunkResidency
     try:
         fd = open_regular(spec, blocking=False)  # measured, never read
     except OSError as err:
-        # Not measurable: every chunk counts as lost, so keep-warm tries it again.
-        return ChunkResidency(
-            index,
-            spec.path,
-            spec.size,
-            None,
-            _file_chunks(index, spec, chunk_size),
-            error=f"cannot open: {describe(err)}",
-        )
+        return _unmeasured(index, spec, chunk_size, f"cannot open: {describe(err)}")
     try:
         return _measure_open(fd, index, spec, chunk_size)
     finally:
@@ -132,14 +124,13 @@ def _measure_open(fd: int, index: int, spec: FileSpec, chunk_size: int) -> Chunk
     except pagecache.ResidencyUnknownError as unknown:
         return ChunkResidency(index, spec.path, spec.size, None, reason=unknown.reason)
     except OSError as err:
-        return ChunkResidency(
-            index,
-            spec.path,
-            spec.size,
-            None,
-            _file_chunks(index, spec, chunk_size),
-            error=f"cannot measure: {describe(err)}",
-        )
+        return _unmeasured(index, spec, chunk_size, f"cannot measure: {describe(err)}")
+
+
+def _unmeasured(index: int, spec: FileSpec, chunk_size: int, cause: str) -> ChunkResidency:
+    """Not measurable: every chunk counts as lost, so keep-warm tries it again."""
+    chunks = _file_chunks(index, spec, chunk_size)
+    return ChunkResidency(index, spec.path, spec.size, None, chunks, error=cause)
 
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK

@@ -57,6 +57,26 @@ def willneed(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     yield asked
 
 
+def _replace_at_its_prefetch(
+    monkeypatch: pytest.MonkeyPatch, victim: str, scratch: Path
+) -> list[str]:
+    """Replace ``victim`` (a new file renamed over it) when preloader prefetches it: opened
+    ahead, not read yet, the moment the ahead-open widens. Returns what was replaced."""
+    replaced: list[str] = []
+    real = os.posix_fadvise
+
+    def replace_then_advise(fd: int, offset: int, length: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_WILLNEED and _path_of(fd) == victim and not replaced:
+            fresh = scratch / "fresh.bin"
+            fresh.write_bytes(os.urandom(SIZE))
+            os.replace(fresh, victim)
+            replaced.append(victim)
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", replace_then_advise)
+    return replaced
+
+
 def _local_disk(path: Path) -> None:
     spec = build_plan([str(path)]).files[0]
     if not prefetch.may_prefetch(spec):
@@ -95,19 +115,7 @@ async def test_a_file_replaced_after_its_ahead_open_is_changed_never_warm(
     _local_disk(tree)
     plan = build_plan([str(tree)])
     victim = plan.files[FILES // 2].path
-    replaced: list[str] = []
-    real = os.posix_fadvise
-
-    def replace_then_advise(fd: int, offset: int, length: int, advice: int) -> None:
-        # Opened ahead, not read yet: the moment the ahead-open widens.
-        if advice == os.POSIX_FADV_WILLNEED and _path_of(fd) == victim and not replaced:
-            fresh = shared_tmp / "fresh.bin"
-            fresh.write_bytes(os.urandom(SIZE))
-            os.replace(fresh, victim)
-            replaced.append(victim)
-        real(fd, offset, length, advice)
-
-    monkeypatch.setattr(os, "posix_fadvise", replace_then_advise)
+    replaced = _replace_at_its_prefetch(monkeypatch, victim, shared_tmp)
     events: list[EngineEvent] = []
     report = await warm_plan(plan, WarmOptions(verify=verify), on_event=events.append)
     assert replaced == [victim]  # the ahead-open did happen before the replacement
@@ -125,18 +133,10 @@ async def test_rewarm_reports_a_replaced_file_too(
     _local_disk(tree)
     plan = build_plan([str(tree)])
     victim = plan.files[3].path
-    real = os.posix_fadvise
-
-    def replace_then_advise(fd: int, offset: int, length: int, advice: int) -> None:
-        if advice == os.POSIX_FADV_WILLNEED and _path_of(fd) == victim:
-            fresh = shared_tmp / "fresh.bin"
-            fresh.write_bytes(os.urandom(SIZE))
-            os.replace(fresh, victim)
-        real(fd, offset, length, advice)
-
-    monkeypatch.setattr(os, "posix_fadvise", replace_then_advise)
+    replaced = _replace_at_its_prefetch(monkeypatch, victim, shared_tmp)
     chunks = [c for c in iter_chunks(plan.files, 64 << 20) if c.length]
     report = await rewarm_chunks(plan, chunks)
+    assert replaced == [victim]
     assert [path for path, _ in report.errors] == [victim]
     assert report.read_bytes == (FILES - 1) * SIZE
 
