@@ -178,10 +178,16 @@ def read_with_fallback(
 
 
 def _all_cached(fd: int, chunk: Chunk) -> bool:
-    """Whether every page of ``chunk`` is in the page cache; ``False`` when unknown."""
+    """Whether every page of ``chunk`` is in the page cache; ``False`` when unknown.
+
+    A file that no longer reaches the chunk's end is never "cached": reading it is what
+    tells that it shrank (cachestat may still count the pages a truncate left behind).
+    """
     if chunk.length <= 0:
         return False
     try:
+        if os.fstat(fd).st_size < chunk.offset + chunk.length:
+            return False
         cached = pagecache.range_resident_pages(fd, chunk.offset, chunk.length)
     except (pagecache.ResidencyUnknownError, OSError):
         return False
