@@ -131,7 +131,7 @@ class FirstPass(AgentState):
             mine = kept[offset : offset + count]
             offset += count
             model.cold_bytes = model.plan.total_bytes - sum(spec.size for spec in mine)
-            model.plan = dataclasses.replace(model.plan, files=tuple(mine))
+            model.plan = dataclasses.replace(model.plan, files=mine)
             model.read_in_full = [False] * len(mine)
         self._emit(
             EventKind.TRIMMED,

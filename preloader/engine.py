@@ -23,6 +23,7 @@ from .events import Emitter, ErrorReason, EventKind
 from .events import EngineEvent as EngineEvent
 from .keepwarm import ChunkResidency as ChunkResidency
 from .keepwarm import measure_chunks as measure_chunks
+from .ledger import Ledger
 from .planner import Chunk, Plan
 from .reading import STOP_GRACE_SECONDS as STOP_GRACE_SECONDS
 from .reading import (
@@ -38,6 +39,7 @@ from .reading import (
 from .reading import cancel_after_stop as cancel_after_stop
 from .reports import FileResidency as FileResidency
 from .reports import FileResult as FileResult
+from .reports import FileResults, ResidencyColumns
 from .reports import ResidencyReport as ResidencyReport
 from .reports import WarmProgress as WarmProgress
 from .reports import WarmReport as WarmReport
@@ -78,6 +80,58 @@ _AUTO_MIN_GAIN = 1.10
 _AUTO_WINDOW_SECONDS = 0.5
 
 
+def assemble(engine: _Engine, verification: Verification | None) -> FileResults:
+    """The report's files once the pass (and its verification) ended: what each file's
+    residency is, and why one read in full is not resident (an event each)."""
+    ledger = engine.ledger
+    files = ledger.files
+    if verification is None:
+        residency = ResidencyColumns(len(files), "not verified")
+        bypass: dict[int, bool | None] = {}
+    else:
+        residency, bypass = verification.residency, verification.bypass
+    for index in ledger.stalled if verification is not None else ():
+        residency.put(
+            index,
+            unknown_residency(
+                files[index], "its read stalled, and opening it again could hang too"
+            ),
+        )
+    causes: dict[int, str] = {}
+    errors = ledger.errors
+    for index, size in enumerate(files.sizes()):
+        stalled = index in ledger.stalled
+        if not stalled and residency.changed(index) and index not in errors:
+            reason = residency.reason(index)
+            if reason is not None:
+                engine.fail_after(index, reason, "changed")
+        if index in errors:
+            continue
+        read_bytes = ledger.read_bytes[index]
+        complete = read_bytes >= size
+        now = residency.resident_bytes(index)
+        cause = None
+        if complete and now is not None:
+            if now < size:
+                cause = explain(
+                    files[index],
+                    ledger.resident_after_read(index),
+                    now,
+                    bypass.get(index),
+                )
+            if cause is None:
+                cause = residency.reason(index)  # measured, with a caveat (it grew)
+            if cause is not None:
+                engine.emit(EventKind.NOT_RESIDENT, files.path(index), cause)
+        elif stalled:
+            cause = "not read in full: its read did not return before the pass stopped"
+        elif not complete:
+            cause = "not read: the pass was stopped before this file"
+        if cause is not None:
+            causes[index] = cause
+    return FileResults(ledger, residency, causes)
+
+
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -107,15 +161,12 @@ class _Engine:
         self.schedule = Schedule(
             plan.files, self.chunk_size, split_rule(options.split), chunks=chunks
         )
-        counts = self.schedule.counts()
         if chunks is None:
             self.bytes_total = plan.total_bytes
         else:
             self.bytes_total = sum(chunk.length for chunk in chunks)
-        self.files = [
-            FileState(spec, count, self.method)
-            for spec, count in zip(plan.files, counts, strict=True)
-        ]
+        # A FileState only for a file being read; the rest is columns.
+        self.ledger = Ledger(plan.files, self.method, self.schedule.total)
         self.max_workers = _AUTO_MAX if auto else options.concurrency
         # Readers: a worker takes work only while it holds one of these, so the schedule
         # never hands out more streams than may run (auto raises and lowers it).
@@ -130,7 +181,7 @@ class _Engine:
         self.emit(EventKind.STATE, detail=state)
 
     async def run(self) -> None:
-        self.progress.files_total = sum(1 for state in self.files if state.chunks_total)
+        self.progress.files_total = self.schedule.file_count()
         self.progress.bytes_total = self.bytes_total
         self.set_state("warming")
         async with anyio.create_task_group() as workers:
@@ -190,7 +241,7 @@ class _Engine:
                 await self._read_batch(batch)
 
     async def _read_batch(self, batch: Sequence[Chunk]) -> None:
-        states = [self.files[chunk.file_index] for chunk in batch]
+        states = [self.ledger.state(chunk.file_index) for chunk in batch]
         for state in states:
             state.in_flight += 1
         try:
@@ -201,10 +252,12 @@ class _Engine:
         finally:
             for state in states:
                 state.in_flight -= 1
-        for state in states:
+        for chunk, state in zip(batch, states, strict=True):
             state.chunks_left -= 1
             if state.chunks_left == 0:
                 await self._finish_file(state)
+                if state.fd is None:  # a stalled read may still hold it
+                    self.ledger.retire(chunk.file_index)
 
     async def _in_thread(
         self, func: Callable[..., _T], *args: object, handoff: Handoff | None = None
@@ -339,49 +392,19 @@ class _Engine:
 
         state.resident_after_read = await anyio.to_thread.run_sync(finish, limiter=self.threads)
 
-    def result(self, index: int, verification: Verification | None) -> FileResult:
-        """The report line of file ``index`` once the pass (and its verification) ended."""
-        state = self.files[index]
-        spec = state.spec
-        if verification is None:
-            measured = FileResidency(spec.path, spec.size, None, "not verified")
-        elif state.stalled:
-            measured = unknown_residency(
-                spec, "its read stalled, and opening it again could hang too"
-            )
-        else:
-            measured = verification.residency[index]
-        if measured.changed and state.error is None and measured.reason is not None:
-            self._fail(state, measured.reason, "changed")
-        cause = None
-        complete = state.error is None and state.read_bytes >= spec.size
-        if verification is not None and complete and measured.resident_bytes is not None:
-            bypass = verification.bypass.get(index)
-            cause = explain(spec, state.resident_after_read, measured.resident_bytes, bypass)
-            if cause is None and measured.reason is not None:
-                cause = measured.reason  # measured, with a caveat (it grew)
-            if cause is not None:
-                self.emit(EventKind.NOT_RESIDENT, spec.path, cause)
-        elif state.error is None and state.stalled:
-            cause = "not read in full: its read did not return before the pass stopped"
-        elif state.error is None and not complete:
-            cause = "not read: the pass was stopped before this file"
-        return FileResult(
-            path=spec.path,
-            size=spec.size,
-            read_bytes=state.read_bytes,
-            method=state.method,
-            residency=measured,
-            resident_after_read=state.resident_after_read,
-            error=state.error,
-            cause=cause,
-        )
+    def fail_after(self, index: int, cause: str, reason: ErrorReason) -> None:
+        """:meth:`_fail` for a file whose state is folded into the ledger already."""
+        if index not in self.ledger.errors:
+            self.ledger.errors[index] = cause
+            self.progress.errors += 1
+            self.emit(EventKind.FILE_ERROR, self.ledger.files.path(index), cause, reason)
 
     def _close_leftovers(self) -> None:
-        for state in self.files:
+        for index, state in list(self.ledger.live.items()):
             if state.fd is not None and state.in_flight == 0 and not state.stalled:
                 fd, state.fd = state.fd, None
                 os.close(fd)
+            self.ledger.retire(index)
 
 
 async def warm_plan(
@@ -412,11 +435,9 @@ async def warm_plan(
     if options.verify:  # 2. what stayed resident
         engine.set_state("verifying")
         verification = await verify_pass(
-            engine.files, options.concurrency, timeout=options.read_timeout, stop=stop
+            engine.ledger, options.concurrency, timeout=options.read_timeout, stop=stop
         )
-    results = tuple(  # 3. one result per file, with the cause of what is not resident
-        engine.result(index, verification) for index in range(len(engine.files))
-    )
+    results = assemble(engine, verification)  # 3. with the cause of what is not resident
     engine.set_state("done")
     interrupted = stop.is_set() and not engine.timed_out  # a signal while verifying counts
     return WarmReport(
@@ -474,7 +495,7 @@ async def rewarm_chunks(
         read_bytes=engine.progress.bytes_read,
         seconds=time.monotonic() - started,
         errors=tuple(
-            (state.spec.path, state.error) for state in engine.files if state.error is not None
+            (plan.files.path(index), error) for index, error in sorted(engine.ledger.errors.items())
         ),
         interrupted=stop.is_set(),
     )

@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from .filetable import FileTable
 from .formats import Choice, Problem
 from .settings import Selection
 
@@ -77,23 +78,41 @@ class Chunk:
     length: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Plan:
     """The files to warm, in warm order, and what the walk skipped.
+
+    :ivar files: a :class:`~preloader.filetable.FileTable` (columns, a :class:`FileSpec`
+        made per access); any iterable of specs given is stored as one.
 
     :ivar choices: folders with several models where one was chosen (GGUF quantisations).
     :ivar problems: an incomplete model (shards an index names but the folder lacks).
     """
 
     roots: tuple[str, ...]
-    files: tuple[FileSpec, ...]
+    files: FileTable
     skipped: tuple[Skipped, ...] = field(default=())
     choices: tuple[Choice, ...] = field(default=())
     problems: tuple[Problem, ...] = field(default=())
 
+    def __init__(
+        self,
+        roots: tuple[str, ...],
+        files: Iterable[FileSpec],
+        skipped: tuple[Skipped, ...] = (),
+        choices: tuple[Choice, ...] = (),
+        problems: tuple[Problem, ...] = (),
+    ) -> None:
+        # Any specs are kept as columns (a tuple of FileSpec costs an object per file).
+        object.__setattr__(self, "roots", roots)
+        object.__setattr__(self, "files", FileTable.of(files))
+        object.__setattr__(self, "skipped", skipped)
+        object.__setattr__(self, "choices", choices)
+        object.__setattr__(self, "problems", problems)
+
     @property
     def total_bytes(self) -> int:
-        return sum(f.size for f in self.files)
+        return self.files.total_bytes
 
 
 def printable(path: str) -> str:
@@ -167,7 +186,7 @@ def build_plan(
     walk, files = walk_roots(root_list, tuple(include), tuple(exclude), all_formats)
     return Plan(
         roots=root_list,
-        files=tuple(files),
+        files=files,
         skipped=tuple(walk.skipped),
         choices=tuple(walk.choices),
         problems=tuple(walk.problems),

@@ -7,16 +7,20 @@ being read. What a root's walk found is then handed to :func:`preloader.formats.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import fnmatch
+import itertools
 import os
 import stat
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from . import formats
+from .filetable import FileColumns, FileTable
 from .formats import Choice, Problem
-from .planner import FileSpec, Skipped, printable
+from .planner import Skipped, printable
 from .procfs import mount_types
 
 # Small files a server reads first (config, tokenizer, index): warming them first lets a
@@ -95,8 +99,8 @@ def _matches(relpath: str, patterns: Sequence[str]) -> bool:
     return False
 
 
-def _is_metadata(path: str, size: int) -> bool:
-    _, suffix = os.path.splitext(path)
+def _is_metadata(name: str, size: int) -> bool:
+    _, suffix = os.path.splitext(name)
     return suffix.lower() in METADATA_SUFFIXES and size <= METADATA_MAX_BYTES
 
 
@@ -110,29 +114,6 @@ def _special_kind(mode: int) -> str:
     return "not a regular file"
 
 
-@dataclass(slots=True)
-class _Found:
-    """The files one root's walk found: two parallel lists, not a tuple per file (a plan of
-    a million files holds them all at once)."""
-
-    relpaths: list[str] = field(default_factory=list)
-    specs: list[FileSpec] = field(default_factory=list)
-
-    def in_order(self) -> tuple[list[formats.Entry], list[FileSpec]]:
-        """Entries and specs in natural order, metadata first (a stable sort by name, then
-        a stable partition), for :func:`formats.arrange`."""
-        order = sorted(range(len(self.specs)), key=lambda i: formats.natural_key(self.relpaths[i]))
-        specs = self.specs
-        order = [i for i in order if specs[i].metadata] + [
-            i for i in order if not specs[i].metadata
-        ]
-        entries = [formats.Entry(self.relpaths[i], specs[i].size, specs[i].metadata) for i in order]
-        ordered = [specs[i] for i in order]
-        self.relpaths.clear()
-        self.specs = ordered
-        return entries, ordered
-
-
 @dataclass
 class _Walk:
     include: Sequence[str]
@@ -140,7 +121,8 @@ class _Walk:
     all_formats: bool = False
     # Planned inodes per device: one set of ints per filesystem, not a tuple per file.
     seen_files: dict[int, set[int]] = field(default_factory=dict)
-    devices: dict[int, int] = field(default_factory=dict)
+    columns: FileColumns = field(default_factory=FileColumns)
+    folders: list[_Folder] = field(default_factory=list)
     seen_dirs: set[tuple[int, int]] = field(default_factory=set)
     skipped: list[Skipped] = field(default_factory=list)
     choices: list[Choice] = field(default_factory=list)
@@ -182,54 +164,89 @@ class _Walk:
             self.skipped.append(Skipped(path, reason))
             return None
 
-    def walk_root(self, root: str) -> list[FileSpec]:
-        found = _Found()
+    def walk_root(self, root: str) -> Sequence[int]:
+        """Walk one root; the column indices of its files in warm order."""
         # lstat, not os.path.lexists: a folder above that may not be searched is an
         # error to report (EACCES), not a root that "does not exist".
         try:
             is_link = stat.S_ISLNK(os.lstat(root).st_mode)
         except (FileNotFoundError, NotADirectoryError):
             self.skipped.append(Skipped(root, "does not exist"))
-            return []
+            return ()
         except OSError as err:
             self.skipped.append(Skipped(root, f"cannot stat: {err.strerror}", error=True))
-            return []
+            return ()
         st = self.resolve(root, is_link)
         if st is None:
-            return []
+            return ()
         regular_or_dir = stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
         pseudo = self.pseudo_kind(st) if regular_or_dir else None
         if pseudo is not None:
             self.skipped.append(Skipped(root, pseudo))
-            return []
+            return ()
         if stat.S_ISREG(st.st_mode):
-            self._add_file(root, os.path.basename(root), st, found, filtered=False)
-        elif stat.S_ISDIR(st.st_mode):
-            self._walk_dir(root, st, found)
-            entries, specs = found.in_order()
-            return self._arrange(root, entries, specs)
-        else:
-            self.skipped.append(Skipped(root, _special_kind(st.st_mode)))
-        return found.specs
+            if not self._wanted(root, "", "", st, filtered=False):
+                return ()
+            whole = self.columns.add_dir("", "")
+            return (self._add(whole, root, st),)
+        if stat.S_ISDIR(st.st_mode):
+            first = len(self.folders)
+            self._walk_dir(root, st)
+            tree = _Tree(self.columns, self.folders, first)
+            return self._arrange(root, tree.metadata_first(tree.natural_order()), tree)
+        self.skipped.append(Skipped(root, _special_kind(st.st_mode)))
+        return ()
 
-    def _arrange(
-        self, root: str, entries: list[formats.Entry], specs: list[FileSpec]
-    ) -> list[FileSpec]:
+    def _arrange(self, root: str, order: array[int], tree: _Tree) -> Sequence[int]:
         """Apply the model-format rules (:mod:`preloader.formats`) to one walked root.
 
-        :param entries: the walked files in natural order, metadata first.
-        :param specs: their specs, in the same order.
+        The rules are per folder, so only the folders holding a file they may apply to
+        (:func:`formats.may_apply`) are handed to :func:`formats.arrange`, each alone, in
+        the order their first file comes; what they skip or reorder is put back in place.
+
+        :param order: the walked files (column indices) in natural order, metadata first.
         """
-        arrangement = formats.arrange(
-            entries,
-            load_index=lambda rel: formats.read_safetensors_index(os.path.join(root, rel)),
-            exists=lambda rel: os.path.exists(os.path.join(root, rel)),
-            all_formats=self.all_formats,
-            choose_gguf=not self.include,
-        )
-        for index, reason in arrangement.skipped:
-            spec = specs[index]
-            self.skipped.append(Skipped(spec.path, reason, spec.size))
+        columns = self.columns
+        ruled = tree.ruled_folders()
+        if not ruled:
+            return order
+        members: dict[int, list[int]] = {}
+        dir_of = columns.dir_of
+        for position, index in enumerate(order):
+            folder = dir_of[index]
+            if folder in ruled:
+                members.setdefault(folder, []).append(position)
+        dropped: list[tuple[int, str]] = []
+        for positions in members.values():
+            indices = [order[p] for p in positions]
+            entries = [
+                formats.Entry(columns.relpath(i), columns.sizes[i], bool(columns.metadata[i]))
+                for i in indices
+            ]
+            arrangement = formats.arrange(
+                entries,
+                load_index=lambda rel: formats.read_safetensors_index(os.path.join(root, rel)),
+                exists=lambda rel: os.path.exists(os.path.join(root, rel)),
+                all_formats=self.all_formats,
+                choose_gguf=not self.include,
+            )
+            dropped.extend((positions[k], reason) for k, reason in arrangement.skipped)
+            # The kept files take the slots the folder's kept files held, in its order.
+            slots = [positions[k] for k in sorted(arrangement.order)]
+            for slot, k in zip(slots, arrangement.order, strict=True):
+                order[slot] = indices[k]
+            self._record(root, arrangement)
+        if not dropped:
+            return order
+        dropped.sort()
+        gone = set()
+        for position, reason in dropped:
+            index = order[position]
+            gone.add(position)
+            self.skipped.append(Skipped(columns.path(index), reason, columns.sizes[index]))
+        return array("i", (index for p, index in enumerate(order) if p not in gone))
+
+    def _record(self, root: str, arrangement: formats.Arrangement) -> None:
         for choice in arrangement.choices:
             self.choices.append(
                 replace(
@@ -241,55 +258,56 @@ class _Walk:
             )
         for problem in arrangement.problems:
             self.problems.append(replace(problem, path=os.path.join(root, problem.path)))
-        return [specs[index] for index in arrangement.order]
 
-    def _add_file(
-        self,
-        path: str,
-        relpath: str,
-        st: os.stat_result,
-        found: _Found,
-        filtered: bool = True,
-    ) -> None:
-        if filtered and self.exclude and _matches(relpath, self.exclude):
-            self.skipped.append(Skipped(path, "matched by --exclude", st.st_size))
-            return
-        default = formats.default_skip(os.path.basename(path), False, self.include)
-        if filtered and default is not None:
-            self.skipped.append(Skipped(path, default, st.st_size))
-            return
-        if filtered and self.include and not _matches(relpath, self.include):
-            self.skipped.append(Skipped(path, "not matched by --include", st.st_size))
-            return
-        dev = self.devices.setdefault(st.st_dev, st.st_dev)  # one int object per device
-        inodes = self.seen_files.setdefault(dev, set())
+    def _wanted(
+        self, path: str, name: str, relpath: str, st: os.stat_result, filtered: bool = True
+    ) -> bool:
+        """Whether a regular file is planned: filters (unless a root), then duplicates by
+        inode."""
+        if filtered:
+            if self.exclude and _matches(relpath, self.exclude):
+                self.skipped.append(Skipped(path, "matched by --exclude", st.st_size))
+                return False
+            default = formats.default_skip(name, False, self.include)
+            if default is not None:
+                self.skipped.append(Skipped(path, default, st.st_size))
+                return False
+            if self.include and not _matches(relpath, self.include):
+                self.skipped.append(Skipped(path, "not matched by --include", st.st_size))
+                return False
+        inodes = self.seen_files.get(st.st_dev)
+        if inodes is None:
+            inodes = self.seen_files[st.st_dev] = set()
         if st.st_ino in inodes:
             self.skipped.append(Skipped(path, "same file already planned (link or bind mount)"))
-            return
+            return False
         inodes.add(st.st_ino)
-        spec = FileSpec(
-            path,
-            st.st_size,
-            dev,
-            st.st_ino,
-            _is_metadata(path, st.st_size),
-            st.st_blocks * 512,
-        )
-        found.relpaths.append(relpath)
-        found.specs.append(spec)
+        return True
 
-    def _walk_dir(self, root: str, root_st: os.stat_result, found: _Found) -> None:
+    def _add(self, folder: int, name: str, st: os.stat_result) -> int:
+        size = st.st_size
+        return self.columns.add(
+            folder, name, size, st.st_dev, st.st_ino, _is_metadata(name, size), st.st_blocks * 512
+        )
+
+    def _walk_dir(self, root: str, root_st: os.stat_result) -> None:
         self.seen_dirs.add((root_st.st_dev, root_st.st_ino))
+        top = _Folder(self.columns.add_dir(_prefix(root), ""))
+        self.folders.append(top)
         # An explicit stack, not recursion: a 200-deep tree must not hit Python's limit.
-        stack: list[tuple[str, str]] = [(root, "")]
+        # The visit order (names sorted plainly, a folder's files before its subfolders)
+        # decides which of two links is planned and the order of the skips; the natural
+        # warm order is worked out afterwards (_Tree).
+        stack: list[tuple[str, str, _Folder]] = [(root, "", top)]
         while stack:
-            directory, rel = stack.pop()
+            directory, rel, folder = stack.pop()
             try:
                 entries = sorted(os.scandir(directory), key=lambda e: e.name)
             except OSError as err:
                 self.skipped.append(Skipped(directory, f"cannot list: {err.strerror}", error=True))
                 continue
-            subdirs: list[tuple[str, str]] = []
+            subdirs: list[tuple[str, str, _Folder]] = []
+            files: list[tuple[str, str, os.stat_result]] = []
             for entry in entries:
                 relpath = f"{rel}{entry.name}"
                 try:
@@ -331,15 +349,120 @@ class _Walk:
                         )
                         continue
                     self.seen_dirs.add(key)
-                    subdirs.append((entry.path, relpath + "/"))
+                    child = _Folder(self.columns.add_dir(_prefix(entry.path), relpath + "/"))
+                    self.folders.append(child)
+                    folder.keyed.append((formats.natural_key(entry.name + "/"), child))
+                    subdirs.append((entry.path, relpath + "/", child))
                 elif stat.S_ISREG(st.st_mode):
-                    self._add_file(entry.path, relpath, st, found)
+                    if self._wanted(entry.path, entry.name, relpath, st):
+                        files.append((formats.natural_key(entry.name), entry.name, st))
                 else:
                     kind = _special_kind(st.st_mode)
                     self.skipped.append(
                         Skipped(entry.path, f"{kind} behind a symlink" if is_link else kind)
                     )
+            del entries
+            folder.place(self, files)
             stack.extend(reversed(subdirs))
+
+
+def _prefix(directory: str) -> str:
+    """What goes before a name to make the path ``os.scandir`` gives its entries."""
+    return directory if directory.endswith(os.sep) else directory + os.sep
+
+
+class _Folder:
+    """One walked folder: where its files lie in the columns and where its subfolders
+    fall among them in natural order."""
+
+    __slots__ = ("ambiguous", "children", "count", "first", "id", "keyed", "ruled")
+
+    def __init__(self, folder_id: int) -> None:
+        self.id = folder_id
+        self.first = 0
+        self.count = 0
+        # (natural key of "name/", folder) while walking
+        self.keyed: list[tuple[str, _Folder]] = []
+        # (files of this folder before it, folder), in natural order, once placed
+        self.children: list[tuple[int, _Folder]] = []
+        self.ruled = False  # holds a file a model-format rule may apply to
+        self.ambiguous = False  # two subfolders' keys do not settle their order
+
+    def place(self, walk: _Walk, files: list[tuple[str, str, os.stat_result]]) -> None:
+        """Add the folder's planned files to the columns in natural order (a stable sort
+        of the plainly sorted names), and place its subfolders among them."""
+        files.sort(key=lambda item: item[0])
+        columns = walk.columns
+        self.first = len(columns)
+        self.count = len(files)
+        for _, name, st in files:
+            walk._add(self.id, name, st)
+            if not self.ruled and formats.may_apply(name):
+                self.ruled = True
+        keyed = sorted(self.keyed, key=lambda item: item[0])
+        # A key is the folder's "name/" ending in "/\0": when one without its "\0" starts
+        # the next, the paths below them compare on what follows ("01/" and "1/").
+        self.ambiguous = any(
+            later[0].startswith(earlier[0][:-1]) for earlier, later in itertools.pairwise(keyed)
+        )
+        keys = [item[0] for item in files]
+        # A file's key never equals a folder's: only the folder's holds the "/".
+        self.children = [(bisect.bisect_left(keys, key), child) for key, child in keyed]
+        self.keyed = []
+
+
+class _Tree:
+    """One root's folders, to put its files in natural order without a key per file."""
+
+    def __init__(self, columns: FileColumns, folders: list[_Folder], first: int) -> None:
+        self.columns = columns
+        self.folders = folders[first:]
+
+    def ruled_folders(self) -> set[int]:
+        return {folder.id for folder in self.folders if folder.ruled}
+
+    def natural_order(self) -> array[int]:
+        """Column indices in the order of a natural sort of the relative paths.
+
+        Folder by folder: a folder's files are in the columns in natural order already,
+        and each subfolder's files come where the subfolder's ``name/`` sorts among them
+        (comparing ``a/b`` with ``a-c`` is comparing ``a/`` with ``a-c``: the paths agree
+        up to the ``/``). Where two sibling folders' keys do not settle it (``01/`` and
+        ``1/`` compare equal), the paths are sorted whole, one key each, as they interleave.
+        """
+        order = array("i")
+        if not self.folders:
+            return order
+        if any(folder.ambiguous for folder in self.folders):
+            return self._sorted_whole()
+        # (folder, its files emitted so far, its children entered so far)
+        stack: list[tuple[_Folder, int, int]] = [(self.folders[0], 0, 0)]
+        while stack:
+            folder, done, entered = stack.pop()
+            if entered < len(folder.children):
+                before, child = folder.children[entered]
+                order.extend(range(folder.first + done, folder.first + before))
+                stack.append((folder, max(done, before), entered + 1))
+                stack.append((child, 0, 0))
+            else:
+                order.extend(range(folder.first + done, folder.first + folder.count))
+        return order
+
+    def _sorted_whole(self) -> array[int]:
+        columns = self.columns
+        indices = [
+            i for folder in self.folders for i in range(folder.first, folder.first + folder.count)
+        ]
+        indices.sort()  # the visit order: a stable sort keeps it among equal keys
+        indices.sort(key=lambda i: formats.natural_key(columns.relpath(i)))
+        return array("i", indices)
+
+    def metadata_first(self, order: array[int]) -> array[int]:
+        """``order`` with the metadata files first (a stable partition)."""
+        metadata = self.columns.metadata
+        first = array("i", (i for i in order if metadata[i]))
+        first.extend(i for i in order if not metadata[i])
+        return first
 
 
 def walk_roots(
@@ -347,14 +470,14 @@ def walk_roots(
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     all_formats: bool,
-) -> tuple[_Walk, list[FileSpec]]:
+) -> tuple[_Walk, FileTable]:
     """Walk every root (see :func:`preloader.planner.build_plan` for the rules): the walk,
     holding what it skipped, chose and found wrong, and the files in warm order."""
     walk = _Walk(include=include, exclude=exclude, all_formats=all_formats)
     walk.pseudo = {dev: kind for dev, kind in mount_types().items() if kind in PSEUDO_FILESYSTEMS}
     for root in roots:
         walk.allow(root)
-    files: list[FileSpec] = []
+    order = array("i")
     for root in roots:
-        files.extend(walk.walk_root(root))
-    return walk, files
+        order.extend(walk.walk_root(root))
+    return walk, FileTable(walk.columns, order)
