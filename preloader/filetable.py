@@ -12,6 +12,7 @@ columns (:meth:`FileTable.size`, :meth:`FileTable.path`, :meth:`FileTable.sizes`
 from __future__ import annotations
 
 import os
+import sys
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, overload
@@ -20,6 +21,16 @@ if TYPE_CHECKING:
     from .planner import FileSpec
 
 __all__ = ["FileColumns", "FileTable"]
+
+# os.fsencode/os.fsdecode, without their per-call overhead (a million names).
+_ENCODING = sys.getfilesystemencoding()
+_ERRORS = sys.getfilesystemencodeerrors()
+
+
+def _spec_type() -> type[FileSpec]:
+    from .planner import FileSpec  # the planner imports this module
+
+    return FileSpec
 
 
 class FileColumns:
@@ -76,7 +87,7 @@ class FileColumns:
     ) -> int:
         """One file; its index in the columns."""
         self.dir_of.append(folder)
-        self.names += os.fsencode(name)
+        self.names += name.encode(_ENCODING, _ERRORS)
         self.name_ends.append(len(self.names))
         self.sizes.append(size)
         self.devs.append(dev)
@@ -85,9 +96,28 @@ class FileColumns:
         self.metadata.append(metadata)
         return len(self.sizes) - 1
 
+    def extend(
+        self,
+        folder: int,
+        names: Sequence[str],
+        stats: Sequence[os.stat_result],
+        metadata: Sequence[bool],
+    ) -> None:
+        """Files of one folder from their ``stat`` results, in the given order."""
+        self.dir_of.extend([folder] * len(names))
+        blob, ends = self.names, self.name_ends
+        for name in names:
+            blob += name.encode(_ENCODING, _ERRORS)
+            ends.append(len(blob))
+        self.sizes.extend([st.st_size for st in stats])
+        self.devs.extend([st.st_dev for st in stats])
+        self.inos.extend([st.st_ino for st in stats])
+        self.allocated.extend([st.st_blocks * 512 for st in stats])
+        self.metadata.extend(metadata)
+
     def name(self, index: int) -> str:
         start = self.name_ends[index - 1] if index else 0
-        return os.fsdecode(bytes(self.names[start : self.name_ends[index]]))
+        return self.names[start : self.name_ends[index]].decode(_ENCODING, _ERRORS)
 
     def path(self, index: int) -> str:
         return self.prefixes[self.dir_of[index]] + self.name(index)
@@ -97,17 +127,30 @@ class FileColumns:
         return self.rels[self.dir_of[index]] + self.name(index)
 
     def spec(self, index: int) -> FileSpec:
-        from .planner import FileSpec
+        return next(self.specs((index,)))
 
-        allocated = self.allocated[index]
-        return FileSpec(
-            self.path(index),
-            self.sizes[index],
-            self.devs[index],
-            self.inos[index],
-            bool(self.metadata[index]),
-            None if allocated < 0 else allocated,
+    def specs(self, indices: Iterable[int]) -> Iterator[FileSpec]:
+        """The files at ``indices``, each a fresh :class:`FileSpec`."""
+        make = _spec_type()
+        names, ends, prefixes, dir_of = self.names, self.name_ends, self.prefixes, self.dir_of
+        sizes, devs, inos, allocated, metadata = (
+            self.sizes,
+            self.devs,
+            self.inos,
+            self.allocated,
+            self.metadata,
         )
+        for i in indices:
+            start = ends[i - 1] if i else 0
+            held = allocated[i]
+            yield make(
+                prefixes[dir_of[i]] + names[start : ends[i]].decode(_ENCODING, _ERRORS),
+                sizes[i],
+                devs[i],
+                inos[i],
+                metadata[i] == 1,
+                None if held < 0 else held,
+            )
 
     @classmethod
     def of(cls, specs: Iterable[FileSpec]) -> FileColumns:
@@ -160,9 +203,8 @@ class FileTable(Sequence["FileSpec"]):
         return self._columns.spec(self._at(index % len(self)))
 
     def __iter__(self) -> Iterator[FileSpec]:
-        spec = self._columns.spec
         order = range(len(self._columns)) if self._order is None else self._order
-        return (spec(i) for i in order)
+        return self._columns.specs(order)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):

@@ -53,7 +53,7 @@ DEFAULT_SKIP_SUFFIXES = {
     ".part": "partial download",
 }
 """Files skipped unless an ``--include`` glob names the suffix (``*.part``)."""
-_SKIP_SUFFIXES = tuple(DEFAULT_SKIP_SUFFIXES)
+SKIP_SUFFIXES = tuple(DEFAULT_SKIP_SUFFIXES)
 
 DUPLICATE_FORMAT_SUFFIXES = (".bin", ".pt", ".pth")
 """PyTorch pickles: skipped beside safetensors of the same folder unless ``--all-formats``."""
@@ -154,7 +154,7 @@ def default_skip(name: str, is_dir: bool, include: Sequence[str]) -> str | None:
             return None
         return f"{name}/: {reason}; --include '{name}/*' warms it"
     lowered = name.lower()
-    if not lowered.endswith(_SKIP_SUFFIXES):
+    if not lowered.endswith(SKIP_SUFFIXES):
         return None
     for suffix, reason in DEFAULT_SKIP_SUFFIXES.items():
         if lowered.endswith(suffix):

@@ -99,9 +99,15 @@ def _matches(relpath: str, patterns: Sequence[str]) -> bool:
     return False
 
 
+_METADATA_ENDINGS = tuple(METADATA_SUFFIXES)
+
+
 def _is_metadata(name: str, size: int) -> bool:
+    """A metadata file by its base name's suffix and its size."""
+    if size > METADATA_MAX_BYTES or not name.lower().endswith(_METADATA_ENDINGS):
+        return False  # the usual answer, without splitting the name
     _, suffix = os.path.splitext(name)
-    return suffix.lower() in METADATA_SUFFIXES and size <= METADATA_MAX_BYTES
+    return suffix.lower() in METADATA_SUFFIXES
 
 
 def _special_kind(mode: int) -> str:
@@ -279,15 +285,17 @@ class _Walk:
         if inodes is None:
             inodes = self.seen_files[st.st_dev] = set()
         if st.st_ino in inodes:
-            self.skipped.append(Skipped(path, "same file already planned (link or bind mount)"))
+            self.skipped.append(Skipped(path, _SAME_FILE))
             return False
         inodes.add(st.st_ino)
         return True
 
-    def _add(self, folder: int, name: str, st: os.stat_result) -> int:
+    def _add(self, folder: int, path: str, st: os.stat_result) -> int:
+        """A root that is a file, its whole path as its name."""
         size = st.st_size
+        metadata = _is_metadata(os.path.basename(path), size)
         return self.columns.add(
-            folder, name, size, st.st_dev, st.st_ino, _is_metadata(name, size), st.st_blocks * 512
+            folder, path, size, st.st_dev, st.st_ino, metadata, st.st_blocks * 512
         )
 
     def _walk_dir(self, root: str, root_st: os.stat_result) -> None:
@@ -307,9 +315,13 @@ class _Walk:
                 self.skipped.append(Skipped(directory, f"cannot list: {err.strerror}", error=True))
                 continue
             subdirs: list[tuple[str, str, _Folder]] = []
-            files: list[tuple[str, str, os.stat_result]] = []
+            files: list[tuple[str, os.stat_result]] = []
+            # The common case, a plain regular file under no filter, takes the short way.
+            plain = not self.exclude and not self.include
+            pseudo_devices = self.pseudo
+            inodes = self.seen_files
             for entry in entries:
-                relpath = f"{rel}{entry.name}"
+                name = entry.name
                 try:
                     is_link = entry.is_symlink()
                 except OSError:
@@ -317,7 +329,25 @@ class _Walk:
                 st = self.resolve(entry.path, is_link)
                 if st is None:
                     continue
-                wanted = stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)
+                regular = stat.S_ISREG(st.st_mode)
+                if (
+                    regular
+                    and plain
+                    and not is_link
+                    and st.st_dev not in pseudo_devices
+                    and not name.lower().endswith(formats.SKIP_SUFFIXES)
+                ):
+                    seen = inodes.get(st.st_dev)
+                    if seen is None:
+                        seen = inodes[st.st_dev] = set()
+                    if st.st_ino in seen:
+                        self.skipped.append(Skipped(entry.path, _SAME_FILE))
+                    else:
+                        seen.add(st.st_ino)
+                        files.append((name, st))
+                    continue
+                relpath = f"{rel}{name}"
+                wanted = stat.S_ISDIR(st.st_mode) or regular
                 target = self.outside(entry.path) if is_link and wanted else None
                 if target is not None:
                     self.skipped.append(
@@ -353,9 +383,9 @@ class _Walk:
                     self.folders.append(child)
                     folder.keyed.append((formats.natural_key(entry.name + "/"), child))
                     subdirs.append((entry.path, relpath + "/", child))
-                elif stat.S_ISREG(st.st_mode):
-                    if self._wanted(entry.path, entry.name, relpath, st):
-                        files.append((formats.natural_key(entry.name), entry.name, st))
+                elif regular:
+                    if self._wanted(entry.path, name, relpath, st):
+                        files.append((name, st))
                 else:
                     kind = _special_kind(st.st_mode)
                     self.skipped.append(
@@ -364,6 +394,9 @@ class _Walk:
             del entries
             folder.place(self, files)
             stack.extend(reversed(subdirs))
+
+
+_SAME_FILE = "same file already planned (link or bind mount)"
 
 
 def _prefix(directory: str) -> str:
@@ -388,27 +421,36 @@ class _Folder:
         self.ruled = False  # holds a file a model-format rule may apply to
         self.ambiguous = False  # two subfolders' keys do not settle their order
 
-    def place(self, walk: _Walk, files: list[tuple[str, str, os.stat_result]]) -> None:
+    def place(self, walk: _Walk, files: list[tuple[str, os.stat_result]]) -> None:
         """Add the folder's planned files to the columns in natural order (a stable sort
         of the plainly sorted names), and place its subfolders among them."""
-        files.sort(key=lambda item: item[0])
+        natural_key = formats.natural_key
+        keyed_files = sorted(((natural_key(name), name, st) for name, st in files), key=_first)
         columns = walk.columns
         self.first = len(columns)
-        self.count = len(files)
-        for _, name, st in files:
-            walk._add(self.id, name, st)
-            if not self.ruled and formats.may_apply(name):
-                self.ruled = True
-        keyed = sorted(self.keyed, key=lambda item: item[0])
+        self.count = len(keyed_files)
+        names = [name for _, name, _ in keyed_files]
+        columns.extend(
+            self.id,
+            names,
+            [st for _, _, st in keyed_files],
+            [_is_metadata(name, st.st_size) for _, name, st in keyed_files],
+        )
+        self.ruled = any(map(formats.may_apply, names))
+        keyed = sorted(self.keyed, key=_first)
         # A key is the folder's "name/" ending in "/\0": when one without its "\0" starts
         # the next, the paths below them compare on what follows ("01/" and "1/").
         self.ambiguous = any(
             later[0].startswith(earlier[0][:-1]) for earlier, later in itertools.pairwise(keyed)
         )
-        keys = [item[0] for item in files]
+        keys = [item[0] for item in keyed_files]
         # A file's key never equals a folder's: only the folder's holds the "/".
         self.children = [(bisect.bisect_left(keys, key), child) for key, child in keyed]
         self.keyed = []
+
+
+def _first(item: tuple[str, object] | tuple[str, object, object]) -> str:
+    return item[0]
 
 
 class _Tree:
