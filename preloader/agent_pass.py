@@ -118,9 +118,7 @@ class FirstPass(AgentState):
         if self._budget is None:
             return
         models = [m for m in self._models if m.state != "failed"]
-        combined = Plan(
-            tuple(m.root for m in models), tuple(f for m in models for f in m.plan.files)
-        )
+        combined = Plan(tuple(m.root for m in models), (f for m in models for f in m.plan.files))
         check: BudgetCheck = check_plan(combined, self._budget, "trim", DEFAULT_HEADROOM)
         if not check.over_budget:
             return

@@ -23,7 +23,7 @@ from .events import Emitter, ErrorReason, EventKind
 from .events import EngineEvent as EngineEvent
 from .keepwarm import ChunkResidency as ChunkResidency
 from .keepwarm import measure_chunks as measure_chunks
-from .ledger import Ledger
+from .ledger import Ledger, assemble
 from .planner import Chunk, Plan
 from .reading import STOP_GRACE_SECONDS as STOP_GRACE_SECONDS
 from .reading import (
@@ -39,16 +39,15 @@ from .reading import (
 from .reading import cancel_after_stop as cancel_after_stop
 from .reports import FileResidency as FileResidency
 from .reports import FileResult as FileResult
-from .reports import FileResults, ResidencyColumns
 from .reports import ResidencyReport as ResidencyReport
 from .reports import WarmProgress as WarmProgress
 from .reports import WarmReport as WarmReport
 from .schedule import Schedule, Stream, split_rule
 from .settings import AUTO_CONCURRENCY as AUTO_CONCURRENCY
 from .settings import WarmOptions as WarmOptions
-from .verify import Verification, explain, unknown_residency, verify_pass
 from .verify import evict_plan as evict_plan
 from .verify import measure_residency as measure_residency
+from .verify import verify_pass
 
 __all__ = [
     "AUTO_CONCURRENCY",
@@ -78,58 +77,6 @@ _AUTO_START = 4
 _AUTO_MAX = 64
 _AUTO_MIN_GAIN = 1.10
 _AUTO_WINDOW_SECONDS = 0.5
-
-
-def assemble(engine: _Engine, verification: Verification | None) -> FileResults:
-    """The report's files once the pass (and its verification) ended: what each file's
-    residency is, and why one read in full is not resident (an event each)."""
-    ledger = engine.ledger
-    files = ledger.files
-    if verification is None:
-        residency = ResidencyColumns(len(files), "not verified")
-        bypass: dict[int, bool | None] = {}
-    else:
-        residency, bypass = verification.residency, verification.bypass
-    for index in ledger.stalled if verification is not None else ():
-        residency.put(
-            index,
-            unknown_residency(
-                files[index], "its read stalled, and opening it again could hang too"
-            ),
-        )
-    causes: dict[int, str] = {}
-    errors = ledger.errors
-    for index, size in enumerate(files.sizes()):
-        stalled = index in ledger.stalled
-        if not stalled and residency.changed(index) and index not in errors:
-            reason = residency.reason(index)
-            if reason is not None:
-                engine.fail_after(index, reason, "changed")
-        if index in errors:
-            continue
-        read_bytes = ledger.read_bytes[index]
-        complete = read_bytes >= size
-        now = residency.resident_bytes(index)
-        cause = None
-        if complete and now is not None:
-            if now < size:
-                cause = explain(
-                    files[index],
-                    ledger.resident_after_read(index),
-                    now,
-                    bypass.get(index),
-                )
-            if cause is None:
-                cause = residency.reason(index)  # measured, with a caveat (it grew)
-            if cause is not None:
-                engine.emit(EventKind.NOT_RESIDENT, files.path(index), cause)
-        elif stalled:
-            cause = "not read in full: its read did not return before the pass stopped"
-        elif not complete:
-            cause = "not read: the pass was stopped before this file"
-        if cause is not None:
-            causes[index] = cause
-    return FileResults(ledger, residency, causes)
 
 
 def _cpu_seconds() -> float:
@@ -437,7 +384,8 @@ async def warm_plan(
         verification = await verify_pass(
             engine.ledger, options.concurrency, timeout=options.read_timeout, stop=stop
         )
-    results = assemble(engine, verification)  # 3. with the cause of what is not resident
+    # 3. the report's files, with the cause of what is not resident
+    results = assemble(engine.ledger, verification, engine.fail_after, engine.emit)
     engine.set_state("done")
     interrupted = stop.is_set() and not engine.timed_out  # a signal while verifying counts
     return WarmReport(

@@ -20,11 +20,16 @@ from typing import TYPE_CHECKING, overload
 if TYPE_CHECKING:
     from .planner import FileSpec
 
-__all__ = ["FileColumns", "FileTable"]
+__all__ = ["FileColumns", "FileTable", "optional"]
 
 # os.fsencode/os.fsdecode, without their per-call overhead (a million names).
 _ENCODING = sys.getfilesystemencoding()
 _ERRORS = sys.getfilesystemencodeerrors()
+
+
+def optional(value: int) -> int | None:
+    """A column's value, where a negative one stands for ``None``."""
+    return None if value < 0 else value
 
 
 def _spec_type() -> type[FileSpec]:
@@ -142,14 +147,13 @@ class FileColumns:
         )
         for i in indices:
             start = ends[i - 1] if i else 0
-            held = allocated[i]
             yield make(
                 prefixes[dir_of[i]] + names[start : ends[i]].decode(_ENCODING, _ERRORS),
                 sizes[i],
                 devs[i],
                 inos[i],
                 metadata[i] == 1,
-                None if held < 0 else held,
+                optional(allocated[i]),
             )
 
     @classmethod

@@ -4,7 +4,8 @@ The engine needs a :class:`~preloader.reading.FileState` (descriptor, chunks in 
 only while a file is being read: :class:`Ledger` makes one when a file's first chunk is
 taken and folds it into arrays when the file is done, so a pass over a million files
 holds a few states and a handful of arrays. :class:`~preloader.reports.FileResults`
-shows the outcome as the report's ``Sequence[FileResult]``, an item made per access.
+shows the outcome as the report's ``Sequence[FileResult]``, an item made per access;
+:func:`assemble` works out, once, why each file read in full is not resident.
 
 Touched only on the event loop (the states' own contract is :class:`FileState`'s).
 """
@@ -14,10 +15,13 @@ from __future__ import annotations
 from array import array
 from collections.abc import Callable
 
-from .filetable import FileTable
+from .events import Emitter, ErrorReason, EventKind
+from .filetable import FileTable, optional
 from .reading import FileState
+from .reports import FileResults, ResidencyColumns
+from .verify import Verification, explain, unknown_residency
 
-__all__ = ["Ledger"]
+__all__ = ["Ledger", "assemble"]
 
 
 class Ledger:
@@ -61,8 +65,66 @@ class Ledger:
             self.stalled.add(index)
 
     def resident_after_read(self, index: int) -> int | None:
-        value = self.after_read[index]
-        return None if value < 0 else value
+        return optional(self.after_read[index])
 
     def method_of(self, index: int) -> str:
         return self.methods.get(index, self.method)
+
+
+def assemble(
+    ledger: Ledger,
+    verification: Verification | None,
+    fail: Callable[[int, str, ErrorReason], None],
+    emit: Emitter,
+) -> FileResults:
+    """The report's files once the pass (and its verification) ended: what each file's
+    residency is, and why one read in full is not resident (an event each).
+
+    :param fail: records a read error found now (a file changed since it was read).
+    """
+    files = ledger.files
+    if verification is None:
+        residency = ResidencyColumns(len(files), "not verified")
+        bypass: dict[int, bool | None] = {}
+    else:
+        residency, bypass = verification.residency, verification.bypass
+    for index in ledger.stalled if verification is not None else ():
+        residency.put(
+            index,
+            unknown_residency(
+                files[index], "its read stalled, and opening it again could hang too"
+            ),
+        )
+    causes: dict[int, str] = {}
+    errors = ledger.errors
+    for index, size in enumerate(files.sizes()):
+        stalled = index in ledger.stalled
+        if not stalled and residency.changed(index) and index not in errors:
+            reason = residency.reason(index)
+            if reason is not None:
+                fail(index, reason, "changed")
+        if index in errors:
+            continue
+        read_bytes = ledger.read_bytes[index]
+        complete = read_bytes >= size
+        now = residency.resident_bytes(index)
+        cause = None
+        if complete and now is not None:
+            if now < size:
+                cause = explain(
+                    files[index],
+                    ledger.resident_after_read(index),
+                    now,
+                    bypass.get(index),
+                )
+            if cause is None:
+                cause = residency.reason(index)  # measured, with a caveat (it grew)
+            if cause is not None:
+                emit(EventKind.NOT_RESIDENT, files.path(index), cause)
+        elif stalled:
+            cause = "not read in full: its read did not return before the pass stopped"
+        elif not complete:
+            cause = "not read: the pass was stopped before this file"
+        if cause is not None:
+            causes[index] = cause
+    return FileResults(ledger, residency, causes)

@@ -12,9 +12,9 @@ import time
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, overload
+from typing import Protocol, TypeVar, overload
 
-from .filetable import FileTable
+from .filetable import FileTable, optional
 from .planner import Skipped
 
 __all__ = [
@@ -119,8 +119,7 @@ class ResidencyColumns:
             self._changed.add(index)
 
     def resident_bytes(self, index: int) -> int | None:
-        resident = self._resident[index]
-        return None if resident < 0 else resident
+        return optional(self._resident[index])
 
     def changed(self, index: int) -> bool:
         return index in self._changed
@@ -147,7 +146,34 @@ class ResidencyColumns:
         return sum(resident), None
 
 
-class Residencies(Sequence[FileResidency]):
+_T = TypeVar("_T")
+
+
+class _Made(Sequence[_T]):
+    """A sequence whose items are made per access by :meth:`_item`; a slice is a list."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _item(self, index: int) -> _T:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, index: int) -> _T: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[_T]: ...
+    def __getitem__(self, index: int | slice) -> _T | Sequence[_T]:
+        if isinstance(index, slice):
+            return [self._item(i) for i in range(len(self))[index]]
+        return self._item(range(len(self))[index])
+
+    def __iter__(self) -> Iterator[_T]:
+        return (self._item(i) for i in range(len(self)))
+
+
+class Residencies(_Made[FileResidency]):
     """The residency of a plan's files: a :class:`FileResidency` made per access."""
 
     __slots__ = ("columns", "files")
@@ -159,14 +185,7 @@ class Residencies(Sequence[FileResidency]):
     def __len__(self) -> int:
         return len(self.files)
 
-    @overload
-    def __getitem__(self, index: int) -> FileResidency: ...
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[FileResidency]: ...
-    def __getitem__(self, index: int | slice) -> FileResidency | Sequence[FileResidency]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(len(self))[index]]
-        index = range(len(self))[index]
+    def _item(self, index: int) -> FileResidency:
         return self.columns.get(index, self.files.path(index), self.files.size(index))
 
     def __iter__(self) -> Iterator[FileResidency]:
@@ -267,7 +286,7 @@ class PassColumns(Protocol):
     def resident_after_read(self, index: int) -> int | None: ...
 
 
-class FileResults(Sequence[FileResult]):
+class FileResults(_Made[FileResult]):
     """A finished pass's files as the report shows them: a :class:`FileResult` per access.
 
     :param residency: residency after the pass of each file.
@@ -288,7 +307,7 @@ class FileResults(Sequence[FileResult]):
         files = self.ledger.files
         return self.residency.get(index, files.path(index), files.size(index))
 
-    def _result(self, index: int) -> FileResult:
+    def _item(self, index: int) -> FileResult:
         ledger = self.ledger
         return FileResult(
             path=ledger.files.path(index),
@@ -301,24 +320,12 @@ class FileResults(Sequence[FileResult]):
             cause=self.causes.get(index),
         )
 
-    @overload
-    def __getitem__(self, index: int) -> FileResult: ...
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[FileResult]: ...
-    def __getitem__(self, index: int | slice) -> FileResult | Sequence[FileResult]:
-        if isinstance(index, slice):
-            return [self._result(i) for i in range(len(self))[index]]
-        return self._result(range(len(self))[index])
-
-    def __iter__(self) -> Iterator[FileResult]:
-        return (self._result(i) for i in range(len(self)))
-
     def errors(self) -> tuple[FileResult, ...]:
-        return tuple(self._result(i) for i in sorted(self.ledger.errors))
+        return tuple(self._item(i) for i in sorted(self.ledger.errors))
 
     def not_resident(self) -> tuple[FileResult, ...]:
         errors = self.ledger.errors
-        return tuple(self._result(i) for i in sorted(self.causes) if i not in errors)
+        return tuple(self._item(i) for i in sorted(self.causes) if i not in errors)
 
     def residencies(self) -> Residencies:
         return Residencies(self.ledger.files, self.residency)

@@ -7,10 +7,8 @@ being read. What a root's walk found is then handed to :func:`preloader.formats.
 
 from __future__ import annotations
 
-import bisect
 import errno
 import fnmatch
-import itertools
 import os
 import stat
 from array import array
@@ -22,28 +20,7 @@ from .filetable import FileColumns, FileTable
 from .formats import Choice, Problem
 from .planner import Skipped, printable
 from .procfs import mount_types
-
-# Small files a server reads first (config, tokenizer, index): warming them first lets a
-# loader that opens them early find them in cache even while shards are still streaming.
-METADATA_SUFFIXES = frozenset(
-    {
-        ".json",
-        ".txt",
-        ".model",
-        ".tiktoken",
-        ".py",
-        ".md",
-        ".yaml",
-        ".yml",
-        ".jinja",
-        ".vocab",
-        ".merges",
-        ".cfg",
-        ".ini",
-    }
-)
-METADATA_MAX_BYTES = 64 * 1024 * 1024
-
+from .walkorder import Folder, Tree, is_metadata
 
 # Kernel and pseudo filesystems hold no model and are never walked: their files change
 # size as they are read (sysfs), hold every process's tree (procfs: /proc/*/cwd) or are
@@ -99,17 +76,6 @@ def _matches(relpath: str, patterns: Sequence[str]) -> bool:
     return False
 
 
-_METADATA_ENDINGS = tuple(METADATA_SUFFIXES)
-
-
-def _is_metadata(name: str, size: int) -> bool:
-    """A metadata file by its base name's suffix and its size."""
-    if size > METADATA_MAX_BYTES or not name.lower().endswith(_METADATA_ENDINGS):
-        return False  # the usual answer, without splitting the name
-    _, suffix = os.path.splitext(name)
-    return suffix.lower() in METADATA_SUFFIXES
-
-
 def _special_kind(mode: int) -> str:
     if stat.S_ISFIFO(mode):
         return "FIFO"
@@ -128,7 +94,7 @@ class _Walk:
     # Planned inodes per device: one set of ints per filesystem, not a tuple per file.
     seen_files: dict[int, set[int]] = field(default_factory=dict)
     columns: FileColumns = field(default_factory=FileColumns)
-    folders: list[_Folder] = field(default_factory=list)
+    folders: list[Folder] = field(default_factory=list)
     seen_dirs: set[tuple[int, int]] = field(default_factory=set)
     skipped: list[Skipped] = field(default_factory=list)
     choices: list[Choice] = field(default_factory=list)
@@ -198,12 +164,12 @@ class _Walk:
         if stat.S_ISDIR(st.st_mode):
             first = len(self.folders)
             self._walk_dir(root, st)
-            tree = _Tree(self.columns, self.folders, first)
+            tree = Tree(self.columns, self.folders, first)
             return self._arrange(root, tree.metadata_first(tree.natural_order()), tree)
         self.skipped.append(Skipped(root, _special_kind(st.st_mode)))
         return ()
 
-    def _arrange(self, root: str, order: array[int], tree: _Tree) -> Sequence[int]:
+    def _arrange(self, root: str, order: array[int], tree: Tree) -> Sequence[int]:
         """Apply the model-format rules (:mod:`preloader.formats`) to one walked root.
 
         The rules are per folder, so only the folders holding a file they may apply to
@@ -293,20 +259,20 @@ class _Walk:
     def _add(self, folder: int, path: str, st: os.stat_result) -> int:
         """A root that is a file, its whole path as its name."""
         size = st.st_size
-        metadata = _is_metadata(os.path.basename(path), size)
+        metadata = is_metadata(os.path.basename(path), size)
         return self.columns.add(
             folder, path, size, st.st_dev, st.st_ino, metadata, st.st_blocks * 512
         )
 
     def _walk_dir(self, root: str, root_st: os.stat_result) -> None:
         self.seen_dirs.add((root_st.st_dev, root_st.st_ino))
-        top = _Folder(self.columns.add_dir(_prefix(root), ""))
+        top = Folder(self.columns.add_dir(_prefix(root), ""))
         self.folders.append(top)
         # An explicit stack, not recursion: a 200-deep tree must not hit Python's limit.
         # The visit order (names sorted plainly, a folder's files before its subfolders)
         # decides which of two links is planned and the order of the skips; the natural
-        # warm order is worked out afterwards (_Tree).
-        stack: list[tuple[str, str, _Folder]] = [(root, "", top)]
+        # warm order is worked out afterwards (Tree).
+        stack: list[tuple[str, str, Folder]] = [(root, "", top)]
         while stack:
             directory, rel, folder = stack.pop()
             try:
@@ -314,7 +280,7 @@ class _Walk:
             except OSError as err:
                 self.skipped.append(Skipped(directory, f"cannot list: {err.strerror}", error=True))
                 continue
-            subdirs: list[tuple[str, str, _Folder]] = []
+            subdirs: list[tuple[str, str, Folder]] = []
             files: list[tuple[str, os.stat_result]] = []
             # The common case, a plain regular file under no filter, takes the short way.
             plain = not self.exclude and not self.include
@@ -379,7 +345,7 @@ class _Walk:
                         )
                         continue
                     self.seen_dirs.add(key)
-                    child = _Folder(self.columns.add_dir(_prefix(entry.path), relpath + "/"))
+                    child = Folder(self.columns.add_dir(_prefix(entry.path), relpath + "/"))
                     self.folders.append(child)
                     folder.keyed.append((formats.natural_key(entry.name + "/"), child))
                     subdirs.append((entry.path, relpath + "/", child))
@@ -392,7 +358,7 @@ class _Walk:
                         Skipped(entry.path, f"{kind} behind a symlink" if is_link else kind)
                     )
             del entries
-            folder.place(self, files)
+            folder.place(self.columns, files)
             stack.extend(reversed(subdirs))
 
 
@@ -402,109 +368,6 @@ _SAME_FILE = "same file already planned (link or bind mount)"
 def _prefix(directory: str) -> str:
     """What goes before a name to make the path ``os.scandir`` gives its entries."""
     return directory if directory.endswith(os.sep) else directory + os.sep
-
-
-class _Folder:
-    """One walked folder: where its files lie in the columns and where its subfolders
-    fall among them in natural order."""
-
-    __slots__ = ("ambiguous", "children", "count", "first", "id", "keyed", "ruled")
-
-    def __init__(self, folder_id: int) -> None:
-        self.id = folder_id
-        self.first = 0
-        self.count = 0
-        # (natural key of "name/", folder) while walking
-        self.keyed: list[tuple[str, _Folder]] = []
-        # (files of this folder before it, folder), in natural order, once placed
-        self.children: list[tuple[int, _Folder]] = []
-        self.ruled = False  # holds a file a model-format rule may apply to
-        self.ambiguous = False  # two subfolders' keys do not settle their order
-
-    def place(self, walk: _Walk, files: list[tuple[str, os.stat_result]]) -> None:
-        """Add the folder's planned files to the columns in natural order (a stable sort
-        of the plainly sorted names), and place its subfolders among them."""
-        natural_key = formats.natural_key
-        keyed_files = sorted(((natural_key(name), name, st) for name, st in files), key=_first)
-        columns = walk.columns
-        self.first = len(columns)
-        self.count = len(keyed_files)
-        names = [name for _, name, _ in keyed_files]
-        columns.extend(
-            self.id,
-            names,
-            [st for _, _, st in keyed_files],
-            [_is_metadata(name, st.st_size) for _, name, st in keyed_files],
-        )
-        self.ruled = any(map(formats.may_apply, names))
-        keyed = sorted(self.keyed, key=_first)
-        # A key is the folder's "name/" ending in "/\0": when one without its "\0" starts
-        # the next, the paths below them compare on what follows ("01/" and "1/").
-        self.ambiguous = any(
-            later[0].startswith(earlier[0][:-1]) for earlier, later in itertools.pairwise(keyed)
-        )
-        keys = [item[0] for item in keyed_files]
-        # A file's key never equals a folder's: only the folder's holds the "/".
-        self.children = [(bisect.bisect_left(keys, key), child) for key, child in keyed]
-        self.keyed = []
-
-
-def _first(item: tuple[str, object] | tuple[str, object, object]) -> str:
-    return item[0]
-
-
-class _Tree:
-    """One root's folders, to put its files in natural order without a key per file."""
-
-    def __init__(self, columns: FileColumns, folders: list[_Folder], first: int) -> None:
-        self.columns = columns
-        self.folders = folders[first:]
-
-    def ruled_folders(self) -> set[int]:
-        return {folder.id for folder in self.folders if folder.ruled}
-
-    def natural_order(self) -> array[int]:
-        """Column indices in the order of a natural sort of the relative paths.
-
-        Folder by folder: a folder's files are in the columns in natural order already,
-        and each subfolder's files come where the subfolder's ``name/`` sorts among them
-        (comparing ``a/b`` with ``a-c`` is comparing ``a/`` with ``a-c``: the paths agree
-        up to the ``/``). Where two sibling folders' keys do not settle it (``01/`` and
-        ``1/`` compare equal), the paths are sorted whole, one key each, as they interleave.
-        """
-        order = array("i")
-        if not self.folders:
-            return order
-        if any(folder.ambiguous for folder in self.folders):
-            return self._sorted_whole()
-        # (folder, its files emitted so far, its children entered so far)
-        stack: list[tuple[_Folder, int, int]] = [(self.folders[0], 0, 0)]
-        while stack:
-            folder, done, entered = stack.pop()
-            if entered < len(folder.children):
-                before, child = folder.children[entered]
-                order.extend(range(folder.first + done, folder.first + before))
-                stack.append((folder, max(done, before), entered + 1))
-                stack.append((child, 0, 0))
-            else:
-                order.extend(range(folder.first + done, folder.first + folder.count))
-        return order
-
-    def _sorted_whole(self) -> array[int]:
-        columns = self.columns
-        indices = [
-            i for folder in self.folders for i in range(folder.first, folder.first + folder.count)
-        ]
-        indices.sort()  # the visit order: a stable sort keeps it among equal keys
-        indices.sort(key=lambda i: formats.natural_key(columns.relpath(i)))
-        return array("i", indices)
-
-    def metadata_first(self, order: array[int]) -> array[int]:
-        """``order`` with the metadata files first (a stable partition)."""
-        metadata = self.columns.metadata
-        first = array("i", (i for i in order if metadata[i]))
-        first.extend(i for i in order if not metadata[i])
-        return first
 
 
 def walk_roots(
