@@ -149,6 +149,22 @@ def residency(path: Path) -> Residency:
     return Residency(int(match.group(1)), int(match.group(2)))
 
 
+def touch(path: Path) -> None:
+    """Bring every page of the files under *path* into the page cache (``vmtouch -t``).
+
+    :param path: a file or directory.
+    :raises RuntimeError: when vmtouch fails.
+    """
+    result = subprocess.run(
+        ["vmtouch", "-q", "-t", "-m", "1024G", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"vmtouch -t {path} failed: {result.stderr.strip()}")
+
+
 def evict(path: Path) -> None:
     """Drop the clean page-cache pages of the files under *path*, and only those.
 

@@ -293,7 +293,7 @@ def write_chart(summaries: Sequence[Summary], titles: dict[str, str], path: Path
                 note += f"  ({one.wall_s / cell.wall_s:.1f}x one-liner)"
             axis.text(cell.gb_per_s, index, note, va="center", fontsize=7)
         axis.set_title(
-            f"{titles.get(scenario, scenario)} - {cells[0].bytes / 2**30:.2f} GiB, cold cache",
+            f"{titles.get(scenario, scenario)} - {cells[0].bytes / 2**30:.2f} GiB",
             fontsize=9,
             loc="left",
         )

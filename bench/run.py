@@ -153,19 +153,29 @@ def measure_startup(env: dict[str, str], reps: int, scratch: Path) -> dict[str, 
 
 
 def run_once(
-    prepared: Prepared, tool: Tool, env: dict[str, str], rep: int, timeout_s: float
+    prepared: Prepared,
+    tool: Tool,
+    env: dict[str, str],
+    rep: int,
+    timeout_s: float,
+    warm_cache: bool = False,
 ) -> dict[str, Any]:
-    """Evict, run *tool* once on the prepared tree, and say what it achieved.
+    """Evict (or, with ``warm_cache``, cache) the tree, run *tool* once on it, and say
+    what it achieved.
 
     :param prepared: the scenario's tree (and fixture counters, if any).
     :param tool: the competitor.
     :param env: the child's environment.
     :param rep: repetition number, for the record.
     :param timeout_s: longest a run may take.
+    :param warm_cache: start with every page resident: what a second warm-up costs.
     :return: a JSON-ready record.
     """
     target = prepared.target
-    measure.evict(target)
+    if warm_cache:
+        measure.touch(target)
+    else:
+        measure.evict(target)
     before = measure.residency(target)
     if prepared.fixture_stats:
         prepared.fixture_stats(True)
@@ -283,6 +293,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench",
         description="Benchmark preloader against the postStart one-liner, vmtouch and fio "
         "on a cold page cache (issue 5).",
+        epilog="Two more benches take their own flags: python -m bench --scale -h (start-up "
+        "and planning of 100,000 / 1,000,000 files) and python -m bench --recheck -h (the "
+        "keep-warm recheck's CPU-seconds and bytes read).",
     )
     parser.add_argument("--smoke", action="store_true", help="toy sizes, 1 repetition, no sweep")
     parser.add_argument(
@@ -306,6 +319,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--sweep", help="extra preloader -c values, comma list (default 1,2,8,16; smoke none)"
     )
     parser.add_argument("--no-auto", action="store_true", help="leave out preloader -c auto")
+    parser.add_argument(
+        "--warm-cache",
+        action="store_true",
+        help="start every run with the tree resident (vmtouch -t), not evicted: what a "
+        "second warm-up of a warm model costs (results go to --out; default "
+        "bench/results/warm-cache)",
+    )
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument(
         "--out",
@@ -386,7 +406,8 @@ def render(out: Path, payload: dict[str, Any]) -> Path:
     :param payload: what ``raw/latest.json`` holds (machine, sizes, startup, records...).
     :return: the Markdown file's path.
     """
-    titles = {s.name: s.title for s in SCENARIOS}
+    cache = payload.get("cache", "cold")
+    titles = {s.name: f"{s.title}, {cache} cache" for s in SCENARIOS}
     summaries = report.summarize(payload["records"])
     startup = payload.get("startup")
     out.mkdir(parents=True, exist_ok=True)
@@ -395,7 +416,7 @@ def render(out: Path, payload: dict[str, Any]) -> Path:
     lines = [
         "# preloader benchmark results",
         "",
-        f"Run {payload.get('run_at', '?')}, median of {payload.get('reps', '?')} cold-cache "
+        f"Run {payload.get('run_at', '?')}, median of {payload.get('reps', '?')} {cache}-cache "
         "run(s) per tool, tools alternating A B C A B C (order rotated each round).",
         "",
         "Machine: " + "; ".join(f"{key} {value}" for key, value in machine.items()) + ".",
@@ -459,10 +480,15 @@ def main(argv: list[str] | None = None) -> int:
         from . import scale  # cost at scale: its own flags (python -m bench --scale -h)
 
         return scale.main(argv)
+    if "--recheck" in (sys.argv[1:] if argv is None else argv):
+        from . import recheck  # keep-warm recheck cost: its own flags (--recheck -h)
+
+        return recheck.main(argv)
     args = _parse_args(argv)
     if args.out is None:
         # A smoke run must not overwrite the committed full-size results.
-        args.out = REPO_ROOT / "bench" / "results" / ("smoke" if args.smoke else "")
+        kind = "smoke" if args.smoke else "warm-cache" if args.warm_cache else ""
+        args.out = REPO_ROOT / "bench" / "results" / kind
     if args.from_raw:
         payload = json.loads(args.from_raw.read_text())
         if payload.get("kind") == "e2e":
@@ -521,7 +547,9 @@ def main(argv: list[str] | None = None) -> int:
             for rep in range(reps):
                 order = here[rep % len(here) :] + here[: rep % len(here)]
                 for tool in order:
-                    record = run_once(prepared, tool, env, rep, args.timeout)
+                    record = run_once(
+                        prepared, tool, env, rep, args.timeout, warm_cache=args.warm_cache
+                    )
                     records.append(record)
                     status = "" if record["ok"] else f" FAILED rc={record['returncode']}"
                     progress.step(
@@ -536,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         "reps": reps,
         "machine": _machine(args.data_dir, args.preloader_src.resolve(), env),
         "sizes": dataclasses.asdict(sizes),
+        "cache": "warm" if args.warm_cache else "cold",
         "startup": startup,
         "skipped": skipped,
         "records": records,

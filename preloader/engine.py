@@ -37,6 +37,7 @@ from .reading import (
     whole_files_in_thread,
 )
 from .reading import cancel_after_stop as cancel_after_stop
+from .reports import Autotune
 from .reports import FileResidency as FileResidency
 from .reports import FileResult as FileResult
 from .reports import ResidencyReport as ResidencyReport
@@ -122,6 +123,9 @@ class _Engine:
         self.threads = anyio.CapacityLimiter(self.max_workers)
         self.progress.concurrency = int(self.limiter.total_tokens)
         self.timed_out = False
+        # -c auto: (readers, bytes per second) of every window measured, and why it settled.
+        self.tuning: list[tuple[int, float]] = []
+        self.tuned: str | None = None
 
     def set_state(self, state: str) -> None:
         self.progress.state = state
@@ -163,17 +167,35 @@ class _Engine:
             ) or time.monotonic() - before < _AUTO_WINDOW_SECONDS:
                 await anyio.sleep(_AUTO_WINDOW_SECONDS / 2)
             rate = (self.progress.bytes_read - before_bytes) / (time.monotonic() - before)
+            self.tuning.append((tokens, rate))
             if rate > best_rate * _AUTO_MIN_GAIN and tokens < _AUTO_MAX:
                 best_rate, best_tokens = rate, tokens
                 self.limiter.total_tokens = min(_AUTO_MAX, tokens * 2)
                 self.progress.concurrency = int(self.limiter.total_tokens)
                 continue
+            if tokens >= _AUTO_MAX and rate > best_rate * _AUTO_MIN_GAIN:
+                why = f"throughput still grew at {tokens} readers, the most auto uses"
+            else:
+                why = (
+                    f"{tokens} readers read {rate / max(best_rate, 1.0):.2f} x what "
+                    f"{best_tokens} did: less than the {_AUTO_MIN_GAIN:.2f} x a doubling "
+                    "must gain"
+                )
             if rate > best_rate:
                 best_tokens = tokens
             self.limiter.total_tokens = best_tokens
             self.progress.concurrency = best_tokens
-            self.emit(EventKind.CONCURRENCY, detail=f"settled at {best_tokens}")
+            self.tuned = why
+            self.emit(EventKind.CONCURRENCY, detail=f"settled at {best_tokens}: {why}")
             return
+
+    def autotune(self) -> Autotune | None:
+        """How ``-c auto`` settled, for the report; ``None`` for a fixed ``-c``."""
+        if self.options.concurrency != AUTO_CONCURRENCY:
+            return None
+        readers = int(self.limiter.total_tokens)
+        why = self.tuned or f"the pass ended while it measured {readers} readers"
+        return Autotune(tuple(self.tuning), readers, why)
 
     async def _worker(self) -> None:
         stream: Stream | None = None
@@ -399,6 +421,7 @@ async def warm_plan(
         timed_out=engine.timed_out,
         interrupted=interrupted,
         verified=options.verify,
+        autotune=engine.autotune(),
     )
 
 

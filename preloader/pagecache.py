@@ -30,14 +30,19 @@ __all__ = [
     "CacheStat",
     "ReadMethod",
     "ResidencyUnknownError",
+    "cached_pages",
     "cachestat",
+    "cachestat_pages",
     "evict",
     "fd_residency",
+    "mincore_flags",
     "mincore_resident_pages",
     "range_resident_pages",
     "read_bypasses_cache",
     "read_range",
+    "require_mincore_trust",
     "resident_bytes_from_pages",
+    "whole_file_counter",
 ]
 
 PAGE_SIZE = mmap.PAGESIZE
@@ -201,6 +206,78 @@ def cachestat(fd: int, offset: int = 0, length: int = 0) -> CacheStat:
     )
 
 
+# Per-thread cachestat arguments, built once: the keep-warm recheck and the verification
+# pass ask cachestat once per file, 100,000 times for a big tree.
+_cachestat_buffers = threading.local()
+_CACHESTAT_NR = ctypes.c_long(_SYS_CACHESTAT)
+
+
+def cached_pages(fd: int, offset: int = 0, length: int = 0) -> int:
+    """cachestat's count of cached pages of ``[offset, offset+length)``, and nothing else.
+
+    The same call as :func:`cachestat` without building its result.
+
+    :raises OSError: as :func:`cachestat`.
+    """
+    buffers = getattr(_cachestat_buffers, "value", None)
+    if buffers is None:
+        rng, out = _CachestatRange(), _Cachestat()
+        buffers = (rng, out, ctypes.byref(rng), ctypes.byref(out))
+        _cachestat_buffers.value = buffers
+    rng, out, rng_ref, out_ref = buffers
+    rng.off = offset
+    rng.len = length
+    if _syscall(_CACHESTAT_NR, fd, rng_ref, out_ref, 0) != 0:
+        _raise_errno("cachestat")
+    return int(out.nr_cache)
+
+
+# Maps a mincore(2) flag byte to its "resident" bit: the other bits are reserved.
+_RESIDENT_BIT = bytes(flag & 1 for flag in range(256))
+
+
+def whole_file_counter() -> Callable[[int, int], int] | None:
+    """A cachestat of ``[0, length)`` of an open file, as fast as Python calls it.
+
+    For one thread (it owns its argument buffers): the keep-warm recheck measures every
+    planned file with it. ``None`` where the kernel lacks cachestat.
+
+    :return: ``count(fd, length)``, cached pages; raises ``OSError`` as :func:`cachestat`.
+    """
+    if _cachestat_missing:
+        return None
+    rng, out = _CachestatRange(), _Cachestat()
+    rng_ref, out_ref = ctypes.byref(rng), ctypes.byref(out)
+
+    def count(fd: int, length: int) -> int:
+        rng.len = length
+        if _syscall(_CACHESTAT_NR, fd, rng_ref, out_ref, 0) != 0:
+            _raise_errno("cachestat")
+        return int(out.nr_cache)
+
+    return count
+
+
+def mincore_flags(fd: int, offset: int, length: int) -> bytes:
+    """One byte per page of ``[offset, offset+length)``: 1 where resident, else 0.
+
+    ``mmap`` + ``mincore(2)``; only truthful when the caller may see the file's residency
+    (see :func:`_mincore_trusted`). A 512 MiB range needs a 128 KiB vector.
+
+    :param offset: a multiple of :data:`PAGE_SIZE`.
+    :param length: bytes (> 0), not past the end of the file.
+    :raises OSError: when mmap or mincore fails.
+    """
+    addr = map_shared(fd, length, offset)
+    try:
+        vec = (ctypes.c_ubyte * ((length + PAGE_SIZE - 1) // PAGE_SIZE))()
+        if _mincore(addr, length, vec) != 0:
+            _raise_errno("mincore")
+        return bytes(vec).translate(_RESIDENT_BIT)
+    finally:
+        unmap(addr, length)
+
+
 def mincore_resident_pages(fd: int, size: int, window: int = 1 << 30) -> tuple[int, bool]:
     """Count resident pages of an open file with ``mmap`` + ``mincore(2)``.
 
@@ -219,17 +296,9 @@ def mincore_resident_pages(fd: int, size: int, window: int = 1 << 30) -> tuple[i
     window -= window % PAGE_SIZE
     while offset < size:
         length = min(window, size - offset)
-        addr = map_shared(fd, length, offset)
-        try:
-            pages = (length + PAGE_SIZE - 1) // PAGE_SIZE
-            vec = (ctypes.c_ubyte * pages)()
-            if _mincore(addr, length, vec) != 0:
-                _raise_errno("mincore")
-            flags = bytes(vec)
-            resident += sum(1 for b in flags if b & 1)
-            last = bool(flags[-1] & 1)
-        finally:
-            unmap(addr, length)
+        flags = mincore_flags(fd, offset, length)
+        resident += flags.count(1)
+        last = flags[-1] == 1
         offset += length
     return resident, last
 
@@ -267,19 +336,19 @@ def fd_residency(fd: int, size: int) -> int:
         return 0
     # The range, not the whole file: a plan may cover only a file's first bytes
     # (a budget-trimmed plan), and residency is of what was planned.
-    pages = _cachestat_pages(fd, 0, size)
+    pages = cachestat_pages(fd, 0, size)
     if pages is not None:
         tail = size % PAGE_SIZE
         # Every page cached includes the last; only a partial count needs a second look.
         whole = pages >= -(-size // PAGE_SIZE)
         last = whole or (bool(pages) and bool(tail) and cachestat(fd, size - tail, tail).cached > 0)
         return resident_bytes_from_pages(pages, size, last)
-    _require_mincore_trust(fd)
+    require_mincore_trust(fd)
     pages, last = mincore_resident_pages(fd, size)
     return resident_bytes_from_pages(pages, size, last)
 
 
-def _cachestat_pages(fd: int, offset: int, length: int) -> int | None:
+def cachestat_pages(fd: int, offset: int, length: int) -> int | None:
     """cachestat's cached pages of a range; ``None`` where the kernel lacks cachestat.
 
     :raises ResidencyUnknownError: on ``EPERM`` (never followed by a ``mincore`` guess).
@@ -288,7 +357,7 @@ def _cachestat_pages(fd: int, offset: int, length: int) -> int | None:
     if _cachestat_missing:
         return None
     try:
-        return cachestat(fd, offset, length).cached
+        return cached_pages(fd, offset, length)
     except OSError as err:
         if err.errno == errno.EPERM:
             raise ResidencyUnknownError(
@@ -303,7 +372,7 @@ def _cachestat_pages(fd: int, offset: int, length: int) -> int | None:
         return None
 
 
-def _require_mincore_trust(fd: int) -> os.stat_result:
+def require_mincore_trust(fd: int) -> os.stat_result:
     """The file's stat, after checking that ``mincore`` would tell this process the truth.
 
     :raises ResidencyUnknownError: when it would not.
@@ -329,21 +398,14 @@ def range_resident_pages(fd: int, offset: int, length: int) -> int:
     """
     if offset % PAGE_SIZE:
         raise ValueError(f"offset {offset} is not a multiple of the page size")
-    pages = _cachestat_pages(fd, offset, length)
+    pages = cachestat_pages(fd, offset, length)
     if pages is not None:
         return pages
-    st = _require_mincore_trust(fd)
+    st = require_mincore_trust(fd)
     length = min(length, st.st_size - offset)
     if length <= 0:
         return 0
-    addr = map_shared(fd, length, offset)
-    try:
-        vec = (ctypes.c_ubyte * ((length + PAGE_SIZE - 1) // PAGE_SIZE))()
-        if _mincore(addr, length, vec) != 0:
-            _raise_errno("mincore")
-        return sum(1 for flag in bytes(vec) if flag & 1)
-    finally:
-        unmap(addr, length)
+    return mincore_flags(fd, offset, length).count(1)
 
 
 def force_mincore(enabled: bool) -> None:

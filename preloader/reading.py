@@ -19,6 +19,7 @@ import anyio
 from . import pagecache
 from .events import ErrorReason
 from .planner import Chunk, FileSpec
+from .prefetch import may_prefetch, prefetch
 
 __all__ = [
     "STOP_GRACE_SECONDS",
@@ -33,6 +34,7 @@ __all__ = [
     "read_with_fallback",
     "record_failure",
     "slide_deadline",
+    "still_planned",
     "whole_files_in_thread",
 ]
 
@@ -51,11 +53,14 @@ class FileChangedError(OSError):
     """The planned file is no longer that file (replaced, or not a regular file)."""
 
 
-def open_regular(spec: FileSpec) -> int:
+def open_regular(spec: FileSpec, blocking: bool = True) -> int:
     """Open a planned file read-only, refusing anything that is no longer that file.
 
     ``O_NONBLOCK`` keeps a FIFO swapped in since planning from blocking the open; the
     ``(dev, ino)`` check refuses a file replaced under the same name.
+
+    :param blocking: clear ``O_NONBLOCK`` once it is known to be the planned file (for
+        reading); ``False`` leaves it set, for a descriptor only measured.
     """
     fd = os.open(spec.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     try:
@@ -64,7 +69,8 @@ def open_regular(spec: FileSpec) -> int:
             raise FileChangedError(errno.EINVAL, "no longer a regular file")
         if (st.st_dev, st.st_ino) != (spec.dev, spec.ino):
             raise FileChangedError(errno.ESTALE, "replaced by another file since planning")
-        os.set_blocking(fd, True)
+        if blocking:
+            os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
@@ -135,8 +141,25 @@ class Outcome:
 
 
 def read_with_fallback(
-    fd: int, chunk: Chunk, method: str, stop: Callable[[], bool], outcome: Outcome
+    fd: int,
+    chunk: Chunk,
+    method: str,
+    stop: Callable[[], bool],
+    outcome: Outcome,
+    skip_cached: bool = True,
 ) -> None:
+    """Bring ``chunk`` into the page cache with ``method``, falling back where refused.
+
+    A chunk whose every page is cached already is not read again (one ``cachestat``):
+    warming a warm model costs no I/O and almost no CPU. Its bytes count as read.
+
+    :param skip_cached: ``False`` for a chunk just prefetched: cachestat counts pages
+        whose read is still in flight (or failed), so only the read tells it is there.
+    """
+    if skip_cached and _all_cached(fd, chunk):
+        outcome.read_bytes = chunk.length
+        outcome.method = method
+        return
     while True:
         try:
             outcome.read_bytes = pagecache.read_range(fd, chunk.offset, chunk.length, method, stop)
@@ -152,6 +175,17 @@ def read_with_fallback(
             raise OSError(
                 err.errno, f"{describe(err)} reading bytes {chunk.offset}-{last}"
             ) from err
+
+
+def _all_cached(fd: int, chunk: Chunk) -> bool:
+    """Whether every page of ``chunk`` is in the page cache; ``False`` when unknown."""
+    if chunk.length <= 0:
+        return False
+    try:
+        cached = pagecache.range_resident_pages(fd, chunk.offset, chunk.length)
+    except (pagecache.ResidencyUnknownError, OSError):
+        return False
+    return cached >= -(-chunk.length // pagecache.PAGE_SIZE)
 
 
 def after_read(fd: int, size: int) -> int | None:
@@ -196,6 +230,55 @@ class Handoff:
         return self._abandoned
 
 
+def still_planned(spec: FileSpec) -> None:
+    """Refuse a file whose path now names another file than the planned one.
+
+    For a descriptor opened ahead of its read: the check :func:`open_regular` made at the
+    open, made again once the file has been read, so a file replaced in between is
+    ``changed`` and never counted warm.
+
+    :raises FileChangedError: replaced, or no longer a regular file.
+    :raises OSError: the path is gone (deleted since).
+    """
+    st = os.stat(spec.path)
+    if not stat.S_ISREG(st.st_mode):
+        raise FileChangedError(errno.EINVAL, "no longer a regular file")
+    if (st.st_dev, st.st_ino) != (spec.dev, spec.ino):
+        raise FileChangedError(errno.ESTALE, "replaced by another file since planning")
+
+
+def _open_ahead(
+    specs: Sequence[FileSpec], batch: Sequence[Chunk], stop: Callable[[], bool]
+) -> tuple[list[int | OSError | None], list[bool]]:
+    """Open and prefetch every file of ``batch`` that :func:`may_prefetch` allows.
+
+    A file whose pages are all cached already is opened but not prefetched (its read is
+    skipped as any cached chunk's).
+
+    :return: per file, its open descriptor, why it could not be opened, or ``None``
+        (not prefetched: opened when its turn comes); and per file whether it was
+        prefetched.
+    """
+    ahead: list[int | OSError | None] = [None] * len(batch)
+    fetched = [False] * len(batch)
+    for position, chunk in enumerate(batch):
+        spec = specs[chunk.file_index]
+        if stop() or not may_prefetch(spec):
+            continue
+        try:
+            fd = open_regular(spec)
+        except OSError as err:
+            if err.errno in (errno.EMFILE, errno.ENFILE):  # out of descriptors: no more ahead
+                break
+            ahead[position] = err
+            continue
+        ahead[position] = fd
+        if not _all_cached(fd, chunk):
+            prefetch(fd, chunk.offset, chunk.length)
+            fetched[position] = True
+    return ahead, fetched
+
+
 async def slide_deadline(scope: anyio.CancelScope, handoff: Handoff, seconds: float) -> None:
     """Keep ``scope``'s deadline ``seconds`` after ``handoff``'s last result, for ever.
 
@@ -218,24 +301,44 @@ def whole_files_in_thread(
 ) -> bool:
     """Open, read, measure and close each small file in one thread hand-off.
 
+    Where :mod:`preloader.prefetch` allows it, the files of the batch are opened and
+    prefetched first, then read one by one; a file opened ahead is checked again after
+    its read (:func:`still_planned`).
+
     :return: ``True`` once every file of the batch was handed back.
     """
-    for chunk in batch:
-        outcome = Outcome(method=method)
-        if not stop() and not handoff.abandoned:
-            spec = specs[chunk.file_index]
-            try:
-                fd = open_regular(spec)
+    if len(batch) > 1:
+        ahead, fetched = _open_ahead(specs, batch, stop)
+    else:
+        ahead, fetched = [None], [False]
+    try:
+        for position, chunk in enumerate(batch):
+            outcome = Outcome(method=method)
+            if not stop() and not handoff.abandoned:
+                spec = specs[chunk.file_index]
+                opened, ahead[position] = ahead[position], None
                 try:
-                    read_with_fallback(fd, chunk, method, stop, outcome)
-                    outcome.resident_after_read = after_read(fd, spec.size)
-                finally:
-                    os.close(fd)
-            except OSError as err:
-                record_failure(outcome, err)
-        if not handoff.put(outcome):
-            return False
-    return True
+                    if isinstance(opened, OSError):
+                        raise opened
+                    fd = open_regular(spec) if opened is None else opened
+                    try:
+                        read_with_fallback(
+                            fd, chunk, method, stop, outcome, skip_cached=not fetched[position]
+                        )
+                        outcome.resident_after_read = after_read(fd, spec.size)
+                        if opened is not None:
+                            still_planned(spec)
+                    finally:
+                        os.close(fd)
+                except OSError as err:
+                    record_failure(outcome, err)
+            if not handoff.put(outcome):
+                return False
+        return True
+    finally:
+        for left in ahead:  # a stop or an abandoned hand-off leaves some unread
+            if isinstance(left, int):
+                os.close(left)
 
 
 async def cancel_after_stop(

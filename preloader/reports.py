@@ -332,6 +332,30 @@ class FileResults(_Made[FileResult]):
 
 
 @dataclass(frozen=True)
+class Autotune:
+    """How ``-c auto`` settled.
+
+    :ivar steps: ``(readers, bytes per second)`` of every window it measured, in order.
+    :ivar settled: the readers it kept.
+    :ivar why: why it stopped there, in words.
+    """
+
+    steps: tuple[tuple[int, float], ...]
+    settled: int
+    why: str
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "steps": [
+                {"concurrency": readers, "bytes_per_second": round(rate)}
+                for readers, rate in self.steps
+            ],
+            "settled": self.settled,
+            "why": self.why,
+        }
+
+
+@dataclass(frozen=True)
 class WarmReport:
     """The outcome of a warm pass; :meth:`to_json` is the ``--json`` contract."""
 
@@ -345,6 +369,7 @@ class WarmReport:
     timed_out: bool = False
     interrupted: bool = False
     verified: bool = True
+    autotune: Autotune | None = None
 
     @property
     def bytes(self) -> int:
@@ -423,6 +448,7 @@ class WarmReport:
                 {"path": s.path, "reason": s.reason} for s in self.skipped if not s.error
             ],
             "concurrency": self.concurrency,
+            "autotune": None if self.autotune is None else self.autotune.to_json(),
             "chunk_size": self.chunk_size,
             "method": self.method,
             "timed_out": self.timed_out,

@@ -347,3 +347,37 @@ def test_scale_bench_measures_startup_and_trees_at_a_tiny_size(tmp_path: Path) -
     assert "preloader --version" in found["startup"]
     assert "300 files of 4096 B" in (out / "scale.md").read_text()
     assert not (tmp_path / "data").exists()
+
+
+def test_recheck_bench_reads_nothing_resident_and_names_the_lost_chunks(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    sizes = ["--files", "300", "--sparse-files", "3", "--sparse-size", str(128 << 20)]
+    places = ["--data-dir", str(tmp_path / "data"), "--out", str(out), "-n", "1", "--mincore"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--recheck", *sizes, *places],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    cases = json.loads((out / "recheck.json").read_text())["cases"]
+    assert set(cases) == {
+        "files, cachestat",
+        "sparse, cachestat",
+        "files, mincore",
+        "sparse, mincore",
+    }
+    for way in ("cachestat", "mincore"):
+        files = cases[f"files, {way}"]
+        assert files["files"] == 300
+        resident = files["all resident"]
+        assert (resident["read_bytes"], resident["lost_chunks"], resident["exact"]) == (0, 0, True)
+        evicted = files["every 100th file evicted"]
+        assert (evicted["lost_chunks"], evicted["exact"]) == (3, True)
+        again = files["re-read"]
+        assert again["read_bytes"] == again["lost_bytes"] == 3 * 4096
+        sparse = cases[f"sparse, {way}"]["first chunk of every 50th file resident"]
+        # 3 files of 2 chunks, the first chunk of the first file resident.
+        assert (sparse["read_bytes"], sparse["lost_chunks"], sparse["exact"]) == (0, 5, True)
+    assert "every 100th file evicted" in (out / "recheck.md").read_text()

@@ -24,7 +24,7 @@ from preloader.engine import (
 )
 from preloader.planner import build_plan
 
-from .conftest import needs_vmtouch, vmtouch_resident
+from .conftest import evict_tree, needs_vmtouch, vmtouch_resident
 
 MiB = 1024 * 1024
 
@@ -53,8 +53,17 @@ async def test_warm_makes_a_cold_model_fully_resident(model_dir: Path) -> None:
 
 
 async def test_a_big_file_is_read_by_several_workers_once_per_chunk_with_one_open(
-    big_file: Path, monkeypatch: pytest.MonkeyPatch
+    shared_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Chunks of 16 MiB: larger than any readahead window (at most 8 MiB here), so the
+    # kernel's readahead of one chunk never caches all of the next, which would then
+    # rightly be skipped as already resident.
+    big_file = shared_tmp / "model.gguf"
+    with open(big_file, "wb") as handle:
+        handle.write(os.urandom(4 * 16 * MiB + 9 * MiB + 123))  # a tail chunk too
+        handle.flush()
+        os.fsync(handle.fileno())  # dirty pages cannot be evicted
+    evict_tree(big_file)
     reads: Counter[tuple[int, int]] = Counter()
     threads: set[int] = set()
     opens: Counter[str] = Counter()
@@ -72,10 +81,10 @@ async def test_a_big_file_is_read_by_several_workers_once_per_chunk_with_one_ope
     plan = build_plan([str(big_file)])
     monkeypatch.setattr(pagecache, "read_range", counting_read)
     monkeypatch.setattr(os, "open", counting_open)
-    report = await warm_plan(plan, WarmOptions(concurrency=4, chunk_size=4 * MiB, verify=False))
+    report = await warm_plan(plan, WarmOptions(concurrency=4, chunk_size=16 * MiB, verify=False))
     monkeypatch.undo()
     size = big_file.stat().st_size
-    assert sorted(reads) == [(o, min(4 * MiB, size - o)) for o in range(0, size, 4 * MiB)]
+    assert sorted(reads) == [(o, min(16 * MiB, size - o)) for o in range(0, size, 16 * MiB)]
     assert set(reads.values()) == {1}
     assert len(threads) > 1
     assert opens[str(big_file)] == 1
@@ -88,6 +97,15 @@ async def test_auto_concurrency_warms_and_reports_what_it_settled_on(model_dir: 
     assert report.errors == ()
     assert report.resident_ratio == 1.0
     assert report.concurrency >= 4  # starts at the fixed default and only goes up
+    # The report says how it settled: a model this small ends before the first window.
+    assert report.autotune is not None
+    assert report.autotune.settled == report.concurrency
+    assert all(readers >= 4 for readers, _ in report.autotune.steps)
+    assert report.autotune.why
+    document = report.to_json()["autotune"]
+    assert isinstance(document, dict) and document["settled"] == report.concurrency
+    fixed = await warm_plan(plan, WarmOptions(concurrency=4, chunk_size=MiB))
+    assert fixed.autotune is None and fixed.to_json()["autotune"] is None
 
 
 @pytest.mark.parametrize("method", ["sendfile", "mmap", "read"])
@@ -279,3 +297,33 @@ async def test_a_file_that_cannot_be_opened_is_all_lost_and_its_rewarm_fails(
     )
     assert report.errors == ((victim.path, "No such file or directory"),)
     assert [e.kind for e in events if e.kind == "file_error"] == ["file_error"]
+
+
+async def test_warming_a_warm_file_reads_only_the_chunks_that_lost_pages(
+    shared_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = shared_tmp / "model.bin"
+    path.write_bytes(os.urandom(4 * 16 * MiB))
+    plan = build_plan([str(path)])
+    options = WarmOptions(concurrency=2, chunk_size=16 * MiB)
+    assert (await warm_plan(plan, options)).resident_bytes == 4 * 16 * MiB
+    reads: list[tuple[int, int]] = []
+    real_read = pagecache.read_range
+
+    def counting_read(fd: int, offset: int, length: int, method: str, stop: object) -> int:
+        reads.append((offset, length))
+        return real_read(fd, offset, length, method, stop)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pagecache, "read_range", counting_read)
+    again = await warm_plan(plan, options)
+    assert again.resident_bytes == again.read_bytes == 4 * 16 * MiB
+    assert reads == []  # every chunk was cached: nothing read, no I/O, no copy
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages cannot be evicted
+        os.posix_fadvise(fd, 16 * MiB, 16 * MiB, os.POSIX_FADV_DONTNEED)  # chunk 1
+    finally:
+        os.close(fd)
+    third = await warm_plan(plan, options)
+    assert third.resident_bytes == third.read_bytes == 4 * 16 * MiB
+    assert reads == [(16 * MiB, 16 * MiB)]

@@ -103,7 +103,14 @@ async def test_a_scrape_reads_memory_only(model_dir: Path, monkeypatch: pytest.M
     def no_syscalls(*args: object) -> None:
         raise AssertionError("a scrape touched the kernel layer")
 
-    for name in ("cachestat", "fd_residency", "range_resident_pages", "read_range"):
+    for name in (
+        "cachestat",
+        "cached_pages",
+        "whole_file_counter",
+        "fd_residency",
+        "range_resident_pages",
+        "read_range",
+    ):
         monkeypatch.setattr(pagecache, name, no_syscalls)
     assert b"preloader_resident_bytes" in generate_latest(registry)
 

@@ -1,0 +1,198 @@
+"""Small files opened ahead and prefetched (POSIX_FADV_WILLNEED): only on local block
+filesystems, never on FUSE, and a file replaced after its ahead-open is ``changed``."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from preloader import pagecache, prefetch
+from preloader.engine import EngineEvent, WarmOptions, rewarm_chunks, warm_plan
+from preloader.planner import FileSpec, build_plan, iter_chunks
+
+from .conftest import evict_tree, fincore_resident_bytes, needs_fuse, vmtouch_resident
+from .fusefs import FuseMount
+
+pytestmark = pytest.mark.anyio
+
+FILES = 40
+SIZE = 64 * 1024
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _small_tree(root: Path, count: int = FILES) -> Path:
+    root.mkdir()
+    for index in range(count):
+        (root / f"blob-{index:03d}.bin").write_bytes(os.urandom(SIZE))
+    os.sync()  # eviction keeps dirty pages
+    evict_tree(root)
+    return root
+
+
+def _path_of(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+@pytest.fixture
+def willneed(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The paths preloader asked ``POSIX_FADV_WILLNEED`` for, in order."""
+    asked: list[str] = []
+    real = os.posix_fadvise
+
+    def spy(fd: int, offset: int, length: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_WILLNEED:
+            asked.append(_path_of(fd))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    yield asked
+
+
+def _local_disk(path: Path) -> None:
+    spec = build_plan([str(path)]).files[0]
+    if not prefetch.may_prefetch(spec):
+        pytest.skip(f"{path} is not on a local block filesystem here")
+
+
+async def test_small_files_on_local_disk_are_prefetched_read_and_resident(
+    shared_tmp: Path, willneed: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = _small_tree(shared_tmp / "small")
+    _local_disk(tree)
+    plan = build_plan([str(tree)])
+    reads: list[str] = []
+    real_read = pagecache.read_range
+
+    def counting_read(fd: int, offset: int, length: int, method: str, stop: Any) -> int:
+        reads.append(_path_of(fd))
+        return real_read(fd, offset, length, method, stop)
+
+    monkeypatch.setattr(pagecache, "read_range", counting_read)
+    report = await warm_plan(plan)
+    assert sorted(willneed) == sorted(spec.path for spec in plan.files)
+    # Read after the prefetch, never skipped: cachestat counts pages still in flight.
+    assert sorted(reads) == sorted(willneed)
+    assert all(f.error is None for f in report.files)
+    # Outside witnesses, not preloader's own count.
+    assert vmtouch_resident(tree) == (FILES * SIZE // 4096, FILES * SIZE // 4096)
+    assert fincore_resident_bytes(*(spec.path for spec in plan.files)) == FILES * SIZE
+
+
+@pytest.mark.parametrize("verify", [False, True], ids=["no-verify", "verify"])
+async def test_a_file_replaced_after_its_ahead_open_is_changed_never_warm(
+    shared_tmp: Path, monkeypatch: pytest.MonkeyPatch, verify: bool
+) -> None:
+    tree = _small_tree(shared_tmp / "small")
+    _local_disk(tree)
+    plan = build_plan([str(tree)])
+    victim = plan.files[FILES // 2].path
+    replaced: list[str] = []
+    real = os.posix_fadvise
+
+    def replace_then_advise(fd: int, offset: int, length: int, advice: int) -> None:
+        # Opened ahead, not read yet: the moment the ahead-open widens.
+        if advice == os.POSIX_FADV_WILLNEED and _path_of(fd) == victim and not replaced:
+            fresh = shared_tmp / "fresh.bin"
+            fresh.write_bytes(os.urandom(SIZE))
+            os.replace(fresh, victim)
+            replaced.append(victim)
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", replace_then_advise)
+    events: list[EngineEvent] = []
+    report = await warm_plan(plan, WarmOptions(verify=verify), on_event=events.append)
+    assert replaced == [victim]  # the ahead-open did happen before the replacement
+    result = next(f for f in report.files if f.path == victim)
+    assert result.error is not None and "replaced" in result.error
+    assert result.read_bytes == 0  # nothing of it counts as warmed
+    assert [(e.path, e.reason) for e in events if e.kind == "file_error"] == [(victim, "changed")]
+    assert all(f.error is None for f in report.files if f.path != victim)
+
+
+async def test_rewarm_reports_a_replaced_file_too(
+    shared_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = _small_tree(shared_tmp / "small")
+    _local_disk(tree)
+    plan = build_plan([str(tree)])
+    victim = plan.files[3].path
+    real = os.posix_fadvise
+
+    def replace_then_advise(fd: int, offset: int, length: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_WILLNEED and _path_of(fd) == victim:
+            fresh = shared_tmp / "fresh.bin"
+            fresh.write_bytes(os.urandom(SIZE))
+            os.replace(fresh, victim)
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", replace_then_advise)
+    chunks = [c for c in iter_chunks(plan.files, 64 << 20) if c.length]
+    report = await rewarm_chunks(plan, chunks)
+    assert [path for path, _ in report.errors] == [victim]
+    assert report.read_bytes == (FILES - 1) * SIZE
+
+
+async def test_a_stopped_pass_leaves_no_descriptor_opened_ahead(
+    shared_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = _small_tree(shared_tmp / "small")
+    _local_disk(tree)
+    plan = build_plan([str(tree)])
+    stop = threading.Event()
+    real = os.posix_fadvise
+
+    def stop_at_the_fifth(fd: int, offset: int, length: int, advice: int) -> None:
+        if _path_of(fd) == plan.files[4].path:
+            stop.set()
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", stop_at_the_fifth)
+    before = set(os.listdir("/proc/self/fd"))
+    report = await warm_plan(plan, WarmOptions(verify=False), stop=stop)
+    assert report.interrupted
+    leaked = [_path_of(int(fd)) for fd in set(os.listdir("/proc/self/fd")) - before if fd.isdigit()]
+    assert not [path for path in leaked if path.startswith(str(tree))]
+
+
+@needs_fuse
+async def test_no_prefetch_on_a_fuse_mount(
+    fuse_fs: Callable[[dict[str, Any]], FuseMount], willneed: list[str]
+) -> None:
+    files = {f"blob-{index:03d}.bin": {"size": SIZE} for index in range(FILES)}
+    fs = fuse_fs({"cache": "keep", "files": files})
+    plan = build_plan([str(fs.mountpoint)])
+    assert len(plan.files) == FILES
+    assert not any(prefetch.may_prefetch(spec) for spec in plan.files)
+    report = await warm_plan(plan)
+    assert willneed == []
+    assert all(f.error is None and f.read_bytes == SIZE for f in report.files)
+    assert vmtouch_resident(fs.mountpoint) == (FILES * SIZE // 4096, FILES * SIZE // 4096)
+
+
+def test_the_rule_reads_the_mount_table(tmp_path: Path) -> None:
+    table = tmp_path / "mountinfo"
+    table.write_text(
+        "22 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n"
+        "40 22 0:41 / /mnt/s3 rw - fuse.s3fs s3fs rw,user_id=0\n"
+        "41 22 0:42 / /mnt/nfs rw - nfs4 host:/export rw\n"
+        "42 22 8:17 / /mnt/ntfs rw - fuseblk /dev/sdb1 rw\n"
+        "43 22 0:44 / /mnt/xfs rw - xfs /dev/sdc rw\n"
+    )
+
+    def on(major: int, minor: int) -> FileSpec:
+        return FileSpec("/x", 1, os.makedev(major, minor), 1)
+
+    allowed = [
+        prefetch.may_prefetch(on(*dev), str(table))
+        for dev in [(254, 0), (0, 41), (0, 42), (8, 17), (0, 44), (7, 7)]
+    ]
+    assert allowed == [True, False, False, False, True, False]
