@@ -1,10 +1,11 @@
 """Cost at scale (issue 13): start-up, and peak memory and planning time per planned file.
 
-``python -m bench --scale`` (or ``python -m bench.scale``) builds trees of many empty
-files (100,000 and 1,000,000 by default) and runs, alternating, ``find -type f | wc -l``
-(the floor: a walk with no per-file state) and ``preloader plan`` / ``plan --json`` /
-``status --json``, each in a fresh process; it reports the median wall and CPU seconds and
-the peak RSS (``ru_maxrss`` of the child). Start-up is measured the same way on
+``python -m bench --scale`` (or ``python -m bench.scale``) builds trees of many small
+files (100,000 empty, 100,000 of 4 KiB and 1,000,000 empty by default: ``--trees``) and
+runs, alternating, ``find -type f | wc -l`` (the floor: a walk with no per-file state) and
+``preloader plan`` / ``plan --json`` / ``status`` / ``status --json`` / ``warm --json``,
+each in a fresh process; it reports the median wall and CPU seconds and the peak RSS
+(``ru_maxrss`` of the child). Start-up is measured the same way on
 ``preloader --version`` and ``warm`` of an empty folder. The trees are made once and kept
 under ``--data-dir`` (``--clean`` deletes them).
 """
@@ -77,7 +78,9 @@ def contenders(tree: Path) -> dict[str, list[str]]:
         "find -type f \\| wc -l": ["sh", "-c", f"find '{tree}' -type f | wc -l"],
         "preloader plan": [*preloader, "plan", str(tree)],
         "preloader plan --json": [*preloader, "plan", "--json", str(tree)],
+        "preloader status": [*preloader, "status", str(tree)],
         "preloader status --json": [*preloader, "status", "--json", str(tree)],
+        "preloader warm --json": [*preloader, "warm", "--json", str(tree)],
     }
 
 
@@ -129,9 +132,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench --scale", description=__doc__)
     parser.add_argument("--scale", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
-        "--files", default="100000,1000000", help="comma list of tree sizes (files)"
+        "--trees",
+        default="100000x0,100000x4096,1000000x0",
+        help="comma list of trees, FILESxBYTES each (bytes per file)",
     )
-    parser.add_argument("--file-size", type=int, default=0, help="bytes per file (0 or 4096)")
     parser.add_argument("-n", "--reps", type=int, default=3)
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--out", type=Path, help="write the Markdown table and JSON here")
@@ -156,11 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", ""]
     payload["startup"] = alternate(startup_contenders(empty), max(args.reps, 5), env)
     lines += _table("start-up (medians)", payload["startup"])
-    for count in (int(n) for n in args.files.split(",")):
-        tree = make_tree(args.data_dir, count, args.file_size)
+    for spec in args.trees.split(","):
+        count, _, size = spec.partition("x")
+        tree = make_tree(args.data_dir, int(count), int(size or 0))
         found = alternate(contenders(tree), args.reps, env)
-        payload["trees"][str(count)] = found
-        lines += _table(f"{count:,} files of {args.file_size} B (medians)", found)
+        payload["trees"][spec] = found
+        lines += _table(f"{int(count):,} files of {int(size or 0)} B (medians)", found)
     text = "\n".join(lines)
     print(text)
     if args.out is not None:

@@ -118,9 +118,7 @@ class FirstPass(AgentState):
         if self._budget is None:
             return
         models = [m for m in self._models if m.state != "failed"]
-        combined = Plan(
-            tuple(m.root for m in models), tuple(f for m in models for f in m.plan.files)
-        )
+        combined = Plan(tuple(m.root for m in models), (f for m in models for f in m.plan.files))
         check: BudgetCheck = check_plan(combined, self._budget, "trim", DEFAULT_HEADROOM)
         if not check.over_budget:
             return
@@ -131,7 +129,7 @@ class FirstPass(AgentState):
             mine = kept[offset : offset + count]
             offset += count
             model.cold_bytes = model.plan.total_bytes - sum(spec.size for spec in mine)
-            model.plan = dataclasses.replace(model.plan, files=tuple(mine))
+            model.plan = dataclasses.replace(model.plan, files=mine)
             model.read_in_full = [False] * len(mine)
         self._emit(
             EventKind.TRIMMED,

@@ -16,6 +16,7 @@ zipapp build carries no compiled modules, and ``/proc/meminfo`` says the same.
 from __future__ import annotations
 
 import os
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -25,6 +26,7 @@ from .cgroups import parse_limit as parse_limit
 from .cgroups import parse_meminfo as parse_meminfo
 from .cgroups import parse_mountinfo as parse_mountinfo
 from .cgroups import parse_proc_cgroup as parse_proc_cgroup
+from .filetable import FileTable
 from .planner import FileSpec, Plan
 from .procfs import read_text
 from .settings import DEFAULT_HEADROOM as DEFAULT_HEADROOM
@@ -402,10 +404,14 @@ def check_plan(
     """
     if policy not in ON_OVERFLOW_POLICIES:
         raise ValueError(f"unknown overflow policy {policy!r} (warn, trim or fail)")
-    costs = [
-        spec.size - min(spec.size, (resident[i] if resident is not None else None) or 0)
-        for i, spec in enumerate(plan.files)
-    ]
+    # One array of byte counts, not an int object per file.
+    sizes = plan.files.sizes()
+    if resident is None:
+        costs = array("q", sizes)
+    else:
+        costs = array(
+            "q", (size - min(size, r or 0) for size, r in zip(sizes, resident, strict=True))
+        )
     need = sum(costs)
     headroom_bytes = headroom.bytes_for(budget.total_bytes)
     allowance = budget.allowance(headroom)
@@ -439,4 +445,4 @@ def check_plan(
                 cold.append(ColdRange(spec.path, prefix, spec.size - prefix))
             else:
                 cold.append(ColdRange(spec.path, 0, spec.size))
-    return replace(check, plan=replace(plan, files=tuple(kept)), cold=tuple(cold))
+    return replace(check, plan=replace(plan, files=FileTable.of(kept)), cold=tuple(cold))

@@ -23,6 +23,7 @@ from .events import Emitter, ErrorReason, EventKind
 from .events import EngineEvent as EngineEvent
 from .keepwarm import ChunkResidency as ChunkResidency
 from .keepwarm import measure_chunks as measure_chunks
+from .ledger import Ledger, assemble
 from .planner import Chunk, Plan
 from .reading import STOP_GRACE_SECONDS as STOP_GRACE_SECONDS
 from .reading import (
@@ -45,9 +46,9 @@ from .reports import WarmReport as WarmReport
 from .schedule import Schedule, Stream, split_rule
 from .settings import AUTO_CONCURRENCY as AUTO_CONCURRENCY
 from .settings import WarmOptions as WarmOptions
-from .verify import Verification, explain, unknown_residency, verify_pass
 from .verify import evict_plan as evict_plan
 from .verify import measure_residency as measure_residency
+from .verify import verify_pass
 
 __all__ = [
     "AUTO_CONCURRENCY",
@@ -108,15 +109,12 @@ class _Engine:
         self.schedule = Schedule(
             plan.files, self.chunk_size, split_rule(options.split), chunks=chunks
         )
-        counts = self.schedule.counts()
         if chunks is None:
             self.bytes_total = plan.total_bytes
         else:
             self.bytes_total = sum(chunk.length for chunk in chunks)
-        self.files = [
-            FileState(spec, count, self.method)
-            for spec, count in zip(plan.files, counts, strict=True)
-        ]
+        # A FileState only for a file being read; the rest is columns.
+        self.ledger = Ledger(plan.files, self.method, self.schedule.total)
         self.max_workers = _AUTO_MAX if auto else options.concurrency
         # Readers: a worker takes work only while it holds one of these, so the schedule
         # never hands out more streams than may run (auto raises and lowers it).
@@ -134,7 +132,7 @@ class _Engine:
         self.emit(EventKind.STATE, detail=state)
 
     async def run(self) -> None:
-        self.progress.files_total = sum(1 for state in self.files if state.chunks_total)
+        self.progress.files_total = self.schedule.file_count()
         self.progress.bytes_total = self.bytes_total
         self.set_state("warming")
         async with anyio.create_task_group() as workers:
@@ -212,7 +210,7 @@ class _Engine:
                 await self._read_batch(batch)
 
     async def _read_batch(self, batch: Sequence[Chunk]) -> None:
-        states = [self.files[chunk.file_index] for chunk in batch]
+        states = [self.ledger.state(chunk.file_index) for chunk in batch]
         for state in states:
             state.in_flight += 1
         try:
@@ -223,10 +221,12 @@ class _Engine:
         finally:
             for state in states:
                 state.in_flight -= 1
-        for state in states:
+        for chunk, state in zip(batch, states, strict=True):
             state.chunks_left -= 1
             if state.chunks_left == 0:
                 await self._finish_file(state)
+                if state.fd is None:  # a stalled read may still hold it
+                    self.ledger.retire(chunk.file_index)
 
     async def _in_thread(
         self, func: Callable[..., _T], *args: object, handoff: Handoff | None = None
@@ -361,49 +361,19 @@ class _Engine:
 
         state.resident_after_read = await anyio.to_thread.run_sync(finish, limiter=self.threads)
 
-    def result(self, index: int, verification: Verification | None) -> FileResult:
-        """The report line of file ``index`` once the pass (and its verification) ended."""
-        state = self.files[index]
-        spec = state.spec
-        if verification is None:
-            measured = FileResidency(spec.path, spec.size, None, "not verified")
-        elif state.stalled:
-            measured = unknown_residency(
-                spec, "its read stalled, and opening it again could hang too"
-            )
-        else:
-            measured = verification.residency[index]
-        if measured.changed and state.error is None and measured.reason is not None:
-            self._fail(state, measured.reason, "changed")
-        cause = None
-        complete = state.error is None and state.read_bytes >= spec.size
-        if verification is not None and complete and measured.resident_bytes is not None:
-            bypass = verification.bypass.get(index)
-            cause = explain(spec, state.resident_after_read, measured.resident_bytes, bypass)
-            if cause is None and measured.reason is not None:
-                cause = measured.reason  # measured, with a caveat (it grew)
-            if cause is not None:
-                self.emit(EventKind.NOT_RESIDENT, spec.path, cause)
-        elif state.error is None and state.stalled:
-            cause = "not read in full: its read did not return before the pass stopped"
-        elif state.error is None and not complete:
-            cause = "not read: the pass was stopped before this file"
-        return FileResult(
-            path=spec.path,
-            size=spec.size,
-            read_bytes=state.read_bytes,
-            method=state.method,
-            residency=measured,
-            resident_after_read=state.resident_after_read,
-            error=state.error,
-            cause=cause,
-        )
+    def fail_after(self, index: int, cause: str, reason: ErrorReason) -> None:
+        """:meth:`_fail` for a file whose state is folded into the ledger already."""
+        if index not in self.ledger.errors:
+            self.ledger.errors[index] = cause
+            self.progress.errors += 1
+            self.emit(EventKind.FILE_ERROR, self.ledger.files.path(index), cause, reason)
 
     def _close_leftovers(self) -> None:
-        for state in self.files:
+        for index, state in list(self.ledger.live.items()):
             if state.fd is not None and state.in_flight == 0 and not state.stalled:
                 fd, state.fd = state.fd, None
                 os.close(fd)
+            self.ledger.retire(index)
 
 
 async def warm_plan(
@@ -434,11 +404,10 @@ async def warm_plan(
     if options.verify:  # 2. what stayed resident
         engine.set_state("verifying")
         verification = await verify_pass(
-            engine.files, options.concurrency, timeout=options.read_timeout, stop=stop
+            engine.ledger, options.concurrency, timeout=options.read_timeout, stop=stop
         )
-    results = tuple(  # 3. one result per file, with the cause of what is not resident
-        engine.result(index, verification) for index in range(len(engine.files))
-    )
+    # 3. the report's files, with the cause of what is not resident
+    results = assemble(engine.ledger, verification, engine.fail_after, engine.emit)
     engine.set_state("done")
     interrupted = stop.is_set() and not engine.timed_out  # a signal while verifying counts
     return WarmReport(
@@ -497,7 +466,7 @@ async def rewarm_chunks(
         read_bytes=engine.progress.bytes_read,
         seconds=time.monotonic() - started,
         errors=tuple(
-            (state.spec.path, state.error) for state in engine.files if state.error is not None
+            (plan.files.path(index), error) for index, error in sorted(engine.ledger.errors.items())
         ),
         interrupted=stop.is_set(),
     )

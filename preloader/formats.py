@@ -32,6 +32,7 @@ __all__ = [
     "Problem",
     "arrange",
     "default_skip",
+    "may_apply",
     "natural_key",
     "read_safetensors_index",
     "split_part",
@@ -52,6 +53,7 @@ DEFAULT_SKIP_SUFFIXES = {
     ".part": "partial download",
 }
 """Files skipped unless an ``--include`` glob names the suffix (``*.part``)."""
+SKIP_SUFFIXES = tuple(DEFAULT_SKIP_SUFFIXES)
 
 DUPLICATE_FORMAT_SUFFIXES = (".bin", ".pt", ".pth")
 """PyTorch pickles: skipped beside safetensors of the same folder unless ``--all-formats``."""
@@ -152,12 +154,24 @@ def default_skip(name: str, is_dir: bool, include: Sequence[str]) -> str | None:
             return None
         return f"{name}/: {reason}; --include '{name}/*' warms it"
     lowered = name.lower()
+    if not lowered.endswith(SKIP_SUFFIXES):
+        return None
     for suffix, reason in DEFAULT_SKIP_SUFFIXES.items():
         if lowered.endswith(suffix):
             if any(_covers(p, suffix) for p in include):
                 return None
             return f"{reason}; --include '*{suffix}' warms it"
     return None
+
+
+def may_apply(name: str) -> bool:
+    """Whether a rule of :func:`arrange` can concern a file of this name; a folder with
+    no such file is kept as it is, in its order (the walk then skips :func:`arrange`)."""
+    return (
+        name.endswith(_INDEX_SUFFIX)
+        or name.lower().endswith((".safetensors", ".gguf"))
+        or "-of-" in name
+    )
 
 
 def split_part(name: str) -> tuple[str, int, int, str] | None:

@@ -1,19 +1,29 @@
 """The reports the engine returns and the live counters it updates.
 
-Frozen dataclasses with their JSON form; totals over files come from one helper.
+Frozen dataclasses with their JSON form; totals over files come from one helper. Per-file
+results are kept as columns (:class:`ResidencyColumns`) and shown as sequences whose
+items are made on access (:class:`Residencies`), so a report of a million files holds
+arrays, not a million objects.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar, overload
 
+from .filetable import FileTable, optional
 from .planner import Skipped
 
 __all__ = [
     "FileResidency",
     "FileResult",
+    "FileResults",
+    "PassColumns",
+    "Residencies",
+    "ResidencyColumns",
     "ResidencyReport",
     "WarmProgress",
     "WarmReport",
@@ -80,7 +90,117 @@ def resident_share(resident: int | None, total: int) -> float | None:
     return resident / total if total else 1.0
 
 
+class ResidencyColumns:
+    """The residency of each of ``count`` files as columns, filled in any order.
+
+    The reasons and changes are kept only where there are any.
+    """
+
+    __slots__ = ("_changed", "_reasons", "_resident", "_unset")
+
+    def __init__(self, count: int, unset: str | None = None) -> None:
+        """:param unset: the reason of a file not put (unknown residency)."""
+        self._resident = array("q", [-1]) * count  # -1: unknown
+        self._reasons: dict[int, str] = {}
+        self._changed: set[int] = set()
+        self._unset = unset
+
+    def __len__(self) -> int:
+        return len(self._resident)
+
+    def put(self, index: int, measured: FileResidency) -> None:
+        resident = measured.resident_bytes
+        self._resident[index] = -1 if resident is None else resident
+        if measured.reason is None:
+            self._reasons.pop(index, None)
+        else:
+            self._reasons[index] = measured.reason
+        if measured.changed:
+            self._changed.add(index)
+
+    def resident_bytes(self, index: int) -> int | None:
+        return optional(self._resident[index])
+
+    def changed(self, index: int) -> bool:
+        return index in self._changed
+
+    def get(self, index: int, path: str, size: int) -> FileResidency:
+        return FileResidency(
+            path, size, self.resident_bytes(index), self.reason(index), index in self._changed
+        )
+
+    def reason(self, index: int) -> str | None:
+        return self._reasons.get(index, self._unset)
+
+    def total(self, files: FileTable) -> tuple[int | None, str | None]:
+        """Total resident bytes of ``files`` (aligned), or ``None`` and why not."""
+        resident = self._resident
+        unknown = resident.count(-1)
+        if unknown:
+            first = resident.index(-1)
+            return (
+                None,
+                f"{unknown} of {len(resident)} files unknown; first {files.path(first)}: "
+                f"{self.reason(first)}",
+            )
+        return sum(resident), None
+
+
+_T = TypeVar("_T")
+
+
+class _Made(Sequence[_T]):
+    """A sequence whose items are made per access by :meth:`_item`; a slice is a list."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _item(self, index: int) -> _T:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, index: int) -> _T: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[_T]: ...
+    def __getitem__(self, index: int | slice) -> _T | Sequence[_T]:
+        if isinstance(index, slice):
+            return [self._item(i) for i in range(len(self))[index]]
+        return self._item(range(len(self))[index])
+
+    def __iter__(self) -> Iterator[_T]:
+        return (self._item(i) for i in range(len(self)))
+
+
+class Residencies(_Made[FileResidency]):
+    """The residency of a plan's files: a :class:`FileResidency` made per access."""
+
+    __slots__ = ("columns", "files")
+
+    def __init__(self, files: FileTable, columns: ResidencyColumns) -> None:
+        self.files = files
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _item(self, index: int) -> FileResidency:
+        return self.columns.get(index, self.files.path(index), self.files.size(index))
+
+    def __iter__(self) -> Iterator[FileResidency]:
+        get = self.columns.get
+        return (
+            get(i, path, size)
+            for i, (path, size) in enumerate(
+                zip(self.files.paths(), self.files.sizes(), strict=True)
+            )
+        )
+
+
 def _total_resident(items: Sequence[FileResidency]) -> tuple[int | None, str | None]:
+    if isinstance(items, Residencies):
+        return items.columns.total(items.files)
     unknown = [item for item in items if item.resident_bytes is None]
     if unknown:
         first = unknown[0]
@@ -95,11 +215,13 @@ def _total_resident(items: Sequence[FileResidency]) -> tuple[int | None, str | N
 class ResidencyReport:
     """Residency of a plan's files, as ``preloader status`` shows it."""
 
-    files: tuple[FileResidency, ...]
+    files: Sequence[FileResidency]
     skipped: tuple[Skipped, ...] = ()
 
     @property
     def bytes(self) -> int:
+        if isinstance(self.files, Residencies):
+            return self.files.files.total_bytes
         return sum(f.size for f in self.files)
 
     @property
@@ -153,6 +275,62 @@ class FileResult:
     cause: str | None = None
 
 
+class PassColumns(Protocol):
+    """What a read pass recorded per file (:class:`preloader.ledger.Ledger`)."""
+
+    files: FileTable
+    read_bytes: array[int]
+    errors: dict[int, str]
+
+    def method_of(self, index: int) -> str: ...
+    def resident_after_read(self, index: int) -> int | None: ...
+
+
+class FileResults(_Made[FileResult]):
+    """A finished pass's files as the report shows them: a :class:`FileResult` per access.
+
+    :param residency: residency after the pass of each file.
+    :param causes: why a file is not resident, where it is not.
+    """
+
+    def __init__(
+        self, ledger: PassColumns, residency: ResidencyColumns, causes: dict[int, str]
+    ) -> None:
+        self.ledger = ledger
+        self.residency = residency
+        self.causes = causes
+
+    def __len__(self) -> int:
+        return len(self.ledger.files)
+
+    def residency_of(self, index: int) -> FileResidency:
+        files = self.ledger.files
+        return self.residency.get(index, files.path(index), files.size(index))
+
+    def _item(self, index: int) -> FileResult:
+        ledger = self.ledger
+        return FileResult(
+            path=ledger.files.path(index),
+            size=ledger.files.size(index),
+            read_bytes=ledger.read_bytes[index],
+            method=ledger.method_of(index),
+            residency=self.residency_of(index),
+            resident_after_read=ledger.resident_after_read(index),
+            error=ledger.errors.get(index),
+            cause=self.causes.get(index),
+        )
+
+    def errors(self) -> tuple[FileResult, ...]:
+        return tuple(self._item(i) for i in sorted(self.ledger.errors))
+
+    def not_resident(self) -> tuple[FileResult, ...]:
+        errors = self.ledger.errors
+        return tuple(self._item(i) for i in sorted(self.causes) if i not in errors)
+
+    def residencies(self) -> Residencies:
+        return Residencies(self.ledger.files, self.residency)
+
+
 @dataclass(frozen=True)
 class Autotune:
     """How ``-c auto`` settled.
@@ -181,7 +359,7 @@ class Autotune:
 class WarmReport:
     """The outcome of a warm pass; :meth:`to_json` is the ``--json`` contract."""
 
-    files: tuple[FileResult, ...]
+    files: Sequence[FileResult]
     skipped: tuple[Skipped, ...]
     seconds: float
     cpu_seconds: float
@@ -195,14 +373,20 @@ class WarmReport:
 
     @property
     def bytes(self) -> int:
+        if isinstance(self.files, FileResults):
+            return self.files.ledger.files.total_bytes
         return sum(f.size for f in self.files)
 
     @property
     def read_bytes(self) -> int:
+        if isinstance(self.files, FileResults):
+            return sum(self.files.ledger.read_bytes)
         return sum(f.read_bytes for f in self.files)
 
     @property
     def errors(self) -> tuple[FileResult, ...]:
+        if isinstance(self.files, FileResults):
+            return self.files.errors()
         return tuple(f for f in self.files if f.error is not None)
 
     @property
@@ -212,19 +396,26 @@ class WarmReport:
 
     @property
     def not_resident(self) -> tuple[FileResult, ...]:
+        if isinstance(self.files, FileResults):
+            return self.files.not_resident()
         return tuple(f for f in self.files if f.error is None and f.cause is not None)
+
+    def _residencies(self) -> Sequence[FileResidency]:
+        if isinstance(self.files, FileResults):
+            return self.files.residencies()
+        return [f.residency for f in self.files]
 
     @property
     def resident_bytes(self) -> int | None:
         if not self.verified:
             return None
-        return _total_resident([f.residency for f in self.files])[0]
+        return _total_resident(self._residencies())[0]
 
     @property
     def residency_unknown_reason(self) -> str | None:
         if not self.verified:
             return "residency was not verified (verify=False)"
-        return _total_resident([f.residency for f in self.files])[1]
+        return _total_resident(self._residencies())[1]
 
     @property
     def resident_ratio(self) -> float | None:

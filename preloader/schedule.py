@@ -22,6 +22,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .filetable import FileTable
 from .planner import Chunk, FileSpec, chunk_count
 from .procfs import mount_types
 from .settings import SPLIT_MODES as SPLIT_MODES
@@ -97,12 +98,15 @@ class Schedule:
 
     def counts(self) -> list[int]:
         """Chunks each planned file will be read in (0 for a file not selected)."""
-        if self._selected is None:
-            return [chunk_count(spec.size, self._chunk_size) for spec in self._files]
-        counts = [0] * len(self._files)
-        for file_index, selected in self._selected.items():
-            counts[file_index] = len(selected)
-        return counts
+        return [self.total(i) for i in range(len(self._files))]
+
+    def _size(self, file_index: int) -> int:
+        files = self._files
+        return files.size(file_index) if isinstance(files, FileTable) else files[file_index].size
+
+    def file_count(self) -> int:
+        """Files the pass reads (each has at least one chunk)."""
+        return len(self._order)
 
     def take(self, stream: Stream | None) -> tuple[tuple[Chunk, ...], Stream | None] | None:
         """The next batch for a worker, and the stream it continues.
@@ -118,15 +122,16 @@ class Schedule:
             return self._start_next()
         return self._split()
 
-    def _total(self, file_index: int) -> int:
+    def total(self, file_index: int) -> int:
+        """Chunks file ``file_index`` is read in (0 for a file not selected)."""
         if self._selected is None:
-            return chunk_count(self._files[file_index].size, self._chunk_size)
-        return len(self._selected[file_index])
+            return chunk_count(self._size(file_index), self._chunk_size)
+        return len(self._selected.get(file_index, ()))
 
     def _at(self, file_index: int, position: int) -> Chunk:
         if self._selected is not None:
             return self._selected[file_index][position]
-        size = self._files[file_index].size
+        size = self._size(file_index)
         offset = position * self._chunk_size
         return Chunk(file_index, position, offset, max(0, min(self._chunk_size, size - offset)))
 
@@ -137,16 +142,16 @@ class Schedule:
 
     def _whole(self, file_index: int) -> bool:
         # A file read in one chunk, whole: it opens, reads and closes inside one hand-off.
-        if self._total(file_index) != 1:
+        if self.total(file_index) != 1:
             return False
         first = self._at(file_index, 0)
-        return first.index == 0 and self._files[file_index].size <= self._chunk_size
+        return first.index == 0 and self._size(file_index) <= self._chunk_size
 
     def _start_next(self) -> tuple[tuple[Chunk, ...], Stream | None]:
         file_index = self._order[self._next_file]
         self._next_file += 1
         if not self._whole(file_index):
-            stream = Stream(file_index, 0, self._total(file_index))
+            stream = Stream(file_index, 0, self.total(file_index))
             self._running.append(stream)
             return (self._chunk(stream),), stream
         batch = [self._at(file_index, 0)]

@@ -10,9 +10,10 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -20,20 +21,23 @@ import anyio.to_thread
 from . import pagecache
 from .planner import FileSpec, Plan
 from .reading import (
-    FileState,
     Handoff,
     cancel_after_stop,
     describe,
     open_regular,
     slide_deadline,
 )
-from .reports import FileResidency, ResidencyReport
+from .reports import FileResidency, Residencies, ResidencyColumns, ResidencyReport
+
+if TYPE_CHECKING:
+    from .ledger import Ledger
 
 __all__ = [
     "bypass_probe",
     "evict_plan",
     "explain",
     "map_files",
+    "map_files_into",
     "measure_residency",
     "residency_of",
     "unknown_residency",
@@ -170,9 +174,33 @@ async def map_files(
 ) -> list[_R]:
     """``func`` over ``files`` in up to ``concurrency`` worker threads at once.
 
-    Results come back in the order of ``files``. The threads run side by side: an open
-    on a network filesystem is a round trip (a HEAD request on s3fs), so measuring one
-    file after another would add every round trip up.
+    Results come back in the order of ``files``; see :func:`map_files_into`.
+    """
+    results: list[_R | None] = [None] * len(files)
+
+    def put(index: int, result: _R) -> None:
+        results[index] = result
+
+    await map_files_into(func, files, concurrency, put, unmeasured, timeout=timeout, stop=stop)
+    return results  # type: ignore[return-value]  # every index was put
+
+
+async def map_files_into(
+    func: Callable[[_I], _R],
+    files: Sequence[_I],
+    concurrency: int,
+    put: Callable[[int, _R], None],
+    unmeasured: Callable[[_I, str], _R] | None = None,
+    *,
+    timeout: float | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """``func`` over ``files`` in up to ``concurrency`` worker threads at once; each result
+    goes to ``put(index, result)`` on the event loop, once per file (no list is built, so
+    a column can take it).
+
+    The threads run side by side: an open on a network filesystem is a round trip (a
+    HEAD request on s3fs), so measuring one file after another would add every round trip up.
 
     :param unmeasured: the result for a file ``func`` did not finish, given the reason
         (needed with ``timeout`` or ``stop``).
@@ -180,7 +208,7 @@ async def map_files(
         up (its thread abandoned) and the rest of its batch goes on in a fresh thread.
     :param stop: once set, the remaining files are given up after the stop grace.
     """
-    results: dict[int, _R] = {}
+    done = bytearray(len(files))
     workers = max(1, min(concurrency, len(files)))
     # Batches keep thread hand-offs few for 100,000 small files and the loop responsive;
     # a short list is cut so every worker gets a share.
@@ -192,6 +220,10 @@ async def map_files(
         for index in range(first, end):
             if handoff.abandoned or not handoff.put(func(files[index])):
                 return
+
+    def take(index: int, result: _R) -> None:
+        done[index] = 1
+        put(index, result)
 
     async def worker() -> None:
         nonlocal cursor
@@ -216,13 +248,11 @@ async def map_files(
                             batch_group.cancel_scope.cancel()
                     finally:
                         for result in handoff.abandon():
-                            results[first] = result  # type: ignore[assignment]  # only _R put
+                            take(first, result)  # type: ignore[arg-type]  # only _R put
                             first += 1
                 if deadline.cancelled_caught and first < end:
                     assert unmeasured is not None
-                    results[first] = unmeasured(
-                        files[first], f"stalled for more than {timeout:g} s"
-                    )
+                    take(first, unmeasured(files[first], f"stalled for more than {timeout:g} s"))
                     first += 1
 
     async with anyio.create_task_group() as group:
@@ -232,12 +262,11 @@ async def map_files(
             for _ in range(workers):
                 pool.start_soon(worker)
         group.cancel_scope.cancel()
-    if len(results) < len(files):
+    missing = done.find(0)
+    while missing >= 0:
         assert unmeasured is not None
-        for index, item in enumerate(files):
-            if index not in results:
-                results[index] = unmeasured(item, "the pass was stopped")
-    return [results[index] for index in range(len(files))]
+        put(missing, unmeasured(files[missing], "the pass was stopped"))
+        missing = done.find(0, missing + 1)
 
 
 def unknown_residency(spec: FileSpec, why: str) -> FileResidency:
@@ -249,8 +278,15 @@ async def measure_residency(plan: Plan, concurrency: int = 4) -> ResidencyReport
 
     :return: per-file and total residency; unknown entries carry their reason.
     """
-    files = await map_files(residency_of, plan.files, concurrency, unknown_residency)
-    return ResidencyReport(tuple(files), plan.skipped)
+    return await _residency_report(residency_of, plan, concurrency)
+
+
+async def _residency_report(
+    func: Callable[[FileSpec], FileResidency], plan: Plan, concurrency: int
+) -> ResidencyReport:
+    columns = ResidencyColumns(len(plan.files))
+    await map_files_into(func, plan.files, concurrency, columns.put, unknown_residency)
+    return ResidencyReport(Residencies(plan.files, columns), plan.skipped)
 
 
 def _evict_one(spec: FileSpec) -> FileResidency:
@@ -271,25 +307,24 @@ async def evict_plan(plan: Plan, concurrency: int = 4) -> ResidencyReport:
 
     :return: residency measured right after eviction (pages mapped or dirty elsewhere stay).
     """
-    files = await map_files(_evict_one, plan.files, concurrency, unknown_residency)
-    return ResidencyReport(tuple(files), plan.skipped)
+    return await _residency_report(_evict_one, plan, concurrency)
 
 
 @dataclass(frozen=True)
 class Verification:
-    """What :func:`verify_pass` measured, keyed by the file's index in the pass.
+    """What :func:`verify_pass` measured, by the file's index in the pass.
 
     :ivar residency: residency now of every file opened again (not of stalled ones).
     :ivar bypass: for a file read in full, resident then and gone at the re-open,
         whether a fresh plain read bypasses the cache (:func:`bypass_probe`).
     """
 
-    residency: dict[int, FileResidency]
+    residency: ResidencyColumns
     bypass: dict[int, bool | None]
 
 
 async def verify_pass(
-    states: Sequence[FileState],
+    ledger: Ledger,
     concurrency: int,
     *,
     timeout: float | None = None,
@@ -301,30 +336,34 @@ async def verify_pass(
     :param timeout: the per-read timeout, applied to each open and measurement.
     """
     workers = max(_VERIFY_WORKERS, concurrency)
+    files = ledger.files
     # A file whose read stalled is not opened again: on a filesystem that invalidates the
     # cache at open, that open waits for the stuck read's locked page, for ever.
-    healthy = [index for index, state in enumerate(states) if not state.stalled]
-    measured = await map_files(
-        lambda index: residency_of(states[index].spec, after_read=True),
+    healthy: Sequence[int] = range(len(files))
+    if ledger.stalled:
+        healthy = array("i", (i for i in healthy if i not in ledger.stalled))
+    residency = ResidencyColumns(len(files))
+    await map_files_into(
+        lambda index: residency_of(files[index], after_read=True),
         healthy,
         workers,
-        lambda index, why: unknown_residency(states[index].spec, why),
+        lambda position, result: residency.put(healthy[position], result),
+        lambda index, why: unknown_residency(files[index], why),
         timeout=timeout,
         stop=stop,
     )
-    residency = dict(zip(healthy, measured, strict=True))
     # Read in full, resident then, gone at the next open: tell a filesystem that drops the
     # cache at open from one whose reads bypass it (direct_io), with one page.
     suspects = [
         index
         for index in healthy
-        if states[index].error is None
-        and states[index].resident_after_read
-        and residency[index].resident_bytes == 0
-        and not residency[index].changed
+        if index not in ledger.errors
+        and ledger.resident_after_read(index)
+        and residency.resident_bytes(index) == 0
+        and not residency.changed(index)
     ]
     probed = await map_files(
-        lambda index: bypass_probe(states[index].spec),
+        lambda index: bypass_probe(files[index]),
         suspects,
         workers,
         lambda index, why: None,

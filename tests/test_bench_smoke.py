@@ -323,7 +323,7 @@ def test_e2e_report_compares_each_mode_with_the_one_liner_of_its_own_storage() -
 
 def test_scale_bench_measures_startup_and_trees_at_a_tiny_size(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    sizes = ["--files", "300", "--file-size", "4096", "-n", "1"]
+    sizes = ["--trees", "300x4096", "-n", "1"]
     places = ["--data-dir", str(tmp_path / "data"), "--out", str(out), "--clean"]
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--scale", *sizes, *places],
@@ -334,12 +334,14 @@ def test_scale_bench_measures_startup_and_trees_at_a_tiny_size(tmp_path: Path) -
     )
     assert proc.returncode == 0, proc.stderr
     found = json.loads((out / "scale.json").read_text())
-    tree = found["trees"]["300"]
+    tree = found["trees"]["300x4096"]
     assert set(tree) == {
         "find -type f \\| wc -l",
         "preloader plan",
         "preloader plan --json",
+        "preloader status",
         "preloader status --json",
+        "preloader warm --json",
     }
     assert all(run["rss_mib"] > 0 and run["cpu_s"] >= 0 for run in tree.values())
     assert "preloader --version" in found["startup"]

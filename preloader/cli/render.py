@@ -7,7 +7,7 @@ Pure translation of reports into text and JSON; nothing here decides an exit cod
 from __future__ import annotations
 
 import signal
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .. import errors
@@ -190,42 +190,49 @@ def summarise(
         print_json(document)
 
 
-def residency_lines(report: ResidencyReport, per_file: bool) -> list[str]:
-    lines = []
+def residency_lines(report: ResidencyReport, per_file: bool) -> Iterator[str]:
+    """The ``status`` table, a line at a time (a million files are not held as lines)."""
     if per_file:
-        lines.append(f"{'RESIDENT':>12} {'SIZE':>12} {'%':>7}  FILE")
+        yield f"{'RESIDENT':>12} {'SIZE':>12} {'%':>7}  FILE"
         for item in report.files:
             ratio = item.resident_ratio
             resident = format_bytes(item.resident_bytes) if item.resident_bytes is not None else "?"
             percent = f"{ratio:.1%}" if ratio is not None else "unknown"
-            lines.append(
-                f"{resident:>12} {format_bytes(item.size):>12} {percent:>7}  {printable(item.path)}"
-            )
+            size = format_bytes(item.size)
+            yield f"{resident:>12} {size:>12} {percent:>7}  {printable(item.path)}"
     total = report.resident_bytes
     ratio = report.resident_ratio
-    lines.append(
+    yield (
         f"{format_bytes(total) if total is not None else '?':>12} {format_bytes(report.bytes):>12} "
         f"{f'{ratio:.1%}' if ratio is not None else 'unknown':>7}  "
         f"total ({len(report.files)} files)"
     )
     if report.residency_unknown_reason:
-        lines.append(f"residency unknown: {report.residency_unknown_reason}")
-    return lines
+        yield f"residency unknown: {report.residency_unknown_reason}"
 
 
-def plan_lines(the_plan: Plan, check: BudgetCheck) -> list[str]:
+def plan_lines(the_plan: Plan, check: BudgetCheck) -> Iterator[str]:
+    """The ``plan`` listing, a line at a time."""
+    yield from _warm_lines(the_plan, check)
+    yield from _rest_lines(the_plan, check)
+
+
+def _warm_lines(the_plan: Plan, check: BudgetCheck) -> Iterator[str]:
     warm_files = check.plan.files
-    lines = [
-        f"warm {len(warm_files)} files, {format_bytes(check.plan.total_bytes)}, in this order:"
-    ]
-    full = {f.path: f.size for f in the_plan.files}
-    for number, spec in enumerate(warm_files, 1):
-        part = (
-            f" (first {format_bytes(spec.size)} of {format_bytes(full[spec.path])})"
-            if (full.get(spec.path, spec.size) != spec.size)
-            else ""
-        )
-        lines.append(f"{number:>5} {format_bytes(spec.size):>12}  {printable(spec.path)}{part}")
+    yield f"warm {len(warm_files)} files, {format_bytes(check.plan.total_bytes)}, in this order:"
+    # The budget's plan is a prefix of the walked one, in order; only its last file may
+    # be cut short.
+    full = the_plan.files
+    for number, (path, size) in enumerate(
+        zip(warm_files.paths(), warm_files.sizes(), strict=True), 1
+    ):
+        whole = full.size(number - 1) if number <= len(full) else size
+        part = f" (first {format_bytes(size)} of {format_bytes(whole)})" if whole != size else ""
+        yield f"{number:>5} {format_bytes(size):>12}  {printable(path)}{part}"
+
+
+def _rest_lines(the_plan: Plan, check: BudgetCheck) -> list[str]:
+    lines = []
     if the_plan.skipped:
         lines.append(f"skip {len(the_plan.skipped)}:")
         for skipped in the_plan.skipped:
