@@ -213,8 +213,10 @@ def trace_once(
         warmer = subprocess.Popen(
             warmer_argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
         )
-    if args.reader_at == "startz":
-        reader_at = _wait_open(f"http://127.0.0.1:{port}/startz", t0 + 300) - t0
+    if args.reader_at.startswith("startz"):
+        delay = float(args.reader_at.partition("+")[2] or 0)
+        reader_at = _wait_open(f"http://127.0.0.1:{port}/startz", t0 + 300) - t0 + delay
+        time.sleep(max(0.0, t0 + reader_at - time.monotonic()))
     else:
         reader_at = float(args.reader_at)
         time.sleep(max(0.0, t0 + reader_at - time.monotonic()))
@@ -299,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reader", choices=["loader", "dd", "mmap", "none"], default="loader")
     parser.add_argument("--ranks", type=int, default=4, help="reader processes")
     parser.add_argument("--framework", choices=["pt", "np"], default="np", help="loader tensors")
-    parser.add_argument("--reader-at", default="2", help="seconds after t0, or 'startz'")
+    parser.add_argument("--reader-at", default="2", help="seconds after t0, 'startz' or 'startz+S'")
     parser.add_argument("-n", "--reps", type=int, default=1)
     parser.add_argument("--conn-mibps", type=float, default=100e6 / MiB)
     parser.add_argument("--latency-ms", type=float, default=10.0)

@@ -43,7 +43,7 @@ from .reports import FileResult as FileResult
 from .reports import ResidencyReport as ResidencyReport
 from .reports import WarmProgress as WarmProgress
 from .reports import WarmReport as WarmReport
-from .schedule import Schedule, Stream, split_rule
+from .schedule import Schedule, Stream, solo_rule, split_rule
 from .settings import AUTO_CONCURRENCY as AUTO_CONCURRENCY
 from .settings import WarmOptions as WarmOptions
 from .verify import bypass_probe, explain, map_files, residency_of, unknown_residency
@@ -122,7 +122,11 @@ class _Engine:
         # A selection of chunks (keep-warm re-reads what lost pages): a file with none
         # selected is never opened.
         self.schedule = Schedule(
-            plan.files, self.chunk_size, split_rule(options.split), chunks=chunks
+            plan.files,
+            self.chunk_size,
+            split_rule(options.split),
+            chunks=chunks,
+            solo=solo_rule(options.split),
         )
         counts = self.schedule.counts()
         if chunks is None:

@@ -9,6 +9,14 @@ shards of a pass), and only where the file's storage gains from it (:func:`split
 the idle worker then takes the back half of the largest stream still running, so every
 worker still reads one sequential range.
 
+A big file on a filesystem whose one stream already fetches in parallel (s3fs) is read
+*solo* (:func:`solo_rule`): no other solo file is read beside it. There one stream gets the
+mount's whole throughput and four streams share it, so the pass takes as long either way,
+but file-major order finishes the first shard first, and a loader that reads the shards in
+index order (every tensor-parallel rank does) reads behind the warm-up, from memory,
+instead of waiting on four half-read files. A worker that finds the next file solo while
+another solo file is running retires: the pass goes on with one worker, file by file.
+
 Runs of whole small files go to one worker as one batch (up to one chunk's bytes or
 ``max_files`` files), so 100,000 small files cost a few thousand thread hand-offs.
 
@@ -27,11 +35,13 @@ from .settings import SPLIT_MODES as SPLIT_MODES
 
 __all__ = [
     "NO_SPLIT_FILESYSTEMS",
+    "SOLO_MIN_BYTES",
     "SPLIT_MODES",
     "Schedule",
     "Stream",
     "filesystem_type",
     "mount_types",
+    "solo_rule",
     "split_rule",
 ]
 
@@ -41,6 +51,13 @@ __all__ = [
 # the bench's loopback S3 (4 x 512 MiB): one stream per file 1.62 s per file, four
 # concurrent 64 MiB chunks of it 2.27 s.
 NO_SPLIT_FILESYSTEMS = frozenset({"fuse.s3fs"})
+
+# From this size a file on one of NO_SPLIT_FILESYSTEMS is read solo. Measured through s3fs
+# over the bench's loopback S3, 4 x 512 MiB: the pass took 14.5 s one file at a time and
+# 14.2 s four at once, and the first file was resident after a quarter of it instead of at
+# its end. Smaller files pay a round trip per open and a prefetch window (multipart_size x
+# parallel_count, 50 MB) per file, which reading them side by side hides.
+SOLO_MIN_BYTES = 512 * 2**20
 
 
 @dataclass(slots=True)
@@ -67,6 +84,8 @@ class Schedule:
     :param chunks: read only these chunks (keep-warm re-reads what lost pages), in any
         order; a file with none is skipped. ``None``: every chunk of every file.
     :param max_files: most whole small files in one batch.
+    :param solo: whether a file is read with no other solo file beside it (see
+        :func:`solo_rule`); a worker offered one while another runs gets ``None``.
     """
 
     def __init__(
@@ -76,8 +95,10 @@ class Schedule:
         may_split: Callable[[FileSpec], bool] = lambda spec: True,
         chunks: Sequence[Chunk] | None = None,
         max_files: int = 64,
+        solo: Callable[[FileSpec], bool] = lambda spec: False,
     ) -> None:
         self._files = files
+        self._solo = solo
         self._chunk_size = chunk_size
         self._may_split = may_split
         self._max_files = max_files
@@ -114,8 +135,17 @@ class Schedule:
         if stream is not None:
             self._running.remove(stream)
         if self._next_file < len(self._order):
+            if self._solo_waits():
+                return None  # retire: the worker reading the solo file goes on alone
             return self._start_next()
         return self._split()
+
+    def _solo_waits(self) -> bool:
+        """Whether the next file is solo while another solo file is being read."""
+        following = self._order[self._next_file]
+        if self._whole(following) or not self._solo(self._files[following]):
+            return False
+        return any(self._solo(self._files[s.file_index]) for s in self._running)
 
     def _total(self, file_index: int) -> int:
         if self._selected is None:
@@ -211,6 +241,30 @@ def filesystem_type(path: str) -> str | None:
     except OSError:
         return None
     return mount_types().get(dev)
+
+
+def solo_rule(mode: str = "auto") -> Callable[[FileSpec], bool]:
+    """Whether a planned file should be read with no other such file beside it.
+
+    Under ``auto``: files of at least :data:`SOLO_MIN_BYTES` on the filesystems of
+    :data:`NO_SPLIT_FILESYSTEMS`, by the planned device (no I/O but one read of the mount
+    table). ``always`` and ``never`` (a split forced by the user) read files side by side.
+    """
+    if mode not in SPLIT_MODES:
+        raise ValueError(f"unknown split mode {mode!r}")
+    if mode != "auto":
+        return lambda spec: False
+    types: dict[int, str] | None = None
+
+    def solo(spec: FileSpec) -> bool:
+        nonlocal types
+        if spec.size < SOLO_MIN_BYTES:
+            return False
+        if types is None:
+            types = mount_types()
+        return types.get(spec.dev) in NO_SPLIT_FILESYSTEMS
+
+    return solo
 
 
 def split_rule(mode: str = "auto") -> Callable[[FileSpec], bool]:
