@@ -23,6 +23,7 @@ import anyio.to_thread
 
 from .events import Emitter, ErrorReason, EventKind
 from .events import EngineEvent as EngineEvent
+from .holes import fill_holes
 from .keepwarm import ChunkResidency as ChunkResidency
 from .keepwarm import effective_chunk_size as effective_chunk_size
 from .keepwarm import measure_chunks as measure_chunks
@@ -331,12 +332,14 @@ class _Engine:
         self.progress.files_done += 1
         if state.fd is None or state.stalled:
             return
-        fd, size = state.fd, state.spec.size
+        fd, size, method = state.fd, state.spec.size, state.method
         state.fd = None
         verify = state.error is None and self.options.verify
 
         def finish() -> int | None:
             try:
+                if verify:
+                    fill_holes(fd, size, method)  # while the FUSE client still holds the data
                 return after_read(fd, size) if verify else None
             finally:
                 os.close(fd)
