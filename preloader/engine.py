@@ -130,6 +130,7 @@ class _Engine:
             solo=solo_rule(options.split),
         )
         counts = self.schedule.counts()
+        self.every_chunk = chunks is None
         if chunks is None:
             self.bytes_total = plan.total_bytes
         else:
@@ -335,10 +336,11 @@ class _Engine:
         fd, size, method = state.fd, state.spec.size, state.method
         state.fd = None
         verify = state.error is None and self.options.verify
+        whole = verify and self.every_chunk  # a keep-warm selection leaves the rest alone
 
         def finish() -> int | None:
             try:
-                if verify:
+                if whole:
                     fill_holes(fd, size, method)  # while the FUSE client still holds the data
                 return after_read(fd, size) if verify else None
             finally:
