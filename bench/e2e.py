@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from . import measure
+from . import measure, s3trace
 from .models import write_gguf_like, write_safetensors_model
 from .scenarios import fuse_available, fuse_mount, s3fs_available, s3fs_mount
 from .tools import ONE_LINER, preloader_argv
@@ -230,6 +230,7 @@ class Target:
     files: int
     bytes: int
     stats: Callable[[bool], dict[str, int]] | None = None
+    s3_url: str | None = None  # the S3 server behind s3fs: its GET log (bench.s3trace)
 
 
 def _tree_size(path: Path) -> tuple[int, int]:
@@ -261,6 +262,7 @@ def _storage(
     listing = {p.name: p.stat().st_size for p in sorted(backing.iterdir()) if p.is_file()}
     if storage == "s3fs":
         objects = {f"model/{name}": size for name, size in listing.items()}
+        urls: list[str] = []
         with s3fs_mount(
             data_dir,
             objects,
@@ -269,9 +271,10 @@ def _storage(
             0.0,
             backing=backing.parent,  # keys are model/NAME
             name="e2e-s3",
+            on_server=urls.append,
         ) as (mountpoint, stats):
             model = mountpoint / "model"
-            yield Target(storage, model, model, (model, backing), files, total, stats)
+            yield Target(storage, model, model, (model, backing), files, total, stats, urls[0])
         return
     with fuse_mount(
         data_dir,
@@ -450,6 +453,9 @@ def run_once(
     before = measure.residency(target.model_dir).ratio
     if target.stats:
         target.stats(True)
+    if target.s3_url:
+        s3trace.fetch_gets(target.s3_url, reset=True)
+    vm_before = s3trace.vm_counters()
     port = _free_port()
     argv = _warmer(mode, target, config, env, port)
     child_env = dict(env, MODEL_DIR=str(target.model_dir))
@@ -548,9 +554,25 @@ def run_once(
             log.close()
     record["resident_after"] = measure.residency(target.model_dir).ratio
     record["resident_before"] = before
+    # Machine-wide: another session's drop_caches or reclaim during the run shows here.
+    record["vmstat"] = {k: v - vm_before.get(k, 0) for k, v in s3trace.vm_counters().items()}
     if target.stats:
         fetched = target.stats(False)
         record["fetched_bytes"] = fetched.get("bytes_sent", fetched.get("bytes_served"))
+    if target.s3_url:
+        found = s3trace.overlaps(s3trace.fetch_gets(target.s3_url))
+        record["duplicate_bytes"] = sum(o.extra_bytes for o in found)
+        record["duplicates"] = [
+            [
+                o.key.rsplit("/", 1)[-1],
+                o.first,
+                o.end,
+                o.count,
+                [round(t - t0, 2) for t in o.starts],
+            ]
+            for o in found
+            if o.end - o.first >= 4096
+        ][:50]
     return record
 
 

@@ -10,7 +10,11 @@ bandwidth, and so is the whole server (the "link"). Object bytes are synthetic
 
 ``GET /_bench/stats`` returns JSON counters (bytes and requests served since
 the last ``GET /_bench/stats?reset=1``) so the bench can prove every cold run
-really went to the "network".
+really went to the "network". ``GET /_bench/gets`` (``?reset=1`` clears it too)
+returns every object GET since, in arrival order: key, first and last byte asked
+for, bytes sent, and start and end as ``time.monotonic()`` (one clock for every
+process on the machine), so :mod:`bench.s3trace` can tell which ranges a client
+fetched twice, and when.
 
 Run: ``python -m bench.s3server --manifest objects.json [--port 0]``; it prints
 ``READY <port>`` on stdout once listening and serves until SIGTERM/SIGINT.
@@ -40,6 +44,7 @@ __all__ = ["S3Config", "S3Server", "main", "parse_range"]
 _SEND_PIECE = 64 * 1024
 _LAST_MODIFIED = email.utils.formatdate(1_700_000_000, usegmt=True)
 _ISO_MODIFIED = "2023-11-14T22:13:20.000Z"
+_LOG_LIMIT = 200_000  # GETs kept for /_bench/gets (a 2 GiB model in 10 MB parts is ~200)
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,19 @@ class _Stats:
     requests: int = 0
     gets: int = 0
     connections: int = 0
+    log: list[dict[str, object]] = field(default_factory=list)
+
+    def record(self, entry: dict[str, object]) -> None:
+        with self.lock:
+            if len(self.log) < _LOG_LIMIT:
+                self.log.append(entry)
+
+    def get_log(self, reset: bool) -> list[dict[str, object]]:
+        with self.lock:
+            entries = list(self.log)
+            if reset:
+                self.log.clear()
+        return entries
 
     def snapshot(self, reset: bool) -> dict[str, int]:
         with self.lock:
@@ -192,6 +210,10 @@ class _Handler(BaseHTTPRequestHandler):
             snapshot = self.server.stats.snapshot(reset="reset" in query)
             self._reply(200, json.dumps(snapshot).encode(), "application/json")
             return
+        if bucket == "_bench" and key == "gets":
+            gets = self.server.stats.get_log(reset="reset" in query)
+            self._reply(200, json.dumps({"gets": gets}).encode(), "application/json")
+            return
         self._count(get=True)
         time.sleep(self.server.config.first_byte_latency_s)
         if bucket != self.server.config.bucket:
@@ -231,11 +253,28 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(416, "InvalidRange", str(err))
             return
         first, last = byte_range if byte_range else (0, size - 1)
+        entry: dict[str, object] = {"key": key, "first": first, "last": last, "sent": 0}
+        entry["start"] = time.monotonic()
+        try:
+            self._send_object(key, size, byte_range is not None, first, last, entry)
+        finally:
+            entry["end"] = time.monotonic()
+            self.server.stats.record(entry)
+
+    def _send_object(
+        self,
+        key: str,
+        size: int,
+        partial: bool,
+        first: int,
+        last: int,
+        entry: dict[str, object],
+    ) -> None:
         length = last - first + 1 if size else 0
-        self.send_response(206 if byte_range else 200)
+        self.send_response(206 if partial else 200)
         self._object_headers(key, size)
         self.send_header("Content-Length", str(length))
-        if byte_range:
+        if partial:
             self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
         self.end_headers()
         offset = first
@@ -249,6 +288,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             offset += piece
+            entry["sent"] = offset - first
             with self.server.stats.lock:
                 self.server.stats.bytes_sent += piece
 

@@ -21,6 +21,7 @@ import anyio.to_thread
 
 from .events import Emitter, ErrorReason, EventKind
 from .events import EngineEvent as EngineEvent
+from .holes import fill_holes
 from .keepwarm import ChunkResidency as ChunkResidency
 from .keepwarm import measure_chunks as measure_chunks
 from .ledger import Ledger, assemble
@@ -43,7 +44,7 @@ from .reports import FileResult as FileResult
 from .reports import ResidencyReport as ResidencyReport
 from .reports import WarmProgress as WarmProgress
 from .reports import WarmReport as WarmReport
-from .schedule import Schedule, Stream, split_rule
+from .schedule import Schedule, Stream, solo_rule, split_rule
 from .settings import AUTO_CONCURRENCY as AUTO_CONCURRENCY
 from .settings import WarmOptions as WarmOptions
 from .verify import evict_plan as evict_plan
@@ -107,8 +108,13 @@ class _Engine:
         # A selection of chunks (keep-warm re-reads what lost pages): a file with none
         # selected is never opened.
         self.schedule = Schedule(
-            plan.files, self.chunk_size, split_rule(options.split), chunks=chunks
+            plan.files,
+            self.chunk_size,
+            split_rule(options.split),
+            chunks=chunks,
+            solo=solo_rule(options.split),
         )
+        self.every_chunk = chunks is None
         if chunks is None:
             self.bytes_total = plan.total_bytes
         else:
@@ -349,12 +355,15 @@ class _Engine:
         self.progress.files_done += 1
         if state.fd is None or state.stalled:
             return
-        fd, size = state.fd, state.spec.size
+        fd, size, method = state.fd, state.spec.size, state.method
         state.fd = None
         verify = state.error is None and self.options.verify
+        whole = verify and self.every_chunk  # a keep-warm selection leaves the rest alone
 
         def finish() -> int | None:
             try:
+                if whole:
+                    fill_holes(fd, size, method)  # while the FUSE client still holds the data
                 return after_read(fd, size) if verify else None
             finally:
                 os.close(fd)

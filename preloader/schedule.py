@@ -9,6 +9,16 @@ shards of a pass), and only where the file's storage gains from it (:func:`split
 the idle worker then takes the back half of the largest stream still running, so every
 worker still reads one sequential range.
 
+A big file on a filesystem whose one stream already fetches in parallel (s3fs) is read
+*solo* (:func:`solo_rule`): at most :data:`SOLO_STREAMS` such files at once, in plan order.
+There one stream gets most of the mount's throughput, so the pass takes about as long as
+with four files at once, but the first shards finish first, and a loader that reads the
+shards in index order (every tensor-parallel rank does) reads behind the warm-up, from
+memory, instead of waiting on four half-read files. The second stream keeps the mount
+busy while a loader that caught up funnels its reads and the warm-up's through one file
+(s3fs serialises the reads of one file under its lock). A worker that finds the next file
+solo while :data:`SOLO_STREAMS` solo files are running retires.
+
 Runs of whole small files go to one worker as one batch (up to one chunk's bytes or
 ``max_files`` files), so 100,000 small files cost a few thousand thread hand-offs.
 
@@ -29,11 +39,14 @@ from .settings import SPLIT_MODES as SPLIT_MODES
 
 __all__ = [
     "NO_SPLIT_FILESYSTEMS",
+    "SOLO_MIN_BYTES",
+    "SOLO_STREAMS",
     "SPLIT_MODES",
     "Schedule",
     "Stream",
     "filesystem_type",
     "mount_types",
+    "solo_rule",
     "split_rule",
 ]
 
@@ -43,6 +56,17 @@ __all__ = [
 # the bench's loopback S3 (4 x 512 MiB): one stream per file 1.62 s per file, four
 # concurrent 64 MiB chunks of it 2.27 s.
 NO_SPLIT_FILESYSTEMS = frozenset({"fuse.s3fs"})
+
+# From this size a file on one of NO_SPLIT_FILESYSTEMS is read solo. Measured through s3fs
+# over the bench's loopback S3, 4 x 512 MiB: the pass took 14.5 s one file at a time and
+# 14.2 s four at once, and the first file was resident after a quarter of it instead of at
+# its end. Smaller files pay a round trip per open and a prefetch window (multipart_size x
+# parallel_count, 50 MB) per file, which reading them side by side hides.
+SOLO_MIN_BYTES = 512 * 2**20
+
+# Solo files read at once. 1 measured even with four streams alone (above), but 9% slower
+# than the one-liner's four with four loader ranks copying beside it on a loaded 2-core VM.
+SOLO_STREAMS = 2
 
 
 @dataclass(slots=True)
@@ -69,6 +93,8 @@ class Schedule:
     :param chunks: read only these chunks (keep-warm re-reads what lost pages), in any
         order; a file with none is skipped. ``None``: every chunk of every file.
     :param max_files: most whole small files in one batch.
+    :param solo: whether a file is read with at most :data:`SOLO_STREAMS` solo files at
+        once (see :func:`solo_rule`); a worker offered one beyond that gets ``None``.
     """
 
     def __init__(
@@ -78,8 +104,10 @@ class Schedule:
         may_split: Callable[[FileSpec], bool] = lambda spec: True,
         chunks: Sequence[Chunk] | None = None,
         max_files: int = 64,
+        solo: Callable[[FileSpec], bool] = lambda spec: False,
     ) -> None:
         self._files = files
+        self._solo = solo
         self._chunk_size = chunk_size
         self._may_split = may_split
         self._max_files = max_files
@@ -119,8 +147,18 @@ class Schedule:
         if stream is not None:
             self._running.remove(stream)
         if self._next_file < len(self._order):
+            if self._solo_waits():
+                return None  # retire: the worker reading the solo file goes on alone
             return self._start_next()
         return self._split()
+
+    def _solo_waits(self) -> bool:
+        """Whether the next file is solo while :data:`SOLO_STREAMS` solo files are read."""
+        following = self._order[self._next_file]
+        if self._whole(following) or not self._solo(self._files[following]):
+            return False
+        running = sum(1 for s in self._running if self._solo(self._files[s.file_index]))
+        return running >= SOLO_STREAMS
 
     def total(self, file_index: int) -> int:
         """Chunks file ``file_index`` is read in (0 for a file not selected)."""
@@ -194,6 +232,30 @@ def filesystem_type(path: str) -> str | None:
     except OSError:
         return None
     return mount_types().get(dev)
+
+
+def solo_rule(mode: str = "auto") -> Callable[[FileSpec], bool]:
+    """Whether a planned file should be read with at most :data:`SOLO_STREAMS` such files.
+
+    Under ``auto``: files of at least :data:`SOLO_MIN_BYTES` on the filesystems of
+    :data:`NO_SPLIT_FILESYSTEMS`, by the planned device (no I/O but one read of the mount
+    table). ``always`` and ``never`` (a split forced by the user) read files side by side.
+    """
+    if mode not in SPLIT_MODES:
+        raise ValueError(f"unknown split mode {mode!r}")
+    if mode != "auto":
+        return lambda spec: False
+    types: dict[int, str] | None = None
+
+    def solo(spec: FileSpec) -> bool:
+        nonlocal types
+        if spec.size < SOLO_MIN_BYTES:
+            return False
+        if types is None:
+            types = mount_types()
+        return types.get(spec.dev) in NO_SPLIT_FILESYSTEMS
+
+    return solo
 
 
 def split_rule(mode: str = "auto") -> Callable[[FileSpec], bool]:

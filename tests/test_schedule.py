@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from preloader import pagecache, reading, schedule
 from preloader.engine import WarmOptions, rewarm_chunks, warm_plan
 from preloader.planner import Chunk, FileSpec, build_plan, iter_chunks
-from preloader.schedule import Schedule, Stream, filesystem_type, split_rule
+from preloader.schedule import Schedule, Stream, filesystem_type, solo_rule, split_rule
 
 from .conftest import needs_fuse
 from .fusefs import FuseMount
@@ -322,3 +322,73 @@ async def test_auto_splits_a_fuse_file_unless_its_client_is_a_no_split_one(
         group.start_soon(warm_plan, build_plan([str(gated.path("big.bin"))]), options)
         await anyio.to_thread.run_sync(gated.wait_for, f"GATE read /big.bin {5 * MiB}")
         gated.release()
+
+
+# ------------------------------------------------------------- solo files (s3fs, big files)
+
+
+def test_solo_files_are_read_at_most_solo_streams_at_once_in_plan_order() -> None:
+    # Two small files, then four big ones: the small ones go as one batch, and the big
+    # ones (solo) two at a time, each front to back, by the workers that began them.
+    files = _specs(1000, 2000, 4 * MiB, 4 * MiB, 4 * MiB, 4 * MiB)
+    plan = Schedule(
+        files, MiB, may_split=lambda spec: False, solo=lambda spec: spec.size >= 4 * MiB
+    )
+    taken = _drive(plan, workers=4)
+    big = [(worker, c.file_index, c.index) for worker, c in taken if c.file_index >= 2]
+    assert schedule.SOLO_STREAMS == 2
+    assert len({worker for worker, _, _ in big}) == 2  # the others retired
+    order = [f for _, f, _ in big]
+    first = {f: order.index(f) for f in (2, 3, 4, 5)}
+    last = {f: len(order) - 1 - order[::-1].index(f) for f in (2, 3, 4, 5)}
+    assert first[4] > min(last[2], last[3]) and first[5] > min(last[3], last[4])
+    for f in (2, 3, 4, 5):
+        assert [i for _, g, i in big if g == f] == [0, 1, 2, 3]  # front to back
+    assert sorted(c.file_index for _, c in taken if c.file_index < 2) == [0, 1]
+
+
+def test_a_solo_file_does_not_hold_back_the_files_that_are_not_solo() -> None:
+    files = _specs(4 * MiB, 4 * MiB, 4 * MiB)
+    plan = Schedule(files, MiB, may_split=lambda spec: False, solo=lambda spec: spec.ino == 0)
+    taken = _drive(plan, workers=3)
+    workers_per_file = {f: {w for w, c in taken if c.file_index == f} for f in range(3)}
+    assert len(set().union(*workers_per_file.values())) == 3  # read side by side
+    assert sorted((c.file_index, c.index) for _, c in taken) == [
+        (f, i) for f in range(3) for i in range(4)
+    ]
+
+
+def test_solo_rule_by_size_and_filesystem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dev = os.stat(tmp_path).st_dev
+    big = FileSpec(str(tmp_path / "big"), schedule.SOLO_MIN_BYTES, dev, 0)
+    small = FileSpec(str(tmp_path / "small"), schedule.SOLO_MIN_BYTES - 1, dev, 1)
+    assert not solo_rule("auto")(big)  # a local filesystem reads files side by side
+    here = filesystem_type(str(tmp_path))
+    assert here is not None
+    monkeypatch.setattr(schedule, "NO_SPLIT_FILESYSTEMS", frozenset({here}))
+    assert solo_rule("auto")(big) and not solo_rule("auto")(small)
+    assert not solo_rule("always")(big) and not solo_rule("never")(big)
+    with pytest.raises(ValueError, match="split mode"):
+        solo_rule("sometimes")
+
+
+@needs_fuse
+@pytest.mark.anyio
+async def test_big_files_on_a_one_stream_client_are_fetched_file_by_file_each_byte_once(
+    fuse_fs: Callable[..., FuseMount], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = [f"model-{i:05d}-of-00004.safetensors" for i in range(1, 5)]
+    fs = fuse_fs({"cache": "keep", "files": {name: {"size": 4 * MiB} for name in names}})
+    monkeypatch.setattr(schedule, "NO_SPLIT_FILESYSTEMS", frozenset({"fuse.failingfs"}))
+    monkeypatch.setattr(schedule, "SOLO_MIN_BYTES", 4 * MiB)
+    plan = build_plan([str(fs.path(""))])
+    report = await warm_plan(plan, WarmOptions(concurrency=4, chunk_size=MiB))
+    assert report.errors == () and report.resident_ratio == 1.0
+    order = [event[1].lstrip("/") for event in fs.events("READ")]
+    first = {name: order.index(name) for name in names}
+    last = {name: len(order) - 1 - order[::-1].index(name) for name in names}
+    # Two shards at a time, in order: the third only once one of the first two is read.
+    assert first[names[2]] > min(last[names[0]], last[names[1]])
+    assert first[names[3]] > sorted(last[n] for n in names[:3])[1]
+    for name in names:
+        assert fs.bytes_served(name) == 4 * MiB  # every byte fetched once

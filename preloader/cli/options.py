@@ -267,7 +267,8 @@ def read_options(chunk_help: str, method_help: str) -> Callable[[_F], _F]:
         [
             concurrency_option(
                 "Parallel readers, each reading one file front to back; at the end of a "
-                "pass idle readers split the files left (not on s3fs). 'auto' raises it "
+                "pass idle readers split the files left (not on s3fs, where files of "
+                "512 MiB or more are read two at a time, in order). 'auto' raises it "
                 "while throughput still grows."
             ),
             option(
