@@ -32,7 +32,7 @@ from typing import Any
 
 import anyio
 
-from preloader import pagecache
+from preloader import fileread, pagecache
 from preloader.engine import WarmOptions, measure_chunks, rewarm_chunks, warm_plan
 from preloader.planner import Plan, build_plan
 
@@ -92,7 +92,7 @@ def evict_range(path: str, offset: int, length: int) -> None:
 def touch_range(path: str, offset: int, length: int) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        pagecache.read_range(fd, offset, length, "sendfile")
+        fileread.read_range(fd, offset, length, "sendfile")
     finally:
         os.close(fd)
 

@@ -18,7 +18,7 @@ it is).
 
 from __future__ import annotations
 
-from . import pagecache
+from . import fileread, pagecache
 
 __all__ = ["HOLE_WINDOW", "fill_holes"]
 
@@ -26,7 +26,7 @@ HOLE_WINDOW = 8 * 2**20
 """Missing pages are looked for, and re-read, in windows of this many bytes."""
 
 
-def fill_holes(fd: int, size: int, method: pagecache.ReadMethod) -> int:
+def fill_holes(fd: int, size: int, method: fileread.ReadMethod) -> int:
     """Re-read every window of ``[0, size)`` that has pages missing from the page cache.
 
     :param fd: the descriptor the pass read the file with, still open.
@@ -50,7 +50,7 @@ def fill_holes(fd: int, size: int, method: pagecache.ReadMethod) -> int:
         try:
             if pagecache.cachestat(fd, offset, length).cached >= want:
                 continue
-            reread += pagecache.read_range(fd, offset, length, method)
+            reread += fileread.read_range(fd, offset, length, method)
         except OSError:
             return reread  # a real read error was reported by the pass already
     return reread

@@ -28,7 +28,6 @@ from .procfs import parse_cap_eff, read_text
 __all__ = [
     "PAGE_SIZE",
     "CacheStat",
-    "ReadMethod",
     "ResidencyUnknownError",
     "cached_pages",
     "cachestat",
@@ -39,7 +38,6 @@ __all__ = [
     "mincore_resident_pages",
     "range_resident_pages",
     "read_bypasses_cache",
-    "read_range",
     "require_mincore_trust",
     "resident_bytes_from_pages",
     "whole_file_counter",
@@ -50,14 +48,7 @@ PAGE_SIZE = mmap.PAGESIZE
 # cachestat(2) has the same number on every architecture that uses the generic syscall
 # table (x86_64, aarch64, riscv64, ...) since it was added in 6.5.
 _SYS_CACHESTAT = 451
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 _CAP_FOWNER = 3
-
-# sendfile moves at most this much per call; smaller steps also let a stop request
-# interrupt a chunk promptly.
-_STEP_BYTES = 8 * 1024 * 1024
-
-ReadMethod = str  # "sendfile" | "mmap" | "read"
 
 
 class ResidencyUnknownError(Exception):
@@ -432,102 +423,6 @@ def evict(fd: int) -> None:
         return
     if remaining:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-def _read_sendfile(fd: int, offset: int, length: int, sink: int, stop: Callable[[], bool]) -> int:
-    done = 0
-    while done < length:
-        if stop():
-            break
-        sent = os.sendfile(sink, fd, offset + done, min(_STEP_BYTES, length - done))
-        if sent == 0:  # the file shrank under us
-            break
-        done += sent
-    return done
-
-
-def _read_mmap(fd: int, offset: int, length: int, stop: Callable[[], bool]) -> int:
-    size = os.fstat(fd).st_size
-    end = min(offset + length, size)
-    done = 0
-    position = offset
-    while position < end:
-        if stop():
-            break
-        # Map one step at a time: populated pages of a live mapping count towards RSS,
-        # so a whole-chunk mapping would make the process look chunk-size x workers big.
-        aligned = position - position % mmap.ALLOCATIONGRANULARITY
-        step_end = min(end, aligned + _STEP_BYTES)
-        with mmap.mmap(
-            fd, step_end - aligned, mmap.MAP_SHARED, mmap.PROT_READ, offset=aligned
-        ) as mm:
-            mm.madvise(_MADV_POPULATE_READ, 0, step_end - aligned)
-        done += step_end - position
-        position = step_end
-    return done
-
-
-def _read_plain(
-    fd: int, offset: int, length: int, buffer: bytearray, stop: Callable[[], bool]
-) -> int:
-    view = memoryview(buffer)
-    done = 0
-    while done < length:
-        if stop():
-            break
-        want = min(len(buffer), length - done)
-        got = os.preadv(fd, [view[:want]], offset + done)
-        if got == 0:
-            break
-        done += got
-    return done
-
-
-_thread_state = threading.local()
-
-
-def _sink() -> int:
-    sink = getattr(_thread_state, "devnull", None)
-    if sink is None:
-        sink = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-        _thread_state.devnull = sink
-    return int(sink)
-
-
-def _buffer() -> bytearray:
-    buf = getattr(_thread_state, "buffer", None)
-    if buf is None:
-        buf = bytearray(1024 * 1024)
-        _thread_state.buffer = buf
-    assert isinstance(buf, bytearray)
-    return buf
-
-
-def read_range(
-    fd: int,
-    offset: int,
-    length: int,
-    method: ReadMethod,
-    stop: Callable[[], bool] = lambda: False,
-) -> int:
-    """Bring ``[offset, offset+length)`` of an open file into the page cache.
-
-    :param fd: an open, readable file descriptor (shared between threads is fine: every
-        method here takes explicit offsets).
-    :param method: ``sendfile`` (to /dev/null, zero-copy), ``mmap`` (``MADV_POPULATE_READ``,
-        zero-copy) or ``read`` (``preadv`` into a per-thread 1 MiB buffer).
-    :param stop: polled between steps of at most 8 MiB; a true result ends the read early.
-    :return: bytes brought in (less than ``length`` at end of file or after a stop).
-    :raises OSError: from the kernel; ``EINVAL``/``ENOSYS``/``EOPNOTSUPP`` mean "this
-        filesystem refuses the method", other codes are real read errors.
-    """
-    if method == "sendfile":
-        return _read_sendfile(fd, offset, length, _sink(), stop)
-    if method == "mmap":
-        return _read_mmap(fd, offset, length, stop)
-    if method == "read":
-        return _read_plain(fd, offset, length, _buffer(), stop)
-    raise ValueError(f"unknown read method {method!r}")
 
 
 def kernel_release() -> str:

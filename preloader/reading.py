@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import anyio
 
-from . import pagecache
+from . import fileread, pagecache
 from .events import ErrorReason
 from .planner import Chunk, FileSpec
 from .prefetch import may_prefetch, prefetch
@@ -162,7 +162,7 @@ def read_with_fallback(
         return
     while True:
         try:
-            outcome.read_bytes = pagecache.read_range(fd, chunk.offset, chunk.length, method, stop)
+            outcome.read_bytes = fileread.read_range(fd, chunk.offset, chunk.length, method, stop)
             outcome.method = method
             return
         except OSError as err:

@@ -10,7 +10,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from preloader import pagecache
+from preloader import fileread, pagecache
 from preloader.engine import (
     AUTO_CONCURRENCY,
     EngineEvent,
@@ -67,7 +67,7 @@ async def test_a_big_file_is_read_by_several_workers_once_per_chunk_with_one_ope
     reads: Counter[tuple[int, int]] = Counter()
     threads: set[int] = set()
     opens: Counter[str] = Counter()
-    real_read, real_open = pagecache.read_range, os.open
+    real_read, real_open = fileread.read_range, os.open
 
     def counting_read(fd: int, offset: int, length: int, method: str, stop: object) -> int:
         reads[(offset, length)] += 1
@@ -262,7 +262,7 @@ async def test_rewarm_reads_only_the_lost_chunks(
     [measured] = await measure_chunks(plan, 4 * MiB)
 
     reads: Counter[tuple[int, int]] = Counter()
-    real_read = pagecache.read_range
+    real_read = fileread.read_range
 
     def counting_read(fd: int, offset: int, length: int, method: str, stop: object) -> int:
         reads[(offset, length)] += 1
@@ -308,7 +308,7 @@ async def test_warming_a_warm_file_reads_only_the_chunks_that_lost_pages(
     options = WarmOptions(concurrency=2, chunk_size=16 * MiB)
     assert (await warm_plan(plan, options)).resident_bytes == 4 * 16 * MiB
     reads: list[tuple[int, int]] = []
-    real_read = pagecache.read_range
+    real_read = fileread.read_range
 
     def counting_read(fd: int, offset: int, length: int, method: str, stop: object) -> int:
         reads.append((offset, length))

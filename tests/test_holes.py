@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from preloader import pagecache
+from preloader import fileread, pagecache
 from preloader.engine import WarmOptions, warm_plan
 from preloader.holes import HOLE_WINDOW, fill_holes
 from preloader.planner import build_plan
@@ -41,7 +41,7 @@ def test_fill_holes_rereads_only_the_windows_with_pages_missing(shared_tmp: Path
         os.fsync(handle.fileno())  # clean pages: DONTNEED drops only those
     fd = os.open(path, os.O_RDONLY)
     try:
-        pagecache.read_range(fd, 0, size, "sendfile")
+        fileread.read_range(fd, 0, size, "sendfile")
         assert fill_holes(fd, size, "sendfile") == 0  # nothing missing: nothing read
         # Whole 2 MiB ranges: the kernel keeps a large folio that a drop only partly covers.
         _drop(fd, HOLE_WINDOW + 2 * MiB, 2 * MiB)
@@ -68,7 +68,7 @@ async def test_a_page_lost_during_the_pass_is_fetched_again_once_on_the_same_ope
 ) -> None:
     fs = fuse_fs({"cache": "keep", "files": {"shard.bin": {"size": 8 * MiB}}})
     dropped = threading.Event()
-    real_read = pagecache.read_range
+    real_read = fileread.read_range
 
     def read_then_lose_a_page(
         fd: int, offset: int, length: int, method: str, stop: object = lambda: False

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from preloader import pagecache
+from preloader import fileread, pagecache
 from preloader.agent import Agent, AgentSnapshot
 from preloader.engine import WarmOptions
 from preloader.metrics import METRIC_NAMES, make_registry
@@ -109,9 +109,9 @@ async def test_a_scrape_reads_memory_only(model_dir: Path, monkeypatch: pytest.M
         "whole_file_counter",
         "fd_residency",
         "range_resident_pages",
-        "read_range",
     ):
         monkeypatch.setattr(pagecache, name, no_syscalls)
+    monkeypatch.setattr(fileread, "read_range", no_syscalls)
     assert b"preloader_resident_bytes" in generate_latest(registry)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from preloader import pagecache
+from preloader import fileread, pagecache
 from preloader.pagecache import PAGE_SIZE, ResidencyUnknownError
 
 from .conftest import (
@@ -38,7 +38,7 @@ def _residency(path: Path) -> int:
 def _read_all(path: Path, method: str) -> int:
     fd = os.open(path, os.O_RDONLY)
     try:
-        return pagecache.read_range(fd, 0, os.fstat(fd).st_size, method)
+        return fileread.read_range(fd, 0, os.fstat(fd).st_size, method)
     finally:
         os.close(fd)
 
@@ -69,7 +69,7 @@ def test_residency_agrees_with_vmtouch_for_a_partly_read_file(big_file: Path) ->
         # by the time the read returns and both witnesses see the same pages.
         size = os.fstat(fd).st_size
         offset = size - size % PAGE_SIZE - 8 * 1024 * 1024
-        got = pagecache.read_range(fd, offset, size - offset, "sendfile")
+        got = fileread.read_range(fd, offset, size - offset, "sendfile")
         assert got == size - offset
         resident = pagecache.fd_residency(fd, size)
     finally:
@@ -84,7 +84,7 @@ def test_mincore_path_agrees_with_cachestat(big_file: Path, cachestat_then_resto
     fd = os.open(big_file, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
-        pagecache.read_range(fd, size - 12 * 1024 * 1024, 12 * 1024 * 1024, "sendfile")
+        fileread.read_range(fd, size - 12 * 1024 * 1024, 12 * 1024 * 1024, "sendfile")
         by_cachestat = pagecache.fd_residency(fd, os.fstat(fd).st_size)
         pagecache.force_mincore(True)
         by_mincore = pagecache.fd_residency(fd, os.fstat(fd).st_size)
@@ -108,7 +108,7 @@ def test_evict_drops_the_pages_it_read(big_file: Path) -> None:
 def test_a_read_stops_early_when_asked(big_file: Path) -> None:
     fd = os.open(big_file, os.O_RDONLY)
     try:
-        assert pagecache.read_range(fd, 0, 16 * 1024 * 1024, "sendfile", stop=lambda: True) == 0
+        assert fileread.read_range(fd, 0, 16 * 1024 * 1024, "sendfile", stop=lambda: True) == 0
     finally:
         os.close(fd)
 
@@ -119,7 +119,7 @@ def test_reading_past_the_end_returns_what_exists(shared_tmp: Path) -> None:
     for method in ("sendfile", "mmap", "read"):
         fd = os.open(path, os.O_RDONLY)
         try:
-            assert pagecache.read_range(fd, 0, 1 << 20, method) == 5000
+            assert fileread.read_range(fd, 0, 1 << 20, method) == 5000
         finally:
             os.close(fd)
 
@@ -203,7 +203,7 @@ def test_range_residency_counts_only_that_range_like_vmtouch(
         size = os.fstat(fd).st_size
         # The tail again: readahead cannot run past the end of the file.
         tail = size - size % PAGE_SIZE - 8 * mib
-        pagecache.read_range(fd, tail, size - tail, "sendfile")
+        fileread.read_range(fd, tail, size - tail, "sendfile")
         tail_pages = pagecache.range_resident_pages(fd, tail, size - tail)
         head_pages = pagecache.range_resident_pages(fd, 0, 8 * mib)
         with pytest.raises(ValueError, match="page size"):

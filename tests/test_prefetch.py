@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from preloader import pagecache, prefetch
+from preloader import fileread, pagecache, prefetch
 from preloader.engine import EngineEvent, WarmOptions, rewarm_chunks, warm_plan
 from preloader.planner import FileSpec, build_plan, iter_chunks
 
@@ -90,7 +90,7 @@ async def test_small_files_on_local_disk_are_prefetched_read_and_resident(
     _local_disk(tree)
     plan = build_plan([str(tree)])
     reads: list[str] = []
-    real_read = pagecache.read_range
+    real_read = fileread.read_range
 
     def counting_read(fd: int, offset: int, length: int, method: str, stop: Any) -> int:
         reads.append(_path_of(fd))

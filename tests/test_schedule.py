@@ -1,7 +1,7 @@
 """The read schedule: one stream per file, parallel across files, split only at the tail.
 
 The schedule alone (pure), then the engine on real files (which chunks it reads in which
-order, recorded at ``pagecache.read_range``), then the splitting rule on a real FUSE mount.
+order, recorded at ``fileread.read_range``), then the splitting rule on a real FUSE mount.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from preloader import pagecache, reading, schedule
+from preloader import fileread, pagecache, reading, schedule
 from preloader.engine import WarmOptions, rewarm_chunks, warm_plan
 from preloader.planner import Chunk, FileSpec, build_plan, iter_chunks
 from preloader.schedule import Schedule, Stream, filesystem_type, solo_rule, split_rule
@@ -205,7 +205,7 @@ def _record_reads(
     """Every ``read_range`` call the engine makes, in call order, as (path, offset)."""
     calls: Record = []
     lock = threading.Lock()
-    real_read = pagecache.read_range
+    real_read = fileread.read_range
 
     def recording_read(fd: int, offset: int, length: int, method: str, stop: object) -> int:
         path = os.readlink(f"/proc/self/fd/{fd}")
