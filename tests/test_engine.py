@@ -79,7 +79,7 @@ async def test_a_big_file_is_read_by_several_workers_once_per_chunk_with_one_ope
         return real_open(path, flags, *args)
 
     plan = build_plan([str(big_file)])
-    monkeypatch.setattr(pagecache, "read_range", counting_read)
+    monkeypatch.setattr(fileread, "read_range", counting_read)
     monkeypatch.setattr(os, "open", counting_open)
     report = await warm_plan(plan, WarmOptions(concurrency=4, chunk_size=16 * MiB, verify=False))
     monkeypatch.undo()
@@ -268,7 +268,7 @@ async def test_rewarm_reads_only_the_lost_chunks(
         reads[(offset, length)] += 1
         return real_read(fd, offset, length, method, stop)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(pagecache, "read_range", counting_read)
+    monkeypatch.setattr(fileread, "read_range", counting_read)
     report = await rewarm_chunks(plan, measured.lost, WarmOptions(chunk_size=4 * MiB))
     monkeypatch.undo()
     size = big_file.stat().st_size
@@ -314,7 +314,7 @@ async def test_warming_a_warm_file_reads_only_the_chunks_that_lost_pages(
         reads.append((offset, length))
         return real_read(fd, offset, length, method, stop)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(pagecache, "read_range", counting_read)
+    monkeypatch.setattr(fileread, "read_range", counting_read)
     again = await warm_plan(plan, options)
     assert again.resident_bytes == again.read_bytes == 4 * 16 * MiB
     assert reads == []  # every chunk was cached: nothing read, no I/O, no copy

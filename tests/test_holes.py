@@ -79,7 +79,7 @@ async def test_a_page_lost_during_the_pass_is_fetched_again_once_on_the_same_ope
             dropped.set()
         return done
 
-    monkeypatch.setattr(pagecache, "read_range", read_then_lose_a_page)
+    monkeypatch.setattr(fileread, "read_range", read_then_lose_a_page)
     plan = build_plan([str(fs.path("shard.bin"))])
     report = await warm_plan(plan, WarmOptions(concurrency=1, chunk_size=MiB))
     assert dropped.is_set()

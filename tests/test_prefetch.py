@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from preloader import fileread, pagecache, prefetch
+from preloader import fileread, prefetch
 from preloader.engine import EngineEvent, WarmOptions, rewarm_chunks, warm_plan
 from preloader.planner import FileSpec, build_plan, iter_chunks
 
@@ -96,7 +96,7 @@ async def test_small_files_on_local_disk_are_prefetched_read_and_resident(
         reads.append(_path_of(fd))
         return real_read(fd, offset, length, method, stop)
 
-    monkeypatch.setattr(pagecache, "read_range", counting_read)
+    monkeypatch.setattr(fileread, "read_range", counting_read)
     report = await warm_plan(plan)
     assert sorted(willneed) == sorted(spec.path for spec in plan.files)
     # Read after the prefetch, never skipped: cachestat counts pages still in flight.

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from preloader import fileread, pagecache, reading, schedule
+from preloader import fileread, reading, schedule
 from preloader.engine import WarmOptions, rewarm_chunks, warm_plan
 from preloader.planner import Chunk, FileSpec, build_plan, iter_chunks
 from preloader.schedule import Schedule, Stream, filesystem_type, solo_rule, split_rule
@@ -215,7 +215,7 @@ def _record_reads(
             before(path, offset)
         return real_read(fd, offset, length, method, stop)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(pagecache, "read_range", recording_read)
+    monkeypatch.setattr(fileread, "read_range", recording_read)
     # Chunks of 1 MiB fit in the kernel's readahead of the one before (8 MiB on this VM's
     # disk), and a chunk already cached is rightly skipped: these tests are about the
     # order, so every chunk must reach read_range.
