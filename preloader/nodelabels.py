@@ -188,6 +188,15 @@ class NodeLabelConfig:
         return cls(node_name, tuple((p, k) for k, p in keys.items()), grace_seconds, kubeconfig)
 
 
+@dataclass(frozen=True)
+class NodeEvent:
+    """A core/v1 Event about the node: ``type`` ``Normal`` or ``Warning``."""
+
+    reason: str
+    message: str
+    type: str = "Normal"
+
+
 class KubeError(Exception):
     """A request to the API server failed: refused, not found, or not reached.
 
@@ -197,15 +206,6 @@ class KubeError(Exception):
     def __init__(self, operation: str, message: str) -> None:
         super().__init__(message)
         self.operation = operation
-
-
-@dataclass(frozen=True)
-class NodeEvent:
-    """A core/v1 Event about the node: ``type`` ``Normal`` or ``Warning``."""
-
-    reason: str
-    message: str
-    type: str = "Normal"
 
 
 class NodeApi(Protocol):
