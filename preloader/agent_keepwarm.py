@@ -20,6 +20,7 @@ from .engine import measure_chunks, rewarm_chunks
 from .events import EventKind
 from .planner import Chunk, iter_chunks
 from .units import format_bytes
+from .verify import eviction_causes
 
 __all__ = ["DEGRADE_AFTER", "KeepWarm"]
 
@@ -88,7 +89,7 @@ class KeepWarm(AgentState):
             )
             model.degraded_reason = (
                 f"pages lost again after re-reading them, {model.strikes} checks in a row "
-                "(memory pressure or a cgroup limit below the model size?); next check in "
+                f"({eviction_causes()}); next check in "
                 f"{model.interval:g} s"
             )
             self._emit(EventKind.DEGRADED, model.root, model.degraded_reason)

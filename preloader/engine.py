@@ -19,6 +19,7 @@ from typing import TypeVar
 import anyio
 import anyio.to_thread
 
+from . import reclaim
 from .events import Emitter, ErrorReason, EventKind
 from .events import EngineEvent as EngineEvent
 from .holes import fill_holes
@@ -431,6 +432,7 @@ async def warm_plan(
         interrupted=interrupted,
         verified=options.verify,
         autotune=engine.autotune(),
+        proactive_reclaim=reclaim.note(),
     )
 
 

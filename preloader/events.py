@@ -60,6 +60,7 @@ class EventKind(str, enum.Enum):
     ODD_LAYOUT = "odd model layout"
     SPARSE_FILE = "sparse file"
     TRIMMED = "trimmed"
+    PROACTIVE_RECLAIM = "proactive reclaim"
 
     def __str__(self) -> str:
         return self.value
@@ -108,6 +109,7 @@ LEVELS: dict[EventKind, int] = {
     EventKind.INCOMPLETE_MODEL: logging.ERROR,
     EventKind.ODD_LAYOUT: logging.WARNING,
     EventKind.SPARSE_FILE: logging.WARNING,
+    EventKind.PROACTIVE_RECLAIM: logging.WARNING,
     EventKind.TRIMMED: logging.WARNING,
     EventKind.TIMEOUT: logging.ERROR,
     EventKind.DEGRADED: logging.WARNING,

@@ -370,6 +370,7 @@ class WarmReport:
     interrupted: bool = False
     verified: bool = True
     autotune: Autotune | None = None
+    proactive_reclaim: str | None = None
 
     @property
     def bytes(self) -> int:
@@ -453,4 +454,5 @@ class WarmReport:
             "method": self.method,
             "timed_out": self.timed_out,
             "interrupted": self.interrupted,
+            "proactive_reclaim": self.proactive_reclaim,
         }

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, TypeVar
 import anyio
 import anyio.to_thread
 
-from . import pagecache
+from . import pagecache, reclaim
 from .planner import FileSpec, Plan
 from .reading import (
     Handoff,
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "bypass_probe",
     "evict_plan",
+    "eviction_causes",
     "explain",
     "map_files",
     "map_files_into",
@@ -85,10 +86,16 @@ def explain(
             "filesystem invalidates the page cache at open (FUSE without kernel_cache/"
             "keep_cache, e.g. rclone mount); warming cannot help here"
         )
-    return (
-        f"{share:.1%} resident: pages were evicted after reading "
-        "(memory pressure or a cgroup limit)"
-    )
+    return f"{share:.1%} resident: pages were evicted after reading ({eviction_causes()})"
+
+
+def eviction_causes() -> str:
+    """What evicts pages that were read, as far as this process can tell: memory
+    pressure, a cgroup limit, and this machine's proactive reclaim where there is one."""
+    proactive = reclaim.note()
+    if proactive is None:
+        return "memory pressure or a cgroup limit"
+    return f"memory pressure, a cgroup limit, or {proactive}"
 
 
 _CHANGED = {

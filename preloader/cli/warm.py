@@ -10,7 +10,7 @@ import anyio
 import anyio.to_thread
 import click
 
-from .. import api, errors
+from .. import api, errors, reclaim
 from ..budget import BudgetCheck
 from ..engine import WarmProgress, WarmReport, cancel_after_stop, warm_plan
 from ..events import log_event
@@ -311,6 +311,9 @@ async def _prepare(the_plan: Plan, config: WarmConfig) -> BudgetCheck:
         the_plan, on_overflow=config.on_overflow, headroom=config.headroom
     )
     render.log_budget(check, log)
+    proactive = reclaim.note()
+    if proactive is not None:
+        log.warning("proactive reclaim", detail=proactive)
     if check.over_budget and config.on_overflow == "fail":
         raise errors.OverBudgetError(
             check.message() + "; raise the memory limit, narrow the plan with "
