@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 
 import anyio
 
+from . import reclaim
 from .agent_keepwarm import DEGRADE_AFTER as DEGRADE_AFTER
 from .agent_keepwarm import KeepWarm
 from .agent_pass import FirstPass
@@ -101,6 +102,7 @@ class Agent(FirstPass, KeepWarm):
             skip_reason=self.config.selection.skip_reason,
             memory_budget=self._budget,
             start_gate=self._gate.snapshot(time.monotonic(), self._ready),
+            proactive_reclaim=self._proactive_reclaim,
         )
 
     async def wait_until(self, predicate: Callable[[AgentSnapshot], bool]) -> AgentSnapshot:
@@ -143,6 +145,9 @@ class Agent(FirstPass, KeepWarm):
             self._emit(EventKind.READY, detail=self._reason(()))
             self._changed()
             return
+        self._proactive_reclaim = reclaim.note()
+        if self._proactive_reclaim is not None:
+            self._emit(EventKind.PROACTIVE_RECLAIM, detail=self._proactive_reclaim)
         await self._plan_all()
         await self._read_budget()
         self._trim_to_budget()

@@ -164,6 +164,7 @@ class AgentState:
         self._forced_ready = False
         self._timed_out = False
         self._budget: MemoryBudget | None = None
+        self._proactive_reclaim: str | None = None  # read at start-up (reclaim.note)
         self._gate = StartGate(config.start_lead, self._started)
         if self._ready:
             self._gate.ready_opened(self._started)

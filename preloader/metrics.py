@@ -81,6 +81,13 @@ _METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         (),
     ),
     (
+        "preloader_proactive_reclaim",
+        "gauge",
+        "1 when this machine pages out idle page cache with no memory pressure (a DAMON "
+        "pageout scheme, read at start-up; 0 also when the process may not read it).",
+        (),
+    ),
+    (
         "preloader_memory_available_bytes",
         "gauge",
         "Room for page cache: the least of the memory cgroup's free bytes and MemAvailable.",
@@ -199,6 +206,7 @@ class AgentCollector(Collector):
                 f["preloader_start_lead_verdict"].add_metric(
                     [verdict], 1 if gate.verdict == verdict else 0
                 )
+        f["preloader_proactive_reclaim"].add_metric([], 1 if snap.proactive_reclaim else 0)
         available = snap.memory_budget.available_bytes if snap.memory_budget else None
         if available is not None:
             f["preloader_memory_available_bytes"].add_metric([], available)

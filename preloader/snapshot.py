@@ -119,6 +119,8 @@ class AgentSnapshot:
     :ivar memory_budget: this process's memory budget as last read by the agent (at start
         and after each keep-warm round), or ``None`` before the first reading.
     :ivar start_gate: what ``/startz`` answers, and whether its lead was right.
+    :ivar proactive_reclaim: what on this machine drops idle page cache with no memory
+        pressure (a DAMON ``pageout`` scheme), ``None`` when nothing this process can see.
     """
 
     state: str
@@ -133,6 +135,7 @@ class AgentSnapshot:
     skip_reason: str | None = None
     memory_budget: MemoryBudget | None = None
     start_gate: StartGateSnapshot | None = None
+    proactive_reclaim: str | None = None
     version: str = __version__
 
     @property
@@ -199,5 +202,6 @@ class AgentSnapshot:
             "errors": sum(p.errors for p in self.paths),
             "memory_budget": None if self.memory_budget is None else self.memory_budget.to_json(),
             "start_gate": None if self.start_gate is None else self.start_gate.to_json(),
+            "proactive_reclaim": self.proactive_reclaim,
             "paths": [p.to_json() for p in self.paths],
         }

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from preloader import fileread, pagecache
+from preloader import fileread, pagecache, reclaim
 from preloader.agent import Agent, AgentSnapshot
 from preloader.engine import WarmOptions
 from preloader.metrics import METRIC_NAMES, make_registry
@@ -94,6 +94,21 @@ async def test_unknown_residency_is_left_out_not_guessed(model_dir: Path) -> Non
     assert registry.get_sample_value("preloader_resident_bytes", path) is None
     assert registry.get_sample_value("preloader_residency_known", path) == 0
     assert registry.get_sample_value("preloader_target_bytes", path) is not None
+
+
+async def test_proactive_reclaim_is_a_gauge_and_a_status_field(model_dir: Path) -> None:
+    agent = await _warm_agent(model_dir)
+    snap = agent.snapshot()
+    seen = reclaim.note()  # what this machine runs now (the test session pauses DAMON)
+    assert snap.proactive_reclaim == seen
+    assert snap.to_json()["proactive_reclaim"] == seen
+    assert make_registry(lambda: snap).get_sample_value("preloader_proactive_reclaim") == (
+        1 if seen else 0
+    )
+    line = "this machine's proactive reclaim drops idle page cache: DAMON kdamond 0, ..."
+    reclaiming = replace(snap, proactive_reclaim=line)
+    assert make_registry(lambda: reclaiming).get_sample_value("preloader_proactive_reclaim") == 1
+    assert reclaiming.to_json()["proactive_reclaim"] == line
 
 
 async def test_a_scrape_reads_memory_only(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
