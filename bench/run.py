@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from preloader import reclaim
+
 from . import e2e, measure, report
 from .scenarios import SCENARIOS, Prepared, Scenario, Sizes, fuse_available, prepare, s3fs_available
 from .tools import ONE_LINER, Tool, build_tools
@@ -277,6 +279,8 @@ def _machine(data_dir: Path, preloader_src: Path, env: dict[str, str]) -> dict[s
             (line.strip() for line in first_line_all(["vmtouch", "-h"]) if "vmtouch v" in line),
             "present",
         ),
+        # Left running: what it drops shows in the residency columns (README, Residency truth).
+        "proactive reclaim": "; ".join(s.describe() for s in reclaim.find_schemes()) or "none seen",
     }
 
 
