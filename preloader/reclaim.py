@@ -23,6 +23,7 @@ import functools
 import os
 from dataclasses import dataclass
 
+from .procfs import read_text
 from .units import format_bytes
 
 __all__ = ["ReclaimScheme", "describe", "find_schemes", "note"]
@@ -70,11 +71,9 @@ class ReclaimScheme:
 
 
 def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="ascii", errors="replace") as file:
-            return file.read().strip()
-    except OSError:  # root-only files, or no DAMON in this kernel
-        return None
+    """One sysfs value, ``None`` for root-only files or a kernel without DAMON."""
+    text = read_text(path)
+    return None if text is None else text.strip()
 
 
 def _number(path: str) -> int | None:
