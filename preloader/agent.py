@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import anyio
+import anyio.to_thread
 
 from . import reclaim
 from .agent_keepwarm import DEGRADE_AFTER as DEGRADE_AFTER
@@ -145,7 +146,8 @@ class Agent(FirstPass, KeepWarm):
             self._emit(EventKind.READY, detail=self._reason(()))
             self._changed()
             return
-        self._proactive_reclaim = reclaim.note()
+        # Small reads of /sys, on a worker thread as the memory budget's are.
+        self._proactive_reclaim = await anyio.to_thread.run_sync(reclaim.note)
         if self._proactive_reclaim is not None:
             self._emit(EventKind.PROACTIVE_RECLAIM, detail=self._proactive_reclaim)
         await self._plan_all()
