@@ -87,8 +87,15 @@ def _child_env(preloader_src: Path) -> dict[str, str]:
         if not key.startswith("PRELOADER_") and key != "MODEL_DIR"
     }
     env["PYTHONPATH"] = os.pathsep.join(
-        part for part in (str(preloader_src), os.environ.get("PYTHONPATH", "")) if part
+        part
+        for part in (str(preloader_src), str(REPO_ROOT), os.environ.get("PYTHONPATH", ""))
+        if part
     )
+    # `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH: run
+    # from a checkout, the children would import that checkout's preloader, whatever
+    # --preloader-src says (PYTHONSAFEPATH: Python 3.11 and later). The bench's own
+    # modules come from REPO_ROOT above.
+    env["PYTHONSAFEPATH"] = "1"
     return env
 
 
