@@ -235,6 +235,11 @@ class FileTable(Sequence["FileSpec"]):
         sizes = self._columns.sizes
         return iter(sizes) if self._order is None else map(sizes.__getitem__, self._order)
 
+    def devices(self) -> set[int]:
+        """The ``st_dev`` of every file, without making specs."""
+        devs = self._columns.devs
+        return set(devs) if self._order is None else set(map(devs.__getitem__, self._order))
+
     def paths(self) -> Iterator[str]:
         path = self._columns.path
         order = range(len(self._columns)) if self._order is None else self._order

@@ -16,11 +16,12 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Iterable
 
 from .planner import FileSpec
 from .procfs import mount_types
 
-__all__ = ["PREFETCH_FILESYSTEMS", "may_prefetch", "prefetch"]
+__all__ = ["PREFETCH_FILESYSTEMS", "all_local", "may_prefetch", "prefetch"]
 
 PREFETCH_FILESYSTEMS = frozenset(
     {"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "jfs", "reiserfs", "bcachefs", "nilfs2"}
@@ -38,11 +39,24 @@ def may_prefetch(spec: FileSpec, mountinfo: str = "/proc/self/mountinfo") -> boo
     is read again only for a device not seen before (a mount made since), at most once
     per device; a device it does not list is not prefetched.
     """
-    known = _by_device.get((mountinfo, spec.dev))
+    return _local(spec.dev, mountinfo)
+
+
+def all_local(devices: Iterable[int], mountinfo: str = "/proc/self/mountinfo") -> bool:
+    """Whether every one of ``devices`` is a :data:`PREFETCH_FILESYSTEMS` filesystem.
+
+    There an open or a ``cachestat`` needs no round trip to storage, so one thread can
+    measure file after file: more only contend for the interpreter.
+    """
+    return all(_local(dev, mountinfo) for dev in devices)
+
+
+def _local(dev: int, mountinfo: str) -> bool:
+    known = _by_device.get((mountinfo, dev))
     if known is None:
-        known = mount_types(mountinfo).get(spec.dev) in PREFETCH_FILESYSTEMS
+        known = mount_types(mountinfo).get(dev) in PREFETCH_FILESYSTEMS
         with _lock:
-            _by_device[(mountinfo, spec.dev)] = known
+            _by_device[(mountinfo, dev)] = known
     return known
 
 

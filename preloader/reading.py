@@ -48,6 +48,10 @@ _FALLBACK = {"sendfile": "read", "mmap": "read"}
 STOP_GRACE_SECONDS = 1.0
 _STOP_POLL_SECONDS = 0.05
 
+# What the ahead-open of a small file found (see _open_ahead).
+_PREFETCHED = "prefetched"
+_CACHED = "cached"
+
 
 class FileChangedError(OSError):
     """The planned file is no longer that file (replaced, or not a regular file)."""
@@ -255,20 +259,20 @@ def still_planned(spec: FileSpec) -> None:
 
 def _open_ahead(
     specs: Sequence[FileSpec], batch: Sequence[Chunk], stop: Callable[[], bool]
-) -> tuple[list[int | OSError | None], list[bool]]:
+) -> tuple[list[int | OSError | None], list[str | None]]:
     """Open and prefetch every file of ``batch`` that :func:`may_prefetch` allows.
 
-    A file whose pages are all cached already is opened but not prefetched (its read is
-    skipped as any cached chunk's).
+    A file whose pages are all cached already is opened but not prefetched, and its read
+    is skipped without asking again.
 
     :return: per file, its open descriptor, why it could not be opened, or ``None``
-        (not prefetched: opened when its turn comes); and per file whether it was
-        prefetched.
+        (not looked at: opened when its turn comes); and per file :data:`_PREFETCHED`,
+        :data:`_CACHED` or ``None``.
     """
     ahead: list[int | OSError | None] = [None] * len(batch)
-    fetched = [False] * len(batch)
+    looked: list[str | None] = [None] * len(batch)
     for position, chunk in enumerate(batch):
-        spec = specs[chunk.file_index]
+        spec = specs[position]
         if stop() or not may_prefetch(spec):
             continue
         try:
@@ -279,10 +283,12 @@ def _open_ahead(
             ahead[position] = err
             continue
         ahead[position] = fd
-        if not _all_cached(fd, chunk):
+        if _all_cached(fd, chunk):
+            looked[position] = _CACHED
+        else:
             prefetch(fd, chunk.offset, chunk.length)
-            fetched[position] = True
-    return ahead, fetched
+            looked[position] = _PREFETCHED
+    return ahead, looked
 
 
 async def slide_deadline(scope: anyio.CancelScope, handoff: Handoff, seconds: float) -> None:
@@ -311,27 +317,25 @@ def whole_files_in_thread(
     prefetched first, then read one by one; a file opened ahead is checked again after
     its read (:func:`still_planned`).
 
+    :param specs: the files of ``batch``, in its order (made once, on the event loop).
     :return: ``True`` once every file of the batch was handed back.
     """
     if len(batch) > 1:
-        ahead, fetched = _open_ahead(specs, batch, stop)
+        ahead, looked = _open_ahead(specs, batch, stop)
     else:
-        ahead, fetched = [None], [False]
+        ahead, looked = [None], [None]
     try:
         for position, chunk in enumerate(batch):
             outcome = Outcome(method=method)
             if not stop() and not handoff.abandoned:
-                spec = specs[chunk.file_index]
+                spec = specs[position]
                 opened, ahead[position] = ahead[position], None
                 try:
                     if isinstance(opened, OSError):
                         raise opened
                     fd = open_regular(spec) if opened is None else opened
                     try:
-                        read_with_fallback(
-                            fd, chunk, method, stop, outcome, skip_cached=not fetched[position]
-                        )
-                        outcome.resident_after_read = after_read(fd, spec.size)
+                        _read_whole(fd, spec, chunk, method, stop, outcome, looked[position])
                         if opened is not None:
                             still_planned(spec)
                     finally:
@@ -345,6 +349,28 @@ def whole_files_in_thread(
         for left in ahead:  # a stop or an abandoned hand-off leaves some unread
             if isinstance(left, int):
                 os.close(left)
+
+
+def _read_whole(
+    fd: int,
+    spec: FileSpec,
+    chunk: Chunk,
+    method: str,
+    stop: Callable[[], bool],
+    outcome: Outcome,
+    looked: str | None,
+) -> None:
+    """Read one whole small file and measure it, on what :func:`_open_ahead` found."""
+    if looked == _CACHED:
+        # Every page was cached at the ahead-open, the file still reaching the chunk's
+        # end: no read, and a chunk of the whole file is resident whole.
+        outcome.read_bytes = chunk.length
+        if chunk.offset == 0 and chunk.length >= spec.size:
+            outcome.resident_after_read = spec.size
+            return
+    else:
+        read_with_fallback(fd, chunk, method, stop, outcome, skip_cached=looked is None)
+    outcome.resident_after_read = after_read(fd, spec.size)
 
 
 async def cancel_after_stop(

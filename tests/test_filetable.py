@@ -40,6 +40,7 @@ def test_a_table_is_the_sequence_of_specs_it_was_made_of() -> None:
     assert list(table.paths()) == [s.path for s in SPECS]
     assert list(table.sizes()) == [10, 3000, 0] and table.total_bytes == 3010
     assert table.size(1) == 3000 and table.path(2) == "/m/sub/w-2.bin"
+    assert table.devices() == {1, 2} and table.select([0, 1]).devices() == {1}
     assert table != SPECS[:2] and table != SPECS[::-1]
     with pytest.raises(IndexError):
         table[3]

@@ -196,3 +196,109 @@ def test_the_rule_reads_the_mount_table(tmp_path: Path) -> None:
         for dev in [(254, 0), (0, 41), (0, 42), (8, 17), (0, 44), (7, 7)]
     ]
     assert allowed == [True, False, False, False, True, False]
+
+
+def _evict_last_page(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, SIZE - 4096, 4096, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+async def test_cached_small_files_are_not_read_again_and_count_resident(
+    shared_tmp: Path, willneed: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ahead-open's cachestat decides: a file cached whole is neither prefetched nor
+    # read, one that lost a single page is both.
+    tree = _small_tree(shared_tmp / "small")
+    _local_disk(tree)
+    plan = build_plan([str(tree)])
+    first = await warm_plan(plan, WarmOptions(verify=False))
+    assert all(f.error is None for f in first.files)
+    partly = [spec.path for spec in plan.files][::7]
+    for path in partly:
+        _evict_last_page(path)
+    assert fincore_resident_bytes(*partly) == len(partly) * (SIZE - 4096)
+    willneed.clear()
+    reads: list[str] = []
+    real_read = fileread.read_range
+
+    def counting_read(fd: int, offset: int, length: int, method: str, stop: Any) -> int:
+        reads.append(_path_of(fd))
+        return real_read(fd, offset, length, method, stop)
+
+    monkeypatch.setattr(fileread, "read_range", counting_read)
+    report = await warm_plan(plan)
+    assert sorted(reads) == sorted(willneed) == sorted(partly)
+    assert all(f.error is None and f.read_bytes == SIZE for f in report.files)
+    assert all(f.resident_after_read == SIZE for f in report.files)
+    assert report.resident_bytes == FILES * SIZE
+    assert vmtouch_resident(tree) == (FILES * SIZE // 4096, FILES * SIZE // 4096)
+
+
+async def test_prefetched_batches_are_read_one_at_a_time(
+    shared_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Many batches (4 files of 64 KiB each, cut by the chunk size) for 8 readers: on a
+    # local disk the prefetch queues each batch's reads, so one thread keeps the disk
+    # busy and more would only contend for the interpreter.
+    from preloader import engine
+
+    tree = _small_tree(shared_tmp / "small", count=160)
+    _local_disk(tree)
+    plan = build_plan([str(tree)])
+    lock = threading.Lock()
+    active = [0]
+    most = [0]
+    real = engine.whole_files_in_thread
+
+    def counted(*args: Any) -> bool:
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            return real(*args)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(engine, "whole_files_in_thread", counted)
+    report = await warm_plan(plan, WarmOptions(concurrency=8, chunk_size=4 * SIZE))
+    assert most[0] == 1
+    assert all(f.error is None for f in report.files)
+    assert report.resident_bytes == 160 * SIZE
+
+
+async def test_the_verification_measures_local_files_in_one_thread(
+    shared_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from preloader import verify
+
+    tree = _small_tree(shared_tmp / "small")
+    _local_disk(tree)
+    plan = build_plan([str(tree)])
+    threads: set[int] = set()
+    real = verify.residency_of
+
+    def recorded(spec: FileSpec, after_read: bool = False) -> Any:
+        threads.add(threading.get_ident())
+        return real(spec, after_read)
+
+    monkeypatch.setattr(verify, "residency_of", recorded)
+    report = await warm_plan(plan, WarmOptions(concurrency=8))
+    assert len(threads) == 1
+    assert report.resident_bytes == FILES * SIZE
+
+
+def test_all_local_reads_the_mount_table(tmp_path: Path) -> None:
+    table = tmp_path / "mountinfo"
+    table.write_text(
+        "22 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n"
+        "40 22 0:41 / /mnt/s3 rw - fuse.s3fs s3fs rw,user_id=0\n"
+        "43 22 0:44 / /mnt/xfs rw - xfs /dev/sdc rw\n"
+    )
+    local, s3, xfs = os.makedev(254, 0), os.makedev(0, 41), os.makedev(0, 44)
+    assert prefetch.all_local([local, xfs], str(table))
+    assert not prefetch.all_local([local, s3], str(table))
+    assert not prefetch.all_local([os.makedev(7, 7)], str(table))  # not in the table
