@@ -32,10 +32,16 @@ def optional(value: int) -> int | None:
     return None if value < 0 else value
 
 
-def _spec_type() -> type[FileSpec]:
-    from .planner import FileSpec  # the planner imports this module
+_spec_class: list[type[FileSpec]] = []
 
-    return FileSpec
+
+def _spec_type() -> type[FileSpec]:
+    """:class:`FileSpec`, imported on first use (the planner imports this module)."""
+    if not _spec_class:
+        from .planner import FileSpec
+
+        _spec_class.append(FileSpec)
+    return _spec_class[0]
 
 
 class FileColumns:
@@ -132,7 +138,17 @@ class FileColumns:
         return self.rels[self.dir_of[index]] + self.name(index)
 
     def spec(self, index: int) -> FileSpec:
-        return next(self.specs((index,)))
+        # specs() for one file, without a generator: the engine makes one per file read.
+        start = self.name_ends[index - 1] if index else 0
+        return _spec_type()(
+            self.prefixes[self.dir_of[index]]
+            + self.names[start : self.name_ends[index]].decode(_ENCODING, _ERRORS),
+            self.sizes[index],
+            self.devs[index],
+            self.inos[index],
+            self.metadata[index] == 1,
+            optional(self.allocated[index]),
+        )
 
     def specs(self, indices: Iterable[int]) -> Iterator[FileSpec]:
         """The files at ``indices``, each a fresh :class:`FileSpec`."""
@@ -202,9 +218,12 @@ class FileTable(Sequence["FileSpec"]):
     def __getitem__(self, index: int | slice) -> FileSpec | FileTable:
         if isinstance(index, slice):
             return self.select(range(len(self))[index])
-        if not -len(self) <= index < len(self):
+        count = len(self)
+        if not -count <= index < count:
             raise IndexError("file index out of range")
-        return self._columns.spec(self._at(index % len(self)))
+        if index < 0:
+            index += count
+        return self._columns.spec(index if self._order is None else self._order[index])
 
     def __iter__(self) -> Iterator[FileSpec]:
         order = range(len(self._columns)) if self._order is None else self._order
