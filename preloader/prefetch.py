@@ -18,10 +18,11 @@ import os
 import threading
 from collections.abc import Iterable
 
+from .filetable import FileTable
 from .planner import FileSpec
 from .procfs import mount_types
 
-__all__ = ["PREFETCH_FILESYSTEMS", "all_local", "may_prefetch", "prefetch"]
+__all__ = ["PREFETCH_FILESYSTEMS", "all_local", "may_prefetch", "measuring_threads", "prefetch"]
 
 PREFETCH_FILESYSTEMS = frozenset(
     {"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "jfs", "reiserfs", "bcachefs", "nilfs2"}
@@ -43,12 +44,20 @@ def may_prefetch(spec: FileSpec, mountinfo: str = "/proc/self/mountinfo") -> boo
 
 
 def all_local(devices: Iterable[int], mountinfo: str = "/proc/self/mountinfo") -> bool:
-    """Whether every one of ``devices`` is a :data:`PREFETCH_FILESYSTEMS` filesystem.
-
-    There an open or a ``cachestat`` needs no round trip to storage, so one thread can
-    measure file after file: more only contend for the interpreter.
-    """
+    """Whether every one of ``devices`` is a :data:`PREFETCH_FILESYSTEMS` filesystem."""
     return all(_local(dev, mountinfo) for dev in devices)
+
+
+def measuring_threads(files: FileTable, elsewhere: int) -> int:
+    """Threads to measure ``files`` with (open, ``cachestat``, close, file after file).
+
+    One where every file is on a local disk (:func:`all_local`): there an open needs no
+    round trip to storage, and more threads only contend for the interpreter (the
+    verification of 20,000 cached files took 1.0 s with 16 threads and 0.45 s with
+    one). Elsewhere ``elsewhere``: an open on a network filesystem is a round trip (a
+    HEAD request on s3fs), which threads side by side hide.
+    """
+    return 1 if all_local(files.devices()) else max(1, elsewhere)
 
 
 def _local(dev: int, mountinfo: str) -> bool:

@@ -20,7 +20,7 @@ import anyio.to_thread
 
 from . import pagecache, reclaim
 from .planner import FileSpec, Plan
-from .prefetch import all_local
+from .prefetch import measuring_threads
 from .reading import (
     Handoff,
     cancel_after_stop,
@@ -52,9 +52,8 @@ _R = TypeVar("_R")
 
 # Fewest threads measuring residency side by side after a read pass: verifying is an
 # open, a cachestat and a close per file, bound by the open's round trip on network
-# filesystems (a HEAD request on s3fs), not by bandwidth. On local disks alone an open
-# needs no round trip and one thread measures file after file: 16 only contend for the
-# interpreter (20,000 cached 64 KiB files: 1.0 s with 16 threads, 0.45 s with one).
+# filesystems (a HEAD request on s3fs), not by bandwidth (on local disks alone, one:
+# see measuring_threads).
 _VERIFY_WORKERS = 16
 
 # A file counts as resident when at least this share of it is; the last page and races
@@ -288,7 +287,8 @@ async def measure_residency(plan: Plan, concurrency: int = 4) -> ResidencyReport
 
     :return: per-file and total residency; unknown entries carry their reason.
     """
-    return await _residency_report(residency_of, plan, concurrency)
+    threads = measuring_threads(plan.files, concurrency)  # one on local disks
+    return await _residency_report(residency_of, plan, threads)
 
 
 async def _residency_report(
@@ -343,11 +343,11 @@ async def verify_pass(
     """Re-open every file of a finished read pass and measure what stayed resident.
 
     :param concurrency: the pass's readers; at least 16 threads measure side by side,
-        one where every file is on a local disk (:func:`~preloader.prefetch.all_local`).
+        one where every file is on a local disk (:func:`~preloader.prefetch.measuring_threads`).
     :param timeout: the per-read timeout, applied to each open and measurement.
     """
     files = ledger.files
-    workers = 1 if all_local(files.devices()) else max(_VERIFY_WORKERS, concurrency)
+    workers = measuring_threads(files, max(_VERIFY_WORKERS, concurrency))
     # A file whose read stalled is not opened again: on a filesystem that invalidates the
     # cache at open, that open waits for the stuck read's locked page, for ever.
     healthy: Sequence[int] = range(len(files))

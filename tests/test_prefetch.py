@@ -270,7 +270,7 @@ async def test_prefetched_batches_are_read_one_at_a_time(
     assert report.resident_bytes == 160 * SIZE
 
 
-async def test_the_verification_measures_local_files_in_one_thread(
+async def test_verification_and_status_measure_local_files_in_one_thread(
     shared_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from preloader import verify
@@ -289,6 +289,10 @@ async def test_the_verification_measures_local_files_in_one_thread(
     report = await warm_plan(plan, WarmOptions(concurrency=8))
     assert len(threads) == 1
     assert report.resident_bytes == FILES * SIZE
+    threads.clear()  # `status` measures the same way
+    status = await verify.measure_residency(plan, concurrency=8)
+    assert len(threads) == 1
+    assert status.resident_bytes == FILES * SIZE
 
 
 def test_all_local_reads_the_mount_table(tmp_path: Path) -> None:
