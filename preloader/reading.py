@@ -361,9 +361,10 @@ def _read_whole(
     looked: str | None,
 ) -> None:
     """Read one whole small file and measure it, on what :func:`_open_ahead` found."""
-    if looked == _CACHED:
-        # Every page was cached at the ahead-open, the file still reaching the chunk's
-        # end: no read, and a chunk of the whole file is resident whole.
+    if looked == _CACHED and os.fstat(fd).st_size >= chunk.offset + chunk.length:
+        # Every page was cached at the ahead-open, and the file still reaches the chunk's
+        # end (one that shrank since is read, and the read says so): no read, and a chunk
+        # of the whole file is resident whole.
         outcome.read_bytes = chunk.length
         if chunk.offset == 0 and chunk.length >= spec.size:
             outcome.resident_after_read = spec.size
