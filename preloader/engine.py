@@ -27,7 +27,7 @@ from .keepwarm import ChunkResidency as ChunkResidency
 from .keepwarm import measure_chunks as measure_chunks
 from .ledger import Ledger, assemble
 from .planner import Chunk, Plan
-from .prefetch import may_prefetch
+from .prefetch import all_local, may_prefetch
 from .reading import STOP_GRACE_SECONDS as STOP_GRACE_SECONDS
 from .reading import (
     FileState,
@@ -82,6 +82,13 @@ _AUTO_MAX = 64
 _AUTO_MIN_GAIN = 1.10
 _AUTO_WINDOW_SECONDS = 0.5
 _PREFETCHED_THREADS = 1
+# Whole small files per batch. On local disks alone more: a batch's prefetch queues its
+# reads, and the disk idles between one batch and the next (20,000 x 64 KiB, every cache
+# dropped, read and verified in-process, 5 alternated runs: 64 files 2.32 s median, 256
+# files 1.95 s). Elsewhere each open is a round trip, and small batches spread a short
+# list of files over every worker.
+_BATCH_FILES = 64
+_LOCAL_BATCH_FILES = 256
 
 
 def _cpu_seconds() -> float:
@@ -115,6 +122,7 @@ class _Engine:
             self.chunk_size,
             split_rule(options.split),
             chunks=chunks,
+            max_files=_LOCAL_BATCH_FILES if all_local(plan.files.devices()) else _BATCH_FILES,
             solo=solo_rule(options.split),
         )
         self.every_chunk = chunks is None

@@ -306,3 +306,26 @@ def test_all_local_reads_the_mount_table(tmp_path: Path) -> None:
     assert prefetch.all_local([local, xfs], str(table))
     assert not prefetch.all_local([local, s3], str(table))
     assert not prefetch.all_local([os.makedev(7, 7)], str(table))  # not in the table
+
+
+async def test_plans_on_local_disks_alone_take_bigger_batches(
+    shared_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from preloader import engine
+
+    tree = shared_tmp / "tiny"
+    tree.mkdir()
+    for index in range(300):
+        (tree / f"t-{index:03d}.bin").write_bytes(b"x" * 4096)
+    _local_disk(tree)
+    sizes: list[int] = []
+    real = engine.whole_files_in_thread
+
+    def recorded(specs: Any, batch: Any, *args: Any) -> bool:
+        sizes.append(len(batch))
+        return bool(real(specs, batch, *args))
+
+    monkeypatch.setattr(engine, "whole_files_in_thread", recorded)
+    report = await warm_plan(build_plan([str(tree)]), WarmOptions(concurrency=1))
+    assert sizes == [256, 44]
+    assert report.resident_bytes == 300 * 4096
