@@ -13,7 +13,7 @@ import pytest
 
 from preloader import fileread, prefetch
 from preloader.engine import EngineEvent, WarmOptions, rewarm_chunks, warm_plan
-from preloader.planner import FileSpec, build_plan, iter_chunks
+from preloader.planner import FileSpec, Plan, build_plan, iter_chunks
 
 from .conftest import evict_tree, fincore_resident_bytes, needs_fuse, vmtouch_resident
 from .fusefs import FuseMount
@@ -57,6 +57,20 @@ def willneed(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     yield asked
 
 
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The paths preloader read (``fileread.read_range``), in order."""
+    done: list[str] = []
+    real = fileread.read_range
+
+    def counting(fd: int, offset: int, length: int, method: str, stop: Any) -> int:
+        done.append(_path_of(fd))
+        return real(fd, offset, length, method, stop)
+
+    monkeypatch.setattr(fileread, "read_range", counting)
+    yield done
+
+
 def _replace_at_its_prefetch(
     monkeypatch: pytest.MonkeyPatch, victim: str, scratch: Path
 ) -> list[str]:
@@ -83,20 +97,17 @@ def _local_disk(path: Path) -> None:
         pytest.skip(f"{path} is not on a local block filesystem here")
 
 
-async def test_small_files_on_local_disk_are_prefetched_read_and_resident(
-    shared_tmp: Path, willneed: list[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    tree = _small_tree(shared_tmp / "small")
+def _local_plan(root: Path, count: int = FILES) -> tuple[Path, Plan]:
+    """A fresh evicted tree of small files and its plan; skipped off a local disk."""
+    tree = _small_tree(root, count)
     _local_disk(tree)
-    plan = build_plan([str(tree)])
-    reads: list[str] = []
-    real_read = fileread.read_range
+    return tree, build_plan([str(tree)])
 
-    def counting_read(fd: int, offset: int, length: int, method: str, stop: Any) -> int:
-        reads.append(_path_of(fd))
-        return real_read(fd, offset, length, method, stop)
 
-    monkeypatch.setattr(fileread, "read_range", counting_read)
+async def test_small_files_on_local_disk_are_prefetched_read_and_resident(
+    shared_tmp: Path, willneed: list[str], reads: list[str]
+) -> None:
+    tree, plan = _local_plan(shared_tmp / "small")
     report = await warm_plan(plan)
     assert sorted(willneed) == sorted(spec.path for spec in plan.files)
     # Read after the prefetch, never skipped: cachestat counts pages still in flight.
@@ -111,9 +122,7 @@ async def test_small_files_on_local_disk_are_prefetched_read_and_resident(
 async def test_a_file_replaced_after_its_ahead_open_is_changed_never_warm(
     shared_tmp: Path, monkeypatch: pytest.MonkeyPatch, verify: bool
 ) -> None:
-    tree = _small_tree(shared_tmp / "small")
-    _local_disk(tree)
-    plan = build_plan([str(tree)])
+    _tree, plan = _local_plan(shared_tmp / "small")
     victim = plan.files[FILES // 2].path
     replaced = _replace_at_its_prefetch(monkeypatch, victim, shared_tmp)
     events: list[EngineEvent] = []
@@ -129,9 +138,7 @@ async def test_a_file_replaced_after_its_ahead_open_is_changed_never_warm(
 async def test_rewarm_reports_a_replaced_file_too(
     shared_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tree = _small_tree(shared_tmp / "small")
-    _local_disk(tree)
-    plan = build_plan([str(tree)])
+    _tree, plan = _local_plan(shared_tmp / "small")
     victim = plan.files[3].path
     replaced = _replace_at_its_prefetch(monkeypatch, victim, shared_tmp)
     chunks = [c for c in iter_chunks(plan.files, 64 << 20) if c.length]
@@ -144,9 +151,7 @@ async def test_rewarm_reports_a_replaced_file_too(
 async def test_a_stopped_pass_leaves_no_descriptor_opened_ahead(
     shared_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tree = _small_tree(shared_tmp / "small")
-    _local_disk(tree)
-    plan = build_plan([str(tree)])
+    tree, plan = _local_plan(shared_tmp / "small")
     stop = threading.Event()
     real = os.posix_fadvise
 
@@ -207,13 +212,11 @@ def _evict_last_page(path: str) -> None:
 
 
 async def test_cached_small_files_are_not_read_again_and_count_resident(
-    shared_tmp: Path, willneed: list[str], monkeypatch: pytest.MonkeyPatch
+    shared_tmp: Path, willneed: list[str], reads: list[str]
 ) -> None:
     # The ahead-open's cachestat decides: a file cached whole is neither prefetched nor
     # read, one that lost a single page is both.
-    tree = _small_tree(shared_tmp / "small")
-    _local_disk(tree)
-    plan = build_plan([str(tree)])
+    tree, plan = _local_plan(shared_tmp / "small")
     first = await warm_plan(plan, WarmOptions(verify=False))
     assert all(f.error is None for f in first.files)
     partly = [spec.path for spec in plan.files][::7]
@@ -221,14 +224,7 @@ async def test_cached_small_files_are_not_read_again_and_count_resident(
         _evict_last_page(path)
     assert fincore_resident_bytes(*partly) == len(partly) * (SIZE - 4096)
     willneed.clear()
-    reads: list[str] = []
-    real_read = fileread.read_range
-
-    def counting_read(fd: int, offset: int, length: int, method: str, stop: Any) -> int:
-        reads.append(_path_of(fd))
-        return real_read(fd, offset, length, method, stop)
-
-    monkeypatch.setattr(fileread, "read_range", counting_read)
+    reads.clear()
     report = await warm_plan(plan)
     assert sorted(reads) == sorted(willneed) == sorted(partly)
     assert all(f.error is None and f.read_bytes == SIZE for f in report.files)
@@ -245,9 +241,7 @@ async def test_prefetched_batches_are_read_one_at_a_time(
     # busy and more would only contend for the interpreter.
     from preloader import engine
 
-    tree = _small_tree(shared_tmp / "small", count=160)
-    _local_disk(tree)
-    plan = build_plan([str(tree)])
+    _tree, plan = _local_plan(shared_tmp / "small", count=160)
     lock = threading.Lock()
     active = [0]
     most = [0]
@@ -275,9 +269,7 @@ async def test_verification_and_status_measure_local_files_in_one_thread(
 ) -> None:
     from preloader import verify
 
-    tree = _small_tree(shared_tmp / "small")
-    _local_disk(tree)
-    plan = build_plan([str(tree)])
+    _tree, plan = _local_plan(shared_tmp / "small")
     threads: set[int] = set()
     real = verify.residency_of
 
