@@ -121,7 +121,10 @@ async def test_the_recheck_names_and_the_rewarm_reads_exactly_the_evicted_chunks
     assert measured[index[big]].resident_bytes == 5 * MiB + MiB // 2 - MiB - MiB // 2
 
     read = await bytes_read_by(rewarm_chunks(plan, lost, WarmOptions(chunk_size=CHUNK)))
-    assert read == 3 * SMALL + MiB + MiB // 2
+    # Nothing resident is read. The kernel's readahead of chunk 2 (read_ahead_kb is 8 MiB
+    # on the bench VM) may bring the tail back before its own read asks: then it is
+    # cached, and skipped.
+    assert 3 * SMALL + MiB <= read <= 3 * SMALL + MiB + MiB // 2
     assert vmtouch_resident(tree)[0] == vmtouch_resident(tree)[1]
     after = await measure_chunks(plan, CHUNK)
     assert all(item.lost == () for item in after)
