@@ -81,7 +81,7 @@ _AUTO_START = 4
 _AUTO_MAX = 64
 _AUTO_MIN_GAIN = 1.10
 _AUTO_WINDOW_SECONDS = 0.5
-_PREFETCHED_THREADS = 1
+_PREFETCHED_THREADS = 1  # threads reading prefetched batches at once (see _Engine)
 # Whole small files per batch. On local disks alone more: a batch's prefetch queues its
 # reads, and the disk idles between one batch and the next (20,000 x 64 KiB, every cache
 # dropped, read and verified in-process, 5 alternated runs: 64 files 2.32 s median, 256
