@@ -30,7 +30,6 @@ __all__ = [
     "after_read",
     "cancel_after_stop",
     "describe",
-    "open_planned",
     "open_regular",
     "read_with_fallback",
     "record_failure",
@@ -67,11 +66,6 @@ def open_regular(spec: FileSpec, blocking: bool = True) -> int:
     :param blocking: clear ``O_NONBLOCK`` once it is known to be the planned file (for
         reading); ``False`` leaves it set, for a descriptor only measured.
     """
-    return open_planned(spec, blocking)[0]
-
-
-def open_planned(spec: FileSpec, blocking: bool = True) -> tuple[int, os.stat_result]:
-    """:func:`open_regular`, and the ``fstat`` it checked the file with."""
     fd = os.open(spec.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     try:
         st = os.fstat(fd)
@@ -84,7 +78,7 @@ def open_planned(spec: FileSpec, blocking: bool = True) -> tuple[int, os.stat_re
     except BaseException:
         os.close(fd)
         raise
-    return fd, st
+    return fd
 
 
 def describe(err: OSError) -> str:

@@ -25,7 +25,6 @@ from .reading import (
     Handoff,
     cancel_after_stop,
     describe,
-    open_planned,
     open_regular,
     slide_deadline,
 )
@@ -113,30 +112,14 @@ def residency_of(spec: FileSpec, after_read: bool = False) -> FileResidency:
     where a file deleted, replaced or shrunk since is a change (``changed``), not an
     unknown residency."""
     try:
-        fd, st = open_planned(spec, blocking=False)  # measured, never read
+        fd = open_regular(spec, blocking=False)  # measured, never read
     except OSError as err:
         if after_read and err.errno in _CHANGED:
             # Its planned bytes are in no file a loader can open: none of them count.
             cause = f"{_CHANGED[err.errno]} ({describe(err)})"
             return FileResidency(spec.path, spec.size, 0, cause, changed=True)
         return FileResidency(spec.path, spec.size, None, f"cannot open: {describe(err)}")
-    if st.st_size == spec.size and _cached_whole(fd, spec.size):
-        # The common case, in one cachestat: the planned size, every page cached.
-        os.close(fd)
-        return FileResidency(spec.path, spec.size, spec.size)
     return _on_open_file(spec, fd, "measure", lambda: _measure_open(spec, fd, after_read))
-
-
-def _cached_whole(fd: int, size: int) -> bool:
-    """Whether cachestat counts every page of ``[0, size)``; ``False`` when it cannot tell
-    (no cachestat, refused, an error: the full measurement then says why)."""
-    if size <= 0:
-        return False
-    try:
-        pages = pagecache.cachestat_pages(fd, 0, size)
-    except (pagecache.ResidencyUnknownError, OSError):
-        return False
-    return pages is not None and pages >= -(-size // pagecache.PAGE_SIZE)
 
 
 def _measure_open(spec: FileSpec, fd: int, after_read: bool) -> FileResidency:
