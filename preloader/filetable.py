@@ -11,6 +11,7 @@ columns (:meth:`FileTable.size`, :meth:`FileTable.path`, :meth:`FileTable.sizes`
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from array import array
@@ -32,16 +33,12 @@ def optional(value: int) -> int | None:
     return None if value < 0 else value
 
 
-_spec_class: list[type[FileSpec]] = []
-
-
+@functools.cache
 def _spec_type() -> type[FileSpec]:
-    """:class:`FileSpec`, imported on first use (the planner imports this module)."""
-    if not _spec_class:
-        from .planner import FileSpec
+    """:class:`FileSpec`, imported once, on first use (the planner imports this module)."""
+    from .planner import FileSpec
 
-        _spec_class.append(FileSpec)
-    return _spec_class[0]
+    return FileSpec
 
 
 class FileColumns:
