@@ -15,7 +15,7 @@ import functools
 import os
 import sys
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, overload
 
 if TYPE_CHECKING:
@@ -188,12 +188,13 @@ class FileTable(Sequence["FileSpec"]):
     sequence of specs) are equal when they hold equal specs in the same order.
     """
 
-    __slots__ = ("_columns", "_order")
+    __slots__ = ("_columns", "_order", "_total")
 
     def __init__(self, columns: FileColumns, order: Sequence[int] | None = None) -> None:
         self._columns = columns
         # None: every file of the columns, in column order.
         self._order = order
+        self._total: int | None = None  # total_bytes, once asked
 
     @classmethod
     def of(cls, specs: Iterable[FileSpec]) -> FileTable:
@@ -243,6 +244,19 @@ class FileTable(Sequence["FileSpec"]):
     def size(self, index: int) -> int:
         return self._columns.sizes[self._at(index)]
 
+    def sizer(self) -> Callable[[int], int]:
+        """``size`` as one call per file: for loops that ask every file's size."""
+        sizes, order = self._columns.sizes, self._order
+        if order is None:
+            return sizes.__getitem__
+        return lambda index: sizes[order[index]]
+
+    def identity(self, index: int) -> tuple[str, int, int, int]:
+        """``(path, size, dev, ino)`` of the file at ``index``, without making a spec."""
+        columns = self._columns
+        at = self._at(index)
+        return columns.path(at), columns.sizes[at], columns.devs[at], columns.inos[at]
+
     def path(self, index: int) -> str:
         return self._columns.path(self._at(index))
 
@@ -263,4 +277,7 @@ class FileTable(Sequence["FileSpec"]):
 
     @property
     def total_bytes(self) -> int:
-        return sum(self.sizes())
+        # The columns do not change once a table holds them (the walk is over).
+        if self._total is None:
+            self._total = sum(self.sizes())
+        return self._total

@@ -248,14 +248,12 @@ def natural_key(text: str) -> str:
     NUL (never in a path; a shorter run sorts first) and each number is its length then
     its digits (no leading zeros; a longer number is larger).
     """
-    out = []
-    for position, part in enumerate(_DIGITS.split(text)):
-        if position % 2:
-            digits = str(int(part))
-            out.append(chr(1 + len(digits)) + digits)
-        else:
-            out.append(part + "\0")
-    return "".join(out)
+    parts = _DIGITS.split(text)
+    for position in range(1, len(parts), 2):
+        digits = str(int(parts[position]))
+        # The NUL ends the text run before the number; the last run's is added below.
+        parts[position] = "\0" + chr(1 + len(digits)) + digits
+    return "".join(parts) + "\0"
 
 
 _DIGITS = re.compile(r"(\d+)")

@@ -118,6 +118,11 @@ class ResidencyColumns:
         if measured.changed:
             self._changed.add(index)
 
+    def put_resident(self, index: int, resident: int) -> None:
+        """:meth:`put` of a file measured with nothing to say: ``resident`` bytes."""
+        self._resident[index] = resident
+        self._reasons.pop(index, None)
+
     def resident_bytes(self, index: int) -> int | None:
         return optional(self._resident[index])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 from array import array
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ from .reading import (
 from .reports import FileResidency, Residencies, ResidencyColumns, ResidencyReport
 
 if TYPE_CHECKING:
+    from .filetable import FileTable
     from .ledger import Ledger
 
 __all__ = [
@@ -120,6 +122,50 @@ def residency_of(spec: FileSpec, after_read: bool = False) -> FileResidency:
             return FileResidency(spec.path, spec.size, 0, cause, changed=True)
         return FileResidency(spec.path, spec.size, None, f"cannot open: {describe(err)}")
     return _on_open_file(spec, fd, "measure", lambda: _measure_open(spec, fd, after_read))
+
+
+# How the verification opens a file it only measures (see open_regular).
+_MEASURE_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+
+
+def _after_read_measurer(files: FileTable) -> Callable[[int], int | FileResidency]:
+    """``residency_of(files[index], after_read=True)``, with the common case made short.
+
+    A file that is still the planned one (its device, inode and size) and cached whole
+    costs an open, an ``fstat``, a ``cachestat`` and a close, and gives its size: no
+    :class:`FileSpec`, no :class:`FileResidency` (verifying 20,000 cached files took
+    0.36-0.44 s through :func:`residency_of` alone, 0.21-0.24 s so). Any other file
+    takes :func:`residency_of`'s way, which names what is wrong with it. Without
+    cachestat every file does.
+    """
+    if pagecache.whole_file_counter() is None:
+        return lambda index: residency_of(files[index], after_read=True)
+    cached_pages = pagecache.cached_pages  # per-thread buffers: any worker may call it
+    page = pagecache.PAGE_SIZE
+
+    def measure(index: int) -> int | FileResidency:
+        path, size, dev, ino = files.identity(index)
+        try:
+            fd = os.open(path, _MEASURE_FLAGS)
+        except OSError:
+            return residency_of(files[index], after_read=True)
+        try:
+            st = os.fstat(fd)
+            if (
+                st.st_ino == ino
+                and st.st_dev == dev
+                and st.st_size == size
+                and stat.S_ISREG(st.st_mode)
+                and cached_pages(fd, 0, size) >= -(-size // page)
+            ):
+                return size
+        except OSError:
+            pass  # measured again below, where the error is named
+        finally:
+            os.close(fd)
+        return residency_of(files[index], after_read=True)
+
+    return measure
 
 
 def _measure_open(spec: FileSpec, fd: int, after_read: bool) -> FileResidency:
@@ -354,11 +400,18 @@ async def verify_pass(
     if ledger.stalled:
         healthy = array("i", (i for i in healthy if i not in ledger.stalled))
     residency = ResidencyColumns(len(files))
+
+    def put(position: int, result: int | FileResidency) -> None:
+        if isinstance(result, int):
+            residency.put_resident(healthy[position], result)
+        else:
+            residency.put(healthy[position], result)
+
     await map_files_into(
-        lambda index: residency_of(files[index], after_read=True),
+        _after_read_measurer(files),
         healthy,
         workers,
-        lambda position, result: residency.put(healthy[position], result),
+        put,
         lambda index, why: unknown_residency(files[index], why),
         timeout=timeout,
         stop=stop,
@@ -368,9 +421,9 @@ async def verify_pass(
     suspects = [
         index
         for index in healthy
-        if index not in ledger.errors
+        if residency.resident_bytes(index) == 0
+        and index not in ledger.errors
         and ledger.resident_after_read(index)
-        and residency.resident_bytes(index) == 0
         and not residency.changed(index)
     ]
     probed = await map_files(

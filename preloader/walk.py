@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import operator
 import os
 import stat
 from array import array
@@ -276,7 +277,7 @@ class _Walk:
         while stack:
             directory, rel, folder = stack.pop()
             try:
-                entries = sorted(os.scandir(directory), key=lambda e: e.name)
+                entries = sorted(os.scandir(directory), key=_NAME)
             except OSError as err:
                 self.skipped.append(Skipped(directory, f"cannot list: {err.strerror}", error=True))
                 continue
@@ -363,6 +364,7 @@ class _Walk:
 
 
 _SAME_FILE = "same file already planned (link or bind mount)"
+_NAME = operator.attrgetter("name")
 
 
 def _prefix(directory: str) -> str:

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from preloader import fileread, reading, schedule
 from preloader.engine import WarmOptions, rewarm_chunks, warm_plan
+from preloader.filetable import FileTable
 from preloader.planner import Chunk, FileSpec, build_plan, iter_chunks
 from preloader.schedule import Schedule, Stream, filesystem_type, solo_rule, split_rule
 
@@ -128,18 +129,29 @@ def test_one_worker_reads_every_chunk_in_plan_order_and_batches_only_whole_small
     sizes: list[int], chunk_size: int, max_files: int
 ) -> None:
     files = tuple(FileSpec(f"f{i}", size, 1, i) for i, size in enumerate(sizes))
-    plan = Schedule(files, chunk_size, max_files=max_files)
-    batches = []
-    stream = None
-    while (got := plan.take(stream)) is not None:
-        batch, stream = got
-        batches.append(batch)
+    batches = _batches(Schedule(files, chunk_size, max_files=max_files))
     assert [chunk for batch in batches for chunk in batch] == list(iter_chunks(files, chunk_size))
+    # The plan as columns, and every chunk given as a selection (the long way of batching
+    # whole files), make the same batches.
+    table = FileTable.of(files)
+    assert _batches(Schedule(table, chunk_size, max_files=max_files)) == batches
+    every = list(iter_chunks(files, chunk_size))
+    assert _batches(Schedule(table, chunk_size, chunks=every, max_files=max_files)) == batches
     for batch in batches:
         assert 1 <= len(batch) <= max_files
         if len(batch) > 1:
             assert all(files[c.file_index].size <= chunk_size for c in batch)
             assert sum(c.length for c in batch) <= chunk_size
+
+
+def _batches(plan: Schedule) -> list[tuple[Chunk, ...]]:
+    """What one worker takes, batch by batch, until nothing is left."""
+    batches = []
+    stream = None
+    while (got := plan.take(stream)) is not None:
+        batch, stream = got
+        batches.append(tuple(batch))
+    return batches
 
 
 def test_a_selection_reads_only_the_chunks_given() -> None:

@@ -7,19 +7,22 @@ finish together, and on a real FUSE mount where one file's reopen never returns.
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
 import anyio.to_thread
 import pytest
 
+from preloader import pagecache, verify
 from preloader.engine import WarmOptions, WarmReport, warm_plan
 from preloader.planner import build_plan
+from preloader.reports import FileResidency
 from preloader.verify import map_files
 
-from .conftest import needs_fuse
+from .conftest import fincore_resident_bytes, needs_fuse
 from .fusefs import FuseMount
 
 MiB = 1024 * 1024
@@ -123,3 +126,63 @@ async def test_a_reopen_that_hangs_does_not_hold_up_measuring_the_other_files(
     assert by_name["b.bin"].residency.resident_bytes == MiB
     assert by_name["a.bin"].residency.resident_bytes is None
     assert report.interrupted
+
+
+@pytest.fixture(params=[False, True], ids=["cachestat", "mincore"])
+def kernel_api(request: pytest.FixtureRequest) -> Iterator[bool]:
+    pagecache.force_mincore(request.param)
+    try:
+        yield request.param
+    finally:
+        pagecache.force_mincore(False)
+
+
+def test_the_short_way_of_the_verification_measures_what_residency_of_does(
+    shared_tmp: Path, kernel_api: bool
+) -> None:
+    """Every kind of file the verification meets, after the read pass: the measurer's
+    answer is :func:`residency_of`'s, and only a wholly cached, unchanged file (or an
+    empty one) takes the short way, where there is cachestat."""
+    model = shared_tmp / "model"
+    model.mkdir()
+    sizes = {"whole": 3 * MiB + 5, "empty": 0, "half": 2 * MiB, "grown": MiB, "shrunk": MiB}
+    sizes |= {"replaced": MiB, "deleted": MiB, "evicted": 100_000}
+    for name, size in sizes.items():
+        (model / name).write_bytes(os.urandom(size))
+    os.sync()  # dirty pages cannot be evicted
+    plan = build_plan([str(model)])
+    for spec in plan.files:
+        (Path(spec.path)).read_bytes()  # the read pass: every page cached
+    fd = os.open(model / "half", os.O_RDONLY)  # its first half cached, no readahead
+    pagecache.evict(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    os.pread(fd, MiB, 0)
+    os.close(fd)
+    fd = os.open(model / "evicted", os.O_RDONLY)
+    pagecache.evict(fd)
+    os.close(fd)
+    with open(model / "grown", "ab") as grown:
+        grown.write(b"g" * 4096)
+    os.truncate(model / "shrunk", 4096)
+    (model / "new").write_bytes(b"n" * MiB)
+    (model / "new").replace(model / "replaced")
+    (model / "deleted").unlink()
+
+    measure = verify._after_read_measurer(plan.files)
+    short = set()
+    for index, spec in enumerate(plan.files):
+        got = measure(index)
+        full = verify.residency_of(spec, after_read=True)
+        if isinstance(got, int):
+            short.add(Path(spec.path).name)
+            got = FileResidency(spec.path, spec.size, got)
+        assert got == full, spec.path
+    assert short == (set() if kernel_api else {"whole", "empty"})
+    # The outside witness for the two measured the long way.
+    by_name = {Path(s.path).name: i for i, s in enumerate(plan.files)}
+    half = measure(by_name["half"])
+    assert isinstance(half, FileResidency) and half.resident_bytes is not None
+    assert MiB <= half.resident_bytes < 2 * MiB
+    assert fincore_resident_bytes(model / "half") == half.resident_bytes
+    evicted = measure(by_name["evicted"])
+    assert isinstance(evicted, FileResidency) and evicted.resident_bytes == 0
