@@ -15,7 +15,9 @@ import anyio
 import anyio.to_thread
 
 from . import pagecache
+from .filetable import FileTable
 from .planner import Chunk, FileSpec, Plan, iter_chunks
+from .prefetch import measuring_threads
 from .reading import describe, open_regular
 from .settings import WarmOptions
 
@@ -137,9 +139,7 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 _FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-def _measure_run(
-    files: Sequence[FileSpec], first: int, end: int, chunk_size: int
-) -> list[ChunkResidency]:
+def _measure_run(files: FileTable, first: int, end: int, chunk_size: int) -> list[ChunkResidency]:
     """Measure ``files[first:end]`` in this thread.
 
     A file is opened relative to its folder (``openat``; the folder is opened once per run
@@ -157,8 +157,9 @@ def _measure_run(
     folder, folder_fd = "", -1
     try:
         for index in range(first, end):
-            spec = files[index]
-            parent, _, name = spec.path.rpartition("/")
+            # No FileSpec for a file that turns out cached whole (the common case).
+            path, size, dev, ino = files.identity(index)
+            parent, _, name = path.rpartition("/")
             if parent != folder or folder_fd < 0:
                 if folder_fd >= 0:
                     os.close(folder_fd)
@@ -167,23 +168,23 @@ def _measure_run(
                 with contextlib.suppress(OSError):
                     folder_fd = os.open(parent or "/", _FOLDER_FLAGS)
             if folder_fd < 0:
-                append(_measure_file(index, spec, chunk_size))
+                append(_measure_file(index, files[index], chunk_size))
                 continue
             try:
                 fd = os.open(name, _OPEN_FLAGS, dir_fd=folder_fd)
             except OSError:  # _measure_file names the cause
-                append(_measure_file(index, spec, chunk_size))
+                append(_measure_file(index, files[index], chunk_size))
                 continue
             try:
                 st = os.fstat(fd)
-                if (st.st_ino, st.st_dev) != (spec.ino, spec.dev) or not stat.S_ISREG(st.st_mode):
-                    append(_measure_file(index, spec, chunk_size))  # says what it is now
-                elif spec.size and count(fd, spec.size) == -(-spec.size // page):
-                    append(ChunkResidency(index, spec.path, spec.size, spec.size))
+                if st.st_ino != ino or st.st_dev != dev or not stat.S_ISREG(st.st_mode):
+                    append(_measure_file(index, files[index], chunk_size))  # says what it is now
+                elif size and count(fd, size) == -(-size // page):
+                    append(ChunkResidency(index, path, size, size))
                 else:
-                    append(_measure_open(fd, index, spec, chunk_size))
+                    append(_measure_open(fd, index, files[index], chunk_size))
             except OSError:
-                append(_measure_open(fd, index, spec, chunk_size))
+                append(_measure_open(fd, index, files[index], chunk_size))
             finally:
                 os.close(fd)
     finally:
@@ -201,13 +202,15 @@ async def measure_chunks(
     missing is measured chunk by chunk. Chunks are cut as :func:`warm_plan` cuts them for
     the same ``chunk_size``, so :func:`rewarm_chunks` can re-read exactly the lost ones.
     Files are measured in runs of :data:`_RUN_FILES` per thread hand-off, up to
-    ``concurrency`` runs side by side (an open on a network filesystem is a round trip).
+    ``concurrency`` runs side by side (an open on a network filesystem is a round trip),
+    one at a time where every file is on a local disk (:func:`measuring_threads`: 100,000
+    resident files took 1.1 CPU-s with one thread, 3.4-3.7 with four).
 
     :return: one entry per planned file, in plan order.
     """
     size = WarmOptions(chunk_size=chunk_size).chunk_size_for()
     files = plan.files
-    limiter = anyio.CapacityLimiter(max(1, concurrency))
+    limiter = anyio.CapacityLimiter(measuring_threads(files, concurrency))
     runs: list[list[ChunkResidency]] = [[] for _ in range(0, len(files), _RUN_FILES)]
 
     async def measure(number: int) -> None:

@@ -298,6 +298,27 @@ async def test_verification_and_status_measure_local_files_in_one_thread(
     assert status.resident_bytes == FILES * SIZE
 
 
+async def test_the_keep_warm_recheck_measures_local_files_in_one_thread(
+    shared_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from preloader import keepwarm
+
+    _tree, plan = _local_plan(shared_tmp / "small", count=3 * keepwarm._RUN_FILES)
+    await warm_plan(plan)
+    threads: set[int] = set()
+    real = keepwarm._measure_run
+
+    def recorded(*args: Any) -> Any:
+        threads.add(threading.get_ident())
+        return real(*args)
+
+    monkeypatch.setattr(keepwarm, "_measure_run", recorded)
+    measured = await keepwarm.measure_chunks(plan, 64 << 20, concurrency=8)
+    assert len(threads) == 1
+    assert [m.resident_bytes for m in measured] == [SIZE] * len(plan.files)
+    assert not any(m.lost for m in measured)
+
+
 def test_all_local_reads_the_mount_table(tmp_path: Path) -> None:
     table = tmp_path / "mountinfo"
     table.write_text(
