@@ -128,8 +128,8 @@ def residency_of(spec: FileSpec, after_read: bool = False) -> FileResidency:
 _MEASURE_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 
 
-def _after_read_measurer(files: FileTable) -> Callable[[int], int | FileResidency]:
-    """``residency_of(files[index], after_read=True)``, with the common case made short.
+def _measurer(files: FileTable, after_read: bool) -> Callable[[int], int | FileResidency]:
+    """``residency_of(files[index], after_read)``, with the common case made short.
 
     A file that is still the planned one (its device, inode and size) and cached whole
     costs an open, an ``fstat``, a ``cachestat`` and a close, and gives its size: no
@@ -139,7 +139,7 @@ def _after_read_measurer(files: FileTable) -> Callable[[int], int | FileResidenc
     cachestat every file does.
     """
     if pagecache.whole_file_counter() is None:
-        return lambda index: residency_of(files[index], after_read=True)
+        return lambda index: residency_of(files[index], after_read)
     cached_pages = pagecache.cached_pages  # per-thread buffers: any worker may call it
     page = pagecache.PAGE_SIZE
 
@@ -148,7 +148,7 @@ def _after_read_measurer(files: FileTable) -> Callable[[int], int | FileResidenc
         try:
             fd = os.open(path, _MEASURE_FLAGS)
         except OSError:
-            return residency_of(files[index], after_read=True)
+            return residency_of(files[index], after_read)
         try:
             st = os.fstat(fd)
             if (
@@ -163,9 +163,24 @@ def _after_read_measurer(files: FileTable) -> Callable[[int], int | FileResidenc
             pass  # measured again below, where the error is named
         finally:
             os.close(fd)
-        return residency_of(files[index], after_read=True)
+        return residency_of(files[index], after_read)
 
     return measure
+
+
+def _put_into(
+    columns: ResidencyColumns, indices: Sequence[int]
+) -> Callable[[int, int | FileResidency], None]:
+    """``put(position, result)`` of :func:`map_files_into` over ``indices`` for what a
+    :func:`_measurer` gives: file ``indices[position]``'s residency into ``columns``."""
+
+    def put(position: int, result: int | FileResidency) -> None:
+        if isinstance(result, int):
+            columns.put_resident(indices[position], result)
+        else:
+            columns.put(indices[position], result)
+
+    return put
 
 
 def _measure_open(spec: FileSpec, fd: int, after_read: bool) -> FileResidency:
@@ -333,8 +348,18 @@ async def measure_residency(plan: Plan, concurrency: int = 4) -> ResidencyReport
 
     :return: per-file and total residency; unknown entries carry their reason.
     """
-    threads = measuring_threads(plan.files, concurrency)  # one on local disks
-    return await _residency_report(residency_of, plan, threads)
+    files = plan.files
+    threads = measuring_threads(files, concurrency)  # one on local disks
+    columns = ResidencyColumns(len(files))
+    every = range(len(files))
+    await map_files_into(
+        _measurer(files, after_read=False),
+        every,
+        threads,
+        _put_into(columns, every),
+        lambda index, why: unknown_residency(files[index], why),
+    )
+    return ResidencyReport(Residencies(files, columns), plan.skipped)
 
 
 async def _residency_report(
@@ -400,18 +425,11 @@ async def verify_pass(
     if ledger.stalled:
         healthy = array("i", (i for i in healthy if i not in ledger.stalled))
     residency = ResidencyColumns(len(files))
-
-    def put(position: int, result: int | FileResidency) -> None:
-        if isinstance(result, int):
-            residency.put_resident(healthy[position], result)
-        else:
-            residency.put(healthy[position], result)
-
     await map_files_into(
-        _after_read_measurer(files),
+        _measurer(files, after_read=True),
         healthy,
         workers,
-        put,
+        _put_into(residency, healthy),
         lambda index, why: unknown_residency(files[index], why),
         timeout=timeout,
         stop=stop,

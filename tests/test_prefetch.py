@@ -272,14 +272,14 @@ async def test_verification_and_status_measure_local_files_in_one_thread(
     _tree, plan = _local_plan(shared_tmp / "small")
     threads: set[int] = set()
     real = verify.residency_of
-    real_measurer = verify._after_read_measurer
+    real_measurer = verify._measurer
 
     def recorded(spec: FileSpec, after_read: bool = False) -> Any:
         threads.add(threading.get_ident())
         return real(spec, after_read)
 
-    def recorded_measurer(files: Any) -> Any:
-        measure = real_measurer(files)
+    def recorded_measurer(files: Any, after_read: bool) -> Any:
+        measure = real_measurer(files, after_read)
 
         def measured(index: int) -> Any:
             threads.add(threading.get_ident())
@@ -288,7 +288,7 @@ async def test_verification_and_status_measure_local_files_in_one_thread(
         return measured
 
     monkeypatch.setattr(verify, "residency_of", recorded)
-    monkeypatch.setattr(verify, "_after_read_measurer", recorded_measurer)
+    monkeypatch.setattr(verify, "_measurer", recorded_measurer)
     report = await warm_plan(plan, WarmOptions(concurrency=8))
     assert len(threads) == 1
     assert report.resident_bytes == FILES * SIZE

@@ -137,12 +137,13 @@ def kernel_api(request: pytest.FixtureRequest) -> Iterator[bool]:
         pagecache.force_mincore(False)
 
 
-def test_the_short_way_of_the_verification_measures_what_residency_of_does(
-    shared_tmp: Path, kernel_api: bool
+@pytest.mark.parametrize("after_read", [True, False], ids=["verification", "status"])
+def test_the_short_way_of_measuring_gives_what_residency_of_does(
+    shared_tmp: Path, kernel_api: bool, after_read: bool
 ) -> None:
-    """Every kind of file the verification meets, after the read pass: the measurer's
-    answer is :func:`residency_of`'s, and only a wholly cached, unchanged file (or an
-    empty one) takes the short way, where there is cachestat."""
+    """Every kind of file the verification (after the read pass) and `status` meet: the
+    measurer's answer is :func:`residency_of`'s, and only a wholly cached, unchanged file
+    (or an empty one) takes the short way, where there is cachestat."""
     model = shared_tmp / "model"
     model.mkdir()
     sizes = {"whole": 3 * MiB + 5, "empty": 0, "half": 2 * MiB, "grown": MiB, "shrunk": MiB}
@@ -168,11 +169,11 @@ def test_the_short_way_of_the_verification_measures_what_residency_of_does(
     (model / "new").replace(model / "replaced")
     (model / "deleted").unlink()
 
-    measure = verify._after_read_measurer(plan.files)
+    measure = verify._measurer(plan.files, after_read)
     short = set()
     for index, spec in enumerate(plan.files):
         got = measure(index)
-        full = verify.residency_of(spec, after_read=True)
+        full = verify.residency_of(spec, after_read)
         if isinstance(got, int):
             short.add(Path(spec.path).name)
             got = FileResidency(spec.path, spec.size, got)
