@@ -349,17 +349,34 @@ async def measure_residency(plan: Plan, concurrency: int = 4) -> ResidencyReport
     :return: per-file and total residency; unknown entries carry their reason.
     """
     files = plan.files
-    threads = measuring_threads(files, concurrency)  # one on local disks
     columns = ResidencyColumns(len(files))
-    every = range(len(files))
-    await map_files_into(
-        _measurer(files, after_read=False),
-        every,
-        threads,
-        _put_into(columns, every),
-        lambda index, why: unknown_residency(files[index], why),
-    )
+    threads = measuring_threads(files, concurrency)  # one on local disks
+    await _measure_into(columns, files, range(len(files)), threads, after_read=False)
     return ResidencyReport(Residencies(files, columns), plan.skipped)
+
+
+async def _measure_into(
+    columns: ResidencyColumns,
+    files: FileTable,
+    indices: Sequence[int],
+    threads: int,
+    *,
+    after_read: bool,
+    timeout: float | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Measure ``files[i]`` for each ``i`` of ``indices`` into ``columns`` (the short way
+    where it applies: :func:`_measurer`), in up to ``threads`` threads; see
+    :func:`map_files_into` for ``timeout`` and ``stop``."""
+    await map_files_into(
+        _measurer(files, after_read),
+        indices,
+        threads,
+        _put_into(columns, indices),
+        lambda index, why: unknown_residency(files[index], why),
+        timeout=timeout,
+        stop=stop,
+    )
 
 
 async def _residency_report(
@@ -425,14 +442,8 @@ async def verify_pass(
     if ledger.stalled:
         healthy = array("i", (i for i in healthy if i not in ledger.stalled))
     residency = ResidencyColumns(len(files))
-    await map_files_into(
-        _measurer(files, after_read=True),
-        healthy,
-        workers,
-        _put_into(residency, healthy),
-        lambda index, why: unknown_residency(files[index], why),
-        timeout=timeout,
-        stop=stop,
+    await _measure_into(
+        residency, files, healthy, workers, after_read=True, timeout=timeout, stop=stop
     )
     # Read in full, resident then, gone at the next open: tell a filesystem that drops the
     # cache at open from one whose reads bypass it (direct_io), with one page.
