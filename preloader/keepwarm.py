@@ -18,7 +18,7 @@ from . import pagecache
 from .filetable import FileTable
 from .planner import Chunk, FileSpec, Plan, iter_chunks
 from .prefetch import measuring_threads
-from .reading import describe, open_regular
+from .reading import OPEN_FLAGS, describe, open_regular
 from .settings import WarmOptions
 
 __all__ = ["ChunkResidency", "measure_chunks"]
@@ -135,7 +135,6 @@ def _unmeasured(index: int, spec: FileSpec, chunk_size: int, cause: str) -> Chun
     return ChunkResidency(index, spec.path, spec.size, None, chunks, error=cause)
 
 
-_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 _FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
@@ -171,7 +170,7 @@ def _measure_run(files: FileTable, first: int, end: int, chunk_size: int) -> lis
                 append(_measure_file(index, files[index], chunk_size))
                 continue
             try:
-                fd = os.open(name, _OPEN_FLAGS, dir_fd=folder_fd)
+                fd = os.open(name, OPEN_FLAGS, dir_fd=folder_fd)
             except OSError:  # _measure_file names the cause
                 append(_measure_file(index, files[index], chunk_size))
                 continue

@@ -22,6 +22,7 @@ from .planner import Chunk, FileSpec
 from .prefetch import may_prefetch, prefetch
 
 __all__ = [
+    "OPEN_FLAGS",
     "STOP_GRACE_SECONDS",
     "FileChangedError",
     "FileState",
@@ -53,6 +54,11 @@ _PREFETCHED = "prefetched"
 _CACHED = "cached"
 
 
+# How a planned file is opened: read-only, and an open that cannot block on a FIFO or
+# take a terminal swapped in since planning (see open_regular).
+OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+
+
 class FileChangedError(OSError):
     """The planned file is no longer that file (replaced, or not a regular file)."""
 
@@ -66,7 +72,7 @@ def open_regular(spec: FileSpec, blocking: bool = True) -> int:
     :param blocking: clear ``O_NONBLOCK`` once it is known to be the planned file (for
         reading); ``False`` leaves it set, for a descriptor only measured.
     """
-    fd = os.open(spec.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    fd = os.open(spec.path, OPEN_FLAGS)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

@@ -23,6 +23,7 @@ from . import pagecache, reclaim
 from .planner import FileSpec, Plan
 from .prefetch import measuring_threads
 from .reading import (
+    OPEN_FLAGS,
     Handoff,
     cancel_after_stop,
     describe,
@@ -124,10 +125,6 @@ def residency_of(spec: FileSpec, after_read: bool = False) -> FileResidency:
     return _on_open_file(spec, fd, "measure", lambda: _measure_open(spec, fd, after_read))
 
 
-# How the verification opens a file it only measures (see open_regular).
-_MEASURE_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
-
-
 def _measurer(files: FileTable, after_read: bool) -> Callable[[int], int | FileResidency]:
     """``residency_of(files[index], after_read)``, with the common case made short.
 
@@ -146,7 +143,7 @@ def _measurer(files: FileTable, after_read: bool) -> Callable[[int], int | FileR
     def measure(index: int) -> int | FileResidency:
         path, size, dev, ino = files.identity(index)
         try:
-            fd = os.open(path, _MEASURE_FLAGS)
+            fd = os.open(path, OPEN_FLAGS)  # as open_regular, left non-blocking
         except OSError:
             return residency_of(files[index], after_read)
         try:
