@@ -154,7 +154,7 @@ class Schedule:
     def _solo_waits(self) -> bool:
         """Whether the next file is solo while :data:`SOLO_STREAMS` solo files are read."""
         following = self._order[self._next_file]
-        if self._whole(following) or not self._solo(self._files[following]):
+        if self._whole_chunk(following) is not None or not self._solo(self._files[following]):
             return False
         running = sum(1 for s in self._running if self._solo(self._files[s.file_index]))
         return running >= SOLO_STREAMS
@@ -177,52 +177,39 @@ class Schedule:
         stream.next += 1
         return chunk
 
-    def _whole(self, file_index: int) -> bool:
-        # A file read in one chunk, whole: it opens, reads and closes inside one hand-off.
-        if self.total(file_index) != 1:
-            return False
-        first = self._at(file_index, 0)
-        return first.index == 0 and self._size(file_index) <= self._chunk_size
+    def _whole_chunk(self, file_index: int) -> Chunk | None:
+        """The one chunk of a file read whole, in one hand-off (it opens, reads and closes
+        there), else ``None``. One size lookup where every chunk is read: scheduling
+        20,000 small files took 0.12 s when this looked each file up four times."""
+        size = self._size(file_index)
+        if size > self._chunk_size:
+            return None
+        if self._selected is None:
+            return Chunk(file_index, 0, 0, size)
+        chunks = self._selected.get(file_index, ())
+        return chunks[0] if len(chunks) == 1 and chunks[0].index == 0 else None
 
     def _start_next(self) -> tuple[tuple[Chunk, ...], Stream | None]:
         file_index = self._order[self._next_file]
         self._next_file += 1
-        if not self._whole(file_index):
+        first = self._whole_chunk(file_index)
+        if first is None:
             stream = Stream(file_index, 0, self.total(file_index))
             self._running.append(stream)
             return (self._chunk(stream),), stream
-        batch = [self._at(file_index, 0)]
-        batch_bytes = batch[0].length
-        if self._selected is None:
-            return self._whole_run(batch, batch_bytes), None
-        while self._next_file < len(self._order) and len(batch) < self._max_files:
-            following = self._order[self._next_file]
-            if not self._whole(following):
-                break
-            chunk = self._at(following, 0)
-            if batch_bytes + chunk.length > self._chunk_size:
+        batch = [first]
+        batch_bytes = first.length
+        order, limit = self._order, self._chunk_size
+        position, end = self._next_file, min(len(order), self._next_file + self._max_files - 1)
+        while position < end:
+            chunk = self._whole_chunk(order[position])
+            if chunk is None or batch_bytes + chunk.length > limit:
                 break
             batch.append(chunk)
             batch_bytes += chunk.length
-            self._next_file += 1
-        return tuple(batch), None
-
-    def _whole_run(self, batch: list[Chunk], batch_bytes: int) -> tuple[Chunk, ...]:
-        """The loop of :meth:`_start_next` where every chunk of every file is read: a file
-        is whole when it fits in one chunk, and its chunk is all of it: one size lookup a
-        file (scheduling 20,000 small files took 0.12 s the long way, 0.03 s this way)."""
-        order, size_of, limit = self._order, self._size, self._chunk_size
-        position, end = self._next_file, min(len(order), self._next_file + self._max_files - 1)
-        while position < end:
-            following = order[position]
-            size = size_of(following)
-            if size > limit or batch_bytes + size > limit:
-                break
-            batch.append(Chunk(following, 0, 0, size))
-            batch_bytes += size
             position += 1
         self._next_file = position
-        return tuple(batch)
+        return tuple(batch), None
 
     def _splittable(self, file_index: int) -> bool:
         allowed = self._split_ok.get(file_index)
