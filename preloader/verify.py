@@ -131,9 +131,11 @@ def _measurer(files: FileTable, after_read: bool) -> Callable[[int], int | FileR
     A file that is still the planned one (its device, inode and size) and cached whole
     costs an open, an ``fstat``, a ``cachestat`` and a close, and gives its size: no
     :class:`FileSpec`, no :class:`FileResidency` (verifying 20,000 cached files took
-    0.36-0.44 s through :func:`residency_of` alone, 0.21-0.24 s so). Any other file
-    takes :func:`residency_of`'s way, which names what is wrong with it. Without
-    cachestat every file does.
+    0.36-0.44 s through :func:`residency_of` alone, 0.21-0.24 s so). One that is the
+    planned file but not cached whole is measured on the same descriptor, as
+    :func:`residency_of` would after its open (no second open: a round trip on s3fs);
+    one that cannot be opened or is another file now takes :func:`residency_of`'s way,
+    which names what is wrong with it. Without cachestat every file does.
     """
     if pagecache.whole_file_counter() is None:
         return lambda index: residency_of(files[index], after_read)
@@ -148,19 +150,15 @@ def _measurer(files: FileTable, after_read: bool) -> Callable[[int], int | FileR
             return residency_of(files[index], after_read)
         try:
             st = os.fstat(fd)
-            if (
-                st.st_ino == ino
-                and st.st_dev == dev
-                and st.st_size == size
-                and stat.S_ISREG(st.st_mode)
-                and cached_pages(fd, 0, size) >= -(-size // page)
-            ):
-                return size
+            planned = st.st_ino == ino and st.st_dev == dev and stat.S_ISREG(st.st_mode)
+            whole = planned and st.st_size == size and cached_pages(fd, 0, size) >= -(-size // page)
         except OSError:
-            pass  # measured again below, where the error is named
-        finally:
+            planned = whole = False  # measured again below, where the error is named
+        if whole or not planned:
             os.close(fd)
-        return residency_of(files[index], after_read)
+            return size if whole else residency_of(files[index], after_read)
+        spec = files[index]
+        return _on_open_file(spec, fd, "measure", lambda: _measure_open(spec, fd, after_read))
 
     return measure
 

@@ -11,6 +11,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -139,7 +140,7 @@ def kernel_api(request: pytest.FixtureRequest) -> Iterator[bool]:
 
 @pytest.mark.parametrize("after_read", [True, False], ids=["verification", "status"])
 def test_the_short_way_of_measuring_gives_what_residency_of_does(
-    shared_tmp: Path, kernel_api: bool, after_read: bool
+    shared_tmp: Path, kernel_api: bool, after_read: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every kind of file the verification (after the read pass) and `status` meet: the
     measurer's answer is :func:`residency_of`'s, and only a wholly cached, unchanged file
@@ -171,14 +172,30 @@ def test_the_short_way_of_measuring_gives_what_residency_of_does(
 
     measure = verify._measurer(plan.files, after_read)
     short = set()
+    opens: dict[str, int] = {}
+    real_open = os.open
+
+    def counted(path: Any, *args: Any, **kwargs: Any) -> int:
+        opens[os.fsdecode(path)] = opens.get(os.fsdecode(path), 0) + 1
+        return real_open(path, *args, **kwargs)
+
     for index, spec in enumerate(plan.files):
+        monkeypatch.setattr(os, "open", counted)
         got = measure(index)
+        monkeypatch.setattr(os, "open", real_open)
         full = verify.residency_of(spec, after_read)
         if isinstance(got, int):
             short.add(Path(spec.path).name)
             got = FileResidency(spec.path, spec.size, got)
         assert got == full, spec.path
     assert short == (set() if kernel_api else {"whole", "empty"})
+    # Still the planned file: opened once, whatever it holds (an open is a round trip on
+    # s3fs); another file now, or none: opened again the long way, which names it.
+    once = {"whole", "empty", "half", "grown", "shrunk", "evicted"}
+    expected = {name: 1 for name in once} | {"replaced": 2, "deleted": 2}
+    if kernel_api:  # without cachestat every file takes residency_of's one open
+        expected = dict.fromkeys(expected, 1)
+    assert {Path(path).name: count for path, count in opens.items()} == expected
     # The outside witness for the two measured the long way.
     by_name = {Path(s.path).name: i for i, s in enumerate(plan.files)}
     half = measure(by_name["half"])
