@@ -452,7 +452,7 @@ def test_nan_and_inf_are_refused_by_every_float_option(
 
 def _float_options() -> list[tuple[str, click.Option]]:
     """``(command, option)`` for every option that takes a float; "" is the group."""
-    commands = [("", cli), *cli.commands.items()]
+    commands = [("", cli), *cli.load_all().items()]  # every command, loaded or not yet
     return [
         (name, param)
         for name, command in commands
