@@ -14,7 +14,6 @@ raises :class:`ResidencyUnknownError` instead, and the caller reports "unknown".
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
@@ -87,7 +86,9 @@ class _Cachestat(ctypes.Structure):
     )
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The C library the interpreter itself is linked against (dlopen(NULL)): no
+# ctypes.util.find_library, whose import and ld.so.cache lookup were ~10 ms of start-up.
+_libc = ctypes.CDLL(None, use_errno=True)
 
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
