@@ -121,3 +121,36 @@ def test_the_lazy_package_names_resolve() -> None:
     for name in preloader.__all__:
         assert getattr(preloader, name) is not None, name
     assert os.path.basename(preloader.warm.__code__.co_filename) == "api.py"
+
+
+@pytest.mark.parametrize("command", ["warm", "status"])
+def test_garbage_is_collected_again_once_the_command_runs(tiny_tree: Path, command: str) -> None:
+    # main() turns collection off for the imports; the command's own work (a serve that
+    # runs for weeks) must run with it back on, everything made during start-up frozen.
+    probe = (
+        "import atexit, gc, sys\n"
+        "import preloader.cli as cli\n"
+        "atexit.register(lambda: print(gc.isenabled(), gc.get_freeze_count() > 0))\n"
+        f"sys.argv = ['preloader', {command!r}, {str(tiny_tree)!r}]\n"
+        "cli.main()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=cli_env(), timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-2:] == ["True", "True"]
+
+
+def test_a_command_run_without_main_leaves_collection_as_it_was(tiny_tree: Path) -> None:
+    # click's test runner (and any embedding) calls the group without main(): no freeze.
+    import gc
+
+    from click.testing import CliRunner
+
+    from preloader.cli import cli
+
+    frozen = gc.get_freeze_count()
+    result = CliRunner().invoke(cli, ["plan", str(tiny_tree)])
+    assert result.exit_code == 0
+    assert gc.isenabled()
+    assert gc.get_freeze_count() == frozen

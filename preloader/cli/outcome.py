@@ -21,6 +21,7 @@ import click
 from .. import errors
 from .._version import __version__
 from ..logs import get_logger
+from . import end_startup
 
 __all__ = [
     "EXIT_CODES_HELP",
@@ -140,7 +141,8 @@ def execute(
     :param build: resolves and validates the settings; a :class:`errors.UsageError` or
         ``ValueError`` here is bad input: one line, exit 2 (0 with ``best_effort``), and
         with ``json_errors`` a JSON document that says so.
-    :param run: does the work and returns the outcome (or a bare exit code).
+    :param run: does the work and returns the outcome (or a bare exit code); garbage is
+        collected again from here on (:func:`~preloader.cli.end_startup`).
     """
     try:
         settings = build()
@@ -152,6 +154,7 @@ def execute(
         if json_errors:
             print_json({"error": str(err), "exit_code": code})
         finish(code)
+    end_startup()
     finish(_guard(ctx, lambda: run(settings)))
 
 

@@ -160,9 +160,11 @@ def serve(
             node_labels=node_labels.resolve(resolved.paths),
         )
 
-    def run(config: ServeConfig) -> int:
-        from .. import server  # uvicorn and starlette only for this command
+    # uvicorn, starlette and prometheus-client only for this command; imported here, while
+    # start-up still runs without garbage collection (see preloader.cli.main).
+    from .. import server
 
+    def run(config: ServeConfig) -> int:
         node_api = None
         if config.node_labels is not None:
             from ..nodelabels import connect  # lightkube only with --node-label
