@@ -56,13 +56,13 @@ __all__ = [
 WINDOW_SECONDS = 20.0
 """The read rate is the mean over this many seconds of the first pass."""
 
-MIN_SECONDS = 0.5
+MIN_SECONDS = 0.25
 """No estimate before the first pass has run this long. Short on purpose: a gate that opens
 too early starts the server beside the warm-up, which is what a postStart hook does anyway,
 while one that waits for a long guard adds the guard to a short warm-up (local disk: 2 GiB
-in 1 s) and to the server's start after it."""
+in 0.5-1 s) and to the server's start after it."""
 
-TICK_SECONDS = 0.25
+TICK_SECONDS = 0.1
 """How often the agent samples the first pass's progress and decides the gate."""
 
 AHEAD_CHECK_SECONDS = 2.0
