@@ -597,6 +597,11 @@ def test_a_closed_or_broken_stdout_is_no_internal_error(shared_tmp: Path, redire
     )
     assert "Traceback" not in done.stderr and "internal error" not in done.stderr, done.stderr
     assert done.returncode == errors.EXIT_OK, done.stderr
+    lost = [
+        line for line in map(json.loads, done.stderr.splitlines()) if line["event"] == "output lost"
+    ]
+    cause = "closed when the command started" if redirect == ">&-" else "Broken pipe"
+    assert [(line["stream"], cause in line["cause"]) for line in lost] == [("stdout", True)]
 
 
 def test_an_empty_folder_is_not_called_100_percent_resident(shared_tmp: Path) -> None:

@@ -26,15 +26,21 @@ class TolerantStream(io.TextIOBase):
     :ivar lost: why output was lost (the first failure), or ``None``.
     """
 
-    def __init__(self, raw: TextIO, fd: int, name: str) -> None:
+    def __init__(self, raw: TextIO, fd: int, name: str, *, closed: bool = False) -> None:
+        """:param closed: the fd was closed when the command started (now ``/dev/null``):
+        the first write is lost and told as such."""
         super().__init__()
         self._raw = raw
         self._fd = fd
+        self._closed = closed
         self.name = name
         self.lost: str | None = None
 
     def write(self, text: str) -> int:
         if self.lost is None:
+            if self._closed:
+                self._tell("the stream was closed when the command started")
+                return len(text)
             try:
                 self._raw.write(text)
             except (OSError, ValueError) as err:
@@ -65,7 +71,6 @@ class TolerantStream(io.TextIOBase):
         return getattr(self._raw, "encoding", None) or "utf-8"
 
     def _failed(self, err: BaseException) -> None:
-        self.lost = f"{getattr(err, 'strerror', None) or err}"
         # Whatever the raw stream still buffers goes nowhere, and so does all that follows.
         null = os.open(os.devnull, os.O_WRONLY)
         try:
@@ -74,9 +79,13 @@ class TolerantStream(io.TextIOBase):
             os.close(null)
         with contextlib.suppress(OSError, ValueError):
             self._raw.flush()
+        self._tell(f"{getattr(err, 'strerror', None) or err}")
+
+    def _tell(self, cause: str) -> None:
+        self.lost = cause
         if self.name == "stdout":
             # Told on stderr (a closed stderr has nowhere to tell, and stdout keeps --json).
-            get_logger().warning("output lost", stream="stdout", cause=self.lost)
+            get_logger().warning("output lost", stream="stdout", cause=cause)
 
 
 def protect_streams() -> None:
@@ -85,10 +94,12 @@ def protect_streams() -> None:
     A closed fd 1 or 2 would otherwise be handed out by the next ``open`` and the log
     written into whatever file got it.
     """
+    closed = set()
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
         except OSError:
+            closed.add(fd)
             null = os.open(os.devnull, os.O_RDWR)
             if null != fd:
                 os.dup2(null, fd)
@@ -99,4 +110,4 @@ def protect_streams() -> None:
             continue
         if current is None:
             current = open(fd, "w", encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
-        setattr(sys, name, TolerantStream(current, fd, name))
+        setattr(sys, name, TolerantStream(current, fd, name, closed=fd in closed))
