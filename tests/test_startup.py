@@ -130,7 +130,8 @@ def test_garbage_is_collected_again_once_the_command_runs(tiny_tree: Path, comma
     probe = (
         "import atexit, gc, sys\n"
         "import preloader.cli as cli\n"
-        "atexit.register(lambda: print(gc.isenabled(), gc.get_freeze_count() > 0))\n"
+        "atexit.register(lambda: print('gc', gc.isenabled(), gc.get_freeze_count() > 0,"
+        " file=sys.stderr))\n"
         f"sys.argv = ['preloader', {command!r}, {str(tiny_tree)!r}]\n"
         "cli.main()\n"
     )
@@ -138,7 +139,7 @@ def test_garbage_is_collected_again_once_the_command_runs(tiny_tree: Path, comma
         [sys.executable, "-c", probe], capture_output=True, text=True, env=cli_env(), timeout=120
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split()[-2:] == ["True", "True"]
+    assert [line for line in proc.stderr.splitlines() if line.startswith("gc ")] == ["gc True True"]
 
 
 def test_a_command_run_without_main_leaves_collection_as_it_was(tiny_tree: Path) -> None:
