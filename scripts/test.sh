@@ -58,12 +58,21 @@ echo "== ruff"
 echo "== mypy --strict"
 "$PYTHON" -m mypy
 echo "== pytest"
+# pytest writes its JUnit report only when the session ends as it should: a test that
+# makes the process exit early (os._exit in code under test) leaves none, whatever the
+# exit status said.
+report_dir=$(mktemp -d)
+trap 'rm -rf "$report_dir"' EXIT
 set +e
-"$PYTHON" -m pytest "$@"
+"$PYTHON" -m pytest --junitxml="$report_dir/pytest.xml" "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
     echo "pytest collected no tests: that is a failure here" >&2
+    exit 1
+fi
+if [ "$rc" -eq 0 ] && [ ! -s "$report_dir/pytest.xml" ]; then
+    echo "pytest exited 0 without finishing its session (no report): a failure here" >&2
     exit 1
 fi
 exit "$rc"
