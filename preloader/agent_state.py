@@ -33,8 +33,8 @@ from .engine import (
 )
 from .events import Emitter, ErrorReason, EventKind
 from .planner import Plan, printable
-from .settings import ServeConfig
-from .startgate import StartGate
+from .settings import DEFAULT_CONCURRENCY, ServeConfig
+from .startgate import StartGate, estimate_guard_bytes
 
 __all__ = ["AgentState", "FileView", "ServedPath"]
 
@@ -165,7 +165,13 @@ class AgentState:
         self._timed_out = False
         self._budget: MemoryBudget | None = None
         self._proactive_reclaim: str | None = None  # read at start-up (reclaim.note)
-        self._gate = StartGate(config.start_lead, self._started)
+        self._gate = StartGate(
+            config.start_lead,
+            self._started,
+            estimate_guard_bytes(
+                config.options.concurrency or DEFAULT_CONCURRENCY, self._chunk_size
+            ),
+        )
         if self._ready:
             self._gate.ready_opened(self._started)
 

@@ -48,6 +48,7 @@ __all__ = [
     "StartGate",
     "StartGateSnapshot",
     "ahead_bytes",
+    "estimate_guard_bytes",
     "estimate_seconds_left",
     "lead_verdict",
     "parse_start_lead",
@@ -110,6 +111,7 @@ def estimate_seconds_left(
     *,
     window: float = WINDOW_SECONDS,
     min_seconds: float = MIN_SECONDS,
+    min_bytes: int = 0,
 ) -> float | None:
     """Seconds the first pass has left: ``bytes_left`` over the windowed read rate.
 
@@ -118,13 +120,17 @@ def estimate_seconds_left(
     :param window: the rate is measured from the newest sample back to the newest sample
         at least this many seconds older (to the first sample while the pass is younger).
     :param min_seconds: no estimate until the samples span this long.
+    :param min_bytes: nor until this many bytes arrived over them.
     :return: the estimate, 0 when nothing is left, or ``None`` when there is too little
-        data (the samples span less than ``min_seconds``) or no byte arrived in the window.
+        data (the samples span less than ``min_seconds`` or ``min_bytes``) or no byte
+        arrived in the window.
     """
     if len(samples) < 2:
         return None
     newest = samples[-1]
     if newest.seconds - samples[0].seconds < min_seconds:
+        return None
+    if bytes_left > 0 and newest.bytes_done - samples[0].bytes_done < min_bytes:
         return None
     oldest = samples[0]
     for sample in samples:
@@ -140,6 +146,19 @@ def estimate_seconds_left(
     if rate <= 0:
         return None
     return bytes_left / rate
+
+
+def estimate_guard_bytes(concurrency: int, chunk_size: int) -> int:
+    """Bytes the first pass must have read before its rate is trusted: one chunk per
+    worker and one more.
+
+    Bytes count when a chunk completes, and each worker's first chunk comes in a burst on
+    storage that fetches ahead (s3fs loads 50 MB with parallel GETs at the first read of
+    a file): with the 0.25 s guard alone, the s3fs end-to-end runs opened ``/startz`` at
+    lead 8 s 11.5 s before the warm-up's end. On a local disk this many bytes take less
+    than the time guard.
+    """
+    return (max(1, concurrency) + 1) * chunk_size
 
 
 def ahead_bytes(resident_bytes: int, read_bytes: int, baseline: int) -> int:
@@ -239,11 +258,14 @@ class StartGate:
     :param lead: seconds before the first pass's estimated end to open (0: with
         ``/readyz`` only).
     :param started: the agent's start (monotonic seconds).
+    :param min_bytes: no estimate before the first pass has read this much (at most a
+        quarter of it): see :func:`estimate_guard_bytes`.
     """
 
-    def __init__(self, lead: float, started: float) -> None:
+    def __init__(self, lead: float, started: float, min_bytes: int = 0) -> None:
         self.lead = lead
         self._started = started
+        self._min_bytes = min_bytes
         self._samples: deque[RateSample] = deque()
         self._estimate: float | None = None
         self._opened_by: str | None = None
@@ -278,7 +300,11 @@ class StartGate:
         # Keep one sample older than the window, so the window always has its full span.
         while len(self._samples) > 2 and now - self._samples[1].seconds > WINDOW_SECONDS:
             self._samples.popleft()
-        self._estimate = estimate_seconds_left(self._samples, bytes_total - bytes_done)
+        self._estimate = estimate_seconds_left(
+            self._samples,
+            bytes_total - bytes_done,
+            min_bytes=min(self._min_bytes, bytes_total // 4),
+        )
         estimate = self._estimate
         if self.lead > 0 and not self.is_open and estimate is not None and estimate <= self.lead:
             self._estimate_at_open = estimate

@@ -16,6 +16,7 @@ from preloader.startgate import (
     RateSample,
     StartGate,
     ahead_bytes,
+    estimate_guard_bytes,
     estimate_seconds_left,
     lead_verdict,
     parse_start_lead,
@@ -43,6 +44,27 @@ def test_no_estimate_from_too_little_data() -> None:
     assert estimate_seconds_left([RateSample(0.0, 0), RateSample(MIN_SECONDS, 200)], 100) == (
         MIN_SECONDS / 2
     )
+
+
+def test_no_estimate_before_the_guard_bytes_arrived() -> None:
+    # A burst of first chunks (s3fs fetching ahead) must not set the rate alone.
+    burst = [RateSample(0.0, 0), RateSample(1.0, 300)]
+    assert estimate_seconds_left(burst, 700, min_bytes=301) is None
+    assert estimate_seconds_left(burst, 700, min_bytes=300) == pytest.approx(700 / 300)
+    assert estimate_seconds_left(burst, 0, min_bytes=301) == 0.0  # done is done
+
+
+def test_the_guard_is_one_chunk_per_worker_and_one_more() -> None:
+    assert estimate_guard_bytes(4, 64 * MiB) == 5 * 64 * MiB
+    assert estimate_guard_bytes(0, MiB) == 2 * MiB  # auto starts somewhere: at least one
+
+
+def test_the_gate_waits_for_the_guard_bytes_at_most_a_quarter_of_the_pass() -> None:
+    # 100 B/s, lead 1000 s: the estimate alone would open the gate at the first sample.
+    gate = StartGate(lead=1000.0, started=0.0, min_bytes=300)
+    assert _feed(gate, 100, 10_000, until=9.0) == 3.0
+    small = StartGate(lead=1000.0, started=0.0, min_bytes=10**9)
+    assert _feed(small, 100, 1000, until=9.0) == 2.5  # a quarter of 1,000 bytes
 
 
 def test_estimate_is_bytes_left_over_the_rate() -> None:
