@@ -51,8 +51,7 @@ class KeepWarm(AgentState):
                 await self._stopping.wait()
 
     async def _check(self, model: ServedPath) -> None:
-        concurrency = max(1, self._options.concurrency or 4)
-        measured = await measure_chunks(model.plan, self._chunk_size, concurrency)
+        measured = await measure_chunks(model.plan, self._chunk_size, self._readers)
         lost: list[Chunk] = []
         evicted = 0
         for item in measured:
@@ -116,8 +115,7 @@ class KeepWarm(AgentState):
             f"{report.seconds:.2f} s, {len(report.errors)} errors",
         )
         if not self._stop.is_set():
-            concurrency = max(1, self._options.concurrency or 4)
-            measured = await measure_chunks(model.plan, self._chunk_size, concurrency)
+            measured = await measure_chunks(model.plan, self._chunk_size, self._readers)
             self._apply_measurement(model, measured)
 
     def _all_chunks(self, model: ServedPath, index: int) -> list[Chunk]:

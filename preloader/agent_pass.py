@@ -187,7 +187,7 @@ class FirstPass(AgentState):
             await anyio.sleep(TICK_SECONDS)
 
     async def _check_ahead(self) -> None:
-        concurrency = max(1, self._options.concurrency or 4)
+        concurrency = self._readers
         resident: int | None = 0
         for model in self._models:
             if not model.plan.files:

@@ -150,6 +150,9 @@ class AgentState:
         self._emit = Emitter(on_event)
         self._options = dataclasses.replace(config.options, timeout=None, verify=True)
         self._chunk_size = config.options.chunk_size_for()
+        # Readers for the agent's own measuring and the start gate's guard (-c auto: the
+        # default it starts at).
+        self._readers = max(1, config.options.concurrency or DEFAULT_CONCURRENCY)
         self._models = [
             ServedPath(root, config.recheck_seconds)
             for root in dict.fromkeys(config.selection.paths)
@@ -168,9 +171,7 @@ class AgentState:
         self._gate = StartGate(
             config.start_lead,
             self._started,
-            estimate_guard_bytes(
-                config.options.concurrency or DEFAULT_CONCURRENCY, self._chunk_size
-            ),
+            estimate_guard_bytes(self._readers, self._chunk_size),
         )
         if self._ready:
             self._gate.ready_opened(self._started)
