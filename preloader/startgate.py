@@ -155,8 +155,8 @@ def estimate_guard_bytes(concurrency: int, chunk_size: int) -> int:
     Bytes count when a chunk completes, and each worker's first chunk comes in a burst on
     storage that fetches ahead (s3fs loads 50 MB with parallel GETs at the first read of
     a file): with the 0.25 s guard alone, the s3fs end-to-end runs opened ``/startz`` at
-    lead 8 s 11.5 s before the warm-up's end. On a local disk this many bytes take less
-    than the time guard.
+    lead 8 s 8.1-12.3 s before the warm-up's end (8.0-9.6 s with this guard). On a local
+    disk this many bytes take less than the time guard.
     """
     return (max(1, concurrency) + 1) * chunk_size
 

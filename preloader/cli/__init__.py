@@ -49,8 +49,8 @@ def end_startup() -> None:
     """Collect garbage again, leaving everything made so far out of every collection.
 
     Called once a command's modules and the logger are loaded and its settings built,
-    before it runs; does nothing unless
-    :func:`main` turned collection off (click's test runner calls the group directly).
+    before it runs; does nothing unless :func:`main` turned collection off (click's test
+    runner calls the group directly).
     """
     if not gc.isenabled():
         gc.freeze()
