@@ -170,7 +170,7 @@ class FirstPass(AgentState):
     # -- the start gate -----------------------------------------------------------------
 
     def _first_pass_bytes(self) -> tuple[int, int]:
-        done = sum(min(m.progress.bytes_read, m.plan.total_bytes) for m in self._models)
+        done = sum(min(m.progress.bytes_arrived, m.plan.total_bytes) for m in self._models)
         return done, sum(m.plan.total_bytes for m in self._models)
 
     async def _watch_start_gate(self) -> None:

@@ -40,7 +40,7 @@ from .reading import (
     whole_files_in_thread,
 )
 from .reading import cancel_after_stop as cancel_after_stop
-from .reports import Autotune
+from .reports import Autotune, ChunkProgress
 from .reports import FileResidency as FileResidency
 from .reports import FileResult as FileResult
 from .reports import ResidencyReport as ResidencyReport
@@ -353,20 +353,32 @@ class _Engine:
     async def _big_file_chunk(self, state: FileState, chunk: Chunk) -> None:
         if state.error is not None:
             return
+        # Its bytes count as they arrive; once the read returns, they move to bytes_read
+        # in _apply, with no await in between.
+        arrived = ChunkProgress()
+        self.progress.reading.add(arrived)
         try:
-            outcome = await self._in_thread(self._chunk_in_thread, state, chunk, state.method)
+            outcome = await self._in_thread(
+                self._chunk_in_thread, state, chunk, state.method, arrived
+            )
         except anyio.get_cancelled_exc_class():
             state.stalled = True  # its thread may still be using the descriptor
             raise
+        finally:
+            self.progress.reading.discard(arrived)
         if outcome is None:
             self._stalled([state])
             return
         self._apply(state, chunk, outcome)
 
-    def _chunk_in_thread(self, state: FileState, chunk: Chunk, method: str) -> Outcome:
+    def _chunk_in_thread(
+        self, state: FileState, chunk: Chunk, method: str, arrived: ChunkProgress
+    ) -> Outcome:
         outcome = Outcome(method=method)
         try:
-            read_with_fallback(state.ensure_open(), chunk, method, self.stop.is_set, outcome)
+            read_with_fallback(
+                state.ensure_open(), chunk, method, self.stop.is_set, outcome, on_step=arrived
+            )
         except OSError as err:
             record_failure(outcome, err)
         return outcome

@@ -14,7 +14,7 @@ import os
 import threading
 from collections.abc import Callable
 
-__all__ = ["ReadMethod", "read_range"]
+__all__ = ["ReadMethod", "Step", "read_range"]
 
 ReadMethod = str  # "sendfile" | "mmap" | "read"
 
@@ -24,8 +24,17 @@ _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 # interrupt a chunk promptly.
 _STEP_BYTES = 8 * 1024 * 1024
 
+Step = Callable[[int], None]
+"""Told the bytes one :func:`read_range` call has brought in so far, after every step."""
 
-def _read_sendfile(fd: int, offset: int, length: int, sink: int, stop: Callable[[], bool]) -> int:
+
+def _no_step(done: int) -> None:
+    pass
+
+
+def _read_sendfile(
+    fd: int, offset: int, length: int, sink: int, stop: Callable[[], bool], on_step: Step
+) -> int:
     done = 0
     while done < length:
         if stop():
@@ -34,10 +43,11 @@ def _read_sendfile(fd: int, offset: int, length: int, sink: int, stop: Callable[
         if sent == 0:  # the file shrank under us
             break
         done += sent
+        on_step(done)
     return done
 
 
-def _read_mmap(fd: int, offset: int, length: int, stop: Callable[[], bool]) -> int:
+def _read_mmap(fd: int, offset: int, length: int, stop: Callable[[], bool], on_step: Step) -> int:
     size = os.fstat(fd).st_size
     end = min(offset + length, size)
     done = 0
@@ -55,11 +65,12 @@ def _read_mmap(fd: int, offset: int, length: int, stop: Callable[[], bool]) -> i
             mm.madvise(_MADV_POPULATE_READ, 0, step_end - aligned)
         done += step_end - position
         position = step_end
+        on_step(done)
     return done
 
 
 def _read_plain(
-    fd: int, offset: int, length: int, buffer: bytearray, stop: Callable[[], bool]
+    fd: int, offset: int, length: int, buffer: bytearray, stop: Callable[[], bool], on_step: Step
 ) -> int:
     view = memoryview(buffer)
     done = 0
@@ -71,6 +82,7 @@ def _read_plain(
         if got == 0:
             break
         done += got
+        on_step(done)
     return done
 
 
@@ -100,6 +112,7 @@ def read_range(
     length: int,
     method: ReadMethod,
     stop: Callable[[], bool] = lambda: False,
+    on_step: Step | None = None,
 ) -> int:
     """Bring ``[offset, offset+length)`` of an open file into the page cache.
 
@@ -108,14 +121,17 @@ def read_range(
     :param method: ``sendfile`` (to /dev/null, zero-copy), ``mmap`` (``MADV_POPULATE_READ``,
         zero-copy) or ``read`` (``preadv`` into a per-thread 1 MiB buffer).
     :param stop: polled between steps of at most 8 MiB; a true result ends the read early.
+    :param on_step: called on this thread after every step with the bytes brought in so
+        far (the ``read`` method's steps are its 1 MiB buffer).
     :return: bytes brought in (less than ``length`` at end of file or after a stop).
     :raises OSError: from the kernel; ``EINVAL``/``ENOSYS``/``EOPNOTSUPP`` mean "this
         filesystem refuses the method", other codes are real read errors.
     """
+    step = _no_step if on_step is None else on_step
     if method == "sendfile":
-        return _read_sendfile(fd, offset, length, _sink(), stop)
+        return _read_sendfile(fd, offset, length, _sink(), stop, step)
     if method == "mmap":
-        return _read_mmap(fd, offset, length, stop)
+        return _read_mmap(fd, offset, length, stop, step)
     if method == "read":
-        return _read_plain(fd, offset, length, _buffer(), stop)
+        return _read_plain(fd, offset, length, _buffer(), stop, step)
     raise ValueError(f"unknown read method {method!r}")

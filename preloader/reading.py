@@ -157,6 +157,7 @@ def read_with_fallback(
     stop: Callable[[], bool],
     outcome: Outcome,
     skip_cached: bool = True,
+    on_step: fileread.Step | None = None,
 ) -> None:
     """Bring ``chunk`` into the page cache with ``method``, falling back where refused.
 
@@ -165,6 +166,8 @@ def read_with_fallback(
 
     :param skip_cached: ``False`` for a chunk just prefetched: cachestat counts pages
         whose read is still in flight (or failed), so only the read tells it is there.
+    :param on_step: told the bytes read so far after every step (see
+        :func:`.fileread.read_range`); a fallback starts again from 0.
     """
     if skip_cached and _all_cached(fd, chunk):
         outcome.read_bytes = chunk.length
@@ -172,7 +175,9 @@ def read_with_fallback(
         return
     while True:
         try:
-            outcome.read_bytes = fileread.read_range(fd, chunk.offset, chunk.length, method, stop)
+            outcome.read_bytes = fileread.read_range(
+                fd, chunk.offset, chunk.length, method, stop, on_step
+            )
             outcome.method = method
             return
         except OSError as err:

@@ -18,6 +18,7 @@ from .filetable import FileTable, optional
 from .planner import Skipped
 
 __all__ = [
+    "ChunkProgress",
     "FileResidency",
     "FileResult",
     "FileResults",
@@ -31,9 +32,29 @@ __all__ = [
 ]
 
 
+class ChunkProgress:
+    """The bytes one chunk being read has brought in so far.
+
+    Made and dropped on the event loop; only the worker thread reading the chunk writes
+    :attr:`bytes` (it is the read's ``on_step``), so the loop may sum it at any time.
+    """
+
+    __slots__ = ("bytes",)
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def __call__(self, done: int) -> None:
+        self.bytes = done
+
+
 @dataclass
 class WarmProgress:
-    """Live counters, written by the engine on the event loop, read by front ends."""
+    """Live counters, written by the engine on the event loop, read by front ends.
+
+    :ivar bytes_read: bytes of the chunks read to the end.
+    :ivar reading: the chunks of big files being read now (see :attr:`bytes_arrived`).
+    """
 
     state: str = "planning"
     files_total: int = 0
@@ -43,6 +64,16 @@ class WarmProgress:
     errors: int = 0
     concurrency: int = 0
     started: float = field(default_factory=time.monotonic)
+    reading: set[ChunkProgress] = field(default_factory=set)
+
+    @property
+    def bytes_arrived(self) -> int:
+        """:attr:`bytes_read` and what the chunks being read have brought in so far.
+
+        It moves every read step (8 MiB) rather than every chunk (64 MiB or more), which
+        is what a rate measured over a second or two needs. Read it on the event loop.
+        """
+        return self.bytes_read + sum(chunk.bytes for chunk in self.reading)
 
     @property
     def elapsed(self) -> float:

@@ -10,10 +10,12 @@ also opens whenever ``/readyz`` does (at lead 0 only then), and once open it sta
 The estimate (:func:`estimate_seconds_left`) is the bytes the first pass has left over its
 read rate, the rate being the bytes read over the last :data:`WINDOW_SECONDS` of the pass
 (since its start while it is younger): a sliding-window mean, sampled every
-:data:`TICK_SECONDS`, so a chunk that completes moves it by at most one chunk over the
-window. There is no estimate before the pass has run :data:`MIN_SECONDS` (a first chunk
-that lands at once would promise an absurd rate), nor while no byte arrived in the window
-(a stall is no reason to start the server).
+:data:`TICK_SECONDS`. Bytes count as they arrive, every read step of a chunk (8 MiB; see
+:attr:`.WarmProgress.bytes_arrived`), not when the chunk completes: a pass of a few 64 MiB
+chunks per stream would otherwise show nothing for a second and then a jump. There is no
+estimate before the pass has run :data:`MIN_SECONDS` and read :func:`estimate_guard_bytes`
+(the first bytes of a stream can land at once and promise an absurd rate), nor while no
+byte arrived in the window (a stall is no reason to start the server).
 
 Whether the lead was right (:func:`lead_verdict`): a server that starts early reads the
 shards in the order the warm-up reads them, behind it, from memory. If its start-up was
@@ -152,11 +154,11 @@ def estimate_guard_bytes(concurrency: int, chunk_size: int) -> int:
     """Bytes the first pass must have read before its rate is trusted: one chunk per
     worker and one more.
 
-    Bytes count when a chunk completes, and each worker's first chunk comes in a burst on
-    storage that fetches ahead (s3fs loads 50 MB with parallel GETs at the first read of
-    a file): with the 0.25 s guard alone, the s3fs end-to-end runs opened ``/startz`` at
-    lead 8 s 8.1-12.3 s before the warm-up's end (8.0-9.6 s with this guard). On a local
-    disk this many bytes take less than the time guard.
+    Each stream's first bytes come in a burst on storage that fetches ahead (s3fs loads
+    50 MB with parallel GETs at the first read of a file): with the 0.25 s guard alone,
+    the s3fs end-to-end runs opened ``/startz`` at lead 8 s 8.1-12.3 s before the warm-up's
+    end (8.0-9.6 s with this guard, then counted per chunk). On a local disk this many
+    bytes take less than the time guard.
     """
     return (max(1, concurrency) + 1) * chunk_size
 

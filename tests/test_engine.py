@@ -69,10 +69,12 @@ async def test_a_big_file_is_read_by_several_workers_once_per_chunk_with_one_ope
     opens: Counter[str] = Counter()
     real_read, real_open = fileread.read_range, os.open
 
-    def counting_read(fd: int, offset: int, length: int, method: str, stop: object) -> int:
+    def counting_read(
+        fd: int, offset: int, length: int, method: str, stop: object, on_step: object = None
+    ) -> int:
         reads[(offset, length)] += 1
         threads.add(threading.get_ident())
-        return real_read(fd, offset, length, method, stop)  # type: ignore[arg-type]
+        return real_read(fd, offset, length, method, stop, on_step)  # type: ignore[arg-type]
 
     def counting_open(path: str, flags: int, *args: int) -> int:
         opens[os.fspath(path)] += 1
@@ -211,6 +213,40 @@ async def test_progress_is_updated_on_the_event_loop(model_dir: Path) -> None:
     assert seen == sorted(seen)
 
 
+async def test_bytes_arrive_with_every_read_step_and_never_count_twice(big_file: Path) -> None:
+    progress = WarmProgress()
+    seen: list[tuple[int, int]] = []
+
+    async def watch() -> None:
+        while progress.state != "done":
+            seen.append((progress.bytes_arrived, progress.bytes_read))
+            await anyio.sleep(0)
+
+    plan = build_plan([str(big_file)])
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch)
+        await warm_plan(plan, WarmOptions(chunk_size=16 * MiB), progress=progress)
+    arrived = [a for a, _ in seen]
+    # A chunk's bytes move from arriving to read in one step of the loop: never a dip.
+    assert arrived == sorted(arrived)
+    assert all(a >= r for a, r in seen)
+    assert not progress.reading
+    assert progress.bytes_arrived == progress.bytes_read == plan.total_bytes
+
+
+@pytest.mark.parametrize("method", ["sendfile", "mmap", "read"])
+def test_a_read_tells_its_bytes_after_every_step(big_file: Path, method: str) -> None:
+    steps: list[int] = []
+    length = 20 * MiB
+    fd = os.open(big_file, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert fileread.read_range(fd, 0, length, method, on_step=steps.append) == length
+    finally:
+        os.close(fd)
+    assert len(steps) >= 3 and steps == sorted(steps) and steps[-1] == length
+
+
 def test_options_reject_nonsense() -> None:
     with pytest.raises(ValueError, match="method"):
         WarmOptions(method="cat")
@@ -264,9 +300,11 @@ async def test_rewarm_reads_only_the_lost_chunks(
     reads: Counter[tuple[int, int]] = Counter()
     real_read = fileread.read_range
 
-    def counting_read(fd: int, offset: int, length: int, method: str, stop: object) -> int:
+    def counting_read(
+        fd: int, offset: int, length: int, method: str, stop: object, on_step: object = None
+    ) -> int:
         reads[(offset, length)] += 1
-        return real_read(fd, offset, length, method, stop)  # type: ignore[arg-type]
+        return real_read(fd, offset, length, method, stop, on_step)  # type: ignore[arg-type]
 
     monkeypatch.setattr(fileread, "read_range", counting_read)
     report = await rewarm_chunks(plan, measured.lost, WarmOptions(chunk_size=4 * MiB))
@@ -310,9 +348,11 @@ async def test_warming_a_warm_file_reads_only_the_chunks_that_lost_pages(
     reads: list[tuple[int, int]] = []
     real_read = fileread.read_range
 
-    def counting_read(fd: int, offset: int, length: int, method: str, stop: object) -> int:
+    def counting_read(
+        fd: int, offset: int, length: int, method: str, stop: object, on_step: object = None
+    ) -> int:
         reads.append((offset, length))
-        return real_read(fd, offset, length, method, stop)  # type: ignore[arg-type]
+        return real_read(fd, offset, length, method, stop, on_step)  # type: ignore[arg-type]
 
     monkeypatch.setattr(fileread, "read_range", counting_read)
     again = await warm_plan(plan, options)

@@ -71,9 +71,14 @@ async def test_a_page_lost_during_the_pass_is_fetched_again_once_on_the_same_ope
     real_read = fileread.read_range
 
     def read_then_lose_a_page(
-        fd: int, offset: int, length: int, method: str, stop: object = lambda: False
+        fd: int,
+        offset: int,
+        length: int,
+        method: str,
+        stop: object = lambda: False,
+        on_step: object = None,
     ) -> int:
-        done = real_read(fd, offset, length, method, stop)  # type: ignore[arg-type]
+        done = real_read(fd, offset, length, method, stop, on_step)  # type: ignore[arg-type]
         if offset == 7 * MiB and not dropped.is_set():
             _drop(fd, 3 * MiB, 4096)  # as a page lost under the pass would be
             dropped.set()

@@ -63,9 +63,11 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     done: list[str] = []
     real = fileread.read_range
 
-    def counting(fd: int, offset: int, length: int, method: str, stop: Any) -> int:
+    def counting(
+        fd: int, offset: int, length: int, method: str, stop: Any, on_step: Any = None
+    ) -> int:
         done.append(_path_of(fd))
-        return real(fd, offset, length, method, stop)
+        return real(fd, offset, length, method, stop, on_step)
 
     monkeypatch.setattr(fileread, "read_range", counting)
     yield done

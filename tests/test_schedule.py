@@ -219,13 +219,15 @@ def _record_reads(
     lock = threading.Lock()
     real_read = fileread.read_range
 
-    def recording_read(fd: int, offset: int, length: int, method: str, stop: object) -> int:
+    def recording_read(
+        fd: int, offset: int, length: int, method: str, stop: object, on_step: object = None
+    ) -> int:
         path = os.readlink(f"/proc/self/fd/{fd}")
         with lock:
             calls.append((path, offset))
         if before is not None:
             before(path, offset)
-        return real_read(fd, offset, length, method, stop)  # type: ignore[arg-type]
+        return real_read(fd, offset, length, method, stop, on_step)  # type: ignore[arg-type]
 
     monkeypatch.setattr(fileread, "read_range", recording_read)
     # Chunks of 1 MiB fit in the kernel's readahead of the one before (8 MiB on this VM's

@@ -318,6 +318,34 @@ def test_with_a_lead_the_start_gate_opens_before_readyz(
 
 
 @needs_fuse
+def test_the_estimate_counts_bytes_as_they_arrive_not_when_a_chunk_completes(
+    fuse_fs: Callable[..., FuseMount], served: list[Served]
+) -> None:
+    # Two 32 MiB chunks, the first held from 20 MiB on: no chunk completes, but the two
+    # 8 MiB read steps before the hold are bytes the estimate can measure a rate on.
+    fs = fuse_fs({"files": {"a.safetensors": {"size": 64 * MiB, "gate_from": 20 * MiB}}})
+    server = track(
+        served,
+        str(fs.mountpoint),
+        "-c",
+        "1",
+        "--chunk-size",
+        "32MiB",
+        "--recheck-seconds",
+        "0",
+        env={"PRELOADER_START_LEAD": "3600"},
+    )
+    fs.wait_for("GATE read")
+    opened = server.poll(lambda: (lambda r: r[1] if r[0] == 200 else None)(server.json("/startz")))
+    assert opened["opened_by"] == "estimate"
+    status, ready = server.json("/readyz")
+    assert status == 503 and ready["state"] == "warming"
+    fs.release()
+    server.poll(lambda: ready_body(server))
+    assert server.stop()[0] == 0
+
+
+@needs_fuse
 def test_at_lead_zero_the_start_gate_opens_together_with_readyz(
     fuse_fs: Callable[..., FuseMount], served: list[Served]
 ) -> None:
