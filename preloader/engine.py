@@ -401,7 +401,8 @@ class _Engine:
         def finish() -> int | None:
             try:
                 if whole:
-                    fill_holes(fd, size, method)  # while the FUSE client still holds the data
+                    # While the FUSE client still holds the data; not after a stop.
+                    fill_holes(fd, size, method, self.stop.is_set)
                 return after_read(fd, size) if verify else None
             finally:
                 os.close(fd)

@@ -18,6 +18,8 @@ it is).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from . import fileread, pagecache
 
 __all__ = ["HOLE_WINDOW", "fill_holes"]
@@ -26,12 +28,20 @@ HOLE_WINDOW = 8 * 2**20
 """Missing pages are looked for, and re-read, in windows of this many bytes."""
 
 
-def fill_holes(fd: int, size: int, method: fileread.ReadMethod) -> int:
+def fill_holes(
+    fd: int,
+    size: int,
+    method: fileread.ReadMethod,
+    stop: Callable[[], bool] = lambda: False,
+) -> int:
     """Re-read every window of ``[0, size)`` that has pages missing from the page cache.
 
     :param fd: the descriptor the pass read the file with, still open.
     :param size: the planned bytes of the file.
     :param method: the pass's read method (resident pages cost no I/O to read again).
+    :param stop: the pass's stop request, polled before every window and inside its read:
+        a stopped pass leaves the rest of the file unread, holes included (the holes of a
+        pass stopped mid-file are all it did not read).
     :return: bytes of the windows re-read (0 when every page was resident, or when
         ``cachestat`` is not available or refused).
     """
@@ -45,12 +55,14 @@ def fill_holes(fd: int, size: int, method: fileread.ReadMethod) -> int:
         return 0
     reread = 0
     for offset in range(0, size, HOLE_WINDOW):
+        if stop():
+            break
         length = min(HOLE_WINDOW, size - offset)
         want = -(-length // pagecache.PAGE_SIZE)
         try:
             if pagecache.cachestat(fd, offset, length).cached >= want:
                 continue
-            reread += fileread.read_range(fd, offset, length, method)
+            reread += fileread.read_range(fd, offset, length, method, stop)
         except OSError:
             return reread  # a real read error was reported by the pass already
     return reread

@@ -96,3 +96,41 @@ async def test_a_page_lost_during_the_pass_is_fetched_again_once_on_the_same_ope
     opens = [n for n, line in enumerate(lines) if line.startswith("OPEN /shard.bin")]
     reads = [n for n, line in enumerate(lines) if line.startswith(f"READ /shard.bin {3 * MiB} ")]
     assert len(reads) == 2 and (len(opens) == 1 or reads[1] < opens[1])
+
+
+@needs_fuse
+@pytest.mark.anyio
+async def test_a_stopped_pass_leaves_what_it_did_not_read_unread(
+    fuse_fs: Callable[..., FuseMount], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stop comes at the first read step of the file's last chunk: that chunk ends
+    # short, the file is finished, and the holes of a stopped pass are everything it did
+    # not read. They must stay unread, or a stop (SIGTERM, --timeout) waits for the rest
+    # of the file at the storage's pace.
+    size = 64 * MiB
+    fs = fuse_fs({"cache": "keep", "files": {"shard.bin": {"size": size}}})
+    stop = threading.Event()
+    real_read = fileread.read_range
+
+    def stop_in_the_last_chunk(
+        fd: int,
+        offset: int,
+        length: int,
+        method: str,
+        stop_requested: object = lambda: False,
+        on_step: object = None,
+    ) -> int:
+        def step(done: int) -> None:
+            if callable(on_step):
+                on_step(done)
+            if offset == size - 32 * MiB:
+                stop.set()
+
+        return real_read(fd, offset, length, method, stop_requested, step)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fileread, "read_range", stop_in_the_last_chunk)
+    plan = build_plan([str(fs.path("shard.bin"))])
+    report = await warm_plan(plan, WarmOptions(concurrency=2, chunk_size=32 * MiB), stop=stop)
+    assert stop.is_set() and report.interrupted
+    assert report.read_bytes < size
+    assert fs.bytes_served("shard.bin") < size
