@@ -57,6 +57,8 @@ echo "== ruff"
 "$PYTHON" -m ruff format --check .
 echo "== mypy --strict"
 "$PYTHON" -m mypy
+echo "== lint-imports (the layer contract in pyproject.toml)"
+"$("$PYTHON" -c 'import os, sys; print(os.path.dirname(sys.executable))')/lint-imports"
 echo "== pytest"
 # pytest writes its JUnit report only when the session ends as it should: a test that
 # makes the process exit early (os._exit in code under test) leaves none, whatever the

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from hypothesis import settings
 
-from preloader import pagecache
-from preloader.demo import write_demo_model
+from preloader.cli.demomodel import write_demo_model
+from preloader.kernel import pagecache
 
 from .fusefs import FuseMount
 

@@ -14,22 +14,19 @@ from pathlib import Path
 import pytest
 
 from preloader import errors
-from preloader.budget import (
-    CgroupLevel,
-    Headroom,
-    MemoryBudget,
+from preloader.cli.demomodel import write_demo_model
+from preloader.kernel.cgroups import (
     Mount,
-    check_plan,
     memory_cgroup_dirs,
-    parse_headroom,
     parse_limit,
     parse_meminfo,
     parse_mountinfo,
     parse_proc_cgroup,
-    read_memory_budget,
 )
-from preloader.demo import write_demo_model
-from preloader.planner import FileSpec, Plan
+from preloader.planning.budget import CgroupLevel, MemoryBudget, check_plan, read_memory_budget
+from preloader.planning.planner import Plan
+from preloader.planning.specs import FileSpec
+from preloader.settings import Headroom, parse_headroom
 
 from .conftest import REPO, evict_tree, fincore_resident_bytes, run_cli, run_cli_in_cgroup
 from .test_cli import _log_lines
@@ -284,7 +281,7 @@ def _budget_in_child(prefix: list[str], code: str) -> dict[str, object]:
 
 
 READ_BUDGET = (
-    "import json; from preloader.budget import read_memory_budget; "
+    "import json; from preloader.planning.budget import read_memory_budget; "
     "print(json.dumps(read_memory_budget().to_json()))"
 )
 

@@ -10,7 +10,8 @@ from typing import Any
 import celpy
 from celpy import celtypes
 
-from preloader.nodelabels import STOP_SECONDS, NodeLabelConfig
+from preloader.labels import NodeLabelConfig
+from preloader.serve.kube.nodelabels import STOP_SECONDS
 
 from . import deploy_manifests as dm
 

@@ -22,7 +22,7 @@ import click
 import pytest
 
 from preloader import errors
-from preloader.cli import cli
+from preloader.cli.app import cli
 
 from ._serve import Served, ready_body, track
 from .conftest import CliProcess, evict_tree, needs_fuse, run_cli

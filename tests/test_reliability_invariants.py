@@ -34,7 +34,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from preloader import errors
-from preloader.cli import cli
+from preloader.cli.app import cli
 
 from ._serve import Served, track
 from .conftest import REPO, CliProcess, cli_env, evict_tree, needs_fuse, run_cli

@@ -171,8 +171,9 @@ def test_signal_while_verifying(
 
 
 def test_the_documented_grace_periods_are_what_the_code_uses() -> None:
-    from preloader import cli, engine
+    from preloader import cli
+    from preloader.engine import reading
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert f"{engine.STOP_GRACE_SECONDS:g} s" in readme
+    assert f"{reading.STOP_GRACE_SECONDS:g} s" in readme
     assert f"{cli.SHUTDOWN_GRACE_SECONDS:g} s" in readme

@@ -19,11 +19,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from preloader import fileread, reading, schedule
-from preloader.engine import WarmOptions, rewarm_chunks, warm_plan
-from preloader.filetable import FileTable
-from preloader.planner import Chunk, FileSpec, build_plan, iter_chunks
-from preloader.schedule import Schedule, Stream, filesystem_type, solo_rule, split_rule
+from preloader.engine import reading, schedule
+from preloader.engine.schedule import Schedule, Stream, filesystem_type, solo_rule, split_rule
+from preloader.engine.warm import rewarm_chunks, warm_plan
+from preloader.kernel import fileread
+from preloader.planning.filetable import FileTable
+from preloader.planning.planner import build_plan
+from preloader.planning.specs import Chunk, FileSpec, iter_chunks
+from preloader.settings import WarmOptions
 
 from .conftest import needs_fuse
 from .fusefs import FuseMount

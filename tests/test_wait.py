@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from preloader import errors
+from preloader.cli.readiness import poll_once, wait_ready
 from preloader.errors import UsageError
 from preloader.settings import WaitConfig
-from preloader.wait import poll_once, wait_ready
 
 from ._serve import REPO, start_serve
 from .conftest import run_cli

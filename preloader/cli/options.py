@@ -43,7 +43,7 @@ from ..settings import (
 from .paramtypes import HeadroomType, Number, Size
 
 if TYPE_CHECKING:
-    from ..nodelabels import NodeLabelConfig
+    from ..labels import NodeLabelConfig
 
 __all__ = [
     "BudgetArgs",
@@ -152,7 +152,7 @@ class SelectionArgs:
         A ``MODEL_DIR`` or ``PRELOADER_PATHS`` entry that does not exist is a warning
         (the others are still used; with none left the command skips, exit 0).
         """
-        from ..planner import printable  # here: importing options stays light (`--version`)
+        from ..units import printable
 
         if not self.paths:
             for candidate in [self.model_dir or "", *self.env_paths]:
@@ -354,7 +354,7 @@ class NodeLabelArgs:
         """
         if not self.node_label:
             return None
-        from ..nodelabels import NodeLabelConfig  # serve --node-label only
+        from ..labels import NodeLabelConfig
 
         return NodeLabelConfig.resolve(
             self.node_name, paths, self.model_names, self.label_grace, self.kubeconfig
