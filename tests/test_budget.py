@@ -16,13 +16,12 @@ import pytest
 from preloader import errors
 from preloader.cli.demomodel import write_demo_model
 from preloader.kernel.cgroups import (
-    Mount,
     memory_cgroup_dirs,
     parse_limit,
     parse_meminfo,
-    parse_mountinfo,
     parse_proc_cgroup,
 )
+from preloader.kernel.mounts import Mount, parse_mountinfo
 from preloader.planning.budget import CgroupLevel, MemoryBudget, check_plan, read_memory_budget
 from preloader.planning.planner import Plan
 from preloader.planning.specs import FileSpec
@@ -75,7 +74,8 @@ def test_proc_cgroup_v1_controllers_and_the_v2_line() -> None:
 
 def test_mountinfo_fields_and_octal_escapes() -> None:
     mounts = parse_mountinfo(V1_MOUNTINFO + r"50 1 0:40 / /mnt/with\040space rw - ext4 /dev/x rw")
-    assert Mount("/", "/sys/fs/cgroup/memory", "cgroup", ("rw", "memory")) in mounts
+    memory = Mount("/", "/sys/fs/cgroup/memory", "cgroup", ("rw", "memory"), os.makedev(0, 32))
+    assert memory in mounts
     assert mounts[-1].mount_point == "/mnt/with space"
     assert parse_mountinfo("garbage\n") == []
 

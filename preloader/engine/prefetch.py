@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from collections.abc import Iterable
 
-from ..kernel.procfs import mount_types
+from ..kernel.mounts import MOUNTINFO, filesystem_type
 from ..planning.filetable import FileTable
 from ..planning.specs import FileSpec
 
@@ -29,11 +28,8 @@ PREFETCH_FILESYSTEMS = frozenset(
 )
 """Filesystems that always sit on a local block device and read ahead on ``WILLNEED``."""
 
-_lock = threading.Lock()
-_by_device: dict[tuple[str, int], bool] = {}
 
-
-def may_prefetch(spec: FileSpec, mountinfo: str = "/proc/self/mountinfo") -> bool:
+def may_prefetch(spec: FileSpec, mountinfo: str = MOUNTINFO) -> bool:
     """Whether ``spec`` lies on a filesystem where :func:`prefetch` is used.
 
     Decided by the device the file was planned on, so it touches no file. The mount table
@@ -43,7 +39,7 @@ def may_prefetch(spec: FileSpec, mountinfo: str = "/proc/self/mountinfo") -> boo
     return _local(spec.dev, mountinfo)
 
 
-def all_local(devices: Iterable[int], mountinfo: str = "/proc/self/mountinfo") -> bool:
+def all_local(devices: Iterable[int], mountinfo: str = MOUNTINFO) -> bool:
     """Whether every one of ``devices`` is a :data:`PREFETCH_FILESYSTEMS` filesystem."""
     return all(_local(dev, mountinfo) for dev in devices)
 
@@ -61,12 +57,7 @@ def measuring_threads(files: FileTable, elsewhere: int) -> int:
 
 
 def _local(dev: int, mountinfo: str) -> bool:
-    known = _by_device.get((mountinfo, dev))
-    if known is None:
-        known = mount_types(mountinfo).get(dev) in PREFETCH_FILESYSTEMS
-        with _lock:
-            _by_device[(mountinfo, dev)] = known
-    return known
+    return filesystem_type(dev, mountinfo) in PREFETCH_FILESYSTEMS
 
 
 def prefetch(fd: int, offset: int, length: int) -> None:

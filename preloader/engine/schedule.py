@@ -22,17 +22,16 @@ solo while :data:`SOLO_STREAMS` solo files are running retires.
 Runs of whole small files go to one worker as one batch (up to one chunk's bytes or
 ``max_files`` files), so 100,000 small files cost a few thousand thread hand-offs.
 
-Pure bookkeeping: no I/O except :func:`split_rule`, which reads the mount table
-(``/proc/self/mountinfo``) once.
+Pure bookkeeping: no I/O but the filesystem types :func:`split_rule` and
+:func:`solo_rule` ask :mod:`preloader.kernel.mounts` for (its cached mount table).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..kernel.procfs import mount_types
+from ..kernel.mounts import filesystem_type
 from ..planning.filetable import FileTable
 from ..planning.specs import Chunk, FileSpec, chunk_count
 from ..settings import SPLIT_MODES
@@ -228,35 +227,21 @@ class Schedule:
         return (self._chunk(stream),), stream
 
 
-def filesystem_type(path: str) -> str | None:
-    """The type of the filesystem ``path`` lies on, or ``None`` when unknown."""
-    try:
-        dev = os.stat(path).st_dev
-    except OSError:
-        return None
-    return mount_types().get(dev)
-
-
 def solo_rule(mode: str = "auto") -> Callable[[FileSpec], bool]:
     """Whether a planned file should be read with at most :data:`SOLO_STREAMS` such files.
 
     Under ``auto``: files of at least :data:`SOLO_MIN_BYTES` on the filesystems of
-    :data:`NO_SPLIT_FILESYSTEMS`, by the planned device (no I/O but one read of the mount
-    table). ``always`` and ``never`` (a split forced by the user) read files side by side.
+    :data:`NO_SPLIT_FILESYSTEMS`, by the planned device (no I/O but the mount table's,
+    :func:`~preloader.kernel.mounts.filesystem_type`). ``always`` and ``never`` (a split
+    forced by the user) read files side by side.
     """
     if mode not in SPLIT_MODES:
         raise ValueError(f"unknown split mode {mode!r}")
     if mode != "auto":
         return lambda spec: False
-    types: dict[int, str] | None = None
 
     def solo(spec: FileSpec) -> bool:
-        nonlocal types
-        if spec.size < SOLO_MIN_BYTES:
-            return False
-        if types is None:
-            types = mount_types()
-        return types.get(spec.dev) in NO_SPLIT_FILESYSTEMS
+        return spec.size >= SOLO_MIN_BYTES and filesystem_type(spec.dev) in NO_SPLIT_FILESYSTEMS
 
     return solo
 
@@ -265,8 +250,8 @@ def split_rule(mode: str = "auto") -> Callable[[FileSpec], bool]:
     """Whether reading a planned file with several workers at once should beat one stream.
 
     The answer goes by the device the file was planned on (:attr:`FileSpec.dev`), so it
-    touches no file: a hung mount cannot block the caller. The mount table is read once,
-    at the first question.
+    touches no file: a hung mount cannot block the caller (the mount table is
+    :func:`~preloader.kernel.mounts.filesystem_type`'s).
 
     :param mode: ``always``, ``never``, or ``auto``: yes except on the filesystems of
         :data:`NO_SPLIT_FILESYSTEMS`.
@@ -275,12 +260,8 @@ def split_rule(mode: str = "auto") -> Callable[[FileSpec], bool]:
         raise ValueError(f"unknown split mode {mode!r}")
     if mode != "auto":
         return lambda spec: mode == "always"
-    types: dict[int, str] | None = None
 
     def pays(spec: FileSpec) -> bool:
-        nonlocal types
-        if types is None:
-            types = mount_types()
-        return types.get(spec.dev) not in NO_SPLIT_FILESYSTEMS
+        return filesystem_type(spec.dev) not in NO_SPLIT_FILESYSTEMS
 
     return pays

@@ -1,65 +1,28 @@
 """Pure parsers of the files that locate and size this process's memory cgroup.
 
-``/proc/self/mountinfo``, ``/proc/self/cgroup``, cgroup v1/v2 limit files and
-``/proc/meminfo``: text in, simple values out, so each can be tested alone; the reads
+``/proc/self/cgroup``, cgroup v1/v2 limit files and ``/proc/meminfo``, and which mounts
+(:func:`~.mounts.parse_mountinfo`) hold this process's memory cgroup: text in, simple
+values out, so each can be tested alone; the reads
 are :func:`preloader.kernel.procfs.read_text`, called from :mod:`preloader.planning.budget`.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+
+from .mounts import Mount
 
 __all__ = [
-    "Mount",
     "memory_cgroup_dirs",
     "parse_limit",
     "parse_meminfo",
-    "parse_mountinfo",
     "parse_proc_cgroup",
 ]
 
 # cgroup v1 says "no limit" with PAGE_COUNTER_MAX pages in bytes (9223372036854771712 on
 # 4 KiB pages); anything this large is no limit on any real machine.
 _UNLIMITED = 1 << 62
-
-
-@dataclass(frozen=True)
-class Mount:
-    """One line of ``/proc/self/mountinfo``, the parts that locate cgroups."""
-
-    root: str
-    mount_point: str
-    fstype: str
-    super_options: tuple[str, ...]
-
-
-def _unescape(text: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \\ooo
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
-
-
-def parse_mountinfo(text: str) -> list[Mount]:
-    """Parse ``/proc/self/mountinfo`` (see proc(5)); malformed lines are ignored."""
-    mounts = []
-    for line in text.splitlines():
-        fields = line.split()
-        if "-" not in fields:
-            continue
-        sep = fields.index("-")
-        if sep < 6 or len(fields) < sep + 3:
-            continue
-        mounts.append(
-            Mount(
-                root=_unescape(fields[3]),
-                mount_point=_unescape(fields[4]),
-                fstype=fields[sep + 1],
-                super_options=tuple(fields[sep + 3].split(",")) if len(fields) > sep + 3 else (),
-            )
-        )
-    return mounts
 
 
 def parse_proc_cgroup(text: str) -> tuple[dict[str, str], str | None]:

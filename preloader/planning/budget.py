@@ -24,9 +24,9 @@ from ..kernel.cgroups import (
     memory_cgroup_dirs,
     parse_limit,
     parse_meminfo,
-    parse_mountinfo,
     parse_proc_cgroup,
 )
+from ..kernel.mounts import parse_mountinfo
 from ..kernel.procfs import read_text
 from ..settings import DEFAULT_HEADROOM, ON_OVERFLOW_POLICIES, Headroom, OnOverflow
 from ..units import format_bytes

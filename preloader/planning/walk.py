@@ -16,7 +16,7 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from ..kernel.procfs import mount_types
+from ..kernel.mounts import refresh_mounts
 from ..units import printable
 from . import formats
 from .filetable import FileColumns, FileTable
@@ -382,7 +382,9 @@ def walk_roots(
     """Walk every root (see :func:`preloader.planning.planner.build_plan` for the rules): the walk,
     holding what it skipped, chose and found wrong, and the files in warm order."""
     walk = _Walk(include=include, exclude=exclude, all_formats=all_formats)
-    walk.pseudo = {dev: kind for dev, kind in mount_types().items() if kind in PSEUDO_FILESYSTEMS}
+    walk.pseudo = {
+        dev: kind for dev, kind in refresh_mounts().items() if kind in PSEUDO_FILESYSTEMS
+    }
     for root in roots:
         walk.allow(root)
     order = array("i")
