@@ -65,6 +65,9 @@ before the plan runs out."""
 AUTO_MIN_CHUNK = 16 * 1024 * 1024
 
 ReadMethod = Literal["auto", "sendfile", "mmap", "read"]
+"""``--method``: ``auto`` starts with ``sendfile`` and falls back to ``read`` where a
+filesystem refuses it; the others are :func:`preloader.kernel.fileread.read_range`'s
+methods, one of which every read uses."""
 READ_METHODS: tuple[ReadMethod, ...] = get_args(ReadMethod)
 
 OnOverflow = Literal["warn", "trim", "fail"]

@@ -3,8 +3,7 @@
 Every preloader command line in the manifests (image args, zipapp calls in shell
 scripts, the postStart hook) must parse with the real click CLI, and every PRELOADER_*
 variable a container sets must be the envvar of an option of that command (or of the
-global options); MODEL_DIR is the reference name. Commands that have not landed yet
-(`serve`, `wait`: issue 3) are skipped with that reason and start counting when they do.
+global options); MODEL_DIR is the reference name.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What the serve agent shows: immutable snapshots of its state, and their JSON.
 
-Threading contract: :meth:`preloader.agent.Agent.snapshot` builds these from plain
+Threading contract: :meth:`preloader.agent.agent.Agent.snapshot` builds these from plain
 attributes; the HTTP handlers and the metrics collector read them from uvicorn's thread
 (see :mod:`preloader.serve.server`). They are frozen and hold no reference to live state.
 """

@@ -63,7 +63,6 @@ __all__ = [
 ]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-_Decorator = Callable[[_F], _F]
 
 
 def _stack(decorators: Sequence[Callable[[Any], Any]]) -> Callable[[_F], _F]:

@@ -1,6 +1,6 @@
 """Progress display for the CLI: a tqdm bar on a terminal, periodic log lines elsewhere.
 
-It only reads :class:`~preloader.engine.WarmProgress`; the engine never prints.
+It only reads :class:`~preloader.engine.reports.WarmProgress`; the engine never prints.
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
 """Fill the holes a read pass left in a file, before its descriptor is closed.
 
 A pass can end with a few pages of a file not resident (seen through s3fs on a busy
-machine: 1.3 MB of 2 GiB after ``warm``, the cause in the kernel's FUSE cache or s3fs not
-found). Re-reading them later costs far more than the pages: s3fs keeps what it fetched
-only while the file is open, and a read at an offset it has not loaded fetches
-``multipart_size x parallel_count`` (50 MiB) from there on, whatever the kernel holds.
-Measured over the bench's loopback S3 on a 512 MiB object: one 4 KiB page dropped and read
-again after the file was closed fetched 50 MiB in 5 GETs; the same page read again while a
-descriptor was still open fetched nothing. A loader that touches each of those holes pays
-50 MiB for it (1.3x the model's bytes in one e2e run), so the engine fills them on the
-descriptor it read with, before closing it (:func:`fill_holes`).
+machine: 1.3 MB of 2 GiB after ``warm``). Re-reading them later costs far more than the
+pages: s3fs keeps what it fetched only while the file is open, and a read at an offset
+it has not loaded fetches ``multipart_size x parallel_count`` (50 MiB) from there on,
+whatever the kernel holds. Measured over the bench's loopback S3 on a 512 MiB object:
+one 4 KiB page dropped and read again after the file was closed fetched 50 MiB in 5
+GETs; the same page read again while a descriptor was still open fetched nothing. A
+loader that touches each of those holes pays 50 MiB for it (1.3x the model's bytes in
+one e2e run), so the engine fills them on the descriptor it read with, before closing it
+(:func:`fill_holes`).
 
 Synchronous and small: one ``cachestat`` per file when nothing is missing, one per window
 otherwise; no ``mincore`` fallback (a file whose residency cannot be measured is left as
@@ -32,7 +32,7 @@ HOLE_WINDOW = 8 * 2**20
 def fill_holes(
     fd: int,
     size: int,
-    method: fileread.ReadMethod,
+    method: str,
     stop: Callable[[], bool] = lambda: False,
 ) -> int:
     """Re-read every window of ``[0, size)`` that has pages missing from the page cache.

@@ -1,13 +1,12 @@
 """Keep-warm measurement: residency chunk by chunk, so only lost chunks are read again.
 
-The re-read itself is :func:`preloader.engine.rewarm_chunks` (the engine's workers).
+The re-read itself is :func:`preloader.engine.warm.rewarm_chunks` (the engine's workers).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import stat
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -15,13 +14,14 @@ import anyio
 import anyio.to_thread
 
 from ..kernel import pagecache
+from ..kernel.fileread import OPEN_FLAGS
 from ..planning.filetable import FileTable
 from ..planning.planner import Plan
 from ..planning.specs import Chunk, FileSpec, iter_chunks
 from ..settings import WarmOptions
 from ..units import PAGE_SIZE
 from .prefetch import measuring_threads
-from .reading import OPEN_FLAGS, describe, open_regular
+from .reading import describe, open_regular
 
 __all__ = ["ChunkResidency", "measure_chunks"]
 
@@ -154,7 +154,6 @@ def _measure_run(files: FileTable, first: int, end: int, chunk_size: int) -> lis
         return [_measure_file(index, files[index], chunk_size) for index in range(first, end)]
     results: list[ChunkResidency] = []
     append = results.append
-    page = PAGE_SIZE
     folder, folder_fd = "", -1
     try:
         for index in range(first, end):
@@ -177,13 +176,13 @@ def _measure_run(files: FileTable, first: int, end: int, chunk_size: int) -> lis
                 append(_measure_file(index, files[index], chunk_size))
                 continue
             try:
-                st = os.fstat(fd)
-                if st.st_ino != ino or st.st_dev != dev or not stat.S_ISREG(st.st_mode):
-                    append(_measure_file(index, files[index], chunk_size))  # says what it is now
-                elif size and count(fd, size) == -(-size // page):
+                planned, whole = pagecache.planned_and_whole(fd, size, dev, ino, count)
+                if whole:
                     append(ChunkResidency(index, path, size, size))
-                else:
+                elif planned:
                     append(_measure_open(fd, index, files[index], chunk_size))
+                else:
+                    append(_measure_file(index, files[index], chunk_size))  # says what it is now
             except OSError:
                 append(_measure_open(fd, index, files[index], chunk_size))
             finally:
@@ -200,8 +199,9 @@ async def measure_chunks(
     """Residency of every planned file and the chunks of it that lost pages.
 
     A fully cached file costs an open, a ``cachestat`` and a close; only a file with pages
-    missing is measured chunk by chunk. Chunks are cut as :func:`warm_plan` cuts them for
-    the same ``chunk_size``, so :func:`rewarm_chunks` can re-read exactly the lost ones.
+    missing is measured chunk by chunk. Chunks are cut as :func:`~.warm.warm_plan` cuts
+    them for the same ``chunk_size``, so :func:`~.warm.rewarm_chunks` can re-read exactly
+    the lost ones.
     Files are measured in runs of :data:`_RUN_FILES` per thread hand-off, up to
     ``concurrency`` runs side by side (an open on a network filesystem is a round trip),
     one at a time where every file is on a local disk (:func:`measuring_threads`: 100,000

@@ -1,14 +1,14 @@
 """The worker-thread side of a read pass: open, read with fallback, hand results back.
 
 Everything here runs in a worker thread (or is the bookkeeping it shares with the event
-loop, as :class:`FileState` documents); the scheduling lives in :mod:`preloader.engine`.
+loop, as :class:`FileState` documents); the scheduling lives in :mod:`.readpass` and
+:mod:`.schedule`, the syscalls in :mod:`preloader.kernel.fileread`.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,9 +23,7 @@ from .events import ErrorReason
 from .prefetch import may_prefetch, prefetch
 
 __all__ = [
-    "OPEN_FLAGS",
     "STOP_GRACE_SECONDS",
-    "FileChangedError",
     "FileState",
     "Handoff",
     "Outcome",
@@ -55,37 +53,15 @@ _PREFETCHED = "prefetched"
 _CACHED = "cached"
 
 
-# How a planned file is opened: read-only, and an open that cannot block on a FIFO or
-# take a terminal swapped in since planning (see open_regular).
-OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
-
-
-class FileChangedError(OSError):
-    """The planned file is no longer that file (replaced, or not a regular file)."""
-
-
 def open_regular(spec: FileSpec, blocking: bool = True) -> int:
     """Open a planned file read-only, refusing anything that is no longer that file.
 
-    ``O_NONBLOCK`` keeps a FIFO swapped in since planning from blocking the open; the
-    ``(dev, ino)`` check refuses a file replaced under the same name.
+    :func:`~preloader.kernel.fileread.open_planned` for a :class:`FileSpec`.
 
     :param blocking: clear ``O_NONBLOCK`` once it is known to be the planned file (for
         reading); ``False`` leaves it set, for a descriptor only measured.
     """
-    fd = os.open(spec.path, OPEN_FLAGS)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise FileChangedError(errno.EINVAL, "no longer a regular file")
-        if (st.st_dev, st.st_ino) != (spec.dev, spec.ino):
-            raise FileChangedError(errno.ESTALE, "replaced by another file since planning")
-        if blocking:
-            os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return fileread.open_planned(spec.path, spec.dev, spec.ino, blocking)
 
 
 def describe(err: OSError) -> str:
@@ -95,7 +71,7 @@ def describe(err: OSError) -> str:
 def record_failure(outcome: Outcome, err: OSError) -> None:
     """Note a failed chunk in ``outcome``, with the reason named where it happened."""
     outcome.error = describe(err)
-    outcome.reason = "changed" if isinstance(err, FileChangedError) else "read"
+    outcome.reason = "changed" if isinstance(err, fileread.FileChangedError) else "read"
 
 
 class FileState:
@@ -259,14 +235,11 @@ def still_planned(spec: FileSpec) -> None:
     open, made again once the file has been read, so a file replaced in between is
     ``changed`` and never counted warm.
 
-    :raises FileChangedError: replaced, or no longer a regular file.
+    :raises ~preloader.kernel.fileread.FileChangedError: replaced, or no longer a regular
+        file.
     :raises OSError: the path is gone (deleted since).
     """
-    st = os.stat(spec.path)
-    if not stat.S_ISREG(st.st_mode):
-        raise FileChangedError(errno.EINVAL, "no longer a regular file")
-    if (st.st_dev, st.st_ino) != (spec.dev, spec.ino):
-        raise FileChangedError(errno.ESTALE, "replaced by another file since planning")
+    fileread.check_planned(os.stat(spec.path), spec.dev, spec.ino)
 
 
 def _open_ahead(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
@@ -18,11 +17,11 @@ import anyio
 import anyio.to_thread
 
 from ..kernel import pagecache, reclaim
+from ..kernel.fileread import OPEN_FLAGS
 from ..planning.planner import Plan
 from ..planning.specs import FileSpec
-from ..units import PAGE_SIZE
 from .prefetch import measuring_threads
-from .reading import OPEN_FLAGS, Handoff, cancel_after_stop, describe, open_regular, slide_deadline
+from .reading import Handoff, cancel_after_stop, describe, open_regular, slide_deadline
 from .reports import FileResidency, Residencies, ResidencyColumns, ResidencyReport
 
 if TYPE_CHECKING:
@@ -131,7 +130,9 @@ def _measurer(files: FileTable, after_read: bool) -> Callable[[int], int | FileR
     if pagecache.whole_file_counter() is None:
         return lambda index: residency_of(files[index], after_read)
     cached_pages = pagecache.cached_pages  # per-thread buffers: any worker may call it
-    page = PAGE_SIZE
+
+    def count(fd: int, length: int) -> int:
+        return cached_pages(fd, 0, length)
 
     def measure(index: int) -> int | FileResidency:
         path, size, dev, ino = files.identity(index)
@@ -140,9 +141,7 @@ def _measurer(files: FileTable, after_read: bool) -> Callable[[int], int | FileR
         except OSError:
             return residency_of(files[index], after_read)
         try:
-            st = os.fstat(fd)
-            planned = st.st_ino == ino and st.st_dev == dev and stat.S_ISREG(st.st_mode)
-            whole = planned and st.st_size == size and cached_pages(fd, 0, size) >= -(-size // page)
+            planned, whole = pagecache.planned_and_whole(fd, size, dev, ino, count)
         except OSError:
             planned = whole = False  # measured again below, where the error is named
         if whole or not planned:

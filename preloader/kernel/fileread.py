@@ -9,20 +9,75 @@ other two. Synchronous; the engine runs it in worker threads, each of which keep
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import stat
 import threading
 from collections.abc import Callable
 
-__all__ = ["ReadMethod", "Step", "read_range"]
+__all__ = [
+    "OPEN_FLAGS",
+    "FileChangedError",
+    "Step",
+    "check_planned",
+    "open_planned",
+    "read_range",
+]
 
-ReadMethod = str  # "sendfile" | "mmap" | "read"
+OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+"""How a planned file is opened: read-only, and an open that cannot block on a FIFO or
+take a terminal swapped in since planning (see :func:`open_planned`)."""
 
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
 # sendfile moves at most this much per call; smaller steps also let a stop request
 # interrupt a chunk promptly.
 _STEP_BYTES = 8 * 1024 * 1024
+
+
+class FileChangedError(OSError):
+    """The planned file is no longer that file (replaced, or not a regular file)."""
+
+
+def check_planned(st: os.stat_result, dev: int | None, ino: int | None) -> None:
+    """Refuse a status that is not the planned file's: not a regular file, or (when
+    ``dev`` is given) another ``(dev, ino)``.
+
+    :raises FileChangedError: with ``EINVAL`` or ``ESTALE``.
+    """
+    if not stat.S_ISREG(st.st_mode):
+        raise FileChangedError(errno.EINVAL, "no longer a regular file")
+    if dev is not None and (st.st_dev, st.st_ino) != (dev, ino):
+        raise FileChangedError(errno.ESTALE, "replaced by another file since planning")
+
+
+def open_planned(
+    path: str, dev: int | None = None, ino: int | None = None, blocking: bool = True
+) -> int:
+    """Open a planned file read-only, refusing anything that is no longer that file.
+
+    ``O_NONBLOCK`` keeps a FIFO swapped in since planning from blocking the open; the
+    ``(dev, ino)`` check refuses a file replaced under the same name.
+
+    :param dev: the planned file's device; ``None``: any regular file will do.
+    :param ino: the planned file's inode (checked with ``dev``).
+    :param blocking: clear ``O_NONBLOCK`` once it is known to be the planned file (for
+        reading); ``False`` leaves it set, for a descriptor only measured or locked.
+    :return: the descriptor; the caller closes it.
+    :raises FileChangedError: no longer a regular file, or another file now.
+    :raises OSError: when it cannot be opened.
+    """
+    fd = os.open(path, OPEN_FLAGS)
+    try:
+        check_planned(os.fstat(fd), dev, ino)
+        if blocking:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
 
 Step = Callable[[int], None]
 """Told the bytes one :func:`read_range` call has brought in so far, after every step."""
@@ -110,7 +165,7 @@ def read_range(
     fd: int,
     offset: int,
     length: int,
-    method: ReadMethod,
+    method: str,
     stop: Callable[[], bool] = lambda: False,
     on_step: Step | None = None,
 ) -> int:

@@ -17,7 +17,7 @@ import ctypes
 import errno
 import mmap
 import os
-import platform
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +35,7 @@ __all__ = [
     "fd_residency",
     "mincore_flags",
     "mincore_resident_pages",
+    "planned_and_whole",
     "range_resident_pages",
     "read_bypasses_cache",
     "require_mincore_trust",
@@ -249,6 +250,27 @@ def whole_file_counter() -> Callable[[int, int], int] | None:
     return count
 
 
+def planned_and_whole(
+    fd: int, size: int, dev: int, ino: int, count: Callable[[int, int], int]
+) -> tuple[bool, bool]:
+    """The common case of every residency check: still the planned file, cached whole?
+
+    One ``fstat`` and one cachestat of an open file: whether it is still the planned file
+    (a regular file with the planned device and inode), and whether it is that file at its
+    planned size with every page cached. The verification after a pass and keep-warm's
+    measurement both take this short way first, and the long way for anything else.
+
+    :param count: cached pages of ``[0, length)`` of a descriptor: ``count(fd, length)``
+        (:func:`whole_file_counter`'s, or :func:`cached_pages` over the range).
+    :return: ``(planned, whole)``.
+    :raises OSError: as ``fstat`` and :func:`cachestat`.
+    """
+    st = os.fstat(fd)
+    planned = st.st_ino == ino and st.st_dev == dev and stat.S_ISREG(st.st_mode)
+    whole = planned and st.st_size == size and count(fd, size) >= -(-size // PAGE_SIZE)
+    return planned, whole
+
+
 def mincore_flags(fd: int, offset: int, length: int) -> bytes:
     """One byte per page of ``[offset, offset+length)``: 1 where resident, else 0.
 
@@ -423,11 +445,6 @@ def evict(fd: int) -> None:
         return
     if remaining:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-def kernel_release() -> str:
-    """The running kernel's release string, for reports."""
-    return platform.release()
 
 
 def read_bypasses_cache(fd: int, size: int) -> bool | None:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import errno
 import os
 import resource
-import stat
 import threading
 from dataclasses import dataclass
 
 from ..units import format_bytes
 from . import pagecache
+from .fileread import open_planned
 from .procfs import parse_cap_eff, read_text
 
 __all__ = [
@@ -140,14 +140,9 @@ class PinSet:
         :raises OSError: when it cannot be opened, is no longer the planned file, or
             cannot be locked.
         """
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+        fd = open_planned(path, dev, ino, blocking=False)
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise OSError(errno.EINVAL, "no longer a regular file")
-            if dev is not None and (st.st_dev, st.st_ino) != (dev, ino):
-                raise OSError(errno.ESTALE, "replaced by another file since planning")
-            length = min(length, st.st_size)
+            length = min(length, os.fstat(fd).st_size)
             addr = lock_file(fd, length) if length > 0 else 0
         finally:
             os.close(fd)

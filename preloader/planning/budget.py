@@ -7,9 +7,10 @@ loads them. This module finds the limit that applies to this process (cgroup v2
 ``memory.limit_in_bytes``/``memory.usage_in_bytes``, of its own cgroup and every
 ancestor up to the mount) and the node's ``MemAvailable``, and fits a plan into it.
 
-Pure parsing and arithmetic (``parse_*``, :func:`memory_cgroup_dirs`,
-:func:`check_plan`) live apart from the one function that reads ``/proc`` and ``/sys``
-(:func:`read_memory_budget`), so both are tested alone. ``psutil`` is optional here: the
+The parsers are pure and live in the kernel layer (:mod:`preloader.kernel.cgroups`,
+:mod:`preloader.kernel.mounts`); here :func:`check_plan` is pure arithmetic and
+:func:`read_memory_budget` the one function that reads ``/proc`` and ``/sys``, so each is
+tested alone. ``psutil`` is optional here: the
 zipapp build carries no compiled modules, and ``/proc/meminfo`` says the same.
 """
 

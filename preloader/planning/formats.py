@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..kernel import pagecache
+from ..kernel.fileread import OPEN_FLAGS
 
 __all__ = [
     "DEFAULT_SKIP_DIRS",
@@ -194,7 +195,7 @@ def read_safetensors_index(path: str) -> list[str]:
     :raises ValueError: when the file is not such an index (or is larger than 64 MiB).
     :raises OSError: when it cannot be read.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    fd = os.open(path, OPEN_FLAGS)
     try:
         # Planning must not change what `status` sees: an index that was cold before it
         # was read here is dropped again (one that was cached, or unknown, is left alone).

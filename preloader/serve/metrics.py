@@ -172,7 +172,7 @@ class AgentCollector(Collector):
 
     :param snapshot: returns the agent's current :class:`AgentSnapshot`; called once a
         scrape, from the HTTP server's thread, so it must not do I/O and must be safe to
-        call while the agent's loop runs (:meth:`~preloader.agent.Agent.snapshot` is).
+        call while the agent's loop runs (:meth:`~preloader.agent.agent.Agent.snapshot` is).
     """
 
     def __init__(self, snapshot: Callable[[], AgentSnapshot]) -> None:

@@ -18,7 +18,7 @@ core/v1 Event about the Node (namespace ``default``, as the kubelet posts node e
 with the figures: bytes, resident share, seconds.
 
 The Kubernetes API is never in the way of warming or of ``/readyz``: the labeler runs as
-a task of its own beside the agent, reads only :meth:`~preloader.agent.Agent.snapshot`,
+a task of its own beside the agent, reads only :meth:`~preloader.agent.agent.Agent.snapshot`,
 and an API server that is down or refuses (403) is logged, counted
 (``preloader_kube_api_errors_total``) and retried with back-off.
 
