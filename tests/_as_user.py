@@ -17,6 +17,7 @@ import encodings.idna  # noqa: F401 (getaddrinfo encodes host names with it, laz
 
 import anyio
 import click
+import starlette.applications
 import structlog.dev  # noqa: F401
 import uvicorn
 
@@ -39,7 +40,7 @@ for module in pkgutil.walk_packages(click.__path__, "click."):
         importlib.import_module(module.name)
 # So does uvicorn (its protocol, loop and lifespan classes): load a config as serve does.
 uvicorn.Config(
-    preloader.serve.server.Starlette(),
+    starlette.applications.Starlette(),
     http="h11",
     ws="none",
     loop="asyncio",

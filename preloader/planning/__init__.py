@@ -1,4 +1,4 @@
-"""The plan layer: which files to warm, in which order, cut into which chunks, within
+"""The planning layer: which files to warm, in which order, cut into which chunks, within
 which memory budget.
 
 The plan's parts (:mod:`.specs`), the walk (:mod:`.walk`, :mod:`.walkorder`), model
