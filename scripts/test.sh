@@ -3,7 +3,7 @@
 # types and the test suite. This is the README's test command; .ci/run calls it.
 #
 #   bash scripts/test.sh [extra pytest args]
-#   bash scripts/test.sh --setup-only      # install, then stop (tests/test_quickstart.py)
+#   bash scripts/test.sh --setup-only      # install, then stop (tests/packaging/test_quickstart.py)
 #
 # Debian packages are installed with apt-get when missing (root, or sudo when present):
 # vmtouch and util-linux (fincore) as outside witnesses of residency, fio and fuse3/s3fs
