@@ -3,28 +3,24 @@
 Every preloader command line in the manifests (image args, zipapp calls in shell
 scripts, the postStart hook) must parse with the real click CLI, and every PRELOADER_*
 variable a container sets must be the envvar of an option of that command (or of the
-global options); MODEL_DIR is the reference name. Commands that have not landed yet
-(`serve`, `wait`: issue 3) are skipped with that reason and start counting when they do.
+global options); MODEL_DIR is the reference name. A command the manifests name that the
+CLI lacks is a failure.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import click
 import pytest
 
 from ..lib import manifests as dm
-from ..lib.net import free_port
+from ..lib.serve import ready_body, start_serve
 
 INVOCATIONS = [inv for folder in dm.OVERLAYS for inv in dm.invocations(folder, dm.render(folder))]
 
@@ -51,8 +47,7 @@ def _envvars(command: click.Command) -> set[str]:
 def _command(name: str) -> click.Command:
     group = _group()
     command = group.get_command(click.Context(group), name)
-    if command is None:
-        pytest.skip(f"`preloader {name}` is not in the CLI yet (issue 3)")
+    assert command is not None, f"`preloader {name}` is not a command of the CLI"
     return command
 
 
@@ -112,67 +107,34 @@ def _get(url: str) -> tuple[int, bytes]:
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Any:
+def served(tmp_path: Path) -> Iterator[str]:
+    """The real ``preloader serve``, set up through the environment as the manifests do,
+    once ``/readyz`` answers 200 (the fixture fails the test when it does not in time)."""
     _command("serve")
     model = tmp_path / "model"
     model.mkdir()
     (model / "weights.safetensors").write_bytes(os.urandom(1 << 20))
-    port = free_port()
-    env = {
-        **os.environ,
-        "MODEL_DIR": str(model),
-        "PRELOADER_PORT": str(port),
-        "PRELOADER_HOST": "127.0.0.1",
-        "PRELOADER_RECHECK_SECONDS": "1",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "preloader", "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
+    server = start_serve(env={"MODEL_DIR": str(model), "PRELOADER_RECHECK_SECONDS": "1"})
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                if _get(base + "/healthz")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
-        yield base
+        server.poll(lambda: ready_body(server))
+        yield f"http://127.0.0.1:{server.port}"
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if process.stderr is not None:
-            process.stderr.close()
+        server.kill()
 
 
 def test_probe_paths_answer_on_the_real_server(served: str) -> None:
     assert _get(served + "/healthz")[0] == 200
-    deadline = time.monotonic() + 30
-    status = 0
-    while time.monotonic() < deadline:
-        status, body = _get(served + "/readyz")
-        assert status in (200, 503), body
-        if status == 200:
-            break
-        json.loads(body)  # 503 carries a JSON reason
-        time.sleep(0.2)
-    assert status == 200
-    json.loads(_get(served + "/status")[1])
+    status, body = _get(served + "/readyz")
+    assert status == 200, body
+    assert json.loads(body)["ready"] is True
+    status, body = _get(served + "/status")
+    assert status == 200, body
+    json.loads(body)
 
 
 def test_dashboard_metrics_are_exported_by_the_real_server(served: str) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    deadline = time.monotonic() + 30
-    while _get(served + "/readyz")[0] != 200 and time.monotonic() < deadline:
-        time.sleep(0.2)
     status, body = _get(served + "/metrics")
     assert status == 200
     families = {f.name for f in text_string_to_metric_families(body.decode())}

@@ -148,8 +148,8 @@ def test_hook_never_fails_when_the_preloader_crashes(tmp_path: Path) -> None:
 def test_wait_prefix_holds_the_server_until_ready(tmp_path: Path) -> None:
     from preloader import cli as cli_module
 
-    if "serve" not in cli_module.cli.list_commands(click.Context(cli_module.cli)):
-        pytest.skip("`preloader serve` is not in the CLI yet (issue 3)")
+    commands = cli_module.cli.list_commands(click.Context(cli_module.cli))
+    assert "serve" in commands, f"`preloader serve` is not a command of the CLI: {commands}"
     model = _cold_model(tmp_path)
     port = free_port()
     script = _server("sidecar-wait")["command"][-1]
