@@ -15,17 +15,13 @@ import ctypes.util
 import os
 import socket
 import struct
-import time
 from collections.abc import Callable
 from pathlib import Path
-
-import pytest
 
 from ..lib.cli import NOBODY
 from ..lib.fusefs import FuseMount
 from ..lib.marks import needs_fuse, needs_root
-from ..lib.residency import evict_tree
-from ..lib.serve import DEADLINE, Served, ready_body, start_serve, track
+from ..lib.serve import DEADLINE, Served, ready_body, track
 
 PATHS = ("/healthz", "/startz", "/readyz", "/status", "/metrics")
 
@@ -247,50 +243,3 @@ def test_nobody_over_a_read_only_tree_serves_and_turns_ready_unverified(
     assert body["verified"] is False  # root's files: the kernel hides residency (EPERM)
     assert server.stop()[0] == 0
     assert not [line for line in server.raw if "Traceback" in line]
-
-
-# ------------------------------------------------------------ the measurement (slow)
-
-
-def _warm_seconds(model: Path, load: bool) -> float:
-    """The first pass's duration as /status reports it; with ``load``, waves of 1,000
-    concurrent /readyz (from this process, on the same cores) until the gate opens."""
-    evict_tree(model)
-    server = start_serve(str(model), "--recheck-seconds", "0")
-    try:
-        answered = 0
-        if load:
-            while server.json("/readyz")[0] != 200:
-                codes = asyncio.run(_probe_all(server.port, 1000))
-                assert None not in codes
-                answered += len(codes)
-        else:
-            server.poll(lambda: ready_body(server))
-        [path] = server.json("/status")[1]["paths"]
-        print(f"warm {path['warm_seconds']:.2f} s, {answered} /readyz answered meanwhile")
-        assert server.stop()[0] == 0
-        return float(path["warm_seconds"])
-    finally:
-        server.kill()
-
-
-@pytest.mark.slow
-def test_measure_how_much_a_thousand_probes_slow_the_warm_up(shared_tmp: Path) -> None:
-    """``pytest --run-slow -s -k measure tests/test_reliability_http.py``: prints the %."""
-    model = shared_tmp / "model"
-    model.mkdir()
-    block = os.urandom(1 << 20)
-    for shard in range(4):
-        with open(model / f"model-{shard:05d}-of-00004.safetensors", "wb") as handle:
-            for _ in range(256):
-                handle.write(block)
-            os.fsync(handle.fileno())
-    quiet, loaded = [], []
-    for _ in range(5):  # alternating, so drift in the machine hits both alike
-        quiet.append(_warm_seconds(model, load=False))
-        loaded.append(_warm_seconds(model, load=True))
-    base, busy = sorted(quiet)[2], sorted(loaded)[2]
-    print(
-        f"{time.strftime('%Y-%m-%d')}: 1 GiB cold, median of 5: {base:.2f} s quiet, "
-        f"{busy:.2f} s under waves of 1,000 concurrent /readyz: {100 * (busy - base) / base:+.0f}%"
-    )
