@@ -86,25 +86,33 @@ def _set_kdamonds(states: list[str], value: str) -> list[str]:
     return done
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _pause_proactive_reclaim() -> Iterator[None]:
-    """Pause DAMON proactive reclaim for the test session, where it runs.
+_PAUSED = pytest.StashKey[list[str]]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Pause DAMON proactive reclaim for the test run, where it runs.
 
     Some VMs (this project's CI among them) run a DAMON ``pageout`` scheme that pages out
     physical regions idle for a minute, at up to 128 MiB/s, and freshly cached pages that
     land in such a region go with it. Residency assertions must test preloader, not the
-    VM's reclaimer, so the session stops kdamonds it can (root), says so in the header,
-    and turns each back on at the end, pass or fail, Ctrl-C included. A process killed
-    outright runs no teardown: scripts/test.sh turns them back on after pytest whatever
-    way it ended. The benchmark leaves it running and reports residency as it is.
+    VM's reclaimer, so the run stops the kdamonds it can (root), says so in its header,
+    and :func:`pytest_unconfigure` turns each back on however pytest ends (failures,
+    Ctrl-C and internal errors included). A pytest killed outright runs no hook:
+    scripts/test.sh turns them back on after pytest whatever way it ended. The benchmark
+    leaves DAMON running and reports residency as it is.
     """
-    paused = _set_kdamonds(_running_kdamonds(), "off")
-    if paused:
-        sys.stderr.write(f"tests: paused DAMON reclaim for the session: {' '.join(paused)}\n")
-    try:
-        yield
-    finally:
-        _set_kdamonds(paused, "on")
+    config.stash[_PAUSED] = _set_kdamonds(_running_kdamonds(), "off")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _set_kdamonds(config.stash.get(_PAUSED, []), "on")
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    paused = config.stash.get(_PAUSED, [])
+    if not paused:
+        return None
+    return f"DAMON proactive reclaim paused for this run, restored at its end: {' '.join(paused)}"
 
 
 @pytest.fixture

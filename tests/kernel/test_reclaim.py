@@ -5,7 +5,7 @@ The trees below are laid out as the kernel's DAMON sysfs interface is
 this project's CI VM runs (a ``pageout`` of unmapped, non-anonymous pages in physical
 regions idle for 12 aggregation intervals of 5 s, 128 MiB per second); a kdamond cannot
 be started here without changing how the machine reclaims memory, and the test session
-pauses the real one (``conftest._pause_proactive_reclaim``).
+pauses the real one (``tests/conftest.py``, ``pytest_configure``).
 """
 
 from __future__ import annotations
