@@ -2,7 +2,8 @@
 
 The filesystem runs in its own process (``python tests/lib/fusefs.py MOUNTPOINT SPEC``) on
 mfusepy (ctypes over libfuse3), so a read that never returns blocks that process, never
-the test. It serves synthetic files from a JSON spec and misbehaves on request:
+the test. It serves synthetic files from a JSON spec and misbehaves on request (the
+read-only tree and the bytes are the bench fixture's, :func:`bench.fusefs.read_only_tree`):
 
 - ``cache``: ``keep`` (the page cache survives every open, as a warm-up needs), ``drop``
   (no ``keep_cache``: the kernel invalidates the file's cache at each open, as
@@ -34,7 +35,6 @@ import json
 import os
 import select
 import signal
-import stat
 import subprocess
 import sys
 import threading
@@ -43,17 +43,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FuseMount", "pattern_bytes"]
-
-_MTIME_NS = 1_700_000_000 * 10**9
-_CYCLE = 251  # a prime, so neighbouring pages never hold the same bytes
+__all__ = ["FuseMount", "served_bytes"]
 
 
-def pattern_bytes(offset: int, size: int, seed: int = 0) -> bytes:
-    """The content of every served file: byte ``i`` is ``(i + seed) % 251``."""
-    start = (offset + seed) % _CYCLE
-    reps = (start + size) // _CYCLE + 1
-    return (bytes(range(_CYCLE)) * reps)[start : start + size]
+def served_bytes(name: str, offset: int, size: int) -> bytes:
+    """What the filesystem serves for file ``name`` (the bench fixtures' synthetic bytes)."""
+    from bench.content import Content
+
+    path = "/" + name.strip("/")
+    return Content([path]).read(path, offset, size)
 
 
 class FuseMount:
@@ -160,17 +158,10 @@ def _operations(spec: dict[str, Any]) -> Any:
     import mfusepy  # type: ignore[import-untyped]  # only the filesystem process needs it
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the bench package
+    from bench.fusefs import read_only_tree
     from bench.throttle import Pacer, wait_for_slots
 
     files: dict[str, dict[str, Any]] = {"/" + k.strip("/"): v for k, v in spec["files"].items()}
-    dirs: dict[str, set[str]] = {"/": set()}
-    for path in files:
-        parts = path.strip("/").split("/")
-        for depth in range(len(parts)):
-            parent = "/" + "/".join(parts[:depth])
-            dirs.setdefault(parent, set()).add(parts[depth])
-            if depth < len(parts) - 1:
-                dirs.setdefault("/" + "/".join(parts[: depth + 1]), set())
     stall_readdir = {"/" + p.strip("/") for p in spec.get("stall_readdir", [])}
     cache = spec.get("cache", "keep")
     pacers = {path: Pacer(entry.get("rate")) for path, entry in files.items()}
@@ -193,35 +184,16 @@ def _operations(spec: dict[str, Any]) -> Any:
 
         return refused
 
-    class FailingFS(mfusepy.Operations):  # type: ignore[misc]
-        use_ns = True
-
+    class FailingFS(read_only_tree({p: int(e["size"]) for p, e in files.items()})):  # type: ignore[misc]
         def init(self, path: str) -> None:
             _say("READY")
-
-        def getattr(self, path: str, fh: object = None) -> dict[str, int]:
-            common = {"st_uid": 0, "st_gid": 0, "st_atime": _MTIME_NS}
-            common.update(st_mtime=_MTIME_NS, st_ctime=_MTIME_NS)
-            if path in files:
-                size = int(files[path]["size"])
-                return {
-                    **common,
-                    "st_mode": stat.S_IFREG | 0o444,
-                    "st_nlink": 1,
-                    "st_size": size,
-                    "st_blocks": (size + 511) // 512,
-                }
-            if path in dirs:
-                return {**common, "st_mode": stat.S_IFDIR | 0o555, "st_nlink": 2}
-            raise mfusepy.FuseOSError(errno.ENOENT)
 
         def readdir(self, path: str, fh: int) -> list[str]:
             if path in stall_readdir:
                 _say(f"STALL readdir {path}")
                 never.wait()
-            if path not in dirs:
-                raise mfusepy.FuseOSError(errno.ENOENT)
-            return [".", "..", *sorted(dirs[path])]
+            listing: list[str] = super().readdir(path, fh)
+            return listing
 
         def open(self, path: str, fi: Any) -> int:
             if path not in files:
@@ -259,10 +231,8 @@ def _operations(spec: dict[str, Any]) -> Any:
                     raise mfusepy.FuseOSError(errno.EIO)
             wait_for_slots(size, pacers[path])
             _say(f"READ {path} {offset} {size}")
-            return pattern_bytes(offset, size, int(entry.get("seed", 0)))
-
-        def statfs(self, path: str) -> dict[str, int]:
-            return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}
+            data: bytes = self.content.read(path, offset, size)
+            return data
 
         chmod = refuse("chmod")
         chown = refuse("chown")

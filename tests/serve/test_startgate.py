@@ -23,7 +23,7 @@ from preloader.startgate import (
 )
 
 from ..lib.cli import run_cli
-from ..lib.fusefs import FuseMount
+from ..lib.fusefs import FuseMount, served_bytes
 from ..lib.marks import needs_fuse
 from ..lib.serve import Served, ready_body, track
 
@@ -286,7 +286,8 @@ def test_with_a_lead_the_start_gate_opens_before_readyz(
     )
     if server_reads_ahead:
         # The "server" is done starting and reads the second shard before the warm-up.
-        assert (fs.mountpoint / "b.safetensors").read_bytes()[:3] == bytes([0, 1, 2])
+        data = (fs.mountpoint / "b.safetensors").read_bytes()
+        assert data == served_bytes("b.safetensors", 0, len(data))
         server.poll(lambda: True if _gate(server)["verdict"] == "caught_up" else None)
         server.wait_for_log(lambda line: line.get("event") == "start_lead_too_long")
     else:
