@@ -47,7 +47,7 @@ def _requirements() -> tuple[tuple[str, ...], str]:
         pytest.skip("cannot mount / read-only in a private mount namespace here")
     python = dm.system_python()
     if python is None:
-        pytest.skip("no Python that every uid can run (Debian's /usr/bin/python3)")
+        pytest.skip(dm.NO_SYSTEM_PYTHON)
     return prefix, python
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .cli import AS_USER, REPO
+from .cli import AS_USER, REPO, cli_env
 
 DEADLINE = 60.0  # seconds; a bound against hangs, never a synchronisation
 _T = TypeVar("_T")
@@ -103,13 +102,7 @@ class Served:
 
 def start_serve(*args: str, env: dict[str, str] | None = None, user: int | None = None) -> Served:
     """Start ``preloader serve ARGS`` on 127.0.0.1 and an ephemeral port (as ``user``)."""
-    base_env = {
-        k: v for k, v in os.environ.items() if not k.startswith("PRELOADER_") and k != "MODEL_DIR"
-    }
-    base_env.update(
-        {"PRELOADER_LOG_FORMAT": "json", "PRELOADER_HOST": "127.0.0.1", "PRELOADER_PORT": "0"}
-    )
-    base_env.update(env or {})
+    base_env = cli_env({"PRELOADER_HOST": "127.0.0.1", "PRELOADER_PORT": "0", **(env or {})})
     prefix = (
         [sys.executable, "-m", "preloader"]
         if user is None
