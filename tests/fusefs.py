@@ -16,6 +16,10 @@ the test. It serves synthetic files from a JSON spec and misbehaves on request:
 - per file ``rate``: bytes per second the file is served at, all its readers together
   (:class:`bench.throttle.Pacer`), so a warm-up through it lasts long enough to watch.
 - ``stall_readdir``: listing these directories never returns.
+- ``fresh_inodes``: every ``getattr`` gives a new inode number (mounted with ``use_ino``
+  and no attribute or entry caching), as libfuse's high-level API does for a file whose
+  dentry the kernel forgot (s3fs, ossfs): the inode a file was planned with is gone by
+  the next ``stat``, while its size and modification time stay the same.
 
 It speaks one line per event on stdout, which the test side collects and waits on
 (synchronising on what happened, never on sleeps): ``READY``, ``OPEN path``,
@@ -178,6 +182,8 @@ def _operations(spec: dict[str, Any]) -> Any:
     lock = threading.Lock()
     never = threading.Event()  # waited on by hung operations; nobody ever sets it
     gate = threading.Event()
+    fresh_inodes = bool(spec.get("fresh_inodes"))
+    inodes = iter(range(1000, 2**62))
 
     def listen() -> None:
         for line in sys.stdin:
@@ -202,6 +208,9 @@ def _operations(spec: dict[str, Any]) -> Any:
         def getattr(self, path: str, fh: object = None) -> dict[str, int]:
             common = {"st_uid": 0, "st_gid": 0, "st_atime": _MTIME_NS}
             common.update(st_mtime=_MTIME_NS, st_ctime=_MTIME_NS)
+            if fresh_inodes:
+                with lock:
+                    common["st_ino"] = next(inodes)
             if path in files:
                 size = int(files[path]["size"])
                 return {
@@ -221,7 +230,11 @@ def _operations(spec: dict[str, Any]) -> Any:
                 never.wait()
             if path not in dirs:
                 raise mfusepy.FuseOSError(errno.ENOENT)
-            return [".", "..", *sorted(dirs[path])]
+            names = [".", "..", *sorted(dirs[path])]
+            if not fresh_inodes:
+                return names
+            with lock:  # an entry without an inode number is skipped by readdir(3)
+                return [(name, {"st_ino": next(inodes)}, 0) for name in names]
 
         def open(self, path: str, fi: Any) -> int:
             if path not in files:
@@ -288,6 +301,10 @@ def main(argv: list[str]) -> int:
 
     mountpoint, spec_text = argv
     spec = json.loads(spec_text)
+    # Inode numbers renumbered at every lookup: the kernel must ask each time.
+    renumber: dict[str, Any] = (
+        {"use_ino": True, "attr_timeout": 0, "entry_timeout": 0} if spec.get("fresh_inodes") else {}
+    )
     # Die with the test run: a parent that vanished must not leave a mount behind.
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     mfusepy.FUSE(
@@ -297,6 +314,7 @@ def main(argv: list[str]) -> int:
         foreground=True,
         fsname="preloader-test",
         subtype="failingfs",
+        **renumber,
     )
     return 0
 
