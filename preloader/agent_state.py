@@ -163,7 +163,9 @@ class AgentState:
         self._change = anyio.Event()
         self._started = time.monotonic()
         self._first_pass_done = False
-        self._ready = not self._models
+        # Roots that do not exist keep /readyz closed, unless asked to skip them.
+        self._missing = () if config.allow_missing else config.selection.missing
+        self._ready = not self._models and not self._missing
         self._forced_ready = False
         self._timed_out = False
         self._budget: MemoryBudget | None = None

@@ -81,6 +81,13 @@ _METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         (),
     ),
     (
+        "preloader_missing_paths",
+        "gauge",
+        "Roots (MODEL_DIR, PRELOADER_PATHS) that do not exist and keep /readyz closed "
+        "(0 with --allow-missing).",
+        (),
+    ),
+    (
         "preloader_proactive_reclaim",
         "gauge",
         "1 when this machine pages out idle page cache with no memory pressure (a DAMON "
@@ -190,6 +197,7 @@ class AgentCollector(Collector):
         for state in STATES:
             f["preloader_state"].add_metric([state], 1 if snap.state == state else 0)
         f["preloader_timed_out"].add_metric([], 1 if snap.timed_out else 0)
+        f["preloader_missing_paths"].add_metric([], len(snap.missing_paths))
         gate = snap.start_gate
         if gate is not None:
             f["preloader_start_gate_open"].add_metric([], 1 if gate.open else 0)

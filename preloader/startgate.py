@@ -279,6 +279,7 @@ class StartGate:
         self._slack = 0
         self._measurable = True
         self._caught_up = False
+        self._policy: str | None = None  # set when the first pass is over
 
     @property
     def is_open(self) -> bool:
@@ -327,9 +328,15 @@ class StartGate:
         if self._ready_at is None:
             self._ready_at = now
 
-    def pass_over(self) -> None:
-        """The first pass ended: nothing more to estimate or to see ahead of it."""
+    def pass_over(self, policy: str | None = None) -> None:
+        """The first pass ended: nothing more to estimate or to see ahead of it.
+
+        :param policy: what will decide the gate from now on if it is still closed (the
+            ``PRELOADER_TIMEOUT`` policy), named in the reason; ``None`` when the pass was
+            stopped rather than finished.
+        """
         self._estimate = 0.0 if self._samples else None
+        self._policy = policy
 
     def measured(self, resident_bytes: int | None, read_bytes: int, slack: int) -> bool:
         """A residency measurement since the gate opened early.
@@ -354,8 +361,12 @@ class StartGate:
             return True
         return False
 
-    def snapshot(self, now: float, ready: bool) -> StartGateSnapshot:
-        """The gate now, from memory only."""
+    def snapshot(self, now: float, ready: bool, cause: str | None = None) -> StartGateSnapshot:
+        """The gate now, from memory only.
+
+        :param cause: why ``/readyz`` is closed (its reason), named once the first pass is
+            over and the gate still shut.
+        """
         open_seconds = None if self._opened_at is None else self._opened_at - self._started
         if self._opened_at is None:
             start_to_ready = None
@@ -377,10 +388,10 @@ class StartGate:
             ahead_bytes=self._ahead if self._measurable else None,
             ahead_slack_bytes=self._slack,
             verdict=verdict,
-            reason=self._reason(ready),
+            reason=self._reason(ready, cause),
         )
 
-    def _reason(self, ready: bool) -> str:
+    def _reason(self, ready: bool, cause: str | None) -> str:
         if self._opened_by == "estimate":
             return (
                 f"open: the first pass's estimated time left was "
@@ -390,6 +401,10 @@ class StartGate:
             return "open: /readyz opened"
         if self._opened_by == "timeout":
             return "open: the deadline passed (timeout policy 'ready')"
+        if self._policy is not None:
+            # The pass is over: no estimate will open it, only /readyz or the deadline.
+            why = cause or "/readyz is closed"
+            return f"closed: the first pass is over and /readyz is closed ({why}); {self._policy}"
         if self.lead <= 0:
             return "closed: opens with /readyz (start lead 0)"
         if self._estimate is None:
