@@ -71,7 +71,8 @@ _METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         "preloader_start_lead_verdict",
         "gauge",
         "1 for whether the start lead was right: caught_up (too long), behind (right or too "
-        "short), together (no lead used), pending, unknown.",
+        "short), together (no lead used), pending, unknown, unready (the first pass is over "
+        "and /readyz did not open: nothing to judge).",
         ("verdict",),
     ),
     (

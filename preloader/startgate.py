@@ -75,7 +75,7 @@ OPENED_BY = ("estimate", "ready", "timeout")
 """What opened the start gate: the estimate fell to the lead, ``/readyz`` opened, or the
 ``PRELOADER_TIMEOUT`` deadline passed under the ``ready`` policy."""
 
-VERDICTS = ("pending", "together", "behind", "caught_up", "unknown")
+VERDICTS = ("pending", "together", "behind", "caught_up", "unknown", "unready")
 """Label values of ``preloader_start_lead_verdict``; see :func:`lead_verdict`."""
 
 
@@ -174,11 +174,19 @@ def ahead_bytes(resident_bytes: int, read_bytes: int, baseline: int) -> int:
     return resident_bytes - read_bytes - baseline
 
 
-def lead_verdict(opened_by: str | None, ready_open: bool, caught_up: bool, measurable: bool) -> str:
+def lead_verdict(
+    opened_by: str | None,
+    ready_open: bool,
+    caught_up: bool,
+    measurable: bool,
+    pass_over: bool = False,
+) -> str:
     """Whether the lead was right, one of :data:`VERDICTS`.
 
-    - ``pending``: the start gate is closed, or it opened early and ``/readyz`` is still
-      closed with nothing ahead seen yet;
+    - ``pending``: the first pass runs, and the start gate is closed, or it opened early
+      and ``/readyz`` is still closed with nothing ahead seen yet;
+    - ``unready``: the same once the first pass is over (``pass_over``): ``/readyz`` did
+      not open with it, so there is no overlap to judge (``/startz`` names the cause);
     - ``together``: the gates opened at once (lead 0, a pass shorter than the guard, or
       the timeout): there was no overlap to judge;
     - ``caught_up``: reads got ahead of the warm-up after the start gate opened: the lead
@@ -186,15 +194,16 @@ def lead_verdict(opened_by: str | None, ready_open: bool, caught_up: bool, measu
     - ``behind``: ``/readyz`` opened and nothing got ahead: the lead was right or too short;
     - ``unknown``: the start gate opened early but residency cannot be measured here.
     """
+    waiting = "unready" if pass_over else "pending"
     if opened_by is None:
-        return "pending"
+        return waiting
     if opened_by != "estimate":
         return "together"
     if caught_up:
         return "caught_up"
     if not measurable:
         return "unknown"
-    return "behind" if ready_open else "pending"
+    return "behind" if ready_open else waiting
 
 
 @dataclass(frozen=True)
@@ -375,7 +384,11 @@ class StartGate:
         else:
             start_to_ready = now - self._opened_at
         verdict = lead_verdict(
-            self._opened_by, self._ready_at is not None, self._caught_up, self._measurable
+            self._opened_by,
+            self._ready_at is not None,
+            self._caught_up,
+            self._measurable,
+            pass_over=self._policy is not None,
         )
         return StartGateSnapshot(
             open=self.is_open,

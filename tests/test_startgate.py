@@ -112,6 +112,21 @@ def test_lead_verdict(
     assert lead_verdict(opened_by, ready, caught_up, measurable) == verdict
 
 
+@pytest.mark.parametrize(
+    ("opened_by", "ready", "verdict"),
+    [
+        (None, False, "unready"),
+        ("estimate", False, "unready"),
+        ("estimate", True, "behind"),
+        ("ready", True, "together"),
+    ],
+)
+def test_no_verdict_stays_pending_once_the_pass_is_over(
+    opened_by: str | None, ready: bool, verdict: str
+) -> None:
+    assert lead_verdict(opened_by, ready, False, True, pass_over=True) == verdict
+
+
 # ------------------------------------------------------------------ the latch
 
 
@@ -477,6 +492,7 @@ def test_after_a_pass_with_failed_files_the_start_gate_names_its_cause_and_polic
     assert bad in reason  # the readiness reason names the failed file
     assert decides in reason
     assert "estimated" not in reason
+    assert _gate(server)["verdict"] == "unready"
 
 
 def test_after_a_pass_over_everything_the_start_gate_is_open(
