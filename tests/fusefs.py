@@ -15,6 +15,8 @@ the test. It serves synthetic files from a JSON spec and misbehaves on request:
   :meth:`FuseMount.release` (so it can change other files at a known moment).
 - per file ``rate``: bytes per second the file is served at, all its readers together
   (:class:`bench.throttle.Pacer`), so a warm-up through it lasts long enough to watch.
+- per file ``retime_at_open``: from the Nth open of the file (1-based) on, its
+  modification time is a second later (the file was replaced under the same name).
 - ``stall_readdir``: listing these directories never returns.
 - ``fresh_inodes``: every ``getattr`` gives a new inode number (mounted with ``use_ino``
   and no attribute or entry caching), as libfuse's high-level API does for a file whose
@@ -206,8 +208,12 @@ def _operations(spec: dict[str, Any]) -> Any:
             _say("READY")
 
         def getattr(self, path: str, fh: object = None) -> dict[str, int]:
+            mtime = _MTIME_NS
+            retime = files.get(path, {}).get("retime_at_open")
+            if retime is not None and opens.get(path, 0) >= retime:
+                mtime += 10**9
             common = {"st_uid": 0, "st_gid": 0, "st_atime": _MTIME_NS}
-            common.update(st_mtime=_MTIME_NS, st_ctime=_MTIME_NS)
+            common.update(st_mtime=mtime, st_ctime=mtime)
             if fresh_inodes:
                 with lock:
                     common["st_ino"] = next(inodes)

@@ -72,6 +72,40 @@ def test_warm_on_renumbered_inodes_ends_resident(fuse_fs: Callable[..., FuseMoun
 
 
 @needs_fuse
+def test_a_file_replaced_on_fuse_is_still_found_by_its_modification_time(
+    fuse_fs: Callable[..., FuseMount],
+) -> None:
+    replaced = "model-00002-of-00002.safetensors"
+    files = {**MODEL, replaced: {**MODEL[replaced], "retime_at_open": 1}}
+    fs = fuse_fs({**SPEC, "files": files})
+    done = run_cli("warm", "--json", "--chunk-size", "1MiB", str(fs.mountpoint))
+    report = json.loads(done.stdout)
+    assert report["exit_code"] == done.returncode != errors.EXIT_OK
+    (failed,) = report["error_details"]
+    assert failed["path"] == str(fs.path(replaced))
+    assert "replaced by another file" in failed["cause"]
+
+
+@needs_fuse
+def test_keep_warm_on_renumbered_inodes_finds_nothing_changed(
+    fuse_fs: Callable[..., FuseMount], served: list[Served]
+) -> None:
+    fs = fuse_fs(SPEC)
+    server = track(served, str(fs.mountpoint), "--chunk-size", "1MiB", "--recheck-seconds", "0.2")
+
+    def rechecked() -> dict[str, Any] | None:
+        _, body = server.json("/status")
+        (path,) = body["paths"]
+        return body if path["last_check"] is not None else None
+
+    status = server.poll(rechecked)
+    assert "replaced" not in json.dumps(status)
+    assert status["state"] == "ready" and status["errors"] == 0
+    (path,) = status["paths"]
+    assert path["resident_bytes"] == path["bytes"] > 0
+
+
+@needs_fuse
 def test_serve_on_renumbered_inodes_opens_both_gates(
     fuse_fs: Callable[..., FuseMount], served: list[Served]
 ) -> None:
