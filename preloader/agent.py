@@ -147,8 +147,6 @@ class Agent(FirstPass, KeepWarm):
         if not self._models:
             if not self._missing:
                 self._emit(EventKind.READY, detail=self._reason(()))
-            self._first_pass_done = True
-            self._gate.pass_over(self._gate_policy())
             self._changed()
             return
         # Small reads of /sys, on a worker thread as the memory budget's are.
@@ -168,16 +166,8 @@ class Agent(FirstPass, KeepWarm):
         self._first_pass_done = not self._stop.is_set()
         self._gate.pass_over(self._gate_policy() if self._first_pass_done else None)
         self._update_ready()
+        self._pass_ended = True  # after the decision: /status says it with the gates
         self._changed()
-
-    def _gate_policy(self) -> str:
-        """What decides the start gate once the first pass is over and it is still shut."""
-        timeout, policy = self.config.timeout, self.config.timeout_policy
-        if timeout is None:
-            return "no PRELOADER_TIMEOUT is set: it opens only with /readyz"
-        if policy == "ready":
-            return f"PRELOADER_TIMEOUT {timeout:g} s (policy 'ready') opens it at the deadline"
-        return f"PRELOADER_TIMEOUT {timeout:g} s has policy 'unready': it opens only with /readyz"
 
     async def recheck(self) -> None:
         """One keep-warm round over every path now, due or not."""
@@ -240,6 +230,10 @@ class Agent(FirstPass, KeepWarm):
         for phase in ("planning", "warming", "verifying"):
             if phase in states:
                 return phase
+        if not self._pass_ended:
+            # Every path is read and verified; readiness and the start gate are being
+            # decided: no state before they are, so none disagrees with /readyz.
+            return "verifying"
         if all(state == "failed" for state in states):
             return "failed"
         if "failed" in states or "degraded" in states or self._missing:
