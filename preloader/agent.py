@@ -90,10 +90,11 @@ class Agent(FirstPass, KeepWarm):
             eta = remaining / rate if rate > 0 else None
         else:
             eta = 0.0
+        reason = self._reason(paths)
         return AgentSnapshot(
             state=self._state(),
             ready=self._ready,
-            reason=self._reason(paths),
+            reason=reason,
             timed_out=self._timed_out,
             ready_ratio=self.config.ready_ratio,
             paths=paths,
@@ -101,8 +102,9 @@ class Agent(FirstPass, KeepWarm):
             rate=rate,
             eta_seconds=eta,
             skip_reason=self.config.selection.skip_reason,
+            missing_paths=tuple(printable(p) for p in self._missing),
             memory_budget=self._budget,
-            start_gate=self._gate.snapshot(time.monotonic(), self._ready),
+            start_gate=self._gate.snapshot(time.monotonic(), self._ready, reason),
             proactive_reclaim=self._proactive_reclaim,
         )
 
@@ -143,7 +145,8 @@ class Agent(FirstPass, KeepWarm):
     async def start_up(self) -> None:
         """Plan every path, then warm them one after the other and decide readiness."""
         if not self._models:
-            self._emit(EventKind.READY, detail=self._reason(()))
+            if not self._missing:
+                self._emit(EventKind.READY, detail=self._reason(()))
             self._changed()
             return
         # Small reads of /sys, on a worker thread as the memory budget's are.
@@ -160,9 +163,10 @@ class Agent(FirstPass, KeepWarm):
                     break
                 await self._warm(model)
             group.cancel_scope.cancel()
-        self._gate.pass_over()
         self._first_pass_done = not self._stop.is_set()
+        self._gate.pass_over(self._gate_policy() if self._first_pass_done else None)
         self._update_ready()
+        self._pass_ended = True  # after the decision: /status says it with the gates
         self._changed()
 
     async def recheck(self) -> None:
@@ -197,6 +201,8 @@ class Agent(FirstPass, KeepWarm):
     # -- readiness and state ------------------------------------------------------------
 
     def _condition(self) -> bool:
+        if self._missing:
+            return False
         if not self._models:
             return True
         if not self._first_pass_done:
@@ -219,14 +225,18 @@ class Agent(FirstPass, KeepWarm):
 
     def _state(self) -> str:
         if not self._models:
-            return "ready"
+            return "failed" if self._missing else "ready"
         states = [self._model_state(m) for m in self._models]
         for phase in ("planning", "warming", "verifying"):
             if phase in states:
                 return phase
+        if not self._pass_ended:
+            # Every path is read and verified; readiness and the start gate are being
+            # decided: no state before they are, so none disagrees with /readyz.
+            return "verifying"
         if all(state == "failed" for state in states):
             return "failed"
-        if "failed" in states or "degraded" in states:
+        if "failed" in states or "degraded" in states or self._missing:
             return "degraded"
         return "ready"
 
@@ -237,6 +247,17 @@ class Agent(FirstPass, KeepWarm):
         return model.state
 
     def _reason(self, paths: Sequence[PathSnapshot]) -> str:
+        text = self._ready_reason(paths)
+        if self._missing:
+            missing = ", ".join(printable(p) for p in self._missing)
+            gone = (
+                f"{missing}: does not exist (MODEL_DIR / PRELOADER_PATHS); not ready while "
+                "a root is missing (PRELOADER_ALLOW_MISSING=1 serves without it)"
+            )
+            return gone if not paths else f"{gone}; {text}"
+        return text
+
+    def _ready_reason(self, paths: Sequence[PathSnapshot]) -> str:
         skip = self.config.selection.skip_reason
         if skip is not None:
             return f"nothing to warm: {skip}"

@@ -162,8 +162,12 @@ class AgentState:
         self._stopped = anyio.Event()
         self._change = anyio.Event()
         self._started = time.monotonic()
-        self._first_pass_done = False
-        self._ready = not self._models
+        # The first pass finished (it read every path) / ended (finished or stopped).
+        self._first_pass_done = not self._models
+        self._pass_ended = not self._models
+        # Roots that do not exist keep /readyz closed, unless asked to skip them.
+        self._missing = () if config.allow_missing else config.selection.missing
+        self._ready = not self._models and not self._missing
         self._forced_ready = False
         self._timed_out = False
         self._budget: MemoryBudget | None = None
@@ -175,6 +179,8 @@ class AgentState:
         )
         if self._ready:
             self._gate.ready_opened(self._started)
+        elif not self._models:  # no pass to wait for: decided now
+            self._gate.pass_over(self._gate_policy())
 
     def _update_ready(self) -> None:
         """Decide readiness again after a change (:class:`~preloader.agent.Agent` does)."""
@@ -214,6 +220,15 @@ class AgentState:
             model.state = "ready"
 
     # -- the start gate -----------------------------------------------------------------
+
+    def _gate_policy(self) -> str:
+        """What decides the start gate once the first pass is over and it is still shut."""
+        timeout, policy = self.config.timeout, self.config.timeout_policy
+        if timeout is None:
+            return "no PRELOADER_TIMEOUT is set: it opens only with /readyz"
+        if policy == "ready":
+            return f"PRELOADER_TIMEOUT {timeout:g} s (policy 'ready') opens it at the deadline"
+        return f"PRELOADER_TIMEOUT {timeout:g} s has policy 'unready': it opens only with /readyz"
 
     def _open_start_gate(self, by: str) -> None:
         now = time.monotonic()

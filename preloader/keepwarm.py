@@ -16,6 +16,7 @@ import anyio.to_thread
 
 from . import pagecache
 from .filetable import FileTable
+from .identity import is_planned
 from .planner import Chunk, FileSpec, Plan, iter_chunks
 from .prefetch import measuring_threads
 from .reading import OPEN_FLAGS, describe, open_regular
@@ -157,7 +158,7 @@ def _measure_run(files: FileTable, first: int, end: int, chunk_size: int) -> lis
     try:
         for index in range(first, end):
             # No FileSpec for a file that turns out cached whole (the common case).
-            path, size, dev, ino = files.identity(index)
+            path, size, dev, ino, mtime_ns = files.identity(index)
             parent, _, name = path.rpartition("/")
             if parent != folder or folder_fd < 0:
                 if folder_fd >= 0:
@@ -176,7 +177,7 @@ def _measure_run(files: FileTable, first: int, end: int, chunk_size: int) -> lis
                 continue
             try:
                 st = os.fstat(fd)
-                if st.st_ino != ino or st.st_dev != dev or not stat.S_ISREG(st.st_mode):
+                if not stat.S_ISREG(st.st_mode) or not is_planned(st, dev, ino, mtime_ns):
                     append(_measure_file(index, files[index], chunk_size))  # says what it is now
                 elif size and count(fd, size) == -(-size // page):
                     append(ChunkResidency(index, path, size, size))

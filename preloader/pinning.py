@@ -20,6 +20,7 @@ import threading
 from dataclasses import dataclass
 
 from . import pagecache
+from .identity import is_planned
 from .procfs import parse_cap_eff as parse_cap_eff
 from .procfs import read_text
 from .units import format_bytes
@@ -136,7 +137,14 @@ class PinSet:
         self._pins: list[Pin] = []
         self._lock = threading.Lock()
 
-    def pin(self, path: str, length: int, dev: int | None = None, ino: int | None = None) -> Pin:
+    def pin(
+        self,
+        path: str,
+        length: int,
+        dev: int | None = None,
+        ino: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> Pin:
         """Open ``path`` read-only, lock its first ``length`` bytes, close it again.
 
         :raises OSError: when it cannot be opened, is no longer the planned file, or
@@ -147,7 +155,7 @@ class PinSet:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, "no longer a regular file")
-            if dev is not None and (st.st_dev, st.st_ino) != (dev, ino):
+            if dev is not None and ino is not None and not is_planned(st, dev, ino, mtime_ns):
                 raise OSError(errno.ESTALE, "replaced by another file since planning")
             length = min(length, st.st_size)
             addr = lock_file(fd, length) if length > 0 else 0

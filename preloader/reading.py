@@ -18,6 +18,7 @@ import anyio
 
 from . import fileread, pagecache
 from .events import ErrorReason
+from .identity import is_planned
 from .planner import Chunk, FileSpec
 from .prefetch import may_prefetch, prefetch
 
@@ -67,7 +68,8 @@ def open_regular(spec: FileSpec, blocking: bool = True) -> int:
     """Open a planned file read-only, refusing anything that is no longer that file.
 
     ``O_NONBLOCK`` keeps a FIFO swapped in since planning from blocking the open; the
-    ``(dev, ino)`` check refuses a file replaced under the same name.
+    identity check (:func:`preloader.identity.is_planned`) refuses a file replaced under
+    the same name.
 
     :param blocking: clear ``O_NONBLOCK`` once it is known to be the planned file (for
         reading); ``False`` leaves it set, for a descriptor only measured.
@@ -77,7 +79,7 @@ def open_regular(spec: FileSpec, blocking: bool = True) -> int:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise FileChangedError(errno.EINVAL, "no longer a regular file")
-        if (st.st_dev, st.st_ino) != (spec.dev, spec.ino):
+        if not is_planned(st, spec.dev, spec.ino, spec.mtime_ns):
             raise FileChangedError(errno.ESTALE, "replaced by another file since planning")
         if blocking:
             os.set_blocking(fd, True)
@@ -264,7 +266,7 @@ def still_planned(spec: FileSpec) -> None:
     st = os.stat(spec.path)
     if not stat.S_ISREG(st.st_mode):
         raise FileChangedError(errno.EINVAL, "no longer a regular file")
-    if (st.st_dev, st.st_ino) != (spec.dev, spec.ino):
+    if not is_planned(st, spec.dev, spec.ino, spec.mtime_ns):
         raise FileChangedError(errno.ESTALE, "replaced by another file since planning")
 
 

@@ -20,6 +20,7 @@ import anyio
 import anyio.to_thread
 
 from . import pagecache, reclaim
+from .identity import is_planned
 from .planner import FileSpec, Plan
 from .prefetch import measuring_threads
 from .reading import (
@@ -128,7 +129,7 @@ def residency_of(spec: FileSpec, after_read: bool = False) -> FileResidency:
 def _measurer(files: FileTable, after_read: bool) -> Callable[[int], int | FileResidency]:
     """``residency_of(files[index], after_read)``, with the common case made short.
 
-    A file that is still the planned one (its device, inode and size) and cached whole
+    A file that is still the planned one (:func:`.is_planned`, and its size) and cached whole
     costs an open, an ``fstat``, a ``cachestat`` and a close, and gives its size: no
     :class:`FileSpec`, no :class:`FileResidency` (verifying 20,000 cached files took
     0.36-0.44 s through :func:`residency_of` alone, 0.21-0.24 s so). One that is the
@@ -143,14 +144,14 @@ def _measurer(files: FileTable, after_read: bool) -> Callable[[int], int | FileR
     page = pagecache.PAGE_SIZE
 
     def measure(index: int) -> int | FileResidency:
-        path, size, dev, ino = files.identity(index)
+        path, size, dev, ino, mtime_ns = files.identity(index)
         try:
             fd = os.open(path, OPEN_FLAGS)  # as open_regular, left non-blocking
         except OSError:
             return residency_of(files[index], after_read)
         try:
             st = os.fstat(fd)
-            planned = st.st_ino == ino and st.st_dev == dev and stat.S_ISREG(st.st_mode)
+            planned = stat.S_ISREG(st.st_mode) and is_planned(st, dev, ino, mtime_ns)
             whole = planned and st.st_size == size and cached_pages(fd, 0, size) >= -(-size // page)
         except OSError:
             planned = whole = False  # measured again below, where the error is named

@@ -379,9 +379,15 @@ def test_every_endpoint_answers_in_every_state(
 
 
 def test_every_endpoint_answers_with_nothing_to_serve(served: list[Served]) -> None:
-    server = track(served, env={"MODEL_DIR": "/nonexistent/model"})
+    server = track(served)  # MODEL_DIR unset: nothing to serve, ready at once
     document = _all_endpoints_answer(server)
     assert document["ready"] and document["skip_reason"]
+
+
+def test_every_endpoint_answers_with_a_missing_model_dir(served: list[Served]) -> None:
+    server = track(served, env={"MODEL_DIR": "/nonexistent/model"})
+    document = _all_endpoints_answer(server)
+    assert not document["ready"] and document["missing_paths"] == ["/nonexistent/model"]
 
 
 # ------------------------------------------------------ a signal stops every command

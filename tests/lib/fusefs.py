@@ -16,7 +16,13 @@ read-only tree and the bytes are the bench fixture's, :func:`bench.fusefs.read_o
   :meth:`FuseMount.release` (so it can change other files at a known moment).
 - per file ``rate``: bytes per second the file is served at, all its readers together
   (:class:`bench.throttle.Pacer`), so a warm-up through it lasts long enough to watch.
+- per file ``retime_at_open``: from the Nth open of the file (1-based) on, its
+  modification time is a second later (the file was replaced under the same name).
 - ``stall_readdir``: listing these directories never returns.
+- ``fresh_inodes``: every ``getattr`` gives a new inode number (mounted with ``use_ino``
+  and no attribute or entry caching), as libfuse's high-level API does for a file whose
+  dentry the kernel forgot (s3fs, ossfs): the inode a file was planned with is gone by
+  the next ``stat``, while its size and modification time stay the same.
 
 It speaks one line per event on stdout, which the test side collects and waits on
 (synchronising on what happened, never on sleeps): ``READY``, ``OPEN path``,
@@ -169,6 +175,8 @@ def _operations(spec: dict[str, Any]) -> Any:
     lock = threading.Lock()
     never = threading.Event()  # waited on by hung operations; nobody ever sets it
     gate = threading.Event()
+    fresh_inodes = bool(spec.get("fresh_inodes"))
+    inodes = iter(range(1000, 2**62))
 
     def listen() -> None:
         for line in sys.stdin:
@@ -188,12 +196,26 @@ def _operations(spec: dict[str, Any]) -> Any:
         def init(self, path: str) -> None:
             _say("READY")
 
+        def getattr(self, path: str, fh: object = None) -> dict[str, int]:
+            attrs: dict[str, int] = super().getattr(path, fh)
+            retime = files.get(path, {}).get("retime_at_open")
+            if retime is not None and opens.get(path, 0) >= retime:
+                attrs["st_mtime"] += 10**9
+                attrs["st_ctime"] += 10**9
+            if fresh_inodes:
+                with lock:
+                    attrs["st_ino"] = next(inodes)
+            return attrs
+
         def readdir(self, path: str, fh: int) -> list[str]:
             if path in stall_readdir:
                 _say(f"STALL readdir {path}")
                 never.wait()
-            listing: list[str] = super().readdir(path, fh)
-            return listing
+            names: list[str] = super().readdir(path, fh)
+            if not fresh_inodes:
+                return names
+            with lock:  # an entry without an inode number is skipped by readdir(3)
+                return [(name, {"st_ino": next(inodes)}, 0) for name in names]  # type: ignore[misc]
 
         def open(self, path: str, fi: Any) -> int:
             if path not in files:
@@ -258,6 +280,10 @@ def main(argv: list[str]) -> int:
 
     mountpoint, spec_text = argv
     spec = json.loads(spec_text)
+    # Inode numbers renumbered at every lookup: the kernel must ask each time.
+    renumber: dict[str, Any] = (
+        {"use_ino": True, "attr_timeout": 0, "entry_timeout": 0} if spec.get("fresh_inodes") else {}
+    )
     # Die with the test run: a parent that vanished must not leave a mount behind.
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     mfusepy.FUSE(
@@ -267,6 +293,7 @@ def main(argv: list[str]) -> int:
         foreground=True,
         fsname="preloader-test",
         subtype="failingfs",
+        **renumber,
     )
     return 0
 

@@ -113,6 +113,21 @@ def test_lead_verdict(
     assert lead_verdict(opened_by, ready, caught_up, measurable) == verdict
 
 
+@pytest.mark.parametrize(
+    ("opened_by", "ready", "verdict"),
+    [
+        (None, False, "unready"),
+        ("estimate", False, "unready"),
+        ("estimate", True, "behind"),
+        ("ready", True, "together"),
+    ],
+)
+def test_no_verdict_stays_pending_once_the_pass_is_over(
+    opened_by: str | None, ready: bool, verdict: str
+) -> None:
+    assert lead_verdict(opened_by, ready, False, True, pass_over=True) == verdict
+
+
 # ------------------------------------------------------------------ the latch
 
 
@@ -414,3 +429,93 @@ def test_the_deadline_opens_the_start_gate_only_under_the_ready_policy(
         assert (status, body["open"]) == (503, False)
     fs.release()
     assert server.stop()[0] == 0
+
+
+# ------------------------------------------------------------------ the pass's end decides
+
+
+def _first_pass_over(server: Served) -> dict[str, object]:
+    def probe() -> dict[str, object] | None:
+        _, body = server.json("/status")
+        return body if body["state"] not in ("planning", "warming", "verifying") else None
+
+    return server.poll(probe)
+
+
+@needs_fuse
+@pytest.mark.parametrize("lead", ["0", "8"])
+@pytest.mark.parametrize(
+    ("timeout", "policy", "decides"),
+    [
+        ("0", "ready", "no PRELOADER_TIMEOUT is set: it opens only with /readyz"),
+        ("3600", "ready", "PRELOADER_TIMEOUT 3600 s (policy 'ready') opens it at the deadline"),
+        ("3600", "unready", "PRELOADER_TIMEOUT 3600 s has policy 'unready'"),
+    ],
+)
+def test_after_a_pass_with_failed_files_the_start_gate_names_its_cause_and_policy(
+    fuse_fs: Callable[..., FuseMount],
+    served: list[Served],
+    lead: str,
+    timeout: str,
+    policy: str,
+    decides: str,
+) -> None:
+    bad = "model-00002-of-00002.safetensors"
+    fs = fuse_fs(
+        {
+            "files": {
+                "model-00001-of-00002.safetensors": {"size": 2 * MiB},
+                bad: {"size": 2 * MiB, "eio": [[0, 2 * MiB]]},
+            }
+        }
+    )
+    server = track(
+        served,
+        str(fs.mountpoint),
+        "--chunk-size",
+        "1MiB",
+        "--recheck-seconds",
+        "0",
+        "--timeout",
+        timeout,
+        "--timeout-policy",
+        policy,
+        env={"PRELOADER_START_LEAD": lead},
+    )
+    status = _first_pass_over(server)
+    assert status["ready"] is False
+    code, gate = server.json("/startz")
+    if gate["opened_by"] == "estimate":  # opened early, before the failure was known
+        assert code == 200
+        return
+    assert code == 503
+    reason = gate["reason"]
+    assert reason.startswith("closed: the first pass is over and /readyz is closed (")
+    assert bad in reason  # the readiness reason names the failed file
+    assert decides in reason
+    assert "estimated" not in reason
+    assert _gate(server)["verdict"] == "unready"
+
+
+def test_after_a_pass_over_everything_the_start_gate_is_open(
+    model_dir: Path, served: list[Served]
+) -> None:
+    server = track(
+        served, str(model_dir), "--recheck-seconds", "0", env={"PRELOADER_START_LEAD": "8"}
+    )
+    status = _first_pass_over(server)
+    assert status["ready"] is True
+    code, gate = server.json("/startz")
+    assert code == 200 and gate["reason"].startswith("open: ")
+
+
+def test_a_gate_still_shut_when_the_pass_is_over_never_gives_a_false_estimate() -> None:
+    gate = StartGate(lead=8.0, started=0.0)
+    gate.observe(0.0, 0, 10 * MiB)
+    gate.observe(0.1, MiB, 10 * MiB)  # too young for an estimate
+    gate.pass_over("no PRELOADER_TIMEOUT is set: it opens only with /readyz")
+    reason = gate.snapshot(1.0, ready=False, cause="/m: 2 files failed").reason
+    assert reason == (
+        "closed: the first pass is over and /readyz is closed (/m: 2 files failed); "
+        "no PRELOADER_TIMEOUT is set: it opens only with /readyz"
+    )
