@@ -36,7 +36,7 @@ from typing import Any
 from .content import Content
 from .throttle import Pacer, wait_for_slots
 
-__all__ = ["FuseConfig", "StreamTable", "main"]
+__all__ = ["FuseConfig", "StreamTable", "main", "read_only_tree"]
 
 _MTIME_NS = 1_700_000_000 * 10**9
 
@@ -138,15 +138,28 @@ class _Tree:
                     self.dirs.setdefault("/" + "/".join(parts[: depth + 1]), set())
 
 
-def _make_operations(config: FuseConfig, table: StreamTable) -> Any:
+def read_only_tree(files: dict[str, int]) -> Any:
+    """The part every fixture filesystem shares: the tree of ``files``, read-only.
+
+    An ``mfusepy.Operations`` class with ``getattr``, ``readdir`` and ``statfs`` for the
+    files (path -> size) and the folders their paths imply, owned by root, modes 0444 and
+    0555, one fixed mtime; subclasses add ``open`` and ``read`` (this fixture's parallel
+    streams, tests/lib/fusefs.py's failures). ``self.files`` and ``self.content`` (the
+    synthetic bytes of :class:`bench.content.Content`) are there for them.
+
+    :param files: path inside the mount (with or without a leading ``/``) -> size.
+    :return: the class (mfusepy is imported here: only the filesystem process needs it).
+    """
     import mfusepy  # type: ignore[import-untyped]  # only the fixture process needs libfuse
 
-    tree = _Tree(config.files)
-    content = Content(list(tree.files), config.backing)
-    link = Pacer(config.link_bytes_per_s)
+    tree = _Tree(files)
 
-    class ParallelStreamFS(mfusepy.Operations):  # type: ignore[misc]
+    class ReadOnlyTree(mfusepy.Operations):  # type: ignore[misc]
         use_ns = True
+
+        def __init__(self, backing: Path | None = None) -> None:
+            self.files = tree.files
+            self.content = Content(list(tree.files), backing)
 
         def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
             common = {"st_uid": 0, "st_gid": 0, "st_atime": _MTIME_NS}
@@ -169,8 +182,20 @@ def _make_operations(config: FuseConfig, table: StreamTable) -> Any:
                 raise mfusepy.FuseOSError(errno.ENOENT)
             return [".", "..", *sorted(tree.dirs[path])]
 
+        def statfs(self, path: str) -> dict[str, int]:
+            return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}
+
+    return ReadOnlyTree
+
+
+def _make_operations(config: FuseConfig, table: StreamTable) -> Any:
+    import mfusepy
+
+    link = Pacer(config.link_bytes_per_s)
+
+    class ParallelStreamFS(read_only_tree(config.files)):  # type: ignore[misc]
         def open(self, path: str, fi: Any) -> int:
-            if path not in tree.files:
+            if path not in self.files:
                 raise mfusepy.FuseOSError(errno.ENOENT)
             if fi.flags & 3:  # O_WRONLY or O_RDWR
                 raise mfusepy.FuseOSError(errno.EROFS)
@@ -178,7 +203,7 @@ def _make_operations(config: FuseConfig, table: StreamTable) -> Any:
             return 0
 
         def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
-            file_size = tree.files.get(path)
+            file_size = self.files.get(path)
             if file_size is None:
                 raise mfusepy.FuseOSError(errno.ENOENT)
             size = max(0, min(size, file_size - offset))
@@ -188,12 +213,9 @@ def _make_operations(config: FuseConfig, table: StreamTable) -> Any:
             if new_stream:
                 time.sleep(config.first_byte_latency_s)
             wait_for_slots(size, pacer, link)
-            return content.read(path, offset, size)
+            return self.content.read(path, offset, size)
 
-        def statfs(self, path: str) -> dict[str, int]:
-            return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}
-
-    return ParallelStreamFS()
+    return ParallelStreamFS(config.backing)
 
 
 def _serve_stats(table: StreamTable) -> ThreadingHTTPServer:

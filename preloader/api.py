@@ -109,7 +109,7 @@ async def pin(the_plan: Plan) -> PinSet:
     def pin_all() -> str | None:
         for spec in the_plan.files:
             try:
-                pins.pin(spec.path, spec.size, spec.dev, spec.ino)
+                pins.pin(spec.path, spec.size, spec.dev, spec.ino, spec.mtime_ns)
             except OSError as err:
                 pinned = pins.release()
                 return (

@@ -206,6 +206,9 @@ class Selection:
     :ivar skip_reason: set when there is nothing to do and that is fine (the reference
         one-liner's behaviour for an unset or missing ``MODEL_DIR``).
     :ivar all_formats: warm every format, not only what the servers load.
+    :ivar missing: ``MODEL_DIR`` and ``PRELOADER_PATHS`` entries that do not exist (not
+        in :attr:`paths`): ``warm`` skips them, ``serve`` is not ready while any is
+        missing unless :attr:`ServeConfig.allow_missing`.
     """
 
     paths: tuple[str, ...]
@@ -213,6 +216,7 @@ class Selection:
     exclude: tuple[str, ...] = ()
     skip_reason: str | None = None
     all_formats: bool = False
+    missing: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -249,6 +253,8 @@ class ServeConfig:
     :ivar shutdown_seconds: how long a stop waits for reads and requests to finish.
     :ivar node_labels: label the node per warm path and post Events (``--node-label``);
         ``None``: off.
+    :ivar allow_missing: a ``MODEL_DIR`` or ``PRELOADER_PATHS`` entry that does not exist
+        is skipped, as ``warm`` does; by default ``/readyz`` stays closed and names it.
     """
 
     selection: Selection
@@ -264,6 +270,7 @@ class ServeConfig:
     max_backoff_seconds: float = 900.0
     shutdown_seconds: float = 1.0
     node_labels: NodeLabelConfig | None = None
+    allow_missing: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ready_ratio <= 1.0:
@@ -339,8 +346,10 @@ def resolve_selection(
     :raises UsageError: for a command-line path that does not exist.
     """
 
-    def selection(paths: tuple[str, ...], skip_reason: str | None = None) -> Selection:
-        return Selection(paths, tuple(include), tuple(exclude), skip_reason, all_formats)
+    def selection(
+        paths: tuple[str, ...], skip_reason: str | None = None, missing: tuple[str, ...] = ()
+    ) -> Selection:
+        return Selection(paths, tuple(include), tuple(exclude), skip_reason, all_formats, missing)
 
     if args:
         for path in args:
@@ -351,9 +360,10 @@ def resolve_selection(
     if not candidates:
         return selection((), "MODEL_DIR is not set and no PATH was given")
     existing = tuple(dict.fromkeys(p for p in candidates if not _missing(p, follow=True)))
+    missing = tuple(dict.fromkeys(p for p in candidates if p not in existing))
     if not existing:
-        return selection((), f"{', '.join(candidates)}: does not exist")
-    return selection(existing)
+        return selection((), f"{', '.join(candidates)}: does not exist", missing)
+    return selection(existing, missing=missing)
 
 
 def parse_start_lead(value: str | float) -> float:

@@ -3,7 +3,7 @@
 # types and the test suite. This is the README's test command; .ci/run calls it.
 #
 #   bash scripts/test.sh [extra pytest args]
-#   bash scripts/test.sh --setup-only      # install, then stop (tests/test_quickstart.py)
+#   bash scripts/test.sh --setup-only      # install, then stop (tests/packaging/test_quickstart.py)
 #
 # Debian packages are installed with apt-get when missing (root, or sudo when present):
 # vmtouch and util-linux (fincore) as outside witnesses of residency, fio and fuse3/s3fs
@@ -14,6 +14,13 @@
 # made from $PYTHON (default python3) and reused when it works, because Debian's and
 # Ubuntu's own python3 refuse `pip install` (PEP 668, "externally-managed-environment").
 # When $PYTHON already runs in a virtual environment, that one is used instead.
+#
+# Run as root on a machine with DAMON proactive reclaim (a kdamond in
+# /sys/kernel/mm/damon/admin/kdamonds/*/state is "on"), the tests pause every running
+# kdamond for the length of the pytest run, because it pages out freshly cached files and
+# the residency assertions test preloader, not the reclaimer. pytest's header names the
+# kdamonds it paused; they are turned back on when pytest ends, and again by this script
+# after pytest however it ended (failure, Ctrl-C, SIGTERM, a killed pytest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -64,7 +71,21 @@ echo "== pytest"
 # makes the process exit early (os._exit in code under test) leaves none, whatever the
 # exit status said.
 report_dir=$(mktemp -d)
-trap 'rm -rf "$report_dir"' EXIT
+damon_running=()
+for state in /sys/kernel/mm/damon/admin/kdamonds/*/state; do
+    [ -w "$state" ] && [ "$(cat "$state" 2>/dev/null)" = on ] && damon_running+=("$state")
+done
+restore_damon() {
+    local state
+    for state in ${damon_running[@]+"${damon_running[@]}"}; do
+        if [ "$(cat "$state" 2>/dev/null)" != on ]; then
+            echo on >"$state" || echo "could not turn $state back on" >&2
+        fi
+    done
+}
+trap 'restore_damon; rm -rf "$report_dir"' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 set +e
 "$PYTHON" -m pytest --junitxml="$report_dir/pytest.xml" "$@"
 rc=$?

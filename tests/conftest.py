@@ -1,21 +1,24 @@
-"""Shared fixtures: real files, the real page cache, the real CLI.
+"""Shared fixtures and the rules of the suite: real files, the real page cache, the real CLI.
+
+The folder a test module sits in says what it touches, and marks its tests so (``-m``
+selects them): ``unit`` (pure logic: no process, no mount, no socket; tests/unit/conftest.py
+refuses them), ``kernel`` (real page cache, syscalls, vmtouch and fincore), ``fuse`` (FUSE
+mounts, s3fs), ``serve`` (the HTTP server, the agent, Prometheus metrics), ``cli`` (the CLI
+in child processes), ``deploy`` (manifests, the kube stand-in), ``packaging`` (Dockerfile,
+zipapp, the quick start) and ``bench`` (the benchmark suite at toy sizes). A test anywhere
+that mounts FUSE (the ``fuse_fs`` fixture, ``needs_fuse``) is marked ``fuse`` too, and every
+``fuse`` test is skipped, saying why, where FUSE cannot be mounted. Shared helpers are in
+tests/lib/.
 
 Tests evict only their own files (POSIX_FADV_DONTNEED), never the whole cache.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import re
 import shutil
-import stat
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,128 +27,92 @@ import pytest
 from hypothesis import settings
 
 from preloader.cli.demomodel import write_demo_model
-from preloader.kernel import pagecache
 
-from .fusefs import FuseMount
+from .lib.cli import CliProcess
+from .lib.fusefs import FuseMount
+from .lib.marks import FUSE_MISSING
+from .lib.residency import evict_tree
+from .lib.trees import tree_snapshot
 
 if TYPE_CHECKING:
-    from ._serve import Served
+    from .lib.serve import Served
 
 # No timing thresholds in tests: hypothesis's per-example deadline (200 ms) fails
 # properties at random on a loaded, shared machine.
 settings.register_profile("preloader", deadline=None)
 settings.load_profile("preloader")
 
-NOBODY = 65534
-AS_USER = str(Path(__file__).with_name("_as_user.py"))
-# Child processes import this checkout's preloader, even where another checkout is
-# pip-installed in editable mode (several worktrees share one interpreter here).
-REPO = str(Path(__file__).resolve().parent.parent)
+TESTS = Path(__file__).resolve().parent
+# Each folder's marker (registered in pyproject.toml, as --strict-markers wants).
+KINDS = ("unit", "kernel", "fuse", "serve", "cli", "deploy", "packaging", "bench")
 
 
-def evict_tree(root: str | os.PathLike[str]) -> None:
-    """Drop the page cache of every regular file under root (as vmtouch -e does)."""
-    for path in _files(root):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            pagecache.evict(fd)
-        finally:
-            os.close(fd)
-
-
-def _files(root: str | os.PathLike[str]) -> list[str]:
-    root = os.fspath(root)
-    if os.path.isfile(root):
-        return [root]
-    return [
-        os.path.join(d, f)
-        for d, _, names in os.walk(root)
-        for f in names
-        if os.path.isfile(os.path.join(d, f)) and not os.path.islink(os.path.join(d, f))
-    ]
-
-
-def vmtouch_resident(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """(resident pages, total pages) as vmtouch reports them: the outside witness."""
-    out = subprocess.run(
-        ["vmtouch", "-f", os.fspath(path)], capture_output=True, text=True, check=True
-    ).stdout
-    match = re.search(r"Resident Pages:\s+(\d+)/(\d+)", out)
-    assert match, out
-    return int(match.group(1)), int(match.group(2))
-
-
-def fincore_resident_bytes(*paths: str | os.PathLike[str]) -> int:
-    """Resident bytes of the given files together, by util-linux fincore."""
-    if shutil.which("fincore") is None:
-        pytest.skip("fincore (util-linux) not installed")
-    out = subprocess.run(
-        ["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", *map(os.fspath, paths)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return sum(int(line) for line in out.split())
-
-
-def run_cli(
-    *args: str,
-    env: dict[str, str] | None = None,
-    user: int | None = None,
-    check: bool = False,
-) -> subprocess.CompletedProcess[str]:
-    """Run the real ``preloader`` CLI in a new process (as another uid when asked)."""
-    base_env = {
-        k: v for k, v in os.environ.items() if not k.startswith("PRELOADER_") and k != "MODEL_DIR"
-    }
-    base_env["PRELOADER_LOG_FORMAT"] = "json"
-    base_env["PYTHONPATH"] = REPO
-    base_env.update(env or {})
-    if user is None:
-        cmd = [sys.executable, "-m", "preloader", *args]
-    else:
-        cmd = [sys.executable, AS_USER, str(user), *args]
-    return subprocess.run(
-        cmd, capture_output=True, text=True, env=base_env, check=check, timeout=120
-    )
+@pytest.fixture
+def anyio_backend() -> str:
+    """The async tests run on asyncio, as preloader does (anyio's pytest plugin)."""
+    return "asyncio"
 
 
 DAMON_STATES = "/sys/kernel/mm/damon/admin/kdamonds"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _pause_proactive_reclaim() -> Iterator[None]:
-    """Pause DAMON proactive reclaim for the test session, where it runs.
+def _running_kdamonds() -> list[str]:
+    """The ``state`` files of the kdamonds that are ``on`` now and that this process may write."""
+    if not (os.path.isdir(DAMON_STATES) and os.access(DAMON_STATES, os.W_OK)):
+        return []
+    running = []
+    for name in sorted(os.listdir(DAMON_STATES)):
+        state = os.path.join(DAMON_STATES, name, "state")
+        try:
+            with open(state) as handle:
+                if handle.read().strip() == "on":
+                    running.append(state)
+        except OSError:
+            continue
+    return running
+
+
+def _set_kdamonds(states: list[str], value: str) -> list[str]:
+    """Write ``value`` to each state file; return those that took it."""
+    done = []
+    for state in states:
+        try:
+            with open(state, "w") as handle:
+                handle.write(value)
+        except OSError as err:
+            sys.stderr.write(f"tests: could not turn {state} {value}: {err}\n")
+            continue
+        done.append(state)
+    return done
+
+
+_PAUSED = pytest.StashKey[list[str]]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Pause DAMON proactive reclaim for the test run, where it runs.
 
     Some VMs (this project's CI among them) run a DAMON ``pageout`` scheme that pages out
     physical regions idle for a minute, at up to 128 MiB/s, and freshly cached pages that
     land in such a region go with it. Residency assertions must test preloader, not the
-    VM's reclaimer, so the session stops kdamonds it can (root) and restarts them after.
-    The benchmark leaves it running and reports residency as it is.
+    VM's reclaimer, so the run stops the kdamonds it can (root), says so in its header,
+    and :func:`pytest_unconfigure` turns each back on however pytest ends (failures,
+    Ctrl-C and internal errors included). A pytest killed outright runs no hook:
+    scripts/test.sh turns them back on after pytest whatever way it ended. The benchmark
+    leaves DAMON running and reports residency as it is.
     """
-    paused: list[str] = []
-    if os.path.isdir(DAMON_STATES) and os.access(DAMON_STATES, os.W_OK):
-        for name in sorted(os.listdir(DAMON_STATES)):
-            state = os.path.join(DAMON_STATES, name, "state")
-            try:
-                with open(state) as handle:
-                    if handle.read().strip() != "on":
-                        continue
-                with open(state, "w") as handle:
-                    handle.write("off")
-                paused.append(state)
-            except OSError:
-                continue
-    try:
-        yield
-    finally:
-        for state in paused:
-            with open(state, "w") as handle:
-                handle.write("on")
+    config.stash[_PAUSED] = _set_kdamonds(_running_kdamonds(), "off")
 
 
-needs_vmtouch = pytest.mark.skipif(shutil.which("vmtouch") is None, reason="vmtouch not installed")
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _set_kdamonds(config.stash.get(_PAUSED, []), "on")
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    paused = config.stash.get(_PAUSED, [])
+    if not paused:
+        return None
+    return f"DAMON proactive reclaim paused for this run, restored at its end: {' '.join(paused)}"
 
 
 @pytest.fixture
@@ -180,38 +147,6 @@ def big_file(shared_tmp: Path) -> Path:
     return path
 
 
-# ------------------------------------------------------------ reliability matrix helpers
-
-
-def tree_snapshot(root: str | os.PathLike[str]) -> dict[bytes, tuple[object, ...]]:
-    """Everything preloader must never change under root: for each entry (names as bytes,
-    links not followed) its type and mode, size, mtime and ctime, a SHA-256 of a regular
-    file's contents and a link's target. FIFOs, sockets and devices are only lstat'ed."""
-    top = os.fsencode(root)
-    snapshot: dict[bytes, tuple[object, ...]] = {}
-    for directory, dirnames, filenames in os.walk(top, followlinks=False):
-        for name in [*dirnames, *filenames]:
-            path = os.path.join(directory, name)
-            st = os.lstat(path)
-            extra: object = None
-            if stat.S_ISREG(st.st_mode):
-                digest = hashlib.sha256()
-                with open(path, "rb") as handle:
-                    for block in iter(lambda handle=handle: handle.read(1 << 20), b""):
-                        digest.update(block)
-                extra = digest.hexdigest()
-            elif stat.S_ISLNK(st.st_mode):
-                extra = os.readlink(path)
-            snapshot[os.path.relpath(path, top)] = (
-                st.st_mode,
-                st.st_size,
-                st.st_mtime_ns,
-                st.st_ctime_ns,
-                extra,
-            )
-    return snapshot
-
-
 @pytest.fixture
 def unchanged() -> Iterator[Callable[[Path], Path]]:
     """``unchanged(root)`` snapshots a tree; the test fails if it differs at teardown."""
@@ -225,99 +160,6 @@ def unchanged() -> Iterator[Callable[[Path], Path]]:
     for root, before in watched:
         after = tree_snapshot(root)
         assert after == before, f"{root} changed: {set(before) ^ set(after) or 'metadata'}"
-
-
-def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment run_cli uses: no PRELOADER_* or MODEL_DIR leaking in, JSON logs."""
-    base = {
-        k: v for k, v in os.environ.items() if not k.startswith("PRELOADER_") and k != "MODEL_DIR"
-    }
-    base["PRELOADER_LOG_FORMAT"] = "json"
-    base["PYTHONPATH"] = REPO
-    base.update(env or {})
-    return base
-
-
-class CliProcess:
-    """The real CLI running in the background, its JSON log lines collected as they come.
-
-    Tests synchronise on log lines (:meth:`wait_for`), never on sleeps; every wait is
-    bounded, so a hang fails the test instead of stalling the run.
-    """
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "preloader", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=cli_env(env),
-        )
-        self.stderr_lines: list[str] = []
-        self.stdout_text = ""
-        self._stderr_closed = False
-        self._changed = threading.Condition()
-        self._readers = [
-            threading.Thread(target=self._read_stderr, daemon=True),
-            threading.Thread(target=self._read_stdout, daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            with self._changed:
-                self.stderr_lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._stderr_closed = True
-            self._changed.notify_all()
-
-    def _read_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        self.stdout_text = self.proc.stdout.read()
-
-    @property
-    def logs(self) -> list[dict[str, Any]]:
-        with self._changed:
-            return [json.loads(line) for line in self.stderr_lines if line.startswith("{")]
-
-    def wait_for(self, *events: str, timeout: float = 60) -> dict[str, Any]:
-        """Block until a log line with one of these ``event`` values appears; return it."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for line in self.stderr_lines:
-                    if line.startswith("{") and json.loads(line).get("event") in events:
-                        return dict(json.loads(line))
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stderr_closed:
-                    raise AssertionError(f"no {events} log line: {self.stderr_lines}")
-                self._changed.wait(left)
-
-    def signal(self, signum: int) -> None:
-        self.proc.send_signal(signum)
-
-    def finish(self, timeout: float = 60) -> tuple[int, str]:
-        """Wait for the exit; return the exit code and stdout."""
-        code = self.proc.wait(timeout=timeout)
-        for reader in self._readers:
-            reader.join(timeout=timeout)
-        return code, self.stdout_text
-
-    def close(self) -> None:
-        """Kill the process if it still runs (a failed test), and release its pipes."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        try:
-            self.proc.wait(timeout=30)
-        finally:
-            for reader in self._readers:
-                reader.join(timeout=30)
-            for pipe in (self.proc.stdout, self.proc.stderr):
-                if pipe is not None:
-                    pipe.close()
 
 
 @pytest.fixture
@@ -335,17 +177,11 @@ def start_cli() -> Iterator[Callable[..., CliProcess]]:
         process.close()
 
 
-needs_fuse = pytest.mark.skipif(
-    not (os.path.exists("/dev/fuse") and shutil.which("fusermount3") and os.geteuid() == 0),
-    reason="needs /dev/fuse, fusermount3 and root",
-)
-
-
 @pytest.fixture
 def fuse_fs(
     shared_tmp: Path, start_cli: Callable[..., CliProcess]
 ) -> Iterator[Callable[..., FuseMount]]:
-    """``fuse_fs(spec)`` mounts a failing FUSE filesystem (see tests/fusefs.py).
+    """``fuse_fs(spec)`` mounts a failing FUSE filesystem (see tests/lib/fusefs.py).
 
     Every mount is unmounted (lazily, when a read still hangs in it) and its process
     killed at teardown, even when the test failed half-way. It tears down before
@@ -375,12 +211,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--run-slow"):
-        return
-    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    """Mark each test by its folder and FUSE use; skip what this run or machine cannot do."""
+    run_slow = config.getoption("--run-slow")
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        kind = item.path.resolve().relative_to(TESTS).parts[0]
+        if kind in KINDS:
+            item.add_marker(kind)
+        if "fuse_fs" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("fuse"):
+            item.add_marker("fuse")
+        if item.get_closest_marker("fuse") and FUSE_MISSING:
+            item.add_marker(pytest.mark.skip(reason=FUSE_MISSING))
+        if item.get_closest_marker("slow") and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: run with --run-slow"))
 
 
 CGROUP_V1_MEMORY = "/sys/fs/cgroup/memory"
@@ -439,29 +281,9 @@ def memory_cgroup() -> Iterator[Callable[[int], tuple[str, int]]]:
         os.rmdir(path)
 
 
-def run_cli_in_cgroup(
-    cgroup: str, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI as a process that first moves itself into ``cgroup``."""
-    wrapper = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
-    base_env = {
-        k: v for k, v in os.environ.items() if not k.startswith("PRELOADER_") and k != "MODEL_DIR"
-    }
-    base_env["PRELOADER_LOG_FORMAT"] = "json"
-    base_env["PYTHONPATH"] = REPO
-    base_env.update(env or {})
-    return subprocess.run(
-        ["sh", "-c", wrapper, cgroup, sys.executable, "-m", "preloader", *args],
-        capture_output=True,
-        text=True,
-        env=base_env,
-        timeout=120,
-    )
-
-
 @pytest.fixture
 def served() -> Iterator[list[Served]]:
-    """Servers a test starts (see ``tests._serve.track``); killed afterwards if left running."""
+    """Servers a test starts (see ``tests.lib.serve.track``); killed afterwards if left running."""
     started: list[Served] = []
     yield started
     for server in started:

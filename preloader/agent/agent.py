@@ -83,8 +83,12 @@ class Agent:
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
         self._started = time.monotonic()
-        self._first_pass_done = False
-        self._ready = not self._models
+        # The first pass finished (it read every path) / ended (finished or stopped).
+        self._first_pass_done = not self._models
+        self._pass_ended = not self._models
+        # Roots that do not exist keep /readyz closed, unless asked to skip them.
+        self._missing = () if config.allow_missing else config.selection.missing
+        self._ready = not self._models and not self._missing
         self._forced_ready = False
         self._timed_out = False
         self._budget: MemoryBudget | None = None
@@ -94,6 +98,8 @@ class Agent:
         )
         if self._ready:
             self._gate.ready_opened(self._started)
+        elif not self._models:  # no pass to wait for: decided now
+            self._gate.pass_over(self._gate_policy())
         context = PassContext(
             config,
             self._models,
@@ -132,10 +138,11 @@ class Agent:
             eta = remaining / rate if rate > 0 else None
         else:
             eta = 0.0
+        reason = self._reason(paths)
         return AgentSnapshot(
             state=self._state(),
             ready=self._ready,
-            reason=self._reason(paths),
+            reason=reason,
             timed_out=self._timed_out,
             ready_ratio=self.config.ready_ratio,
             paths=paths,
@@ -143,8 +150,9 @@ class Agent:
             rate=rate,
             eta_seconds=eta,
             skip_reason=self.config.selection.skip_reason,
+            missing_paths=tuple(printable(p) for p in self._missing),
             memory_budget=self._budget,
-            start_gate=self._gate.snapshot(time.monotonic(), self._ready),
+            start_gate=self._gate.snapshot(time.monotonic(), self._ready, reason),
             proactive_reclaim=self._proactive_reclaim,
         )
 
@@ -202,8 +210,8 @@ class Agent:
                     break
                 await self._first_pass.warm(model)
             group.cancel_scope.cancel()
-        self._gate.pass_over()
         self._first_pass_done = not self._stop.is_set()
+        self._gate.pass_over(self._gate_policy() if self._first_pass_done else None)
         self._update_ready()
         self._events.changed()
 
@@ -242,6 +250,15 @@ class Agent:
 
     # -- readiness and state ------------------------------------------------------------
 
+    def _gate_policy(self) -> str:
+        """What decides the start gate once the first pass is over and it is still shut."""
+        timeout, policy = self.config.timeout, self.config.timeout_policy
+        if timeout is None:
+            return "no PRELOADER_TIMEOUT is set: it opens only with /readyz"
+        if policy == "ready":
+            return f"PRELOADER_TIMEOUT {timeout:g} s (policy 'ready') opens it at the deadline"
+        return f"PRELOADER_TIMEOUT {timeout:g} s has policy 'unready': it opens only with /readyz"
+
     def _open_start_gate(self, by: str) -> None:
         now = time.monotonic()
         was_open = self._gate.is_open
@@ -258,6 +275,8 @@ class Agent:
         self._events.changed()
 
     def _condition(self) -> bool:
+        if self._missing:
+            return False
         if not self._models:
             return True
         if not self._first_pass_done:
@@ -280,14 +299,18 @@ class Agent:
 
     def _state(self) -> str:
         if not self._models:
-            return "ready"
+            return "failed" if self._missing else "ready"
         states = [self._model_state(m) for m in self._models]
         for phase in ("planning", "warming", "verifying"):
             if phase in states:
                 return phase
+        if not self._pass_ended:
+            # Every path is read and verified; readiness and the start gate are being
+            # decided: no state before they are, so none disagrees with /readyz.
+            return "verifying"
         if all(state == "failed" for state in states):
             return "failed"
-        if "failed" in states or "degraded" in states:
+        if "failed" in states or "degraded" in states or self._missing:
             return "degraded"
         return "ready"
 
@@ -298,6 +321,17 @@ class Agent:
         return model.state
 
     def _reason(self, paths: Sequence[PathSnapshot]) -> str:
+        text = self._ready_reason(paths)
+        if self._missing:
+            missing = ", ".join(printable(p) for p in self._missing)
+            gone = (
+                f"{missing}: does not exist (MODEL_DIR / PRELOADER_PATHS); not ready while "
+                "a root is missing (PRELOADER_ALLOW_MISSING=1 serves without it)"
+            )
+            return gone if not paths else f"{gone}; {text}"
+        return text
+
+    def _ready_reason(self, paths: Sequence[PathSnapshot]) -> str:
         skip = self.config.selection.skip_reason
         if skip is not None:
             return f"nothing to warm: {skip}"

@@ -116,6 +116,8 @@ class AgentSnapshot:
     :ivar reason: one line saying why it is (not) ready.
     :ivar timed_out: the deadline passed before the model was warm.
     :ivar skip_reason: set when there is nothing to serve (``MODEL_DIR`` unset or missing).
+    :ivar missing_paths: roots that do not exist and keep ``/readyz`` closed (empty with
+        ``--allow-missing``).
     :ivar memory_budget: this process's memory budget as last read by the agent (at start
         and after each keep-warm round), or ``None`` before the first reading.
     :ivar start_gate: what ``/startz`` answers, and whether its lead was right.
@@ -136,6 +138,7 @@ class AgentSnapshot:
     memory_budget: MemoryBudget | None = None
     start_gate: StartGateSnapshot | None = None
     proactive_reclaim: str | None = None
+    missing_paths: tuple[str, ...] = ()
     version: str = __version__
 
     @property
@@ -188,6 +191,7 @@ class AgentSnapshot:
             "timed_out": self.timed_out,
             "verified": self.verified,
             "skip_reason": self.skip_reason,
+            "missing_paths": list(self.missing_paths),
             "ready_ratio": self.ready_ratio,
             "uptime_seconds": round(self.uptime_seconds, 3),
             "files": sum(p.files for p in self.paths),

@@ -71,7 +71,7 @@ OPENED_BY = ("estimate", "ready", "timeout")
 """What opened the start gate: the estimate fell to the lead, ``/readyz`` opened, or the
 ``PRELOADER_TIMEOUT`` deadline passed under the ``ready`` policy."""
 
-VERDICTS = ("pending", "together", "behind", "caught_up", "unknown")
+VERDICTS = ("pending", "together", "behind", "caught_up", "unknown", "unready")
 """Label values of ``preloader_start_lead_verdict``; see :func:`lead_verdict`."""
 
 
@@ -150,11 +150,19 @@ def ahead_bytes(resident_bytes: int, read_bytes: int, baseline: int) -> int:
     return resident_bytes - read_bytes - baseline
 
 
-def lead_verdict(opened_by: str | None, ready_open: bool, caught_up: bool, measurable: bool) -> str:
+def lead_verdict(
+    opened_by: str | None,
+    ready_open: bool,
+    caught_up: bool,
+    measurable: bool,
+    pass_over: bool = False,
+) -> str:
     """Whether the lead was right, one of :data:`VERDICTS`.
 
-    - ``pending``: the start gate is closed, or it opened early and ``/readyz`` is still
-      closed with nothing ahead seen yet;
+    - ``pending``: the first pass runs, and the start gate is closed, or it opened early
+      and ``/readyz`` is still closed with nothing ahead seen yet;
+    - ``unready``: the same once the first pass is over (``pass_over``): ``/readyz`` did
+      not open with it, so there is no overlap to judge (``/startz`` names the cause);
     - ``together``: the gates opened at once (lead 0, a pass shorter than the guard, or
       the timeout): there was no overlap to judge;
     - ``caught_up``: reads got ahead of the warm-up after the start gate opened: the lead
@@ -162,15 +170,16 @@ def lead_verdict(opened_by: str | None, ready_open: bool, caught_up: bool, measu
     - ``behind``: ``/readyz`` opened and nothing got ahead: the lead was right or too short;
     - ``unknown``: the start gate opened early but residency cannot be measured here.
     """
+    waiting = "unready" if pass_over else "pending"
     if opened_by is None:
-        return "pending"
+        return waiting
     if opened_by != "estimate":
         return "together"
     if caught_up:
         return "caught_up"
     if not measurable:
         return "unknown"
-    return "behind" if ready_open else "pending"
+    return "behind" if ready_open else waiting
 
 
 @dataclass(frozen=True)
@@ -255,6 +264,7 @@ class StartGate:
         self._slack = 0
         self._measurable = True
         self._caught_up = False
+        self._policy: str | None = None  # set when the first pass is over
 
     @property
     def is_open(self) -> bool:
@@ -303,9 +313,15 @@ class StartGate:
         if self._ready_at is None:
             self._ready_at = now
 
-    def pass_over(self) -> None:
-        """The first pass ended: nothing more to estimate or to see ahead of it."""
+    def pass_over(self, policy: str | None = None) -> None:
+        """The first pass ended: nothing more to estimate or to see ahead of it.
+
+        :param policy: what will decide the gate from now on if it is still closed (the
+            ``PRELOADER_TIMEOUT`` policy), named in the reason; ``None`` when the pass was
+            stopped rather than finished.
+        """
         self._estimate = 0.0 if self._samples else None
+        self._policy = policy
 
     def measured(self, resident_bytes: int | None, read_bytes: int, slack: int) -> bool:
         """A residency measurement since the gate opened early.
@@ -330,8 +346,12 @@ class StartGate:
             return True
         return False
 
-    def snapshot(self, now: float, ready: bool) -> StartGateSnapshot:
-        """The gate now, from memory only."""
+    def snapshot(self, now: float, ready: bool, cause: str | None = None) -> StartGateSnapshot:
+        """The gate now, from memory only.
+
+        :param cause: why ``/readyz`` is closed (its reason), named once the first pass is
+            over and the gate still shut.
+        """
         open_seconds = None if self._opened_at is None else self._opened_at - self._started
         if self._opened_at is None:
             start_to_ready = None
@@ -340,7 +360,11 @@ class StartGate:
         else:
             start_to_ready = now - self._opened_at
         verdict = lead_verdict(
-            self._opened_by, self._ready_at is not None, self._caught_up, self._measurable
+            self._opened_by,
+            self._ready_at is not None,
+            self._caught_up,
+            self._measurable,
+            pass_over=self._policy is not None,
         )
         return StartGateSnapshot(
             open=self.is_open,
@@ -353,10 +377,10 @@ class StartGate:
             ahead_bytes=self._ahead if self._measurable else None,
             ahead_slack_bytes=self._slack,
             verdict=verdict,
-            reason=self._reason(ready),
+            reason=self._reason(ready, cause),
         )
 
-    def _reason(self, ready: bool) -> str:
+    def _reason(self, ready: bool, cause: str | None) -> str:
         if self._opened_by == "estimate":
             return (
                 f"open: the first pass's estimated time left was "
@@ -366,6 +390,10 @@ class StartGate:
             return "open: /readyz opened"
         if self._opened_by == "timeout":
             return "open: the deadline passed (timeout policy 'ready')"
+        if self._policy is not None:
+            # The pass is over: no estimate will open it, only /readyz or the deadline.
+            why = cause or "/readyz is closed"
+            return f"closed: the first pass is over and /readyz is closed ({why}); {self._policy}"
         if self.lead <= 0:
             return "closed: opens with /readyz (start lead 0)"
         if self._estimate is None:

@@ -50,6 +50,7 @@ __all__ = [
     "NodeLabelArgs",
     "ReadArgs",
     "SelectionArgs",
+    "allow_missing_option",
     "best_effort_option",
     "budget_options",
     "bundle",
@@ -165,6 +166,17 @@ class SelectionArgs:
             self.exclude,
             self.all_formats,
         )
+
+
+def allow_missing_option(func: _F) -> _F:
+    """``--allow-missing`` (serve): skip a root that does not exist instead of staying
+    unready."""
+    return flag_option(
+        "--allow-missing",
+        envvar="PRELOADER_ALLOW_MISSING",
+        help="Serve without a MODEL_DIR or --path root that does not exist (ready once the "
+        "others are warm, ready at once with none). Default: /readyz stays 503 and names it.",
+    )(func)
 
 
 def selection_options(func: _F) -> _F:

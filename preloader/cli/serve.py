@@ -13,6 +13,7 @@ from .options import (
     NodeLabelArgs,
     ReadArgs,
     SelectionArgs,
+    allow_missing_option,
     bundle,
     choice_option,
     node_label_options,
@@ -41,10 +42,12 @@ class ServeFlags:
     start_lead: str
     recheck_seconds: float
     max_backoff: float
+    allow_missing: bool
 
 
 @click.command(epilog=SERVE_EXIT_CODES_HELP)
 @selection_options
+@allow_missing_option
 @read_options(
     chunk_help="Bytes per chunk; also the unit keep-warm measures and re-reads.",
     method_help="How to read (see warm --help).",
@@ -137,7 +140,9 @@ def serve(
     Serves /healthz (200 while the process serves), /startz (503 with a JSON reason until
     the server may start, then 200: see --start-lead), /readyz (503 with a JSON reason
     until the paths are warm, then 200), /status (JSON progress) and /metrics
-    (Prometheus) on --host:--port. Without any path to warm it serves and is ready at once (logged).
+    (Prometheus) on --host:--port. With MODEL_DIR unset and no path it serves and is ready at
+    once (logged); a MODEL_DIR or --path root that does not exist keeps /readyz closed
+    (see --allow-missing).
     SIGTERM or SIGINT stops reading, answers requests in flight and exits 0.
     """
 
@@ -157,6 +162,7 @@ def serve(
             recheck_seconds=flags.recheck_seconds,
             max_backoff_seconds=flags.max_backoff,
             node_labels=node_labels.resolve(resolved.paths),
+            allow_missing=flags.allow_missing,
         )
 
     # uvicorn, starlette and prometheus-client only for this command; imported here, while

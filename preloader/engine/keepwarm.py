@@ -158,7 +158,7 @@ def _measure_run(files: FileTable, first: int, end: int, chunk_size: int) -> lis
     try:
         for index in range(first, end):
             # No FileSpec for a file that turns out cached whole (the common case).
-            path, size, dev, ino = files.identity(index)
+            path, size, dev, ino, mtime_ns = files.identity(index)
             parent, _, name = path.rpartition("/")
             if parent != folder or folder_fd < 0:
                 if folder_fd >= 0:
@@ -176,7 +176,7 @@ def _measure_run(files: FileTable, first: int, end: int, chunk_size: int) -> lis
                 append(_measure_file(index, files[index], chunk_size))
                 continue
             try:
-                planned, whole = pagecache.planned_and_whole(fd, size, dev, ino, count)
+                planned, whole = pagecache.planned_and_whole(fd, size, dev, ino, mtime_ns, count)
                 if whole:
                     append(ChunkResidency(index, path, size, size))
                 elif planned:

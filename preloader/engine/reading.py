@@ -56,12 +56,14 @@ _CACHED = "cached"
 def open_regular(spec: FileSpec, blocking: bool = True) -> int:
     """Open a planned file read-only, refusing anything that is no longer that file.
 
-    :func:`~preloader.kernel.fileread.open_planned` for a :class:`FileSpec`.
+    :func:`~preloader.kernel.fileread.open_planned` for a :class:`FileSpec`: the identity
+    check (:func:`~preloader.kernel.identity.is_planned`) refuses a file replaced under the
+    same name.
 
     :param blocking: clear ``O_NONBLOCK`` once it is known to be the planned file (for
         reading); ``False`` leaves it set, for a descriptor only measured.
     """
-    return fileread.open_planned(spec.path, spec.dev, spec.ino, blocking)
+    return fileread.open_planned(spec.path, spec.dev, spec.ino, spec.mtime_ns, blocking)
 
 
 def describe(err: OSError) -> str:
@@ -239,7 +241,7 @@ def still_planned(spec: FileSpec) -> None:
         file.
     :raises OSError: the path is gone (deleted since).
     """
-    fileread.check_planned(os.stat(spec.path), spec.dev, spec.ino)
+    fileread.check_planned(os.stat(spec.path), spec.dev, spec.ino, spec.mtime_ns)
 
 
 def _open_ahead(

@@ -118,7 +118,7 @@ def residency_of(spec: FileSpec, after_read: bool = False) -> FileResidency:
 def _measurer(files: FileTable, after_read: bool) -> Callable[[int], int | FileResidency]:
     """``residency_of(files[index], after_read)``, with the common case made short.
 
-    A file that is still the planned one (its device, inode and size) and cached whole
+    A file that is still the planned one (:func:`.is_planned`, and its size) and cached whole
     costs an open, an ``fstat``, a ``cachestat`` and a close, and gives its size: no
     :class:`FileSpec`, no :class:`FileResidency` (verifying 20,000 cached files took
     0.36-0.44 s through :func:`residency_of` alone, 0.21-0.24 s so). One that is the
@@ -135,13 +135,13 @@ def _measurer(files: FileTable, after_read: bool) -> Callable[[int], int | FileR
         return cached_pages(fd, 0, length)
 
     def measure(index: int) -> int | FileResidency:
-        path, size, dev, ino = files.identity(index)
+        path, size, dev, ino, mtime_ns = files.identity(index)
         try:
             fd = os.open(path, OPEN_FLAGS)  # as open_regular, left non-blocking
         except OSError:
             return residency_of(files[index], after_read)
         try:
-            planned, whole = pagecache.planned_and_whole(fd, size, dev, ino, count)
+            planned, whole = pagecache.planned_and_whole(fd, size, dev, ino, mtime_ns, count)
         except OSError:
             planned = whole = False  # measured again below, where the error is named
         if whole or not planned:

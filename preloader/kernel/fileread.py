@@ -16,6 +16,8 @@ import stat
 import threading
 from collections.abc import Callable
 
+from .identity import is_planned
+
 __all__ = [
     "OPEN_FLAGS",
     "FileChangedError",
@@ -40,28 +42,35 @@ class FileChangedError(OSError):
     """The planned file is no longer that file (replaced, or not a regular file)."""
 
 
-def check_planned(st: os.stat_result, dev: int | None, ino: int | None) -> None:
+def check_planned(
+    st: os.stat_result, dev: int | None, ino: int | None, mtime_ns: int | None = None
+) -> None:
     """Refuse a status that is not the planned file's: not a regular file, or (when
-    ``dev`` is given) another ``(dev, ino)``.
+    ``dev`` and ``ino`` are given) another file by :func:`~.identity.is_planned`.
 
     :raises FileChangedError: with ``EINVAL`` or ``ESTALE``.
     """
     if not stat.S_ISREG(st.st_mode):
         raise FileChangedError(errno.EINVAL, "no longer a regular file")
-    if dev is not None and (st.st_dev, st.st_ino) != (dev, ino):
+    if dev is not None and ino is not None and not is_planned(st, dev, ino, mtime_ns):
         raise FileChangedError(errno.ESTALE, "replaced by another file since planning")
 
 
 def open_planned(
-    path: str, dev: int | None = None, ino: int | None = None, blocking: bool = True
+    path: str,
+    dev: int | None = None,
+    ino: int | None = None,
+    mtime_ns: int | None = None,
+    blocking: bool = True,
 ) -> int:
     """Open a planned file read-only, refusing anything that is no longer that file.
 
     ``O_NONBLOCK`` keeps a FIFO swapped in since planning from blocking the open; the
-    ``(dev, ino)`` check refuses a file replaced under the same name.
+    identity check (:func:`check_planned`) refuses a file replaced under the same name.
 
     :param dev: the planned file's device; ``None``: any regular file will do.
-    :param ino: the planned file's inode (checked with ``dev``).
+    :param ino: the planned file's inode (with ``dev``; see :func:`~.identity.is_planned`).
+    :param mtime_ns: the planned modification time, where inodes are not stable.
     :param blocking: clear ``O_NONBLOCK`` once it is known to be the planned file (for
         reading); ``False`` leaves it set, for a descriptor only measured or locked.
     :return: the descriptor; the caller closes it.
@@ -70,7 +79,7 @@ def open_planned(
     """
     fd = os.open(path, OPEN_FLAGS)
     try:
-        check_planned(os.fstat(fd), dev, ino)
+        check_planned(os.fstat(fd), dev, ino, mtime_ns)
         if blocking:
             os.set_blocking(fd, True)
     except BaseException:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..units import PAGE_SIZE
+from .identity import is_planned
 from .procfs import parse_cap_eff, read_text
 
 __all__ = [
@@ -251,14 +252,20 @@ def whole_file_counter() -> Callable[[int, int], int] | None:
 
 
 def planned_and_whole(
-    fd: int, size: int, dev: int, ino: int, count: Callable[[int, int], int]
+    fd: int,
+    size: int,
+    dev: int,
+    ino: int,
+    mtime_ns: int | None,
+    count: Callable[[int, int], int],
 ) -> tuple[bool, bool]:
     """The common case of every residency check: still the planned file, cached whole?
 
     One ``fstat`` and one cachestat of an open file: whether it is still the planned file
-    (a regular file with the planned device and inode), and whether it is that file at its
-    planned size with every page cached. The verification after a pass and keep-warm's
-    measurement both take this short way first, and the long way for anything else.
+    (a regular file, and the planned one by :func:`~.identity.is_planned`), and whether it
+    is that file at its planned size with every page cached. The verification after a
+    pass and keep-warm's measurement both take this short way first, and the long way
+    for anything else.
 
     :param count: cached pages of ``[0, length)`` of a descriptor: ``count(fd, length)``
         (:func:`whole_file_counter`'s, or :func:`cached_pages` over the range).
@@ -266,7 +273,7 @@ def planned_and_whole(
     :raises OSError: as ``fstat`` and :func:`cachestat`.
     """
     st = os.fstat(fd)
-    planned = st.st_ino == ino and st.st_dev == dev and stat.S_ISREG(st.st_mode)
+    planned = stat.S_ISREG(st.st_mode) and is_planned(st, dev, ino, mtime_ns)
     whole = planned and st.st_size == size and count(fd, size) >= -(-size // PAGE_SIZE)
     return planned, whole
 

@@ -134,13 +134,20 @@ class PinSet:
         self._pins: list[Pin] = []
         self._lock = threading.Lock()
 
-    def pin(self, path: str, length: int, dev: int | None = None, ino: int | None = None) -> Pin:
+    def pin(
+        self,
+        path: str,
+        length: int,
+        dev: int | None = None,
+        ino: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> Pin:
         """Open ``path`` read-only, lock its first ``length`` bytes, close it again.
 
         :raises OSError: when it cannot be opened, is no longer the planned file, or
             cannot be locked.
         """
-        fd = open_planned(path, dev, ino, blocking=False)
+        fd = open_planned(path, dev, ino, mtime_ns, blocking=False)
         try:
             length = min(length, os.fstat(fd).st_size)
             addr = lock_file(fd, length) if length > 0 else 0

@@ -28,6 +28,14 @@ _ENCODING = sys.getfilesystemencoding()
 _ERRORS = sys.getfilesystemencodeerrors()
 
 
+NO_MTIME = -(2**63)
+"""The ``mtimes`` column's value for a file whose modification time is not known."""
+
+
+def _mtime(value: int) -> int | None:
+    return None if value == NO_MTIME else value
+
+
 def optional(value: int) -> int | None:
     """A column's value, where a negative one stands for ``None``."""
     return None if value < 0 else value
@@ -55,6 +63,7 @@ class FileColumns:
         "dir_of",
         "inos",
         "metadata",
+        "mtimes",
         "name_ends",
         "names",
         "prefixes",
@@ -73,6 +82,7 @@ class FileColumns:
         self.inos = array("Q")
         self.allocated = array("q")  # -1: not known
         self.metadata = bytearray()
+        self.mtimes = array("q")  # NO_MTIME: not known
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -92,6 +102,7 @@ class FileColumns:
         ino: int,
         metadata: bool,
         allocated: int | None,
+        mtime_ns: int | None = None,
     ) -> int:
         """One file; its index in the columns."""
         self.dir_of.append(folder)
@@ -102,6 +113,7 @@ class FileColumns:
         self.inos.append(ino)
         self.allocated.append(-1 if allocated is None else allocated)
         self.metadata.append(metadata)
+        self.mtimes.append(NO_MTIME if mtime_ns is None else mtime_ns)
         return len(self.sizes) - 1
 
     def extend(
@@ -122,6 +134,7 @@ class FileColumns:
         self.inos.extend([st.st_ino for st in stats])
         self.allocated.extend([st.st_blocks * 512 for st in stats])
         self.metadata.extend(metadata)
+        self.mtimes.extend([st.st_mtime_ns for st in stats])
 
     def name(self, index: int) -> str:
         start = self.name_ends[index - 1] if index else 0
@@ -145,18 +158,20 @@ class FileColumns:
             self.inos[index],
             self.metadata[index] == 1,
             optional(self.allocated[index]),
+            _mtime(self.mtimes[index]),
         )
 
     def specs(self, indices: Iterable[int]) -> Iterator[FileSpec]:
         """The files at ``indices``, each a fresh :class:`FileSpec`."""
         make = _spec_type()
         names, ends, prefixes, dir_of = self.names, self.name_ends, self.prefixes, self.dir_of
-        sizes, devs, inos, allocated, metadata = (
+        sizes, devs, inos, allocated, metadata, mtimes = (
             self.sizes,
             self.devs,
             self.inos,
             self.allocated,
             self.metadata,
+            self.mtimes,
         )
         for i in indices:
             start = ends[i - 1] if i else 0
@@ -167,6 +182,7 @@ class FileColumns:
                 inos[i],
                 metadata[i] == 1,
                 optional(allocated[i]),
+                _mtime(mtimes[i]),
             )
 
     @classmethod
@@ -176,7 +192,14 @@ class FileColumns:
         whole = columns.add_dir("", "")
         for spec in specs:
             columns.add(
-                whole, spec.path, spec.size, spec.dev, spec.ino, spec.metadata, spec.allocated
+                whole,
+                spec.path,
+                spec.size,
+                spec.dev,
+                spec.ino,
+                spec.metadata,
+                spec.allocated,
+                spec.mtime_ns,
             )
         return columns
 
@@ -251,11 +274,18 @@ class FileTable(Sequence["FileSpec"]):
             return sizes.__getitem__
         return lambda index: sizes[order[index]]
 
-    def identity(self, index: int) -> tuple[str, int, int, int]:
-        """``(path, size, dev, ino)`` of the file at ``index``, without making a spec."""
+    def identity(self, index: int) -> tuple[str, int, int, int, int | None]:
+        """``(path, size, dev, ino, mtime_ns)`` of the file at ``index``, without making a
+        spec."""
         columns = self._columns
         at = self._at(index)
-        return columns.path(at), columns.sizes[at], columns.devs[at], columns.inos[at]
+        return (
+            columns.path(at),
+            columns.sizes[at],
+            columns.devs[at],
+            columns.inos[at],
+            _mtime(columns.mtimes[at]),
+        )
 
     def path(self, index: int) -> str:
         return self._columns.path(self._at(index))

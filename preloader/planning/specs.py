@@ -32,6 +32,8 @@ class FileSpec:
     :ivar metadata: a small config/tokenizer/index file, warmed before weights.
     :ivar allocated: bytes the file occupies on its filesystem (``st_blocks`` x 512);
         far below :attr:`size` for a sparse file. ``None`` when not known.
+    :ivar mtime_ns: ``st_mtime_ns`` at planning time, ``None`` when not known: with
+        ``dev`` and ``ino``, what :func:`preloader.kernel.identity.is_planned` compares.
     """
 
     path: str
@@ -40,6 +42,7 @@ class FileSpec:
     ino: int
     metadata: bool = False
     allocated: int | None = None
+    mtime_ns: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -263,7 +263,7 @@ class _Walk:
         size = st.st_size
         metadata = is_metadata(os.path.basename(path), size)
         return self.columns.add(
-            folder, path, size, st.st_dev, st.st_ino, metadata, st.st_blocks * 512
+            folder, path, size, st.st_dev, st.st_ino, metadata, st.st_blocks * 512, st.st_mtime_ns
         )
 
     def _walk_dir(self, root: str, root_st: os.stat_result) -> None:

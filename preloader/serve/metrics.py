@@ -71,13 +71,21 @@ _METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         "preloader_start_lead_verdict",
         "gauge",
         "1 for whether the start lead was right: caught_up (too long), behind (right or too "
-        "short), together (no lead used), pending, unknown.",
+        "short), together (no lead used), pending, unknown, unready (the first pass is over "
+        "and /readyz did not open: nothing to judge).",
         ("verdict",),
     ),
     (
         "preloader_timed_out",
         "gauge",
         "1 when PRELOADER_TIMEOUT passed before the paths were warm.",
+        (),
+    ),
+    (
+        "preloader_missing_paths",
+        "gauge",
+        "Roots (MODEL_DIR, PRELOADER_PATHS) that do not exist and keep /readyz closed "
+        "(0 with --allow-missing).",
         (),
     ),
     (
@@ -190,6 +198,7 @@ class AgentCollector(Collector):
         for state in STATES:
             f["preloader_state"].add_metric([state], 1 if snap.state == state else 0)
         f["preloader_timed_out"].add_metric([], 1 if snap.timed_out else 0)
+        f["preloader_missing_paths"].add_metric([], len(snap.missing_paths))
         gate = snap.start_gate
         if gate is not None:
             f["preloader_start_gate_open"].add_metric([], 1 if gate.open else 0)

@@ -127,7 +127,14 @@ async def serve(config: ServeConfig, sock: socket.socket, node_api: NodeApi | No
             recheck_seconds=config.recheck_seconds,
             start_lead=config.start_lead,
         )
-        if config.selection.skip_reason is not None:
+        missing = [printable(p) for p in config.selection.missing]
+        if missing and not config.allow_missing:
+            log.error(
+                "path does not exist; not ready while it is missing",
+                paths=missing,
+                hint="PRELOADER_ALLOW_MISSING=1 serves without it",
+            )
+        elif config.selection.skip_reason is not None:
             log.warning("nothing to warm; ready at once", reason=config.selection.skip_reason)
         group.start_soon(agent.run)
         if labeler is not None:
