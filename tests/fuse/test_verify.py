@@ -17,9 +17,9 @@ import anyio
 import anyio.to_thread
 import pytest
 
+from preloader.engine import residency as verify
 from preloader.engine.reports import FileResidency, WarmReport
 from preloader.engine.residency import map_files
-from preloader.engine.warm import residency as verify
 from preloader.engine.warm import warm_plan
 from preloader.kernel import pagecache
 from preloader.planning.planner import build_plan

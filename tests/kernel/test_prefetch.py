@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
+from preloader.engine import prefetch
 from preloader.engine.events import EngineEvent
-from preloader.engine.warm import prefetch, rewarm_chunks, warm_plan
+from preloader.engine.warm import rewarm_chunks, warm_plan
 from preloader.kernel import fileread
 from preloader.planning.planner import Plan, build_plan
 from preloader.planning.specs import FileSpec, iter_chunks
@@ -240,7 +241,7 @@ async def test_prefetched_batches_are_read_one_at_a_time(
     # Many batches (4 files of 64 KiB each, cut by the chunk size) for 8 readers: on a
     # local disk the prefetch queues each batch's reads, so one thread keeps the disk
     # busy and more would only contend for the interpreter.
-    from preloader.engine.warm import readpass
+    from preloader.engine import readpass
 
     _tree, plan = _local_plan(shared_tmp / "small", count=160)
     lock = threading.Lock()
@@ -268,7 +269,7 @@ async def test_prefetched_batches_are_read_one_at_a_time(
 async def test_verification_and_status_measure_local_files_in_one_thread(
     shared_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from preloader.engine.warm import residency as verify
+    from preloader.engine import residency as verify
 
     _tree, plan = _local_plan(shared_tmp / "small")
     threads: set[int] = set()
@@ -302,7 +303,7 @@ async def test_verification_and_status_measure_local_files_in_one_thread(
 async def test_the_keep_warm_recheck_measures_local_files_in_one_thread(
     shared_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from preloader.engine.warm import keepwarm
+    from preloader.engine import keepwarm
 
     _tree, plan = _local_plan(shared_tmp / "small", count=3 * keepwarm._RUN_FILES)
     await warm_plan(plan)
@@ -336,7 +337,7 @@ def test_all_local_reads_the_mount_table(tmp_path: Path) -> None:
 async def test_plans_on_local_disks_alone_take_bigger_batches(
     shared_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from preloader.engine.warm import readpass
+    from preloader.engine import readpass
 
     tree = shared_tmp / "tiny"
     tree.mkdir()

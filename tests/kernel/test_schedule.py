@@ -17,8 +17,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from preloader.engine import reading, schedule
 from preloader.engine.schedule import Schedule, Stream, solo_rule, split_rule
-from preloader.engine.warm import reading, rewarm_chunks, schedule, warm_plan
+from preloader.engine.warm import rewarm_chunks, warm_plan
 from preloader.kernel import fileread
 from preloader.kernel.mounts import filesystem_type
 from preloader.planning.filetable import FileTable
