@@ -193,7 +193,8 @@ class Agent:
     async def start_up(self) -> None:
         """Plan every path, then warm them one after the other and decide readiness."""
         if not self._models:
-            self._emit(EventKind.READY, detail=self._reason(()))
+            if not self._missing:
+                self._emit(EventKind.READY, detail=self._reason(()))
             self._events.changed()
             return
         # Small reads of /sys, on a worker thread as the memory budget's are.
@@ -213,6 +214,7 @@ class Agent:
         self._first_pass_done = not self._stop.is_set()
         self._gate.pass_over(self._gate_policy() if self._first_pass_done else None)
         self._update_ready()
+        self._pass_ended = True  # after the decision: /status says it with the gates
         self._events.changed()
 
     async def recheck(self) -> None:
