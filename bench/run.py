@@ -302,7 +302,7 @@ def _machine(data_dir: Path, preloader_src: Path, env: dict[str, str]) -> dict[s
             (line.strip() for line in first_line_all(["vmtouch", "-h"]) if "vmtouch v" in line),
             "present",
         ),
-        # Left running: what it drops shows in the residency columns (README, Residency truth).
+        # Left running: what it drops shows in the residency columns (docs/residency.md).
         "proactive reclaim": "; ".join(s.describe() for s in reclaim.find_schemes()) or "none seen",
     }
 
