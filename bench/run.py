@@ -1,9 +1,9 @@
 """Run the benchmark: every scenario, every competitor, cold cache, A B A B.
 
 ``python -m bench --help`` lists the flags; ``python -m bench --smoke`` runs
-everything at toy sizes in seconds. Results go to ``bench/results/``:
-``results.md`` (tables, target check, machine), ``results.png`` (chart) and
-``raw/`` (every run as JSON, not committed).
+everything at toy sizes in seconds. Results go to ``bench/results/reads/`` (or ``e2e/``,
+``warm-cache/``, ``smoke/``): ``results.md`` (tables, target check, machine),
+``results.png`` (chart) and ``raw/`` (every run as JSON, not committed).
 """
 
 import argparse
@@ -302,7 +302,7 @@ def _machine(data_dir: Path, preloader_src: Path, env: dict[str, str]) -> dict[s
             (line.strip() for line in first_line_all(["vmtouch", "-h"]) if "vmtouch v" in line),
             "present",
         ),
-        # Left running: what it drops shows in the residency columns (README, Residency truth).
+        # Left running: what it drops shows in the residency columns (docs/residency.md).
         "proactive reclaim": "; ".join(s.describe() for s in reclaim.find_schemes()) or "none seen",
     }
 
@@ -357,7 +357,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out",
         type=Path,
-        help="results directory (default bench/results; with --smoke bench/results/smoke)",
+        help="results directory (default bench/results/reads, bench/results/e2e for "
+        "--scenarios e2e alone; with --smoke bench/results/smoke)",
     )
     parser.add_argument(
         "--preloader-src",
@@ -513,16 +514,26 @@ def main(argv: list[str] | None = None) -> int:
 
         return recheck.main(argv)
     args = _parse_args(argv)
+    redraw = json.loads(args.from_raw.read_text()) if args.from_raw else {}
     if args.out is None:
-        # A smoke run must not overwrite the committed full-size results.
-        kind = "smoke" if args.smoke else "warm-cache" if args.warm_cache else ""
+        # One folder per kind of result (bench/results/README.md); a smoke run must not
+        # overwrite the committed full-size results.
+        only_e2e = redraw.get("kind") == "e2e" or args.scenarios.replace(" ", "") == "e2e"
+        kind = (
+            "smoke"
+            if args.smoke
+            else "warm-cache"
+            if args.warm_cache
+            else "e2e"
+            if only_e2e
+            else "reads"
+        )
         args.out = REPO_ROOT / "bench" / "results" / kind
     if args.from_raw:
-        payload = json.loads(args.from_raw.read_text())
-        if payload.get("kind") == "e2e":
-            path = e2e.render(args.out, payload, payload.get("machine", {}))
+        if redraw.get("kind") == "e2e":
+            path = e2e.render(args.out, redraw, redraw.get("machine", {}))
         else:
-            path = render(args.out, payload)
+            path = render(args.out, redraw)
         print(path.read_text())
         return 0
     if os.geteuid() != 0:

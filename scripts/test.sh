@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the tests need on a fresh Debian/Ubuntu machine, then run lint,
-# types and the test suite. This is the README's test command; .ci/run calls it.
+# types, the documentation build and the test suite. This is the README's test command;
+# .ci/run calls it.
 #
 #   bash scripts/test.sh [extra pytest args]
 #   bash scripts/test.sh --setup-only      # install, then stop (tests/packaging/test_quickstart.py)
@@ -52,8 +53,8 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)'; then
     PYTHON=.venv/bin/python
 fi
 
-echo "== installing preloader with its dev extra into $("$PYTHON" -c 'import sys; print(sys.prefix)')"
-"$PYTHON" -m pip install -q --disable-pip-version-check -e '.[dev,bench]'
+echo "== installing preloader with its dev, bench and docs extras into $("$PYTHON" -c 'import sys; print(sys.prefix)')"
+"$PYTHON" -m pip install -q --disable-pip-version-check -e '.[dev,bench,docs]'
 if ((setup_only)); then
     echo "== set up; the checks run with $PYTHON"
     exit 0
@@ -66,11 +67,16 @@ echo "== mypy --strict"
 "$PYTHON" -m mypy
 echo "== lint-imports (the layer contract in pyproject.toml)"
 "$("$PYTHON" -c 'import os, sys; print(os.path.dirname(sys.executable))')/lint-imports"
+echo "== mkdocs build --strict"
+# Into a temporary folder: the site is built to prove it builds (no dead link, no anchor
+# missing, every page in the navigation), never committed.
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+NO_MKDOCS_2_WARNING=1 "$PYTHON" -m mkdocs build --strict --quiet --site-dir "$scratch/site"
 echo "== pytest"
 # pytest writes its JUnit report only when the session ends as it should: a test that
 # makes the process exit early (os._exit in code under test) leaves none, whatever the
 # exit status said.
-report_dir=$(mktemp -d)
 damon_running=()
 for state in /sys/kernel/mm/damon/admin/kdamonds/*/state; do
     [ -w "$state" ] && [ "$(cat "$state" 2>/dev/null)" = on ] && damon_running+=("$state")
@@ -83,18 +89,18 @@ restore_damon() {
         fi
     done
 }
-trap 'restore_damon; rm -rf "$report_dir"' EXIT
+trap 'restore_damon; rm -rf "$scratch"' EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 set +e
-"$PYTHON" -m pytest --junitxml="$report_dir/pytest.xml" "$@"
+"$PYTHON" -m pytest --junitxml="$scratch/pytest.xml" "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
     echo "pytest collected no tests: that is a failure here" >&2
     exit 1
 fi
-if [ "$rc" -eq 0 ] && [ ! -s "$report_dir/pytest.xml" ]; then
+if [ "$rc" -eq 0 ] && [ ! -s "$scratch/pytest.xml" ]; then
     echo "pytest exited 0 without finishing its session (no report): a failure here" >&2
     exit 1
 fi

@@ -4,7 +4,7 @@ Every case synchronises on what the process or the filesystem printed (a log lin
 FUSE fixture's ``STALL``), never on sleeps. Each ends with a summary on stderr (and the
 ``--json`` document on stdout), exit code 130 and no traceback; the waits are bounded, so
 a hang fails the test. The times from the signal to the summary and to the exit are
-printed (``pytest -s``); README "Reliability" records them.
+printed (``pytest -s``); docs/reliability.md records them.
 """
 
 from __future__ import annotations
