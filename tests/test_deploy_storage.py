@@ -138,6 +138,16 @@ def test_storage_renders_validates_and_replaces_the_ossfs_volume(way: str, stora
         assert pv["spec"]["csi"]["volumeAttributes"]["cache"] in {"emptyDir", "ephemeral"}
         assert "read-only" in options
         assert "metadata-ttl indefinite" in options
+        # The page cache never holds across the server's open there: ready once the pass
+        # has read everything through Mountpoint's cache, and no keep-warm re-reads.
+        spec = _one(resources, "StatefulSet")["spec"]["template"]["spec"]
+        agents = [c for c in dm.containers(spec) if c["name"] == "preloader"]
+        assert len(agents) == (0 if way == "poststart" else 1)
+        for agent in agents:
+            env = {e["name"]: e.get("value") for e in agent["env"]}
+            assert env["PRELOADER_READY_RATIO"] == "0"
+            assert env["PRELOADER_RECHECK_SECONDS"] == "0"
+            assert dm.is_preloader_image(agent)
     elif storage == "gcsfuse":
         annotations = _one(resources, "StatefulSet")["spec"]["template"]["metadata"]
         assert annotations["annotations"]["gke-gcsfuse/volumes"] == "true"
@@ -173,6 +183,16 @@ def test_server_is_a_parameter_on_any_storage(way: str, storage: str | None, ser
     # The preloader sidecar is untouched by the server component.
     (preloader,) = [c for c in dm.containers(spec) if dm.is_preloader_image(c)]
     assert preloader["args"] == ["serve"]
+
+
+@pytest.mark.parametrize("server", SERVER_NAMES)
+def test_a_server_component_refuses_a_way_whose_first_container_is_not_the_server(
+    server: str,
+) -> None:
+    # In deploy/sidecar-wait the first container is the preloader, not the server.
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        render("sidecar-wait", [f"servers/{server}"])
+    assert "test" in str(failed.value.stderr).lower()
 
 
 def test_render_fails_loudly_on_a_broken_component(tmp_path: Path) -> None:
