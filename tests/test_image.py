@@ -469,10 +469,11 @@ def test_serve_answers_probes_from_the_host_and_stops_on_sigterm(
         _mostly_resident(model)
         status, metrics = _get(f"{base}/metrics")
         assert status == 200
-        assert "preloader_" in metrics
-        bytes_line = re.search(r"^preloader_resident_bytes\S* (\S+)$", metrics, re.M)
-        if bytes_line is not None:
-            assert float(bytes_line.group(1)) == _model_bytes(model)
+        assert re.search(r"^preloader_ready 1\.0$", metrics, re.M), metrics
+        # The container's own figure, measured truthfully (it owns the files).
+        resident = re.search(r'^preloader_resident_bytes\{path="/models"\} (\S+)$', metrics, re.M)
+        assert resident is not None, metrics
+        assert float(resident.group(1)) == _model_bytes(model)
         started = time.monotonic()
         _podman(podman_env, "stop", "--time", str(GRACE_S), name, timeout=GRACE_S + 60)
         stopped_s = time.monotonic() - started
