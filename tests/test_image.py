@@ -46,7 +46,23 @@ from .conftest import vmtouch_resident
 pytestmark = pytest.mark.timeout(900)
 
 SUITE = "bookworm"
-MIRROR = os.environ.get("PRELOADER_CI_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+
+
+def _debian_mirror() -> str:
+    """The Debian mirror this machine's apt uses (deb822 sources), else deb.debian.org."""
+    for sources in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        for stanza in sources.read_text().split("\n\n"):
+            fields = dict(
+                line.split(":", 1)
+                for line in stanza.splitlines()
+                if re.match(r"^[A-Za-z-]+:", line)
+            )
+            if SUITE in fields.get("Suites", "").split() and "URIs" in fields:
+                return fields["URIs"].split()[0]
+    return "http://deb.debian.org/debian"
+
+
+MIRROR = os.environ.get("PRELOADER_CI_DEBIAN_MIRROR") or _debian_mirror()
 BASE_PACKAGES = ("python3", "python3-venv", "python3-pip", "python-is-python3")
 CACHE = Path(os.environ.get("PRELOADER_CI_CACHE", "/var/cache/preloader-ci"))
 IMAGE = "localhost/preloader:ci"
@@ -75,6 +91,7 @@ def _cannot_run_podman() -> str | None:
 
 @pytest.fixture(scope="module")
 def podman_env() -> Iterator[dict[str, str]]:
+    """The environment podman runs in: this module's containers.conf, or a skip."""
     reason = _cannot_run_podman()
     if reason is not None:
         pytest.skip(reason)
@@ -124,7 +141,7 @@ def base_image(podman_env: dict[str, str], request: pytest.FixtureRequest) -> st
         started = time.monotonic()
         with tempfile.TemporaryDirectory(dir=CACHE) as work:
             rootfs = Path(work) / "rootfs"
-            subprocess.run(
+            made = subprocess.run(
                 [
                     "debootstrap",
                     "--variant=minbase",
@@ -133,10 +150,13 @@ def base_image(podman_env: dict[str, str], request: pytest.FixtureRequest) -> st
                     str(rootfs),
                     MIRROR,
                 ],
-                check=True,
                 capture_output=True,
+                text=True,
                 timeout=600,
+                check=False,
             )
+            if made.returncode != 0:
+                pytest.fail(f"debootstrap {SUITE} from {MIRROR}: {made.stdout[-2000:]}")
             partial = Path(work) / "rootfs.tar"
             subprocess.run(["tar", "-C", str(rootfs), "-cf", str(partial), "."], check=True)
             partial.rename(tarball)
