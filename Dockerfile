@@ -26,7 +26,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY preloader ./preloader
 COPY scripts/build_zipapp.py ./scripts/
 # Wheels only (psutil ships manylinux wheels): no compiler in either stage. pip

@@ -324,6 +324,18 @@ def test_image_runs_as_65532_and_adds_one_layer_without_build_tools(
         " find /opt/preloader -name '*.whl'; true",
     )
     assert probe.stdout.split() == ["preloader.pyz", "venv"], probe.stdout
+    # The license travels with the installed package (the wheel's dist-info).
+    licensed = _podman(
+        podman_env,
+        "run",
+        "--rm",
+        "--entrypoint",
+        "sh",
+        image,
+        "-c",
+        "cat /opt/preloader/venv/lib/python3*/site-packages/preloader-*.dist-info/licenses/LICENSE",
+    )
+    assert licensed.stdout == (dm.REPO / "LICENSE").read_text()
 
 
 def _model(owner: int) -> Path:

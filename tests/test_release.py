@@ -141,7 +141,7 @@ def test_sdist_carries_the_license_and_builds_from_itself(dist: Path) -> None:
     assert f"preloader-{version}/preloader/__main__.py" in names
 
 
-def test_zipapp_reports_the_release_version(dist: Path) -> None:
+def test_zipapp_reports_the_release_version_and_carries_the_license(dist: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(dist / "preloader.pyz"), "--version"],
         capture_output=True,
@@ -151,6 +151,9 @@ def test_zipapp_reports_the_release_version(dist: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert version_of(result.stdout) == _version()
+    with zipfile.ZipFile(dist / "preloader.pyz") as archive:
+        license_text = archive.read(f"preloader-{_version()}.dist-info/licenses/LICENSE")
+    assert license_text == LICENSE.read_bytes()
 
 
 def version_of(output: str) -> str:
