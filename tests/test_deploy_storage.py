@@ -27,8 +27,8 @@ STORAGE = dm.DEPLOY / "storage"
 SERVERS = dm.DEPLOY / "servers"
 STORAGES = sorted(p.parent.name for p in STORAGE.glob("*/kustomization.yaml"))
 SERVER_NAMES = sorted(p.parent.name for p in SERVERS.glob("*/kustomization.yaml"))
-#: The ways whose server pods mount the deepseek-r1 claim of deploy/base.
-CLAIM_WAYS = ("sidecar", "sidecar-readiness-only", "sidecar-wait", "poststart")
+#: The ways whose pods mount the deepseek-r1 claim of deploy/base.
+CLAIM_WAYS = ("sidecar", "sidecar-readiness-only", "sidecar-wait", "poststart", "node-warmup")
 #: The ways whose server container runs unchanged: the server components apply to these.
 SERVER_WAYS = ("sidecar", "sidecar-readiness-only")
 NATIVE_SIDECAR_WAYS = {"sidecar", "sidecar-readiness-only"}
@@ -81,17 +81,35 @@ def _one(resources: list[Resource], kind: str) -> Resource:
     return found
 
 
+def _named(resources: list[Resource], kind: str, name: str) -> Resource:
+    (found,) = [r for r in resources if r["kind"] == kind and r["metadata"]["name"] == name]
+    return found
+
+
+def _workload(resources: list[Resource]) -> Resource:
+    """The way's one StatefulSet, or node-warmup's DaemonSet."""
+    (found,) = [r for r in resources if r["kind"] in {"StatefulSet", "DaemonSet"}]
+    return found
+
+
+def _model_volume_name(resources: list[Resource]) -> str:
+    # node-warmup names its volumes after the models; the StatefulSets say model-storage.
+    return "deepseek-r1" if _workload(resources)["kind"] == "DaemonSet" else "model-storage"
+
+
 def _model_volume(resources: list[Resource]) -> dict[str, Any]:
-    spec = _one(resources, "StatefulSet")["spec"]["template"]["spec"]
-    (volume,) = [v for v in spec["volumes"] if v["name"] == "model-storage"]
+    spec = _workload(resources)["spec"]["template"]["spec"]
+    name = _model_volume_name(resources)
+    (volume,) = [v for v in spec["volumes"] if v["name"] == name]
     return dict(volume)
 
 
 def _mounts_of_model(resources: list[Resource]) -> Iterator[dict[str, Any]]:
-    spec = _one(resources, "StatefulSet")["spec"]["template"]["spec"]
+    spec = _workload(resources)["spec"]["template"]["spec"]
+    name = _model_volume_name(resources)
     for container in dm.containers(spec):
         for mount in container.get("volumeMounts", []):
-            if mount["name"] == "model-storage":
+            if mount["name"] == name:
                 yield mount
 
 
@@ -121,14 +139,14 @@ def test_storage_renders_validates_and_replaces_the_ossfs_volume(way: str, stora
     assert mounts and all(m.get("readOnly") is True for m in mounts), mounts
     volume = _model_volume(resources)
     if storage == "local-nvme":
-        kinds = {r["kind"] for r in resources}
-        assert not kinds & {"PersistentVolume", "PersistentVolumeClaim"}
+        claims = {r["metadata"]["name"] for r in resources if r["kind"].startswith("Persistent")}
+        assert "deepseek-r1" not in claims
         assert "persistentVolumeClaim" not in volume
         assert volume["hostPath"]["type"] == "Directory"
         return
     assert volume["persistentVolumeClaim"]["claimName"] == "deepseek-r1"
-    pv = _one(resources, "PersistentVolume")
-    pvc = _one(resources, "PersistentVolumeClaim")
+    pv = _named(resources, "PersistentVolume", "deepseek-r1")
+    pvc = _named(resources, "PersistentVolumeClaim", "deepseek-r1")
     assert pvc["spec"]["volumeName"] == pv["metadata"]["name"]
     assert pvc["spec"]["accessModes"] == pv["spec"]["accessModes"]
     assert "ossplugin" not in yaml.safe_dump(pv["spec"]), "the ossfs volume is left over"
@@ -140,7 +158,7 @@ def test_storage_renders_validates_and_replaces_the_ossfs_volume(way: str, stora
         assert "metadata-ttl indefinite" in options
         # The page cache never holds across the server's open there: ready once the pass
         # has read everything through Mountpoint's cache, and no keep-warm re-reads.
-        spec = _one(resources, "StatefulSet")["spec"]["template"]["spec"]
+        spec = _workload(resources)["spec"]["template"]["spec"]
         agents = [c for c in dm.containers(spec) if c["name"] == "preloader"]
         assert len(agents) == (0 if way == "poststart" else 1)
         for agent in agents:
@@ -149,8 +167,10 @@ def test_storage_renders_validates_and_replaces_the_ossfs_volume(way: str, stora
             assert env["PRELOADER_RECHECK_SECONDS"] == "0"
             assert dm.is_preloader_image(agent)
     elif storage == "gcsfuse":
-        annotations = _one(resources, "StatefulSet")["spec"]["template"]["metadata"]
-        assert annotations["annotations"]["gke-gcsfuse/volumes"] == "true"
+        # A mount per pod: only the StatefulSet ways, where the preloader shares the pod.
+        template = _workload(resources)["spec"]["template"]["metadata"]
+        if way != "node-warmup":
+            assert template["annotations"]["gke-gcsfuse/volumes"] == "true"
         assert pv["spec"]["csi"]["readOnly"] is True
     elif storage == "nfs":
         assert "csi" not in pv["spec"]
