@@ -109,6 +109,10 @@ def podman_env() -> Iterator[dict[str, str]]:
 def _podman(
     env: dict[str, str], *args: str, timeout: float = 300, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
+    if args[0] in {"run", "build"} and "--network" not in args:
+        # Nothing here needs a network (the build installs from the wheelhouse): none at
+        # all keeps the build hermetic and needs no container network plugins.
+        args = (args[0], "--network", "none", *args[1:])
     result = subprocess.run(
         ["podman", *args], capture_output=True, text=True, env=env, timeout=timeout, check=False
     )
