@@ -260,12 +260,17 @@ def image(
     wheelhouse: Path,
     request: pytest.FixtureRequest,
 ) -> str:
+    # The last run's image would stay behind untagged.
+    _podman(podman_env, "rmi", "--force", IMAGE, check=False)
     started = time.monotonic()
     _podman(
         podman_env,
         "build",
         "--quiet",
         "--pull=never",
+        # No cached stages: the Dockerfile is built for real every run, and no untagged
+        # build-stage image is left behind.
+        "--layers=false",
         *("--build-arg", f"BASE_IMAGE={base_image}"),
         *("--build-arg", "WHEELHOUSE=/wheels"),
         *("--build-arg", "REVISION=ci"),
