@@ -10,7 +10,7 @@
 #
 # Runs as uid/gid 65532 by default and writes nothing, so readOnlyRootFilesystem works.
 # The Kubernetes manifests choose uid 0 with every capability dropped but FOWNER where a
-# true residency figure is needed (see deploy/README-section.md).
+# true residency figure is needed (see docs/residency.md).
 #
 # BASE_IMAGE is any Debian-like image with python3 (3.10 or newer) and its venv module;
 # both stages use it, so the venv's interpreter is the final stage's own. WHEELHOUSE, when
