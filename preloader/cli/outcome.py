@@ -50,8 +50,9 @@ SERVE_EXIT_CODES_HELP = (
     "--node-label without a node name, the k8s extra or in-cluster config)."
 )
 WAIT_EXIT_CODES_HELP = (
-    "Exit codes: 0 the URL answered 200, 2 bad usage (not an http(s) URL), 5 --timeout "
-    "reached first, 130 interrupted by SIGINT/SIGTERM."
+    "Exit codes: 0 the URL answered 200, 2 bad usage (not an http(s) URL, or it answered "
+    "a 4xx other than 408/429: a wrong URL), 5 --timeout reached first, 130 interrupted "
+    "by SIGINT/SIGTERM."
 )
 
 
