@@ -220,3 +220,13 @@ def test_demo_runs_end_to_end(shared_tmp: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "after evict: 0.0% resident" in done.stdout
     assert "after warm:  100.0% resident" in done.stdout
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_no_command_prints_the_help_as_text_and_exits_2(log_format: str) -> None:
+    done = run_cli(env={"PRELOADER_LOG_FORMAT": log_format})
+    assert done.returncode == errors.EXIT_USAGE == 2
+    assert done.stdout == ""
+    assert done.stderr.startswith("Usage: preloader [OPTIONS] COMMAND")
+    assert "bad input" not in done.stderr and "\\n" not in done.stderr
+    assert "warm" in done.stderr and "serve" in done.stderr
