@@ -389,6 +389,23 @@ def test_node_label_without_a_node_name_is_a_usage_error(model_dir: Path) -> Non
     assert "NODE_NAME" in stderr and len(stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("name", ["   ", "-1", "Node_1", "a..b", "x" * 254])
+def test_a_node_name_that_is_not_a_dns_subdomain_is_a_usage_error(
+    model_dir: Path, name: str
+) -> None:
+    code, stderr = _serve_exit(
+        ["-m", "preloader", "serve", str(model_dir), "--node-label"], {"NODE_NAME": name}
+    )
+    assert code == 2, stderr
+    assert "NODE_NAME" in stderr and "not a node name" in stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
+def test_a_dns_subdomain_node_name_is_accepted(model_dir: Path) -> None:
+    config = NodeLabelConfig.resolve("ip-10-0-0-1.ec2.internal", [str(model_dir)])
+    assert config.node_name == "ip-10-0-0-1.ec2.internal"
+
+
 def test_node_label_without_in_cluster_config_is_a_usage_error(model_dir: Path) -> None:
     code, stderr = _serve_exit(
         ["-m", "preloader", "serve", str(model_dir), "--node-label"], {"NODE_NAME": "n"}
