@@ -24,7 +24,10 @@ from ..logs import get_logger
 from . import end_startup
 
 __all__ = [
+    "DEMO_EXIT_CODES_HELP",
     "EXIT_CODES_HELP",
+    "PLAN_EXIT_CODES_HELP",
+    "RESIDENCY_EXIT_CODES_HELP",
     "SERVE_EXIT_CODES_HELP",
     "WAIT_EXIT_CODES_HELP",
     "Outcome",
@@ -43,6 +46,19 @@ EXIT_CODES_HELP = (
     "5 --timeout reached, 6 residency unverifiable with --require-verified, "
     "7 over the memory budget with --on-overflow fail, 8 incomplete model (missing shards), "
     "9 --lock not permitted, 130 interrupted by SIGINT/SIGTERM."
+)
+RESIDENCY_EXIT_CODES_HELP = (
+    "Exit codes: 0 ok or nothing to do, 1 internal error, 2 bad usage or input, "
+    "130 interrupted by SIGINT/SIGTERM."
+)
+"""``status`` and ``evict``: they neither read the model nor judge residency."""
+PLAN_EXIT_CODES_HELP = (
+    "Exit codes: 0 ok or nothing to do, 1 internal error, 2 bad usage or input, "
+    "8 incomplete model (missing shards), 130 interrupted by SIGINT/SIGTERM."
+)
+DEMO_EXIT_CODES_HELP = (
+    "Exit codes: 0 ok, 1 internal error, 2 bad usage or input (a --dir that exists), "
+    "3 read errors, 130 interrupted by SIGINT/SIGTERM."
 )
 SERVE_EXIT_CODES_HELP = (
     "Exit codes: 0 stopped by SIGTERM/SIGINT (in-flight requests answered), 1 internal "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -230,3 +231,21 @@ def test_no_command_prints_the_help_as_text_and_exits_2(log_format: str) -> None
     assert done.stderr.startswith("Usage: preloader [OPTIONS] COMMAND")
     assert "bad input" not in done.stderr and "\\n" not in done.stderr
     assert "warm" in done.stderr and "serve" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "codes"),
+    [
+        ("status", {0, 1, 2, 130}),
+        ("evict", {0, 1, 2, 130}),
+        ("plan", {0, 1, 2, 8, 130}),
+        ("demo", {0, 1, 2, 3, 130}),
+        ("warm", {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 130}),
+    ],
+)
+def test_help_lists_only_the_exit_codes_the_command_returns(command: str, codes: set[int]) -> None:
+    done = run_cli(command, "--help")
+    assert done.returncode == 0, done.stderr
+    epilog = " ".join(done.stdout.split("Exit codes:", 1)[1].split())
+    listed = {int(n) for n in re.findall(r"(?:^|, )(\d+) ", epilog)}
+    assert listed == codes, epilog
