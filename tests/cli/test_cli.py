@@ -14,7 +14,7 @@ import pytest
 
 from preloader import errors
 
-from ..lib.cli import NOBODY, run_cli
+from ..lib.cli import NOBODY, cli_env, run_cli
 from ..lib.marks import needs_root, needs_vmtouch
 from ..lib.residency import evict_tree, vmtouch_resident
 
@@ -249,3 +249,23 @@ def test_help_lists_only_the_exit_codes_the_command_returns(command: str, codes:
     epilog = " ".join(done.stdout.split("Exit codes:", 1)[1].split())
     listed = {int(n) for n in re.findall(r"(?:^|, )(\d+) ", epilog)}
     assert listed == codes, epilog
+
+
+@pytest.mark.parametrize("lock", [["--lock"], []])
+def test_lock_with_best_effort_is_refused_not_held(model_dir: Path, lock: list[str]) -> None:
+    # --best-effort is the postStart form; --lock would hold that hook until SIGTERM.
+    env = cli_env({} if lock else {"PRELOADER_LOCK": "1"})
+    done = subprocess.run(
+        [sys.executable, "-m", "preloader", "warm", "--best-effort", *lock, str(model_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,  # a bound against the hold, never a synchronisation
+    )
+    assert done.returncode == 0  # --best-effort: exit 0 whatever goes wrong, bad input too
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    assert any(
+        line.get("event") == "bad input" and "--lock with --best-effort" in line["error"]
+        for line in lines
+    ), done.stderr
+    assert any(line.get("would_exit") == errors.EXIT_USAGE for line in lines), done.stderr
