@@ -90,8 +90,14 @@ def test_best_effort_turns_every_failure_into_exit_0(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["-c", "many"], "concurrency 'many': not a whole number or 'auto'"),
-        (["-c", "0"], "concurrency 0: must be between 1 and 1024, or 'auto'"),
+        (
+            ["-c", "many"],
+            "invalid value for --concurrency: concurrency 'many': not a whole number or 'auto'",
+        ),
+        (
+            ["-c", "0"],
+            "invalid value for --concurrency: concurrency 0: must be between 1 and 1024, or 'auto'",
+        ),
     ],
 )
 def test_bad_options_exit_2_without_a_traceback(
@@ -269,3 +275,22 @@ def test_lock_with_best_effort_is_refused_not_held(model_dir: Path, lock: list[s
         for line in lines
     ), done.stderr
     assert any(line.get("would_exit") == errors.EXIT_USAGE for line in lines), done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "where"),
+    [
+        (["warm"], {"PRELOADER_CONC": "abc"}, "PRELOADER_CONC"),
+        (["warm"], {"PRELOADER_CONC": "0"}, "PRELOADER_CONC"),
+        (["warm", "-c", "0"], {}, "--concurrency"),
+        (["serve", "--node-label"], {"PRELOADER_MODEL_NAMES": "qwen"}, "PRELOADER_MODEL_NAMES"),
+        (["serve", "--node-label", "--model-name", "qwen"], {}, "--model-name"),
+    ],
+)
+def test_a_bad_value_names_the_variable_it_came_from(
+    model_dir: Path, args: list[str], env: dict[str, str], where: str
+) -> None:
+    done = run_cli(*args, str(model_dir), env={"NODE_NAME": "n", **env})
+    assert done.returncode == errors.EXIT_USAGE, done.stderr
+    (line,) = [json.loads(x) for x in done.stderr.splitlines() if '"level": "error"' in x]
+    assert line["error"].startswith(f"invalid value for {where}:"), line
