@@ -237,6 +237,37 @@ def selection_options(func: _F) -> _F:
 # -- reading -----------------------------------------------------------------------------
 
 
+def _checked_concurrency(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Check ``value`` while click knows where it came from, so the error names the flag
+    or ``PRELOADER_CONC``; the text itself is kept (:meth:`ReadArgs.options` parses it).
+
+    :raises click.BadParameter: not a whole number from 1 to 1024 or ``auto``.
+    """
+    try:
+        parse_concurrency(value)
+    except errors.UsageError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
+    return value
+
+
+def _checked_model_names(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[str, ...]:
+    """Check each ``PATH=NAME`` while click knows whether it came from ``--model-name``
+    or ``PRELOADER_MODEL_NAMES``.
+
+    :raises click.BadParameter: an item without ``=`` or with an empty side.
+    """
+    if value:
+        from ..nodelabels import parse_model_names  # only when names are given
+
+        try:
+            parse_model_names(value)
+        except errors.UsageError as err:
+            raise click.BadParameter(str(err), ctx=ctx, param=param) from None
+    return value
+
+
 def concurrency_option(help: str) -> Callable[[_F], _F]:
     """``-c``/``--concurrency``/``PRELOADER_CONC``: chunks read in parallel."""
     return option(
@@ -246,6 +277,7 @@ def concurrency_option(help: str) -> Callable[[_F], _F]:
         default=str(DEFAULT_CONCURRENCY),
         show_default=True,
         metavar="N|auto",
+        callback=_checked_concurrency,
         help=help,
     )
 
@@ -396,6 +428,7 @@ node_label_options: Callable[[_F], _F] = _stack(
             "model_names",
             envvar="PRELOADER_MODEL_NAMES",
             multiple=True,
+            callback=_checked_model_names,
             metavar="PATH=NAME",
             help="The label name for a served path (repeatable; whitespace-separated in the "
             "environment); default: the path's last component. Characters a label cannot "
