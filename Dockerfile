@@ -10,27 +10,36 @@
 #
 # Runs as uid/gid 65532 by default and writes nothing, so readOnlyRootFilesystem works.
 # The Kubernetes manifests choose uid 0 with every capability dropped but FOWNER where a
-# true residency figure is needed (see deploy/README-section.md).
+# true residency figure is needed (see docs/residency.md).
+#
+# BASE_IMAGE is any Debian-like image with python3 (3.10 or newer) and its venv module;
+# both stages use it, so the venv's interpreter is the final stage's own. WHEELHOUSE, when
+# set, is a folder of wheels mounted into the build (`podman build -v DIR:/wheels:ro
+# --build-arg WHEELHOUSE=/wheels`): pip then installs from it alone, with no network (how
+# tests/test_image.py builds the image on a Debian base made with debootstrap).
 
-ARG PYTHON_VERSION=3.12
+ARG BASE_IMAGE=python:3.12-slim-bookworm
 
-FROM python:${PYTHON_VERSION}-slim-bookworm AS build
+FROM ${BASE_IMAGE} AS build
+ARG WHEELHOUSE=
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY preloader ./preloader
 COPY scripts/build_zipapp.py ./scripts/
 # Wheels only (psutil ships manylinux wheels): no compiler in either stage. pip
 # byte-compiles the venv here, so nothing needs writing at run time.
-RUN python -m venv /opt/preloader/venv \
+RUN if [ -n "$WHEELHOUSE" ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS="$WHEELHOUSE"; fi \
+ && python3 -m venv /opt/preloader/venv \
  && /opt/preloader/venv/bin/pip install --only-binary=:all: '.[k8s]' \
- && python scripts/build_zipapp.py --output /opt/preloader/preloader.pyz \
+ && python3 scripts/build_zipapp.py --output /opt/preloader/preloader.pyz \
  && /opt/preloader/venv/bin/preloader --version \
- && python /opt/preloader/preloader.pyz --version
+ && python3 /opt/preloader/preloader.pyz --version
 
-FROM python:${PYTHON_VERSION}-slim-bookworm
+FROM ${BASE_IMAGE}
+ARG BASE_IMAGE
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 ARG CREATED=unknown
@@ -43,8 +52,8 @@ LABEL org.opencontainers.image.title="preloader" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.created="${CREATED}" \
       org.opencontainers.image.source="${SOURCE_URL}" \
-      org.opencontainers.image.base.name="python:${PYTHON_VERSION}-slim-bookworm"
-# The venv's python is a symlink to this stage's identical /usr/local/bin/python3.
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
+# The venv's python is a symlink to the base image's python3, the same in both stages.
 COPY --from=build /opt/preloader /opt/preloader
 ENV PATH=/opt/preloader/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -38,6 +38,9 @@ _NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 _NOT_NAME = re.compile(r"[^-A-Za-z0-9_.]+")
 
 
+# A Node's name is a DNS-1123 subdomain: lower-case dot-separated labels of letters,
+# digits and '-', each starting and ending with a letter or digit, 253 characters at most.
+_NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 """Where the kubelet mounts a pod's service-account token, CA and namespace."""
 
@@ -109,13 +112,19 @@ class NodeLabelConfig:
     ) -> NodeLabelConfig:
         """Check the settings and derive one label key per path.
 
-        :raises UsageError: no node name, a bad ``PATH=NAME``, a name for a path that is
-            not served, or two paths that would share a label.
+        :raises UsageError: no node name or one that is not a DNS-1123 subdomain, a bad
+            ``PATH=NAME``, a name for a path that is not served, or two paths that would
+            share a label.
         """
         if not node_name:
             raise UsageError(
                 "--node-label needs the node's name: --node-name or NODE_NAME (from the "
                 "downward API: fieldRef spec.nodeName)"
+            )
+        if len(node_name) > 253 or not _NODE_NAME.match(node_name):
+            raise UsageError(
+                f"--node-name/NODE_NAME {node_name!r}: not a node name (a DNS-1123 "
+                "subdomain: lower-case letters, digits, '-' and '.', at most 253 characters)"
             )
         names = parse_model_names(model_names)
         served = {os.path.normpath(p) for p in paths}

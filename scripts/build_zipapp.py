@@ -215,10 +215,13 @@ def _read_version(package_dir: Path) -> str:
     return match.group(1)
 
 
-def _write_dist_info(site: Path, version: str) -> None:
-    # Lets importlib.metadata.version("preloader") answer inside the archive too.
+def _write_dist_info(site: Path, version: str, license_file: Path) -> None:
+    # Lets importlib.metadata.version("preloader") answer inside the archive too, and
+    # carries the license as a wheel's dist-info does (licenses/LICENSE).
     dist_info = site / f"{PACKAGE}-{version}.dist-info"
     dist_info.mkdir()
+    (dist_info / "licenses").mkdir()
+    shutil.copyfile(license_file, dist_info / "licenses" / "LICENSE")
     (dist_info / "METADATA").write_text(
         f"Metadata-Version: 2.1\nName: {PACKAGE}\nVersion: {version}\n", encoding="utf-8"
     )
@@ -255,7 +258,7 @@ def build(
     """Build the zipapp.
 
     :param output: path of the ``.pyz`` to write (its folder is created)
-    :param root: the source checkout (holds ``pyproject.toml`` and ``preloader/``)
+    :param root: the source checkout (holds ``pyproject.toml``, ``LICENSE`` and ``preloader/``)
     :param python_version: oldest Python the archive must run on
     :param epoch: timestamp for every entry; default ``$SOURCE_DATE_EPOCH`` or 2000-01-01
     :return: ``output``
@@ -277,7 +280,7 @@ def build(
             raise RuntimeError(f"marker requirements did not settle: {missing}")
         _prune(site)
         _copy_package(root / PACKAGE, site / PACKAGE)
-        _write_dist_info(site, _read_version(root / PACKAGE))
+        _write_dist_info(site, _read_version(root / PACKAGE), root / "LICENSE")
         (site / "__main__.py").write_text(_MAIN, encoding="utf-8")
         plain_zip = Path(tmp) / "app.zip"
         _write_zip(site, plain_zip, epoch)

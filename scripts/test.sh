@@ -9,7 +9,8 @@
 # Debian packages are installed with apt-get when missing (root, or sudo when present):
 # vmtouch and util-linux (fincore) as outside witnesses of residency, fio and fuse3/s3fs
 # for the benchmark smoke test and FUSE tests, prometheus for promtool and the dashboard
-# test, python3-venv for the virtual environment.
+# test, python3-venv for the virtual environment, podman, runc and debootstrap to build
+# and run the container image on a local Debian base (tests/test_image.py).
 #
 # Python packages go into a virtual environment: .venv in the checkout (git-ignored),
 # made from $PYTHON (default python3) and reused when it works, because Debian's and
@@ -26,7 +27,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-APT_PACKAGES=(vmtouch util-linux fio fuse3 s3fs prometheus time python3-venv)
+APT_PACKAGES=(vmtouch util-linux fio fuse3 s3fs prometheus time python3-venv podman runc debootstrap)
 setup_only=0
 if [ "${1:-}" = "--setup-only" ]; then
     setup_only=1

@@ -16,7 +16,7 @@ from ..settings import parse_concurrency
 from ..units import format_bytes
 from . import render
 from .options import bundle, concurrency_option, option
-from .outcome import EXIT_CODES_HELP, execute
+from .outcome import DEMO_EXIT_CODES_HELP, execute
 from .paramtypes import Size
 
 __all__ = ["demo"]
@@ -35,7 +35,7 @@ class DemoFlags:
     concurrency: str
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=DEMO_EXIT_CODES_HELP)
 @option(
     "--size",
     envvar="PRELOADER_DEMO_SIZE",

@@ -113,9 +113,19 @@ def usage_error(err: click.ClickException, intent: Intent) -> int:
     """Report a click error (bad option, bad value) as one log line; return the exit code.
 
     Logging is set up here too: the error may come before the group's own options were
-    parsed (a bad ``PRELOADER_LOG_LEVEL`` is one).
+    parsed (a bad ``PRELOADER_LOG_LEVEL`` is one). ``preloader`` with no command is the
+    exception: click's help goes to stderr as text, not as a log line, and the exit code
+    is click's for a missing command (2).
+
+    :param err: the error click raised.
+    :param intent: what the raw input asked for (``--best-effort``, ``--json``, logging).
+    :return: the exit code.
     """
     configure(intent.log_level, intent.log_format)
+    if isinstance(err, click.exceptions.NoArgsIsHelpError):
+        # ``preloader`` alone: the help as text on stderr and exit 2, as click prints it.
+        err.show()
+        return Outcome(err.exit_code, intent.best_effort).exit_code
     message = describe(err)
     fields: dict[str, object] = {"error": message}
     if isinstance(err, click.UsageError) and err.ctx is not None:

@@ -40,7 +40,7 @@ from ..settings import (
     parse_concurrency,
     resolve_selection,
 )
-from .paramtypes import HeadroomType, Number, Size
+from .paramtypes import HeadroomType, Number, Size, checked_concurrency, checked_model_names
 
 if TYPE_CHECKING:
     from ..labels import NodeLabelConfig
@@ -245,6 +245,7 @@ def concurrency_option(help: str) -> Callable[[_F], _F]:
         default=str(DEFAULT_CONCURRENCY),
         show_default=True,
         metavar="N|auto",
+        callback=checked_concurrency,
         help=help,
     )
 
@@ -395,6 +396,7 @@ node_label_options: Callable[[_F], _F] = _stack(
             "model_names",
             envvar="PRELOADER_MODEL_NAMES",
             multiple=True,
+            callback=checked_model_names,
             metavar="PATH=NAME",
             help="The label name for a served path (repeatable; whitespace-separated in the "
             "environment); default: the path's last component. Characters a label cannot "

@@ -24,7 +24,10 @@ from .._version import __version__
 from ..logs import get_logger
 
 __all__ = [
+    "DEMO_EXIT_CODES_HELP",
     "EXIT_CODES_HELP",
+    "PLAN_EXIT_CODES_HELP",
+    "RESIDENCY_EXIT_CODES_HELP",
     "SERVE_EXIT_CODES_HELP",
     "WAIT_EXIT_CODES_HELP",
     "Outcome",
@@ -58,14 +61,28 @@ EXIT_CODES_HELP = (
     "7 over the memory budget with --on-overflow fail, 8 incomplete model (missing shards), "
     "9 --lock not permitted, 130 interrupted by SIGINT/SIGTERM."
 )
+RESIDENCY_EXIT_CODES_HELP = (
+    "Exit codes: 0 ok or nothing to do, 1 internal error, 2 bad usage or input, "
+    "130 interrupted by SIGINT/SIGTERM."
+)
+"""``status`` and ``evict``: they neither read the model nor judge residency."""
+PLAN_EXIT_CODES_HELP = (
+    "Exit codes: 0 ok or nothing to do, 1 internal error, 2 bad usage or input, "
+    "8 incomplete model (missing shards), 130 interrupted by SIGINT/SIGTERM."
+)
+DEMO_EXIT_CODES_HELP = (
+    "Exit codes: 0 ok, 1 internal error, 2 bad usage or input (a --dir that exists), "
+    "3 read errors, 130 interrupted by SIGINT/SIGTERM."
+)
 SERVE_EXIT_CODES_HELP = (
     "Exit codes: 0 stopped by SIGTERM/SIGINT (in-flight requests answered), 1 internal "
     "error, 2 bad usage or input (including an address it cannot listen on, and "
     "--node-label without a node name, the k8s extra or in-cluster config)."
 )
 WAIT_EXIT_CODES_HELP = (
-    "Exit codes: 0 the URL answered 200, 2 bad usage (not an http(s) URL), 5 --timeout "
-    "reached first, 130 interrupted by SIGINT/SIGTERM."
+    "Exit codes: 0 the URL answered 200, 2 bad usage (not an http(s) URL, or it answered "
+    "a 4xx other than 408/429: a wrong URL), 5 --timeout reached first, 130 interrupted "
+    "by SIGINT/SIGTERM."
 )
 
 

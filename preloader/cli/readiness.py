@@ -22,6 +22,9 @@ from ..settings import WaitConfig
 __all__ = ["Poll", "check_url", "poll_once", "wait_ready"]
 
 _REQUEST_TIMEOUT = 5.0
+# A 4xx means the URL is wrong (a typo, a path the sidecar does not serve), not "not yet":
+# the gates answer 503 until they open. 408 and 429 are about timing, so they are retried.
+_RETRIED_4XX = frozenset({408, 429})
 # The probe goes to the sidecar next door: never through an HTTP(S)_PROXY from the
 # environment.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -37,6 +40,15 @@ class Poll:
     @property
     def ready(self) -> bool:
         return self.status == 200
+
+    @property
+    def refused(self) -> bool:
+        """A 4xx that waiting will not change (anything but 408 and 429)."""
+        return (
+            self.status is not None
+            and 400 <= self.status < 500
+            and (self.status not in _RETRIED_4XX)
+        )
 
 
 def check_url(url: str) -> str:
@@ -115,8 +127,15 @@ def wait_ready(
 ) -> Poll | None:
     """Poll ``config.url`` every ``config.interval`` seconds until it answers 200.
 
+    Connection failures, 5xx (the gates' 503) and 408/429 mean "not yet".
+
+    :param config: the URL, the timeout (``None``: for ever) and the pause between polls.
     :param on_change: called with each answer that differs from the one before.
+    :param clock: the monotonic clock the timeout is measured on.
+    :param sleep: how to pause between polls.
     :return: the 200 answer, or ``None`` when ``config.timeout`` ran out first.
+    :raises UsageError: the URL is not http(s), or it answered a 4xx other than 408/429
+        (a wrong URL never turns ready), naming the URL and the status.
     """
     url = check_url(config.url)
     deadline = None if config.timeout is None else clock() + config.timeout
@@ -132,6 +151,12 @@ def wait_ready(
         last = answer
         if answer.ready:
             return answer
+        if answer.refused:
+            detail = f" ({answer.detail})" if answer.detail else ""
+            raise UsageError(
+                f"{url}: answered HTTP {answer.status}{detail}; a wrong URL never turns "
+                "ready (the sidecar's gates are /readyz and /startz)"
+            )
         pause = config.interval
         if deadline is not None:
             pause = min(pause, max(0.0, deadline - clock()))

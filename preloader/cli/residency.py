@@ -18,7 +18,13 @@ from ..settings import DEFAULT_HEADROOM, Selection
 from ..signals import StopSignals
 from . import render
 from .options import BudgetArgs, SelectionArgs, budget_options, json_option, selection_options
-from .outcome import EXIT_CODES_HELP, JsonItems, execute, print_json
+from .outcome import (
+    PLAN_EXIT_CODES_HELP,
+    RESIDENCY_EXIT_CODES_HELP,
+    JsonItems,
+    execute,
+    print_json,
+)
 
 __all__ = ["evict", "plan_command", "status"]
 
@@ -50,7 +56,7 @@ async def _plan(selection: Selection) -> Plan:
     return await anyio.to_thread.run_sync(plan_selection, selection, abandon_on_cancel=True)
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=RESIDENCY_EXIT_CODES_HELP)
 @selection_options
 @json_option
 @click.option("--summary", is_flag=True, help="Print only the total line, not one line a file.")
@@ -65,7 +71,7 @@ def status(ctx: click.Context, selection: SelectionArgs, as_json: bool, summary:
     execute(ctx, selection.resolve, lambda s: _run_residency(s, as_json, summary, evict=False))
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=RESIDENCY_EXIT_CODES_HELP)
 @selection_options
 @json_option
 @click.pass_context
@@ -77,7 +83,7 @@ def evict(ctx: click.Context, selection: SelectionArgs, as_json: bool) -> None:
     execute(ctx, selection.resolve, lambda s: _run_residency(s, as_json, True, evict=True))
 
 
-@click.command("plan", epilog=EXIT_CODES_HELP)
+@click.command("plan", epilog=PLAN_EXIT_CODES_HELP)
 @selection_options
 @json_option
 @budget_options

@@ -39,7 +39,8 @@ def wait(ctx: click.Context, url: str, timeout: float, interval: float) -> None:
     With --url .../startz the server starts when the sidecar's start gate opens
     (PRELOADER_START_LEAD seconds before the warm-up's estimated end), so its own start-up
     overlaps the warm-up; exit 0 then means "may start", not "resident". Connection
-    refused and 503 both mean "not yet".
+    refused, 5xx (the gates' 503), 408 and 429 mean "not yet"; any other 4xx (a wrong
+    URL) exits 2 at once.
     """
 
     def build() -> WaitConfig:
@@ -61,17 +62,23 @@ def run_wait(config: WaitConfig) -> int:
     # The poll loop blocks in a worker thread; a signal abandons it there at once.
     signals = StopSignals(grace=0, level=None)
 
-    async def guarded() -> tuple[bool, Poll | None]:
+    async def guarded() -> tuple[bool, Poll | None, errors.UsageError | None]:
         answer: Poll | None = None
+        refused: errors.UsageError | None = None
         done = False
         async with signals.capture():
-            answer = await anyio.to_thread.run_sync(
-                wait_ready, config, on_change, abandon_on_cancel=True
-            )
+            try:
+                answer = await anyio.to_thread.run_sync(
+                    wait_ready, config, on_change, abandon_on_cancel=True
+                )
+            except errors.UsageError as err:  # raised outside the task group, not grouped
+                refused = err
             done = True
-        return done, answer
+        return done, answer, refused
 
-    done, answer = anyio.run(guarded)
+    done, answer, refused = anyio.run(guarded)
+    if refused is not None:
+        raise refused
     if not done:
         log.warning("interrupted", url=config.url)
         return errors.EXIT_INTERRUPTED

@@ -132,6 +132,12 @@ def warm(
     """
 
     def build() -> WarmConfig:
+        if flags.lock and flags.best_effort:
+            # --best-effort is for a postStart hook, which --lock would hold for ever.
+            raise errors.UsageError(
+                "--lock with --best-effort: --lock holds until SIGTERM, which a postStart "
+                "hook never sends; run --lock as a sidecar, without --best-effort"
+            )
         return WarmConfig(
             selection=selection.resolve(),
             options=read.options(timeout=flags.timeout or None),

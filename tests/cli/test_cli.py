@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 from preloader import errors
 
-from ..lib.cli import NOBODY, run_cli
+from ..lib.cli import NOBODY, cli_env, run_cli
 from ..lib.marks import needs_root, needs_vmtouch
 from ..lib.residency import evict_tree, vmtouch_resident
 
@@ -89,8 +90,14 @@ def test_best_effort_turns_every_failure_into_exit_0(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["-c", "many"], "concurrency 'many': not a whole number or 'auto'"),
-        (["-c", "0"], "concurrency 0: must be between 1 and 1024, or 'auto'"),
+        (
+            ["-c", "many"],
+            "invalid value for --concurrency: concurrency 'many': not a whole number or 'auto'",
+        ),
+        (
+            ["-c", "0"],
+            "invalid value for --concurrency: concurrency 0: must be between 1 and 1024, or 'auto'",
+        ),
     ],
 )
 def test_bad_options_exit_2_without_a_traceback(
@@ -220,3 +227,70 @@ def test_demo_runs_end_to_end(shared_tmp: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "after evict: 0.0% resident" in done.stdout
     assert "after warm:  100.0% resident" in done.stdout
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_no_command_prints_the_help_as_text_and_exits_2(log_format: str) -> None:
+    done = run_cli(env={"PRELOADER_LOG_FORMAT": log_format})
+    assert done.returncode == errors.EXIT_USAGE == 2
+    assert done.stdout == ""
+    assert done.stderr.startswith("Usage: preloader [OPTIONS] COMMAND")
+    assert "bad input" not in done.stderr and "\\n" not in done.stderr
+    assert "warm" in done.stderr and "serve" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "codes"),
+    [
+        ("status", {0, 1, 2, 130}),
+        ("evict", {0, 1, 2, 130}),
+        ("plan", {0, 1, 2, 8, 130}),
+        ("demo", {0, 1, 2, 3, 130}),
+        ("warm", {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 130}),
+    ],
+)
+def test_help_lists_only_the_exit_codes_the_command_returns(command: str, codes: set[int]) -> None:
+    done = run_cli(command, "--help")
+    assert done.returncode == 0, done.stderr
+    epilog = " ".join(done.stdout.split("Exit codes:", 1)[1].split())
+    listed = {int(n) for n in re.findall(r"(?:^|, )(\d+) ", epilog)}
+    assert listed == codes, epilog
+
+
+@pytest.mark.parametrize("lock", [["--lock"], []])
+def test_lock_with_best_effort_is_refused_not_held(model_dir: Path, lock: list[str]) -> None:
+    # --best-effort is the postStart form; --lock would hold that hook until SIGTERM.
+    env = cli_env({} if lock else {"PRELOADER_LOCK": "1"})
+    done = subprocess.run(
+        [sys.executable, "-m", "preloader", "warm", "--best-effort", *lock, str(model_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,  # a bound against the hold, never a synchronisation
+    )
+    assert done.returncode == 0  # --best-effort: exit 0 whatever goes wrong, bad input too
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    assert any(
+        line.get("event") == "bad input" and "--lock with --best-effort" in line["error"]
+        for line in lines
+    ), done.stderr
+    assert any(line.get("would_exit") == errors.EXIT_USAGE for line in lines), done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "where"),
+    [
+        (["warm"], {"PRELOADER_CONC": "abc"}, "PRELOADER_CONC"),
+        (["warm"], {"PRELOADER_CONC": "0"}, "PRELOADER_CONC"),
+        (["warm", "-c", "0"], {}, "--concurrency"),
+        (["serve", "--node-label"], {"PRELOADER_MODEL_NAMES": "qwen"}, "PRELOADER_MODEL_NAMES"),
+        (["serve", "--node-label", "--model-name", "qwen"], {}, "--model-name"),
+    ],
+)
+def test_a_bad_value_names_the_variable_it_came_from(
+    model_dir: Path, args: list[str], env: dict[str, str], where: str
+) -> None:
+    done = run_cli(*args, str(model_dir), env={"NODE_NAME": "n", **env})
+    assert done.returncode == errors.EXIT_USAGE, done.stderr
+    (line,) = [json.loads(x) for x in done.stderr.splitlines() if '"level": "error"' in x]
+    assert line["error"].startswith(f"invalid value for {where}:"), line

@@ -391,12 +391,62 @@ def test_node_label_without_a_node_name_is_a_usage_error(model_dir: Path) -> Non
     assert "NODE_NAME" in stderr and len(stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("name", ["   ", "-1", "Node_1", "a..b", "x" * 254])
+def test_a_node_name_that_is_not_a_dns_subdomain_is_a_usage_error(
+    model_dir: Path, name: str
+) -> None:
+    code, stderr = _serve_exit(
+        ["-m", "preloader", "serve", str(model_dir), "--node-label"], {"NODE_NAME": name}
+    )
+    assert code == 2, stderr
+    assert "NODE_NAME" in stderr and "not a node name" in stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
+def test_a_dns_subdomain_node_name_is_accepted(model_dir: Path) -> None:
+    config = NodeLabelConfig.resolve("ip-10-0-0-1.ec2.internal", [str(model_dir)])
+    assert config.node_name == "ip-10-0-0-1.ec2.internal"
+
+
 def test_node_label_without_in_cluster_config_is_a_usage_error(model_dir: Path) -> None:
     code, stderr = _serve_exit(
         ["-m", "preloader", "serve", str(model_dir), "--node-label"], {"NODE_NAME": "n"}
     )
     assert code == 2
     assert "no in-cluster config" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+_MISSING_USER = (
+    '{"clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:1"}}], '
+    '"contexts": [{"name": "x", "context": {"cluster": "c", "user": "ghost"}}], '
+    '"current-context": "x"}'
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "cause"),
+    [
+        ("garbage: [\n", "not YAML"),
+        ("[]\n", "not a kubeconfig"),
+        ("null\n", "not a kubeconfig"),
+        ('{"clusters": 5}\n', "not a kubeconfig"),
+        (_MISSING_USER, "'ghost'"),
+    ],
+    ids=["not-yaml", "a-list", "null", "clusters-a-number", "missing-user"],
+)
+def test_a_malformed_kubeconfig_is_a_usage_error_naming_the_file(
+    model_dir: Path, tmp_path: Path, text: str, cause: str
+) -> None:
+    kubeconfig = tmp_path / "bad-kubeconfig"
+    kubeconfig.write_text(text)
+    code, stderr = _serve_exit(
+        ["-m", "preloader", "serve", str(model_dir), "--node-label"],
+        {"NODE_NAME": "n", "KUBECONFIG": str(kubeconfig)},
+    )
+    assert code == 2, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert str(kubeconfig) in stderr and cause in stderr
+    assert "internal error" not in stderr
 
 
 def test_node_label_without_the_k8s_extra_names_the_extra(model_dir: Path) -> None:

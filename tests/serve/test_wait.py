@@ -25,22 +25,24 @@ from ..lib.serve import REPO, start_serve
 
 
 class _Gate:
-    """A /readyz that answers 503 until it has been asked ``closed_for`` times."""
+    """A /readyz that answers ``closed`` (503) until it has been asked ``closed_for`` times."""
 
-    def __init__(self, closed_for: int) -> None:
+    def __init__(self, closed_for: int, closed: int = 503) -> None:
         self.closed_for = closed_for
+        self.closed = closed
         self.requests = 0
         self.lock = threading.Lock()
 
     def answer(self) -> int:
         with self.lock:
             self.requests += 1
-            return 503 if self.requests <= self.closed_for else 200
+            return self.closed if self.requests <= self.closed_for else 200
 
 
 @pytest.fixture
 def gate(request: pytest.FixtureRequest) -> Iterator[tuple[_Gate, str]]:
-    state = _Gate(getattr(request, "param", 3))
+    param = getattr(request, "param", 3)
+    state = _Gate(*param) if isinstance(param, tuple) else _Gate(param)
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -80,6 +82,35 @@ def test_wait_gives_up_at_the_timeout_with_exit_5(gate: tuple[_Gate, str]) -> No
     done = run_cli("wait", env={"PRELOADER_WAIT_URL": url, "PRELOADER_WAIT_TIMEOUT": "0.3"})
     assert done.returncode == errors.EXIT_TIMEOUT == 5
     assert "not ready before the timeout" in done.stderr
+
+
+@pytest.mark.parametrize("gate", [(10**9, 404), (10**9, 403), (10**9, 400)], indirect=True)
+def test_a_4xx_is_a_wrong_url_and_exits_2_at_once(gate: tuple[_Gate, str]) -> None:
+    # The default timeout is 0 (for ever): before, a URL typo waited for ever.
+    state, url = gate
+    done = run_cli("wait", "--url", url)
+    assert done.returncode == errors.EXIT_USAGE == 2, done.stderr
+    errors_logged = [line for line in done.stderr.splitlines() if '"level": "error"' in line]
+    assert len(errors_logged) == 1
+    assert url in errors_logged[0] and f"HTTP {state.closed}" in errors_logged[0]
+    assert state.requests == 1
+
+
+@pytest.mark.parametrize("gate", [(10**9, 408), (10**9, 429), (10**9, 500)], indirect=True)
+def test_408_429_and_5xx_mean_not_yet(gate: tuple[_Gate, str]) -> None:
+    state, url = gate
+    done = run_cli("wait", "--url", url, "--interval", "0.05", "--timeout", "0.3")
+    assert done.returncode == errors.EXIT_TIMEOUT, done.stderr
+    assert state.requests >= 1
+
+
+@pytest.mark.parametrize("gate", [10**9], indirect=True)
+def test_the_default_interval_polls_gently(gate: tuple[_Gate, str]) -> None:
+    # A run ended by --timeout: about one poll a second, not a busy loop.
+    state, url = gate
+    done = run_cli("wait", "--url", url, "--timeout", "2")
+    assert done.returncode == errors.EXIT_TIMEOUT, done.stderr
+    assert 1 <= state.requests <= 4
 
 
 def test_nothing_listening_counts_as_not_yet() -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 
 import httpx2
+import yaml
 from lightkube import ApiError, AsyncClient, ConfigError, KubeConfig
 from lightkube.models.core_v1 import EventSource, ObjectReference
 from lightkube.models.meta_v1 import ObjectMeta
@@ -27,10 +28,15 @@ __all__ = ["LightkubeNodeApi", "load_config"]
 def load_config(kubeconfig: str | None, service_account: str) -> KubeConfig:
     """The kubeconfig file when given, else the in-cluster service account.
 
-    :raises ValueError: one line saying what is missing.
+    :param kubeconfig: a kubeconfig file, or ``None`` for the in-cluster service account.
+    :param service_account: where the in-cluster token, CA and namespace are mounted.
+    :return: the configuration, its current context already resolved once.
+    :raises ValueError: one line naming the file (or the missing in-cluster config) and
+        what is wrong: missing, not YAML, not a kubeconfig mapping, or a context that
+        names a cluster or user the file does not define.
     """
     if kubeconfig:
-        return _loaded(lambda: KubeConfig.from_file(kubeconfig), kubeconfig)
+        return _loaded(lambda: _from_file(kubeconfig), kubeconfig)
     token = os.path.join(service_account, "token")
     if not os.path.exists(token):
         raise ValueError(
@@ -38,6 +44,35 @@ def load_config(kubeconfig: str | None, service_account: str) -> KubeConfig:
             "off?) and no --kubeconfig/KUBECONFIG"
         )
     return _loaded(lambda: KubeConfig.from_service_account(service_account), "no in-cluster config")
+
+
+def _from_file(path: str) -> KubeConfig:
+    """The kubeconfig at ``path``, checked as the client will use it (``config.get()``).
+
+    lightkube reads the YAML into dicts without checking their shape, so a malformed file
+    fails later with whatever Python error the shape causes; this turns each into one line.
+
+    :raises ConfigError: the file is missing, or is not a usable kubeconfig.
+    """
+    try:
+        config = KubeConfig.from_file(path)
+    except yaml.YAMLError as err:
+        raise ConfigError("not YAML: " + " ".join(str(err).split())) from None
+    except (AttributeError, TypeError, KeyError, ValueError) as err:
+        raise ConfigError(
+            "not a kubeconfig (a mapping with clusters, contexts and users lists): "
+            f"{type(err).__name__}: {err}"
+        ) from None
+    try:
+        config.get()
+    except KeyError as err:
+        raise ConfigError(
+            f"the current context names {err.args[0]!r}, which is not among the file's "
+            "clusters or users"
+        ) from None
+    except (AttributeError, TypeError, ValueError) as err:
+        raise ConfigError(f"not a usable kubeconfig: {type(err).__name__}: {err}") from None
+    return config
 
 
 def _loaded(load: Callable[[], KubeConfig], what: str) -> KubeConfig:
