@@ -32,9 +32,11 @@ from typing import Any
 
 import anyio
 
-from preloader import fileread, pagecache
-from preloader.engine import WarmOptions, measure_chunks, rewarm_chunks, warm_plan
-from preloader.planner import Plan, build_plan
+from preloader.engine.keepwarm import measure_chunks
+from preloader.engine.warm import rewarm_chunks, warm_plan
+from preloader.kernel import fileread, pagecache
+from preloader.planning.planner import Plan, build_plan
+from preloader.settings import WarmOptions
 
 from .scale import DEFAULT_DATA_DIR, make_tree
 

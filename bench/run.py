@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from preloader import reclaim
+from preloader.kernel import reclaim
 
 from . import e2e, measure, report
 from .scenarios import SCENARIOS, Prepared, Scenario, Sizes, fuse_available, prepare, s3fs_available

@@ -12,7 +12,7 @@ only for what they run.
 import sys
 import typing
 
-from ._version import __version__ as __version__
+from ._version import __version__
 
 if typing.TYPE_CHECKING:
     from .api import check_budget as check_budget
@@ -22,20 +22,20 @@ if typing.TYPE_CHECKING:
     from .api import plan as plan
     from .api import residency as residency
     from .api import warm as warm
-    from .budget import BudgetCheck as BudgetCheck
-    from .budget import MemoryBudget as MemoryBudget
-    from .engine import EngineEvent as EngineEvent
-    from .engine import FileResidency as FileResidency
-    from .engine import FileResult as FileResult
-    from .engine import ResidencyReport as ResidencyReport
-    from .engine import WarmOptions as WarmOptions
-    from .engine import WarmProgress as WarmProgress
-    from .engine import WarmReport as WarmReport
-    from .pinning import PinSet as PinSet
-    from .planner import Chunk as Chunk
-    from .planner import FileSpec as FileSpec
-    from .planner import Plan as Plan
-    from .planner import Skipped as Skipped
+    from .engine.events import EngineEvent as EngineEvent
+    from .engine.reports import FileResidency as FileResidency
+    from .engine.reports import FileResult as FileResult
+    from .engine.reports import ResidencyReport as ResidencyReport
+    from .engine.reports import WarmProgress as WarmProgress
+    from .engine.reports import WarmReport as WarmReport
+    from .kernel.pinning import PinSet as PinSet
+    from .planning.budget import BudgetCheck as BudgetCheck
+    from .planning.budget import MemoryBudget as MemoryBudget
+    from .planning.planner import Plan as Plan
+    from .planning.specs import Chunk as Chunk
+    from .planning.specs import FileSpec as FileSpec
+    from .planning.specs import Skipped as Skipped
+    from .settings import WarmOptions as WarmOptions
 
 _HOMES = {
     "check_budget": "api",
@@ -45,20 +45,20 @@ _HOMES = {
     "plan": "api",
     "residency": "api",
     "warm": "api",
-    "BudgetCheck": "budget",
-    "MemoryBudget": "budget",
-    "EngineEvent": "engine",
-    "FileResidency": "engine",
-    "FileResult": "engine",
-    "ResidencyReport": "engine",
-    "WarmOptions": "engine",
-    "WarmProgress": "engine",
-    "WarmReport": "engine",
-    "PinSet": "pinning",
-    "Chunk": "planner",
-    "FileSpec": "planner",
-    "Plan": "planner",
-    "Skipped": "planner",
+    "BudgetCheck": "planning.budget",
+    "MemoryBudget": "planning.budget",
+    "EngineEvent": "engine.events",
+    "FileResidency": "engine.reports",
+    "FileResult": "engine.reports",
+    "ResidencyReport": "engine.reports",
+    "WarmOptions": "settings",
+    "WarmProgress": "engine.reports",
+    "WarmReport": "engine.reports",
+    "PinSet": "kernel.pinning",
+    "Chunk": "planning.specs",
+    "FileSpec": "planning.specs",
+    "Plan": "planning.planner",
+    "Skipped": "planning.specs",
 }
 
 __all__ = [

@@ -14,22 +14,17 @@ from collections.abc import Callable, Iterable, Sequence
 import anyio
 import anyio.to_thread
 
-from .budget import DEFAULT_HEADROOM, BudgetCheck, Headroom, MemoryBudget, check_plan
-from .budget import read_memory_budget as _read_memory_budget
-from .engine import (
-    EngineEvent,
-    ResidencyReport,
-    WarmOptions,
-    WarmProgress,
-    WarmReport,
-    evict_plan,
-    measure_residency,
-    warm_plan,
-)
+from .engine.events import EngineEvent
+from .engine.reports import ResidencyReport, WarmProgress, WarmReport
+from .engine.residency import evict_plan, measure_residency
+from .engine.warm import warm_plan
 from .errors import LockRefusedError
-from .pinning import PinSet, memlock_permission
-from .planner import Plan, build_plan, printable
-from .settings import OnOverflow, ReadMethod
+from .kernel.pinning import PinSet, memlock_permission
+from .planning.budget import BudgetCheck, MemoryBudget, check_plan
+from .planning.budget import read_memory_budget as _read_memory_budget
+from .planning.planner import Plan, build_plan
+from .settings import DEFAULT_HEADROOM, Headroom, OnOverflow, ReadMethod, WarmOptions
+from .units import printable
 
 __all__ = [
     "check_budget",
@@ -49,7 +44,7 @@ def plan(
     exclude: Sequence[str] = (),
     all_formats: bool = False,
 ) -> Plan:
-    """Walk ``paths`` into a warm plan (see :func:`preloader.planner.build_plan`).
+    """Walk ``paths`` into a warm plan (see :func:`preloader.planning.planner.build_plan`).
 
     :param all_formats: keep PyTorch pickles beside safetensors, safetensors an index
         does not name, and every GGUF model of a folder.
@@ -80,7 +75,7 @@ async def check_budget(
     Bytes already resident cost nothing: when the plan is larger than the allowance, the
     residency of its files is measured first, so re-warming a warm model does not trim it.
 
-    :param on_overflow: ``warn``, ``trim`` or ``fail`` (see :func:`preloader.budget.check_plan`;
+    :param on_overflow: ``warn``, ``trim`` or ``fail`` (see :func:`~.planning.budget.check_plan`;
         raising for ``fail`` is the caller's business).
     :param budget: a budget read earlier; read now when omitted.
     :return: the check; :attr:`BudgetCheck.plan` is what to warm.

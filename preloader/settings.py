@@ -1,8 +1,9 @@
 """Settings: what the front ends resolve from flags and environment and pass down.
 
 Frozen dataclasses, their defaults stated once, and the parsing of the values that need
-it. This module imports nothing above the kernel layer (:mod:`pagecache`, :mod:`units`),
-so the engine, the budget check, the agent and the front ends can all depend on it.
+it. A shared leaf: it imports only the other leaves (:mod:`.errors`, :mod:`.units`,
+:mod:`.labels`), so every layer, from the kernel readers to the front ends, can depend
+on it.
 
 Every command-line option has a ``PRELOADER_*`` environment twin (declared once, in
 :mod:`preloader.cli.options`); a flag on the command line wins over its environment
@@ -12,16 +13,17 @@ one-liner. Nothing below the CLI reads ``os.environ``.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, get_args
 
 from .errors import UsageError
-from .units import format_bytes, parse_size
+from .units import PAGE_SIZE, format_bytes, parse_size
 
-if TYPE_CHECKING:  # imported by serve only, so that warm does not load it
-    from .nodelabels import NodeLabelConfig
+if TYPE_CHECKING:  # only serve builds one, so warm does not load it
+    from .labels import NodeLabelConfig
 
 __all__ = [
     "AUTO_CONCURRENCY",
@@ -42,6 +44,7 @@ __all__ = [
     "WarmOptions",
     "parse_concurrency",
     "parse_headroom",
+    "parse_start_lead",
     "resolve_selection",
 ]
 
@@ -62,6 +65,9 @@ before the plan runs out."""
 AUTO_MIN_CHUNK = 16 * 1024 * 1024
 
 ReadMethod = Literal["auto", "sendfile", "mmap", "read"]
+"""``--method``: ``auto`` starts with ``sendfile`` and falls back to ``read`` where a
+filesystem refuses it; the others are :func:`preloader.kernel.fileread.read_range`'s
+methods, one of which every read uses."""
 READ_METHODS: tuple[ReadMethod, ...] = get_args(ReadMethod)
 
 OnOverflow = Literal["warn", "trim", "fail"]
@@ -69,7 +75,7 @@ ON_OVERFLOW_POLICIES: tuple[OnOverflow, ...] = get_args(OnOverflow)
 
 SplitMode = Literal["auto", "always", "never"]
 SPLIT_MODES: tuple[SplitMode, ...] = get_args(SplitMode)
-"""When one file may be read by several workers at once (see :mod:`preloader.schedule`)."""
+"""When one file may be read by several workers at once (see :mod:`preloader.engine.schedule`)."""
 
 TimeoutPolicy = Literal["ready", "unready"]
 TIMEOUT_POLICIES: tuple[TimeoutPolicy, ...] = get_args(TimeoutPolicy)
@@ -86,7 +92,7 @@ class WarmOptions:
     :ivar read_timeout: seconds one chunk may take before its file is given up as stalled.
     :ivar verify: re-open every file after the pass and measure residency.
     :ivar split: when one file may be read by several workers at once (only ever at the
-        tail of a pass, see :mod:`preloader.schedule`): ``auto`` (where the storage gains
+        tail of a pass, see :mod:`preloader.engine.schedule`): ``auto`` (where the storage gains
         from it), ``always`` or ``never``.
     :raises ValueError: for a negative concurrency, a chunk under one page, an unknown
         method or split mode.
@@ -101,8 +107,6 @@ class WarmOptions:
     split: SplitMode = "auto"
 
     def __post_init__(self) -> None:
-        from .pagecache import PAGE_SIZE  # here, not at the top: keeps `--version` light
-
         if self.concurrency < 0:
             raise ValueError("concurrency must be >= 1 (or 0 for auto)")
         if self.chunk_size < PAGE_SIZE:
@@ -120,8 +124,6 @@ class WarmOptions:
         than :data:`AUTO_MIN_CHUNKS` chunks. Keep-warm measures and re-reads lost chunks
         at the plain size (``total_bytes`` omitted), whatever the first pass used.
         """
-        from .pagecache import PAGE_SIZE
-
         size = self.chunk_size
         if total_bytes is not None and self.concurrency == AUTO_CONCURRENCY:
             size = min(size, max(AUTO_MIN_CHUNK, total_bytes // AUTO_MIN_CHUNKS))
@@ -245,7 +247,7 @@ class ServeConfig:
         readiness; ``None`` for no deadline. Reading goes on either way.
     :ivar timeout_policy: ``ready`` (become ready, loudly) or ``unready`` (stay unready).
     :ivar start_lead: seconds before the first pass's estimated end at which ``/startz``
-        opens (see :mod:`preloader.startgate`); 0 opens it with ``/readyz``.
+        opens (see :mod:`preloader.agent.startgate`); 0 opens it with ``/readyz``.
     :ivar recheck_seconds: keep-warm interval; 0 turns keep-warm off.
     :ivar max_backoff_seconds: longest keep-warm interval after repeated losses.
     :ivar shutdown_seconds: how long a stop waits for reads and requests to finish.
@@ -278,8 +280,6 @@ class ServeConfig:
             raise UsageError(f"timeout policy {self.timeout_policy!r}: must be one of {choices}")
         if not 0 <= self.port <= 65535:
             raise UsageError(f"port {self.port}: must be between 0 and 65535")
-        from .startgate import parse_start_lead  # here, not at the top: `--version`
-
         parse_start_lead(self.start_lead)
         if self.recheck_seconds < 0 or self.max_backoff_seconds < 0:
             raise UsageError("recheck and back-off seconds must not be negative")
@@ -364,3 +364,23 @@ def resolve_selection(
     if not existing:
         return selection((), f"{', '.join(candidates)}: does not exist", missing)
     return selection(existing, missing=missing)
+
+
+def parse_start_lead(value: str | float) -> float:
+    """The lead in seconds from a flag or ``PRELOADER_START_LEAD``.
+
+    :raises UsageError: for text that is not a number, a negative number, ``nan`` or
+        ``inf``.
+    """
+    try:
+        lead = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(
+            f"start lead {value!r}: not a number of seconds (PRELOADER_START_LEAD / --start-lead)"
+        ) from None
+    if not math.isfinite(lead) or lead < 0:
+        raise UsageError(
+            f"start lead {value!r}: must be a finite number of seconds >= 0 "
+            "(PRELOADER_START_LEAD / --start-lead)"
+        )
+    return lead

@@ -1,10 +1,18 @@
-"""Parsing and printing sizes and rates; pure functions."""
+"""Sizes, rates and paths as people read them: parsing and printing; pure functions.
+
+A shared leaf: imports nothing of the package.
+"""
 
 from __future__ import annotations
 
+import mmap
+import os
 import re
 
-__all__ = ["format_bytes", "parse_size"]
+__all__ = ["PAGE_SIZE", "format_bytes", "parse_size", "printable"]
+
+PAGE_SIZE = mmap.PAGESIZE
+"""Bytes in one page of the page cache."""
 
 _UNITS = {
     "": 1,
@@ -44,3 +52,15 @@ def format_bytes(count: float) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def printable(path: str) -> str:
+    """A path safe to put on one line of a log or a terminal.
+
+    Undecodable bytes come out as ``\\xNN`` and control characters (a newline in a file
+    name) as escapes, so one path is always one line.
+    """
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -66,6 +66,8 @@ echo "== ruff"
 "$PYTHON" -m ruff format --check .
 echo "== mypy --strict"
 "$PYTHON" -m mypy
+echo "== lint-imports (the layer contract in pyproject.toml)"
+"$("$PYTHON" -c 'import os, sys; print(os.path.dirname(sys.executable))')/lint-imports"
 echo "== mkdocs build --strict"
 # Into a temporary folder: the site is built to prove it builds (no dead link, no anchor
 # missing, every page in the navigation), never committed.

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from hypothesis import settings
 
-from preloader.demo import write_demo_model
+from preloader.cli.demomodel import write_demo_model
 
 from .lib.cli import CliProcess
 from .lib.fusefs import FuseMount

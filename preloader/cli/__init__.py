@@ -8,6 +8,11 @@ JSON; :mod:`.outcome` owns exit codes and ``--best-effort``. Only the front ends
 The group lives in :mod:`.app`, and a command's module is imported when that command
 runs (:class:`~.app.LazyGroup`): ``warm`` never loads the HTTP server, Prometheus or the
 Kubernetes client. ``preloader --version`` (alone) is answered before click is imported.
+Helpers only the front ends use live here too: the progress bar (:mod:`.progress`), the
+readiness poll behind ``wait`` (:mod:`.readiness`), the demo model (:mod:`.demomodel`).
+
+Import rule: the top layer; it may import every other part of the package, and nothing
+imports it (``preloader/__main__.py`` excepted).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ if TYPE_CHECKING:
     from .warm import SHUTDOWN_GRACE_SECONDS as SHUTDOWN_GRACE_SECONDS
     from .warm import warm_exit_code as warm_exit_code
 
-__all__ = ["SHUTDOWN_GRACE_SECONDS", "cli", "end_startup", "main", "warm_exit_code"]
+__all__ = ["SHUTDOWN_GRACE_SECONDS", "cli", "main", "warm_exit_code"]
 
 # `preloader --version` as click's version option prints it, for the one call (a probe,
 # a bug report) that should not pay for importing click and the option declarations.
@@ -43,18 +48,6 @@ def __getattr__(name: str) -> Any:
 
         return getattr(warm, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def end_startup() -> None:
-    """Collect garbage again, leaving everything made so far out of every collection.
-
-    Called once a command's modules and the logger are loaded and its settings built,
-    before it runs; does nothing unless :func:`main` turned collection off (click's test
-    runner calls the group directly).
-    """
-    if not gc.isenabled():
-        gc.freeze()
-        gc.enable()
 
 
 def main() -> None:

@@ -62,7 +62,7 @@ def demo(ctx: click.Context, flags: DemoFlags) -> None:
 
 
 def _run_demo(flags: DemoFlags) -> int:
-    from ..demo import claim_directory, write_demo_model
+    from .demomodel import claim_directory, write_demo_model
 
     log = get_logger()
     conc = parse_concurrency(flags.concurrency)

@@ -40,10 +40,10 @@ from ..settings import (
     parse_concurrency,
     resolve_selection,
 )
-from .paramtypes import HeadroomType, Number, Size
+from .paramtypes import HeadroomType, Number, Size, checked_concurrency, checked_model_names
 
 if TYPE_CHECKING:
-    from ..nodelabels import NodeLabelConfig
+    from ..labels import NodeLabelConfig
 
 __all__ = [
     "BudgetArgs",
@@ -64,7 +64,6 @@ __all__ = [
 ]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-_Decorator = Callable[[_F], _F]
 
 
 def _stack(decorators: Sequence[Callable[[Any], Any]]) -> Callable[[_F], _F]:
@@ -153,7 +152,7 @@ class SelectionArgs:
         A ``MODEL_DIR`` or ``PRELOADER_PATHS`` entry that does not exist is a warning
         (the others are still used; with none left the command skips, exit 0).
         """
-        from ..planner import printable  # here: importing options stays light (`--version`)
+        from ..units import printable
 
         if not self.paths:
             for candidate in [self.model_dir or "", *self.env_paths]:
@@ -237,37 +236,6 @@ def selection_options(func: _F) -> _F:
 # -- reading -----------------------------------------------------------------------------
 
 
-def _checked_concurrency(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    """Check ``value`` while click knows where it came from, so the error names the flag
-    or ``PRELOADER_CONC``; the text itself is kept (:meth:`ReadArgs.options` parses it).
-
-    :raises click.BadParameter: not a whole number from 1 to 1024 or ``auto``.
-    """
-    try:
-        parse_concurrency(value)
-    except errors.UsageError as err:
-        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
-    return value
-
-
-def _checked_model_names(
-    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
-) -> tuple[str, ...]:
-    """Check each ``PATH=NAME`` while click knows whether it came from ``--model-name``
-    or ``PRELOADER_MODEL_NAMES``.
-
-    :raises click.BadParameter: an item without ``=`` or with an empty side.
-    """
-    if value:
-        from ..nodelabels import parse_model_names  # only when names are given
-
-        try:
-            parse_model_names(value)
-        except errors.UsageError as err:
-            raise click.BadParameter(str(err), ctx=ctx, param=param) from None
-    return value
-
-
 def concurrency_option(help: str) -> Callable[[_F], _F]:
     """``-c``/``--concurrency``/``PRELOADER_CONC``: chunks read in parallel."""
     return option(
@@ -277,7 +245,7 @@ def concurrency_option(help: str) -> Callable[[_F], _F]:
         default=str(DEFAULT_CONCURRENCY),
         show_default=True,
         metavar="N|auto",
-        callback=_checked_concurrency,
+        callback=checked_concurrency,
         help=help,
     )
 
@@ -398,7 +366,7 @@ class NodeLabelArgs:
         """
         if not self.node_label:
             return None
-        from ..nodelabels import NodeLabelConfig  # serve --node-label only
+        from ..labels import NodeLabelConfig
 
         return NodeLabelConfig.resolve(
             self.node_name, paths, self.model_names, self.label_grace, self.kubeconfig
@@ -428,7 +396,7 @@ node_label_options: Callable[[_F], _F] = _stack(
             "model_names",
             envvar="PRELOADER_MODEL_NAMES",
             multiple=True,
-            callback=_checked_model_names,
+            callback=checked_model_names,
             metavar="PATH=NAME",
             help="The label name for a served path (repeatable; whitespace-separated in the "
             "environment); default: the path's last component. Characters a label cannot "

@@ -8,6 +8,7 @@ the process never waits on a worker thread stuck in a stalled read.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -21,7 +22,6 @@ import click
 from .. import errors
 from .._version import __version__
 from ..logs import get_logger
-from . import end_startup
 
 __all__ = [
     "DEMO_EXIT_CODES_HELP",
@@ -31,6 +31,7 @@ __all__ = [
     "SERVE_EXIT_CODES_HELP",
     "WAIT_EXIT_CODES_HELP",
     "Outcome",
+    "end_startup",
     "execute",
     "finish",
     "print_json",
@@ -39,6 +40,19 @@ __all__ = [
 ]
 
 _S = TypeVar("_S")
+
+
+def end_startup() -> None:
+    """Collect garbage again, leaving everything made so far out of every collection.
+
+    Called once a command's modules and the logger are loaded and its settings built,
+    before it runs; does nothing unless :func:`~preloader.cli.main` turned collection
+    off (click's test runner calls the group directly).
+    """
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
+
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok or nothing to do (MODEL_DIR unset or missing), 1 internal error, "
@@ -159,7 +173,7 @@ def execute(
         ``ValueError`` here is bad input: one line, exit 2 (0 with ``best_effort``), and
         with ``json_errors`` a JSON document that says so.
     :param run: does the work and returns the outcome (or a bare exit code); garbage is
-        collected again from here on (:func:`~preloader.cli.end_startup`).
+        collected again from here on (:func:`end_startup`).
     """
     try:
         settings = build()

@@ -1,7 +1,8 @@
 """The value types of the command-line options: what a flag or its variable may hold.
 
 Each turns the text into the value the settings take, or fails with click's one-line
-"invalid value for ..." (see :func:`preloader.cli.entry.describe`).
+"invalid value for ..." (see :func:`preloader.cli.entry.describe`); the ``checked_*``
+callbacks check text that is parsed later, while click still knows its flag or variable.
 """
 
 from __future__ import annotations
@@ -13,11 +14,19 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from .. import errors
 from ..logs import get_logger
-from ..settings import Headroom, parse_headroom
+from ..settings import Headroom, parse_concurrency, parse_headroom
 from ..units import parse_size
 
-__all__ = ["HeadroomType", "ListenPort", "Number", "Size"]
+__all__ = [
+    "HeadroomType",
+    "ListenPort",
+    "Number",
+    "Size",
+    "checked_concurrency",
+    "checked_model_names",
+]
 
 
 class _Parsed(click.ParamType):  # type: ignore[type-arg]
@@ -112,3 +121,34 @@ class ListenPort(click.IntRange):
             )
             return param.default
         return super().convert(value, param, ctx)
+
+
+def checked_concurrency(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Check ``value`` while click knows where it came from, so the error names the flag
+    or ``PRELOADER_CONC``; the text itself is kept (:meth:`ReadArgs.options` parses it).
+
+    :raises click.BadParameter: not a whole number from 1 to 1024 or ``auto``.
+    """
+    try:
+        parse_concurrency(value)
+    except errors.UsageError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
+    return value
+
+
+def checked_model_names(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[str, ...]:
+    """Check each ``PATH=NAME`` while click knows whether it came from ``--model-name``
+    or ``PRELOADER_MODEL_NAMES``.
+
+    :raises click.BadParameter: an item without ``=`` or with an empty side.
+    """
+    if value:
+        from ..labels import parse_model_names  # only when names are given
+
+        try:
+            parse_model_names(value)
+        except errors.UsageError as err:
+            raise click.BadParameter(str(err), ctx=ctx, param=param) from None
+    return value

@@ -12,12 +12,13 @@ from typing import Any
 
 from .. import errors
 from .._version import __version__
-from ..budget import BudgetCheck
-from ..engine import ResidencyReport, WarmProgress, WarmReport
+from ..engine.reports import ResidencyReport, WarmProgress, WarmReport
 from ..logs import get_logger
-from ..planner import Plan, printable, sparse_note
+from ..planning.budget import BudgetCheck
+from ..planning.planner import Plan
+from ..planning.specs import sparse_note
 from ..settings import Selection, WarmConfig
-from ..units import format_bytes
+from ..units import format_bytes, printable
 from .outcome import Outcome, print_json
 
 __all__ = [

@@ -10,10 +10,10 @@ import anyio.to_thread
 import click
 
 from .. import api, errors
-from ..budget import BudgetCheck, check_plan
-from ..engine import ResidencyReport
+from ..engine.reports import ResidencyReport
 from ..logs import get_logger
-from ..planner import Plan, plan_selection
+from ..planning.budget import BudgetCheck, check_plan
+from ..planning.planner import Plan, plan_selection
 from ..settings import DEFAULT_HEADROOM, Selection
 from ..signals import StopSignals
 from . import render

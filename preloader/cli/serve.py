@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import anyio
 import click
 
-from ..settings import TIMEOUT_POLICIES, ServeConfig, TimeoutPolicy
-from ..startgate import parse_start_lead
+from ..settings import TIMEOUT_POLICIES, ServeConfig, TimeoutPolicy, parse_start_lead
 from .options import (
     NodeLabelArgs,
     ReadArgs,
@@ -168,12 +167,12 @@ def serve(
 
     # uvicorn, starlette and prometheus-client only for this command; imported here, while
     # start-up still runs without garbage collection (see preloader.cli.main).
-    from .. import server
+    from ..serve import server
 
     def run(config: ServeConfig) -> int:
         node_api = None
         if config.node_labels is not None:
-            from ..nodelabels import connect  # lightkube only with --node-label
+            from ..serve.kube.nodelabels import connect
 
             node_api = connect(config.node_labels)
         sock = server.bind(config.host, config.port)

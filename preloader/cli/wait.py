@@ -51,7 +51,7 @@ def wait(ctx: click.Context, url: str, timeout: float, interval: float) -> None:
 
 def run_wait(config: WaitConfig) -> int:
     """Poll until ready, the timeout, or a signal (which ends the wait at once)."""
-    from ..wait import Poll, check_url, wait_ready
+    from .readiness import Poll, check_url, wait_ready
 
     log = get_logger()
     check_url(config.url)

@@ -10,17 +10,19 @@ import anyio
 import anyio.to_thread
 import click
 
-from .. import api, errors, reclaim
-from ..budget import BudgetCheck
-from ..engine import WarmProgress, WarmReport, cancel_after_stop, warm_plan
-from ..events import log_event
+from .. import api, errors
+from ..engine.events import log_event
+from ..engine.reading import cancel_after_stop
+from ..engine.reports import WarmProgress, WarmReport
+from ..engine.warm import warm_plan
+from ..kernel import reclaim
+from ..kernel.pinning import memlock_permission
 from ..logs import get_logger
-from ..pinning import memlock_permission
-from ..planner import Plan, plan_selection, printable
-from ..progress import show_progress
+from ..planning.budget import BudgetCheck
+from ..planning.planner import Plan, plan_selection
 from ..settings import WarmConfig
 from ..signals import StopSignals
-from ..units import format_bytes
+from ..units import format_bytes, printable
 from . import render
 from .options import (
     BudgetArgs,
@@ -38,6 +40,7 @@ from .options import (
     timeout_option,
 )
 from .outcome import EXIT_CODES_HELP, Outcome, execute, refuse
+from .progress import show_progress
 
 __all__ = ["SHUTDOWN_GRACE_SECONDS", "WarmResult", "warm", "warm_exit_code"]
 

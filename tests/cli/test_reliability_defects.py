@@ -22,7 +22,7 @@ import click
 import pytest
 
 from preloader import errors
-from preloader.cli import cli
+from preloader.cli.app import cli
 
 from ..lib.cli import REPO, CliProcess, run_cli
 from ..lib.fusefs import FuseMount

@@ -34,7 +34,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from preloader import errors
-from preloader.cli import cli
+from preloader.cli.app import cli
 
 from ..lib.cli import REPO, CliProcess, cli_env, run_cli
 from ..lib.fusefs import FuseMount

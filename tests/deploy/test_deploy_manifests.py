@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from preloader.startgate import parse_start_lead
+from preloader.settings import parse_start_lead
 
 from ..lib import manifests as dm
 

@@ -21,8 +21,10 @@ import pytest
 import yaml
 from celpy import celtypes
 
-from preloader import nodelabels
-from preloader.nodelabels import LABEL_PREFIX, STOP_SECONDS, NodeEvent, NodeLabelConfig
+from preloader.labels import LABEL_PREFIX, LABEL_VALUE, NodeLabelConfig
+from preloader.serve.kube import nodelabels
+from preloader.serve.kube.api import FIELD_MANAGER, NodeEvent
+from preloader.serve.kube.nodelabels import STOP_SECONDS
 
 from ..lib import manifests as dm
 from ..lib.kubeapi import KubeApi, merge_patch
@@ -222,7 +224,7 @@ def _patched(node: dict[str, Any], body: Any) -> dict[str, Any]:
     new["metadata"]["managedFields"] = [
         *node["metadata"]["managedFields"],
         {
-            "manager": nodelabels.FIELD_MANAGER,
+            "manager": FIELD_MANAGER,
             "operation": "Update",
             "apiVersion": "v1",
             "time": "2026-01-01T00:05:00Z",
@@ -248,7 +250,7 @@ def _agent_requests(tmp_path: Path) -> tuple[list[Any], list[dict[str, Any]]]:
             api = nodelabels.connect(config)
             try:
                 uid, _ = await api.get_node()
-                await api.patch_labels({KEY: nodelabels.LABEL_VALUE})
+                await api.patch_labels({KEY: LABEL_VALUE})
                 await api.post_event(NodeEvent("ModelWarm", "/models/qwen3-32b warm"), uid)
                 await api.patch_labels({KEY: None})
             finally:

@@ -44,7 +44,7 @@ from typing import Any
 
 import pytest
 
-from preloader.demo import write_demo_model
+from preloader.cli.demomodel import write_demo_model
 
 from ..lib import manifests as dm
 from ..lib.cli import NOBODY

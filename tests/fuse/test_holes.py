@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from preloader import fileread, pagecache
-from preloader.engine import WarmOptions, warm_plan
-from preloader.holes import HOLE_WINDOW, fill_holes
-from preloader.planner import build_plan
+from preloader.engine.holes import HOLE_WINDOW, fill_holes
+from preloader.engine.warm import warm_plan
+from preloader.kernel import fileread, pagecache
+from preloader.planning.planner import build_plan
+from preloader.settings import WarmOptions
+from preloader.units import PAGE_SIZE
 
 from ..lib.fusefs import FuseMount
 from ..lib.marks import needs_fuse
@@ -45,7 +47,7 @@ def test_fill_holes_rereads_only_the_windows_with_pages_missing(shared_tmp: Path
             min(HOLE_WINDOW, size - offset)
             for offset in range(0, size, HOLE_WINDOW)
             if pagecache.cachestat(fd, offset, min(HOLE_WINDOW, size - offset)).cached
-            < -(-min(HOLE_WINDOW, size - offset) // pagecache.PAGE_SIZE)
+            < -(-min(HOLE_WINDOW, size - offset) // PAGE_SIZE)
         ]
         if not holes:
             pytest.skip("the kernel kept the pages (DONTNEED refused here)")

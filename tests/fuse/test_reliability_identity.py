@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from preloader import errors
-from preloader.identity import inodes_stable, is_planned
+from preloader.kernel.identity import inodes_stable, is_planned
 
 from ..lib.cli import run_cli
 from ..lib.fusefs import FuseMount

@@ -178,15 +178,16 @@ def test_a_read_stuck_in_storage_is_given_up_after_the_engines_stop_grace(
     """One signal, a read that never returns: the engine waits its stop grace for the read,
     then abandons it, before the command's own shutdown grace (the backstop, which logs
     ``stop grace ran out`` when it has to cancel everything) runs out."""
-    from preloader import cli, engine
+    from preloader import cli
+    from preloader.engine import reading
 
-    assert engine.STOP_GRACE_SECONDS < cli.SHUTDOWN_GRACE_SECONDS
+    assert reading.STOP_GRACE_SECONDS < cli.SHUTDOWN_GRACE_SECONDS
     fs = fuse_fs(_spec({"model-00001-of-00002.safetensors": {"stall_from": MiB}}))
     run = start_cli("warm", "--json", "--chunk-size", "1MiB", str(fs.mountpoint))
     fs.wait_for("STALL read /model-00001-of-00002.safetensors")
     sent = _stop(run, signal.SIGTERM, 1)
     _, seconds = _summary(run, sent, "stalled read, SIGTERM once")
     report = _finish(run)
-    assert seconds >= engine.STOP_GRACE_SECONDS  # the stuck read was waited for
+    assert seconds >= reading.STOP_GRACE_SECONDS  # the stuck read was waited for
     assert "stop grace ran out" not in [line.get("event") for line in run.logs]
     assert report["read_bytes"] < report["bytes"]

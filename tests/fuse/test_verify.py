@@ -17,11 +17,13 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from preloader import pagecache, verify
-from preloader.engine import WarmOptions, WarmReport, warm_plan
-from preloader.planner import build_plan
-from preloader.reports import FileResidency
-from preloader.verify import map_files
+from preloader.engine import residency as verify
+from preloader.engine.reports import FileResidency, WarmReport
+from preloader.engine.residency import map_files
+from preloader.engine.warm import warm_plan
+from preloader.kernel import pagecache
+from preloader.planning.planner import build_plan
+from preloader.settings import WarmOptions
 
 from ..lib.fusefs import FuseMount
 from ..lib.marks import needs_fuse

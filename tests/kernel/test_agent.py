@@ -8,11 +8,12 @@ from pathlib import Path
 import anyio
 import pytest
 
-from preloader.agent import DEGRADE_AFTER, ERROR_REASONS, Agent, AgentSnapshot
-from preloader.demo import write_demo_model
-from preloader.engine import EngineEvent, WarmOptions
-from preloader.events import EventKind
-from preloader.settings import Selection, ServeConfig
+from preloader.agent.agent import Agent
+from preloader.agent.keepwarm import DEGRADE_AFTER
+from preloader.agent.snapshot import AgentSnapshot
+from preloader.cli.demomodel import write_demo_model
+from preloader.engine.events import ERROR_REASONS, EngineEvent, EventKind
+from preloader.settings import Selection, ServeConfig, WarmOptions
 
 from ..lib.marks import needs_vmtouch
 from ..lib.residency import evict_tree, vmtouch_resident
@@ -273,7 +274,7 @@ async def test_a_file_error_counts_under_the_reason_the_engine_gave(tmp_path: Pa
     agent = Agent(_config(tmp_path))
     [model] = agent._models
     for reason in ("read", "stalled", "changed"):
-        agent._engine_event(
+        agent._events.engine_event(
             model,
             EngineEvent(EventKind.FILE_ERROR, str(tmp_path), "any words at all", reason),
         )

@@ -14,22 +14,18 @@ from pathlib import Path
 import pytest
 
 from preloader import errors
-from preloader.budget import (
-    CgroupLevel,
-    Headroom,
-    MemoryBudget,
-    Mount,
-    check_plan,
+from preloader.cli.demomodel import write_demo_model
+from preloader.kernel.cgroups import (
     memory_cgroup_dirs,
-    parse_headroom,
     parse_limit,
     parse_meminfo,
-    parse_mountinfo,
     parse_proc_cgroup,
-    read_memory_budget,
 )
-from preloader.demo import write_demo_model
-from preloader.planner import FileSpec, Plan
+from preloader.kernel.mounts import Mount, parse_mountinfo
+from preloader.planning.budget import CgroupLevel, MemoryBudget, check_plan, read_memory_budget
+from preloader.planning.planner import Plan
+from preloader.planning.specs import FileSpec
+from preloader.settings import Headroom, parse_headroom
 
 from ..cli.test_cli import _log_lines
 from ..lib.cli import REPO, run_cli, run_cli_in_cgroup
@@ -79,7 +75,8 @@ def test_proc_cgroup_v1_controllers_and_the_v2_line() -> None:
 
 def test_mountinfo_fields_and_octal_escapes() -> None:
     mounts = parse_mountinfo(V1_MOUNTINFO + r"50 1 0:40 / /mnt/with\040space rw - ext4 /dev/x rw")
-    assert Mount("/", "/sys/fs/cgroup/memory", "cgroup", ("rw", "memory")) in mounts
+    memory = Mount("/", "/sys/fs/cgroup/memory", "cgroup", ("rw", "memory"), os.makedev(0, 32))
+    assert memory in mounts
     assert mounts[-1].mount_point == "/mnt/with space"
     assert parse_mountinfo("garbage\n") == []
 
@@ -285,7 +282,7 @@ def _budget_in_child(prefix: list[str], code: str) -> dict[str, object]:
 
 
 READ_BUDGET = (
-    "import json; from preloader.budget import read_memory_budget; "
+    "import json; from preloader.planning.budget import read_memory_budget; "
     "print(json.dumps(read_memory_budget().to_json()))"
 )
 

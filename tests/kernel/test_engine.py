@@ -10,19 +10,14 @@ from pathlib import Path
 import anyio
 import pytest
 
-from preloader import fileread, pagecache
-from preloader.engine import (
-    AUTO_CONCURRENCY,
-    EngineEvent,
-    WarmOptions,
-    WarmProgress,
-    evict_plan,
-    measure_chunks,
-    measure_residency,
-    rewarm_chunks,
-    warm_plan,
-)
-from preloader.planner import build_plan
+from preloader.engine.events import EngineEvent
+from preloader.engine.keepwarm import measure_chunks
+from preloader.engine.reports import WarmProgress
+from preloader.engine.residency import evict_plan, measure_residency
+from preloader.engine.warm import rewarm_chunks, warm_plan
+from preloader.kernel import fileread, pagecache
+from preloader.planning.planner import build_plan
+from preloader.settings import AUTO_CONCURRENCY, WarmOptions
 
 from ..lib.marks import needs_vmtouch
 from ..lib.residency import evict_tree, vmtouch_resident

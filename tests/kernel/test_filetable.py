@@ -10,12 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from preloader import formats
-from preloader.engine import measure_residency, warm_plan
-from preloader.filetable import FileColumns, FileTable
-from preloader.formats import natural_key
-from preloader.planner import FileSpec, Plan, build_plan
-from preloader.reports import FileResults, Residencies
+from preloader.engine.reports import FileResults, Residencies
+from preloader.engine.residency import measure_residency
+from preloader.engine.warm import warm_plan
+from preloader.planning import formats
+from preloader.planning.filetable import FileColumns, FileTable
+from preloader.planning.formats import natural_key
+from preloader.planning.planner import Plan, build_plan
+from preloader.planning.specs import FileSpec
 
 from ..lib.residency import evict_tree
 

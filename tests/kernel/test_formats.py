@@ -14,8 +14,14 @@ import numpy as np
 import pytest
 
 from preloader import errors
-from preloader.formats import Entry, arrange, default_skip, read_safetensors_index, split_part
-from preloader.planner import build_plan
+from preloader.planning.formats import (
+    Entry,
+    arrange,
+    default_skip,
+    read_safetensors_index,
+    split_part,
+)
+from preloader.planning.planner import build_plan
 
 from ..lib.cli import run_cli
 from ..lib.residency import evict_tree, fincore_resident_bytes

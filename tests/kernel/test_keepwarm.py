@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from preloader import pagecache
-from preloader.engine import WarmOptions, measure_chunks, rewarm_chunks, warm_plan
-from preloader.planner import Plan, build_plan
+from preloader.engine.keepwarm import measure_chunks
+from preloader.engine.warm import rewarm_chunks, warm_plan
+from preloader.kernel import pagecache
+from preloader.planning.planner import Plan, build_plan
+from preloader.settings import WarmOptions
 
 from ..lib.residency import evict_tree, vmtouch_resident
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from preloader import fileread, pagecache
-from preloader.pagecache import PAGE_SIZE, ResidencyUnknownError
+from preloader.kernel import fileread, pagecache
+from preloader.kernel.pagecache import ResidencyUnknownError
+from preloader.units import PAGE_SIZE
 
 from ..lib.cli import NOBODY
 from ..lib.marks import needs_root, needs_vmtouch

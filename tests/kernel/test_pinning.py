@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from preloader import errors
-from preloader.pinning import MemlockPermission, parse_cap_eff, parse_vm_locked
+from preloader.kernel.pinning import MemlockPermission, parse_vm_locked
+from preloader.kernel.procfs import parse_cap_eff
 
 from ..lib.cli import AS_USER, NOBODY, REPO, run_cli
 from ..lib.marks import needs_root, needs_vmtouch
@@ -158,7 +159,7 @@ def test_a_failing_mlock_names_the_cause(model_dir: Path) -> None:
     shard = next(model_dir.glob("*.safetensors"))
     code = (
         "import os, resource, sys\n"
-        "from preloader.pinning import lock_file\n"
+        "from preloader.kernel.pinning import lock_file\n"
         f"fd = os.open({str(shard)!r}, os.O_RDONLY)\n"
         "resource.setrlimit(resource.RLIMIT_MEMLOCK, (0, 0))\n"
         f"os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})\n"

@@ -16,15 +16,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from preloader.formats import natural_key as _natural_key
-from preloader.pagecache import PAGE_SIZE
-from preloader.planner import (
-    FileSpec,
-    build_plan,
-    chunk_count,
-    iter_chunks,
-    printable,
-)
+from preloader.planning.formats import natural_key as _natural_key
+from preloader.planning.planner import build_plan
+from preloader.planning.specs import FileSpec, chunk_count, iter_chunks
+from preloader.units import PAGE_SIZE, printable
 
 from ..lib.marks import needs_root
 

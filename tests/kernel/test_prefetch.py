@@ -11,9 +11,13 @@ from typing import Any
 
 import pytest
 
-from preloader import fileread, prefetch
-from preloader.engine import EngineEvent, WarmOptions, rewarm_chunks, warm_plan
-from preloader.planner import FileSpec, Plan, build_plan, iter_chunks
+from preloader.engine import prefetch
+from preloader.engine.events import EngineEvent
+from preloader.engine.warm import rewarm_chunks, warm_plan
+from preloader.kernel import fileread
+from preloader.planning.planner import Plan, build_plan
+from preloader.planning.specs import FileSpec, iter_chunks
+from preloader.settings import WarmOptions
 
 from ..lib.fusefs import FuseMount
 from ..lib.marks import needs_fuse
@@ -237,13 +241,13 @@ async def test_prefetched_batches_are_read_one_at_a_time(
     # Many batches (4 files of 64 KiB each, cut by the chunk size) for 8 readers: on a
     # local disk the prefetch queues each batch's reads, so one thread keeps the disk
     # busy and more would only contend for the interpreter.
-    from preloader import engine
+    from preloader.engine import readpass
 
     _tree, plan = _local_plan(shared_tmp / "small", count=160)
     lock = threading.Lock()
     active = [0]
     most = [0]
-    real = engine.whole_files_in_thread
+    real = readpass.whole_files_in_thread
 
     def counted(*args: Any) -> bool:
         with lock:
@@ -255,7 +259,7 @@ async def test_prefetched_batches_are_read_one_at_a_time(
             with lock:
                 active[0] -= 1
 
-    monkeypatch.setattr(engine, "whole_files_in_thread", counted)
+    monkeypatch.setattr(readpass, "whole_files_in_thread", counted)
     report = await warm_plan(plan, WarmOptions(concurrency=8, chunk_size=4 * SIZE))
     assert most[0] == 1
     assert all(f.error is None for f in report.files)
@@ -265,7 +269,7 @@ async def test_prefetched_batches_are_read_one_at_a_time(
 async def test_verification_and_status_measure_local_files_in_one_thread(
     shared_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from preloader import verify
+    from preloader.engine import residency as verify
 
     _tree, plan = _local_plan(shared_tmp / "small")
     threads: set[int] = set()
@@ -299,7 +303,7 @@ async def test_verification_and_status_measure_local_files_in_one_thread(
 async def test_the_keep_warm_recheck_measures_local_files_in_one_thread(
     shared_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from preloader import keepwarm
+    from preloader.engine import keepwarm
 
     _tree, plan = _local_plan(shared_tmp / "small", count=3 * keepwarm._RUN_FILES)
     await warm_plan(plan)
@@ -333,7 +337,7 @@ def test_all_local_reads_the_mount_table(tmp_path: Path) -> None:
 async def test_plans_on_local_disks_alone_take_bigger_batches(
     shared_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from preloader import engine
+    from preloader.engine import readpass
 
     tree = shared_tmp / "tiny"
     tree.mkdir()
@@ -341,13 +345,13 @@ async def test_plans_on_local_disks_alone_take_bigger_batches(
         (tree / f"t-{index:03d}.bin").write_bytes(b"x" * 4096)
     _local_disk(tree)
     sizes: list[int] = []
-    real = engine.whole_files_in_thread
+    real = readpass.whole_files_in_thread
 
     def recorded(specs: Any, batch: Any, *args: Any) -> bool:
         sizes.append(len(batch))
         return bool(real(specs, batch, *args))
 
-    monkeypatch.setattr(engine, "whole_files_in_thread", recorded)
+    monkeypatch.setattr(readpass, "whole_files_in_thread", recorded)
     report = await warm_plan(build_plan([str(tree)]), WarmOptions(concurrency=1))
     assert sizes == [256, 44]
     assert report.resident_bytes == 300 * 4096

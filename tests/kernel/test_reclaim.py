@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from preloader import reclaim
-from preloader.verify import eviction_causes
+from preloader.engine.residency import eviction_causes
+from preloader.kernel import reclaim
 
 from ..lib.cli import run_cli
 

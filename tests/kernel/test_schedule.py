@@ -7,8 +7,6 @@ order, recorded at ``fileread.read_range``), then the splitting rule on a real F
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -19,11 +17,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from preloader import fileread, reading, schedule
-from preloader.engine import WarmOptions, rewarm_chunks, warm_plan
-from preloader.filetable import FileTable
-from preloader.planner import Chunk, FileSpec, build_plan, iter_chunks
-from preloader.schedule import Schedule, Stream, filesystem_type, solo_rule, split_rule
+from preloader.engine import reading, schedule
+from preloader.engine.schedule import Schedule, Stream, solo_rule, split_rule
+from preloader.engine.warm import rewarm_chunks, warm_plan
+from preloader.kernel import fileread
+from preloader.kernel.mounts import filesystem_type
+from preloader.planning.filetable import FileTable
+from preloader.planning.planner import build_plan
+from preloader.planning.specs import Chunk, FileSpec, iter_chunks
+from preloader.settings import WarmOptions
 
 from ..lib.fusefs import FuseMount
 from ..lib.marks import needs_fuse
@@ -167,20 +169,6 @@ def test_a_file_of_two_to_the_32_chunks_is_never_listed() -> None:
     assert batch[0].index == 2**31 + 1
 
 
-def test_filesystem_type_names_what_the_kernel_mounted(tmp_path: Path) -> None:
-    findmnt = shutil.which("findmnt")
-    if findmnt is None:
-        pytest.skip("needs findmnt (util-linux)")
-    expected = subprocess.run(
-        [findmnt, "-n", "-o", "FSTYPE", "--target", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    assert filesystem_type(str(tmp_path)) == expected
-    assert filesystem_type(str(tmp_path / "missing")) is None
-
-
 def test_split_modes_and_the_auto_rule_by_the_planned_device(tmp_path: Path) -> None:
     here = FileSpec(str(tmp_path), 0, os.stat(tmp_path).st_dev, 0)
     assert split_rule("always")(here) and not split_rule("never")(here)
@@ -308,7 +296,7 @@ async def test_auto_splits_a_fuse_file_unless_its_client_is_a_no_split_one(
     fuse_fs: Callable[..., FuseMount], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fs = fuse_fs({"cache": "keep", "files": {"big.bin": {"size": 8 * MiB}}})
-    assert filesystem_type(str(fs.path("big.bin"))) == "fuse.failingfs"
+    assert filesystem_type(os.stat(fs.path("big.bin")).st_dev) == "fuse.failingfs"
     plan = build_plan([str(fs.path("big.bin"))])
     options = WarmOptions(concurrency=2, chunk_size=MiB)
 
@@ -372,7 +360,7 @@ def test_solo_rule_by_size_and_filesystem(tmp_path: Path, monkeypatch: pytest.Mo
     big = FileSpec(str(tmp_path / "big"), schedule.SOLO_MIN_BYTES, dev, 0)
     small = FileSpec(str(tmp_path / "small"), schedule.SOLO_MIN_BYTES - 1, dev, 1)
     assert not solo_rule("auto")(big)  # a local filesystem reads files side by side
-    here = filesystem_type(str(tmp_path))
+    here = filesystem_type(dev)
     assert here is not None
     monkeypatch.setattr(schedule, "NO_SPLIT_FILESYSTEMS", frozenset({here}))
     assert solo_rule("auto")(big) and not solo_rule("auto")(small)

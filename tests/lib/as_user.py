@@ -17,16 +17,17 @@ import encodings.idna  # noqa: F401 (getaddrinfo encodes host names with it, laz
 
 import anyio
 import click
+import starlette.applications
 import structlog.dev  # noqa: F401
 import uvicorn
 
 import preloader.cli  # (import everything before dropping privileges)
-import preloader.demo
-import preloader.server
+import preloader.cli.demomodel
+import preloader.serve.server
 
 # The CLI imports each command's module (and the package its names) on first use.
 for module in pkgutil.walk_packages(preloader.__path__, "preloader."):
-    if module.name != "preloader._kube":  # lightkube: only with --node-label
+    if module.name != "preloader.serve.kube.client":  # lightkube: only with --node-label
         importlib.import_module(module.name)
 
 # anyio and click import modules lazily (click's usage text needs click._textwrap); load
@@ -39,7 +40,7 @@ for module in pkgutil.walk_packages(click.__path__, "click."):
         importlib.import_module(module.name)
 # So does uvicorn (its protocol, loop and lifespan classes): load a config as serve does.
 uvicorn.Config(
-    preloader.server.Starlette(),
+    starlette.applications.Starlette(),
     http="h11",
     ws="none",
     loop="asyncio",
@@ -52,7 +53,7 @@ uvicorn.Config(
 try:
     import importlib.metadata
 
-    import preloader._kube
+    import preloader.serve.kube.client
 except ImportError:
     pass
 

@@ -27,9 +27,9 @@ import structlog.dev  # noqa: F401
 
 import preloader.api
 import preloader.cli
-import preloader.demo
-import preloader.server
-import preloader.wait
+import preloader.cli.demomodel
+import preloader.cli.readiness
+import preloader.serve.server
 
 CASE_SECONDS = 20
 

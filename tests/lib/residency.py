@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from preloader import pagecache
+from preloader.kernel import pagecache
 
 
 def evict_tree(root: str | os.PathLike[str]) -> None:

@@ -59,9 +59,10 @@ def test_the_api_page_documents_every_public_name(site: Path) -> None:
 
 
 def test_the_reliability_page_states_the_grace_periods_the_code_uses() -> None:
-    from preloader import cli, engine
+    from preloader import cli
+    from preloader.engine import reading
 
     page = (REPO / "docs" / "reliability.md").read_text()
     signals = " ".join(page.split("## Signals", 1)[1].split("\n## ", 1)[0].split())
-    assert f"abandoned {engine.STOP_GRACE_SECONDS:g} s after the first signal" in signals
+    assert f"abandoned {reading.STOP_GRACE_SECONDS:g} s after the first signal" in signals
     assert f"cancelled {cli.SHUTDOWN_GRACE_SECONDS:g} s after it" in signals

@@ -12,11 +12,11 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from preloader import fileread, pagecache, reclaim
-from preloader.agent import Agent, AgentSnapshot
-from preloader.engine import WarmOptions
-from preloader.metrics import METRIC_NAMES, make_registry
-from preloader.settings import Selection, ServeConfig
+from preloader.agent.agent import Agent
+from preloader.agent.snapshot import AgentSnapshot
+from preloader.kernel import fileread, pagecache, reclaim
+from preloader.serve.metrics import METRIC_NAMES, make_registry
+from preloader.settings import Selection, ServeConfig, WarmOptions
 
 from ..lib import manifests as dm
 
@@ -46,7 +46,7 @@ def _unknown(snap: AgentSnapshot) -> AgentSnapshot:
 
 
 def test_importing_registers_nothing_globally() -> None:
-    import preloader.metrics  # noqa: F401
+    import preloader.serve.metrics  # noqa: F401
 
     names = {m.name for m in prometheus_client.REGISTRY.collect()}
     assert not [name for name in names if name.startswith("preloader")]

@@ -24,10 +24,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from preloader import nodelabels
-from preloader.agent import DEGRADE_AFTER, Agent
+from preloader.agent.agent import Agent
+from preloader.agent.keepwarm import DEGRADE_AFTER
 from preloader.errors import UsageError
-from preloader.nodelabels import LABEL_PREFIX, NodeLabelConfig, NodeLabeler, label_name
+from preloader.labels import LABEL_PREFIX, NodeLabelConfig, label_key, label_name
+from preloader.serve.kube import nodelabels
+from preloader.serve.kube.nodelabels import NodeLabeler
 from preloader.settings import Selection, ServeConfig, WarmOptions
 
 from ..lib import serve as _serve
@@ -50,7 +52,7 @@ def kube() -> Iterator[KubeApi]:
 
 def test_a_plain_model_name_is_the_label_name() -> None:
     assert label_name("Qwen3-32B") == "Qwen3-32B"
-    assert nodelabels.label_key("deepseek-r1") == "preloader.dev/deepseek-r1"
+    assert label_key("deepseek-r1") == "preloader.dev/deepseek-r1"
 
 
 def test_characters_a_label_cannot_hold_become_dashes() -> None:
@@ -478,4 +480,7 @@ def test_warm_never_imports_the_node_labeler_or_its_client(model_dir: Path) -> N
         if line.startswith("import time:")
     }
     assert "preloader.cli.warm" in imported  # the log is there to be read
-    assert not {"lightkube", "preloader.nodelabels", "preloader._kube"} & imported
+    assert (
+        not {"lightkube", "preloader.serve.kube.nodelabels", "preloader.serve.kube.client"}
+        & imported
+    )

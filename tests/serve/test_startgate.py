@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from preloader.errors import UsageError
-from preloader.startgate import (
+from preloader.agent.startgate import (
     MIN_SECONDS,
     WINDOW_SECONDS,
     RateSample,
@@ -19,8 +18,9 @@ from preloader.startgate import (
     estimate_guard_bytes,
     estimate_seconds_left,
     lead_verdict,
-    parse_start_lead,
 )
+from preloader.errors import UsageError
+from preloader.settings import parse_start_lead
 
 from ..lib.cli import run_cli
 from ..lib.fusefs import FuseMount, served_bytes

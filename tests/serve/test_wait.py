@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from preloader import errors
+from preloader.cli.readiness import poll_once, wait_ready
 from preloader.errors import UsageError
 from preloader.settings import WaitConfig
-from preloader.wait import poll_once, wait_ready
 
 from ..lib.cli import run_cli
 from ..lib.net import free_port

@@ -6,9 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from preloader.engine import AUTO_CONCURRENCY
 from preloader.errors import UsageError
-from preloader.settings import DEFAULT_CONCURRENCY, parse_concurrency, resolve_selection
+from preloader.settings import (
+    AUTO_CONCURRENCY,
+    DEFAULT_CONCURRENCY,
+    parse_concurrency,
+    resolve_selection,
+)
 from preloader.units import format_bytes, parse_size
 
 

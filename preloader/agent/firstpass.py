@@ -1,0 +1,240 @@
+"""The serve agent's first pass: plan every path, trim to the memory budget, warm.
+
+:class:`FirstPass` plans each served path in a worker thread (a file reached from two
+paths is served under the first), cuts the plans to the memory budget as ``warm``'s
+``--on-overflow trim`` does, then warms the paths one after the other through
+:func:`~preloader.engine.warm.warm_plan`. While that pass runs,
+:meth:`FirstPass.watch_start_gate` samples its progress for the start gate
+(:mod:`.startgate`) and, once the gate is open, measures whether the server's own reads
+caught up with the warm-up. Runs on the agent's event loop; see
+:class:`~preloader.agent.agent.Agent` for the whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import anyio
+import anyio.to_thread
+
+from ..engine.events import EventKind
+from ..engine.reports import WarmProgress
+from ..engine.residency import measure_residency
+from ..engine.warm import warm_plan
+from ..planning.budget import BudgetCheck, MemoryBudget, check_plan
+from ..planning.planner import Plan, build_plan
+from ..planning.specs import Skipped, sparse_note
+from ..settings import DEFAULT_HEADROOM
+from ..units import format_bytes, printable
+from .startgate import AHEAD_CHECK_SECONDS, TICK_SECONDS, StartGate
+from .state import PassContext, ServedPath
+
+__all__ = ["FirstPass"]
+
+
+class FirstPass:
+    """Plan, trim and warm every path once; watch the start gate meanwhile.
+
+    :param context: the served paths, settings, events and stop signals (see
+        :class:`~.state.PassContext`).
+    :param gate: the start gate the pass's progress feeds.
+    :param is_ready: whether ``/readyz`` is open now (for the gate's snapshot).
+    :param on_start: called when the estimate opens the start gate.
+    """
+
+    def __init__(
+        self,
+        context: PassContext,
+        gate: StartGate,
+        is_ready: Callable[[], bool],
+        on_start: Callable[[], None],
+    ) -> None:
+        self._context = context
+        self._emit = context.events.emit
+        self._gate = gate
+        self._is_ready = is_ready
+        self._on_start = on_start
+
+    async def plan_all(self) -> None:
+        seen: dict[tuple[int, int], str] = {}
+        for model in self._context.models:
+            if self._context.stop.is_set():
+                return
+            try:
+                plan = await self._walk(model.root)
+            except Exception as err:  # a bug must not take the other paths down
+                self._context.events.fail(model, f"planning failed: {type(err).__name__}: {err}")
+                continue
+            if plan is None:  # stopped while walking
+                return
+            files = []
+            skipped = list(plan.skipped)
+            for spec in plan.files:
+                first = seen.setdefault((spec.dev, spec.ino), model.root)
+                if first == model.root:
+                    files.append(spec)
+                else:
+                    skipped.append(
+                        Skipped(spec.path, f"same file already served under {printable(first)}")
+                    )
+            model.plan = Plan(plan.roots, tuple(files), tuple(skipped), plan.choices, plan.problems)
+            model.read_in_full = [False] * len(files)
+            model.state = "warming"
+            for item in skipped:
+                self._emit(EventKind.SKIPPED, item.path, item.reason)
+            for spec in files:
+                note = sparse_note(spec)
+                if note is not None:
+                    self._emit(EventKind.SPARSE_FILE, spec.path, note)
+            for problem in plan.problems:
+                if not problem.fatal:
+                    self._emit(EventKind.ODD_LAYOUT, problem.path, problem.message)
+            fatal = [problem for problem in plan.problems if problem.fatal]
+            if fatal:
+                # As `warm` refuses it (exit 8): an incomplete model never opens the gate.
+                for problem in fatal:
+                    self._emit(EventKind.INCOMPLETE_MODEL, problem.path, problem.message)
+                cause = f"incomplete model: {printable(fatal[0].path)}: {fatal[0].message}"
+                self._context.events.fail(model, cause, reason="incomplete", where=fatal[0].path)
+                continue
+            self._emit(
+                EventKind.PLANNED,
+                model.root,
+                f"{len(files)} files, {format_bytes(model.plan.total_bytes)}, "
+                f"{len(skipped)} skipped",
+            )
+            self._context.events.changed()
+
+    async def _walk(self, root: str) -> Plan | None:
+        """Plan one path in a worker thread; ``None`` when a stop came first.
+
+        Abandoned on stop: a ``readdir`` stuck on storage that stopped answering cannot be
+        interrupted, and a stop must not wait for it (nor for a walk of 200,000 files).
+        """
+        selection = self._context.config.selection
+        plans: list[Plan] = []
+        async with anyio.create_task_group() as group:
+
+            async def cancel_on_stop() -> None:
+                await self._context.stopping.wait()
+                group.cancel_scope.cancel()
+
+            group.start_soon(cancel_on_stop)
+            plans.append(
+                await anyio.to_thread.run_sync(
+                    lambda: build_plan(
+                        [root], selection.include, selection.exclude, selection.all_formats
+                    ),
+                    abandon_on_cancel=True,
+                )
+            )
+            group.cancel_scope.cancel()
+        return plans[0] if plans else None
+
+    def trim_to_budget(self, budget: MemoryBudget | None) -> None:
+        """Cut the plans to the memory budget as ``warm`` does (``--on-overflow trim``).
+
+        The paths' plans are taken together, in order: a sparse 1 TiB file or a model
+        larger than the pod's memory is warmed as far as it fits, and the rest stays cold
+        (``cold_bytes`` in ``/status``), instead of reading pages that would only evict
+        each other.
+        """
+        if budget is None:
+            return
+        models = [m for m in self._context.models if m.state != "failed"]
+        combined = Plan(tuple(m.root for m in models), (f for m in models for f in m.plan.files))
+        check: BudgetCheck = check_plan(combined, budget, "trim", DEFAULT_HEADROOM)
+        if not check.over_budget:
+            return
+        kept = check.plan.files  # a prefix of the combined plan, in order
+        offset = 0
+        for model in models:
+            count = len(model.plan.files)
+            mine = kept[offset : offset + count]
+            offset += count
+            model.cold_bytes = model.plan.total_bytes - sum(spec.size for spec in mine)
+            model.plan = dataclasses.replace(model.plan, files=mine)
+            model.read_in_full = [False] * len(mine)
+        self._emit(
+            EventKind.TRIMMED,
+            detail=f"over memory budget: {check.message()}; warming "
+            f"{format_bytes(check.plan.total_bytes)}, {format_bytes(check.cold_bytes)} "
+            "stay cold",
+        )
+        self._context.events.changed()
+
+    async def warm(self, model: ServedPath) -> None:
+        if model.state == "failed":
+            return
+        model.progress = WarmProgress()
+        model.warm_started = time.monotonic()
+        self._context.events.changed()
+        try:
+            report = await warm_plan(
+                model.plan,
+                self._context.options,
+                progress=model.progress,
+                on_event=lambda event: self._context.events.engine_event(model, event),
+                stop=self._context.stop,
+            )
+        except Exception as err:  # a bug must not take the other paths down
+            self._context.events.fail(model, f"warm pass failed: {type(err).__name__}: {err}")
+            return
+        model.warm_seconds = time.monotonic() - model.warm_started
+        model.apply_report(report)
+        model.next_check = time.monotonic() + model.interval
+        self._emit(
+            EventKind.WARMED,
+            model.root,
+            f"{format_bytes(report.read_bytes)} read in {report.seconds:.1f} s, "
+            f"{model.warm_ratio():.1%} warm, {len(report.errors)} errors",
+        )
+        self._context.events.changed()
+
+    # -- the start gate -----------------------------------------------------------------
+
+    def _first_pass_bytes(self) -> tuple[int, int]:
+        done = sum(min(m.progress.bytes_arrived, m.plan.total_bytes) for m in self._context.models)
+        return done, sum(m.plan.total_bytes for m in self._context.models)
+
+    async def watch_start_gate(self) -> None:
+        """Sample the first pass, open the start gate by the estimate, watch for reads ahead."""
+        next_check = 0.0
+        while True:
+            now = time.monotonic()
+            done, total = self._first_pass_bytes()
+            if self._gate.observe(now, done, total):
+                self._on_start()
+            if self._gate.watching_ahead and now >= next_check:
+                await self._check_ahead()
+                next_check = time.monotonic() + AHEAD_CHECK_SECONDS
+            await anyio.sleep(TICK_SECONDS)
+
+    async def _check_ahead(self) -> None:
+        concurrency = self._context.readers
+        resident: int | None = 0
+        for model in self._context.models:
+            if not model.plan.files:
+                continue
+            try:
+                measured = (await measure_residency(model.plan, concurrency)).resident_bytes
+            except Exception:  # a bug here must not stop the warm-up: the verdict is unknown
+                measured = None
+            resident = None if resident is None or measured is None else resident + measured
+        # Read after measuring: reads that finished meanwhile count against what is ahead.
+        done, _ = self._first_pass_bytes()
+        in_flight = max([concurrency, *(m.progress.concurrency for m in self._context.models)])
+        slack = (in_flight + 1) * self._context.chunk_size
+        if self._gate.measured(resident, done, slack):
+            snap = self._gate.snapshot(time.monotonic(), self._is_ready())
+            self._emit(
+                EventKind.START_LEAD_TOO_LONG,
+                detail=(
+                    f"{format_bytes(snap.ahead_bytes or 0)} resident ahead of the warm-up after "
+                    f"the start gate opened: the server caught up with it (start lead "
+                    f"{self._gate.lead:g} s is longer than the server's start-up)"
+                ),
+            )
+        self._context.events.changed()
