@@ -124,6 +124,12 @@ class Agent:
         """Set once :meth:`run` has returned."""
         return self._stopped
 
+    @property
+    def generation(self) -> int:
+        """A number that grows at every change a snapshot would show (not the progress of
+        bytes read, which moves between changes). Read from any thread."""
+        return self._events.generation
+
     def snapshot(self) -> AgentSnapshot:
         """The agent's state now, from memory only.
 

@@ -168,9 +168,12 @@ class AgentEvents:
         self.emit = Emitter(on_event)
         self.change = anyio.Event()
         """Set (and replaced by a fresh one) at every change a snapshot would show."""
+        self.generation = 0
+        """Counts those changes: front ends key what they render from a snapshot on it."""
 
     def changed(self) -> None:
-        """Wake everyone waiting on :attr:`change`."""
+        """Wake everyone waiting on :attr:`change`; count the change."""
+        self.generation += 1
         change, self.change = self.change, anyio.Event()
         change.set()
 
