@@ -114,7 +114,10 @@ class Agent:
             context, self._gate, is_ready=lambda: self._ready, on_start=self._emit_start
         )
         self._keep_warm = KeepWarm(
-            context, checked=self._update_ready, round_done=self._read_budget
+            context,
+            checked=self._update_ready,
+            round_done=self._read_budget,
+            replan_if_changed=self._first_pass.replan_if_changed,
         )
 
     # -- what front ends read ---------------------------------------------------------
@@ -228,7 +231,7 @@ class Agent:
         for model in self._models:
             if self._stop.is_set():
                 return
-            if model.kept_warm:
+            if model.warmed:
                 await self._keep_warm.check(model)
         await self._read_budget()
         self._update_ready()

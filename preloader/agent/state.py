@@ -69,6 +69,26 @@ class ServedPath:
         self.read_since_clean: set[tuple[int, int]] | None = None
         self.cold_bytes = 0
         self.failed_reason: str | None = None
+        # What the root resolved to when it was planned (a revision's snapshot folder
+        # behind a link).
+        self.target: str | None = None
+
+    def replace_plan(self) -> None:
+        """Forget the plan and what was measured of it, before the root is planned again
+        (it now resolves to another revision). Errors, evictions and bytes re-read keep
+        counting; the warm pass's progress starts again with the new plan."""
+        self.state = "planning"
+        self.plan = Plan((self.root,), ())
+        self.progress = WarmProgress()
+        self.warm_started = None
+        self.warm_seconds = None
+        self.read_in_full = []
+        self.views = None
+        self.strikes = 0
+        self.degraded_reason = None
+        self.read_since_clean = None
+        self.cold_bytes = 0
+        self.failed_reason = None
 
     @property
     def warmed(self) -> bool:
