@@ -59,9 +59,9 @@ class Agent:
     :param config: the serve settings (paths, read options, readiness, keep-warm).
     :param on_event: called on the event loop for engine events (per-file errors, ...) and
         the agent's own: ``planned``, ``skipped``, ``warmed``, ``start``, ``ready``,
-        ``unready``, ``timeout``, ``start_lead_too_long``, ``rewarmed``, ``replanned``, ``degraded``,
-        ``recovered``, ``failed``. ``path`` is the file for engine events and the served
-        path for the agent's.
+        ``unready``, ``timeout``, ``start_lead_too_long``, ``rewarmed``, ``replanned``,
+        ``degraded``, ``recovered``, ``failed``. ``path`` is the file for engine events and
+        the served path for the agent's.
     """
 
     def __init__(
