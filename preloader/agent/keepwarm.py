@@ -83,14 +83,16 @@ class KeepWarm:
         """Plan ``model`` again if it holds another revision now; else measure it, re-read
         the chunks that lost pages, and settle its state."""
         replan = self._replan_if_changed
-        if replan is not None and await replan(model, False):
-            return  # planned and warmed again; its next check is scheduled
-        if not model.kept_warm:
+        replanned = replan is not None and await replan(model, False)
+        if replanned or not model.kept_warm:
+            # Also after a re-plan that failed (an incomplete revision, a walk that
+            # raised): the next look is an interval away, never at once.
             model.next_check = time.monotonic() + model.interval
             return
         measured = await measure_chunks(model.plan, self._context.chunk_size, self._context.readers)
         failed = any(item.error is not None for item in measured)
         if failed and replan is not None and await replan(model, True):
+            model.next_check = time.monotonic() + model.interval
             return
         lost: list[Chunk] = []
         evicted = 0

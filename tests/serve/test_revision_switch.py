@@ -125,3 +125,36 @@ def test_files_replaced_in_place_are_replanned(shared_tmp: Path, served: list[Se
     assert fincore_resident_bytes(*shards) == 4 * MiB
     assert server.json("/readyz")[0] == 200
     assert server.wait_for_log(lambda line: line.get("event") == "replanned")
+
+
+def test_an_incomplete_revision_fails_the_path_until_a_complete_one_comes(
+    shared_tmp: Path, served: list[Served]
+) -> None:
+    """A switch to a revision whose index names a missing shard fails the path with that
+    cause (as at start); the path is still watched, and the next switch is warmed."""
+    repo = shared_tmp / "hub" / "models--org--tiny"
+    _revision(repo, "1111111", shards=2)
+    broken = repo / "snapshots" / "3333333"
+    broken.mkdir(parents=True)
+    (broken / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"a": "model-00001-of-00002.safetensors"}}'
+    )
+    good = _revision(repo, "2222222", shards=3)
+    model = shared_tmp / "model"
+    model.symlink_to(repo / "snapshots" / "1111111")
+    server = track(served, str(model), "--recheck-seconds", "0.2", "--no-ready-latch")
+    server.poll(lambda: ready_body(server))
+
+    _switch(model, broken)
+
+    def failed() -> dict[str, Any] | None:
+        status, body = server.json("/readyz")
+        return body if status == 503 and "incomplete model" in body["reason"] else None
+
+    server.poll(failed)
+    evict_tree(repo / "blobs")
+    _switch(model, repo / "snapshots" / "2222222")
+    server.poll(lambda: ready_body(server))
+    [path] = server.json("/status")[1]["paths"]
+    assert path["bytes"] == sum(p.stat().st_size for p in good)
+    assert fincore_resident_bytes(*good) == _in_pages(good)
