@@ -173,15 +173,33 @@ def test_e2e_scenario_loads_a_real_model_in_every_mode_from_a_cold_cache(
     records = raw["records"]
     assert raw["framework"] == "np"
     modes = {record["mode"] for record in records}
-    expected = {"cold", "one-liner", "warm", "sidecar-readyz", "sidecar-startz"}
-    if "sidecar-startz" in raw["skipped"]:
-        assert raw["skipped"]["sidecar-startz"] == "skipped: this preloader has no --start-lead"
-        expected.discard("sidecar-startz")
+    expected = {
+        "cold",
+        "one-liner",
+        "warm",
+        "engine-prefetch",
+        "sidecar-readyz",
+        "sidecar-startz",
+        "sidecar-startz+engine-prefetch",
+        "resident",
+        "fastest-read",
+    }
+    for mode in ("sidecar-startz", "sidecar-startz+engine-prefetch"):
+        if mode in raw["skipped"]:
+            assert raw["skipped"][mode] == "skipped: this preloader has no --start-lead"
+            expected.discard(mode)
     assert modes == expected
     total = _tensor_bytes(data / "e2e" / "bucket" / "model")
     for record in records:
         assert record["ok"], record
-        assert record["resident_before"] < 0.01, f"{record['mode']} did not start cold"
+        if record["mode"] == "resident":  # made resident before t0: the bound's load half
+            assert record["resident_before"] >= 0.999, record
+        else:
+            assert record["resident_before"] < 0.01, f"{record['mode']} did not start cold"
+        if record["mode"] == "fastest-read":  # no server: a full read of the model only
+            assert "loaded_s" not in record and record["warmup_s"] > 0, record
+            assert record["resident_after"] >= 0.999, record
+            continue
         # Between them the ranks copied every tensor byte exactly once.
         assert record["copied_bytes"] == total, record
         # No rank read a weight before the server's start-up was over.
@@ -192,8 +210,17 @@ def test_e2e_scenario_loads_a_real_model_in_every_mode_from_a_cold_cache(
         if record["mode"] == "sidecar-readyz":
             # The server started only once /readyz was 200.
             assert record["gate_s"] == record["warmup_s"]
+        if "engine-prefetch" in record["mode"]:
+            # The ranks' prefetch shares cover the shards, each once.
+            shares = [name for share in record["prefetch"] for name in share["files"]]
+            assert sorted(shares) == sorted(
+                p.name for p in (data / "e2e" / "bucket" / "model").glob("*.safetensors")
+            )
+        else:
+            assert "prefetch" not in record
     table = (out / "e2e.md").read_text()
     assert "| local disk, sharded | 2 |" in table
+    assert "x prefetch" in table and "x bound" in table
     assert "numpy" in table
 
 
