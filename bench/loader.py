@@ -245,10 +245,22 @@ def main(argv: list[str] | None = None) -> int:
         help="load nothing: read every file under MODEL as ranges of --prefetch-block on "
         "--prefetch-threads threads (the storage's fastest full read) and print the bytes",
     )
+    parser.add_argument(
+        "--prefetch-only",
+        action="store_true",
+        help="load nothing: prefetch every file under MODEL as the engines do (one file a "
+        "thread, --prefetch-block reads) for rank --rank of --ranks, wait, print the bytes",
+    )
     args = parser.parse_args(argv)
-    if args.read_all:
+    if args.read_all or args.prefetch_only:
         files = sorted(p for p in args.model.rglob("*") if p.is_file())
-        got = read_ranges(files, args.prefetch_threads, args.prefetch_block)
+        if args.read_all:
+            got = read_ranges(files, args.prefetch_threads, args.prefetch_block)
+        else:
+            share = prefetch_share(files, args.rank, args.ranks)
+            prefetcher = Prefetcher(share, args.prefetch_threads, args.prefetch_block)
+            prefetcher.run()  # in the foreground: nothing else to wait for
+            files, got = share, sum(prefetcher.read.values())
         print(json.dumps({"files": len(files), "bytes": got}), flush=True)
         return 0
     if args.framework == "pt":

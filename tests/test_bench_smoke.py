@@ -83,7 +83,9 @@ def test_local_scenario_runs_every_competitor_on_a_cold_cache(
 
     records = raw["records"]
     families = {record["family"] for record in records}
-    expected = {"one-liner", "vmtouch", "preloader"} | ({"fio"} if shutil.which("fio") else set())
+    expected = {"one-liner", "vmtouch", "engine-prefetch", "preloader"} | (
+        {"fio"} if shutil.which("fio") else set()
+    )
     assert families == expected
     assert {record["tool"] for record in records} >= {"preloader", "preloader-auto"}
     for record in records:
@@ -100,6 +102,7 @@ def test_local_scenario_runs_every_competitor_on_a_cold_cache(
     table = (out / "results.md").read_text()
     assert "| preloader (default) |" in table
     assert "| one-liner (cat, -P 4) |" in table
+    assert "| engines' prefetch (4 threads, 16 MiB) |" in table and "vs engines' prefetch" in table
     assert "[1/" in result.stderr  # the progress line
 
 
