@@ -647,6 +647,39 @@ def _serve_events(log: IO[str], t0_wall: float) -> list[list[Any]]:
     return events[:40]
 
 
+def complete_at(gets: list[s3trace.Get], sizes: dict[str, int]) -> dict[str, float]:
+    """When each object had first been sent whole: the end of the GET that completed it.
+
+    :param gets: the S3 server's GET log.
+    :param sizes: object name (the key's last part) to size.
+    :return: name to ``time.monotonic()``; an object never sent whole gets the end of
+        its last GET.
+    """
+    by_key: dict[str, list[s3trace.Get]] = {}
+    for get in gets:
+        by_key.setdefault(get.key.rsplit("/", 1)[-1], []).append(get)
+    found: dict[str, float] = {}
+    for name, mine in by_key.items():
+        covered: list[tuple[int, int]] = []  # merged [first, end) ranges
+        found[name] = max(g.end for g in mine)
+        for get in sorted(mine, key=lambda g: g.end):
+            covered = _merge([*covered, (get.first, get.first + get.sent)])
+            if sum(end - first for first, end in covered) >= sizes.get(name, 0) > 0:
+                found[name] = get.end
+                break
+    return found
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for first, end in sorted(ranges):
+        if merged and first <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((first, end))
+    return merged
+
+
 def run_once(
     target: Target,
     mode: str,
@@ -813,13 +846,13 @@ def run_once(
     if target.s3_url:
         gets = s3trace.fetch_gets(target.s3_url)
         if gets:
-            # The last byte the storage sent, and when each object was complete.
-            record["last_byte_s"] = max(g.end for g in gets) - t0
-            ends: dict[str, float] = {}
-            for get in gets:
-                name = get.key.rsplit("/", 1)[-1]
-                ends[name] = max(ends.get(name, 0.0), get.end - t0)
-            record["fetch_end"] = {k: round(v, 3) for k, v in sorted(ends.items())}
+            # When each object had first been sent whole, the last of those (the model's
+            # last byte, refetches aside), and the end of the last GET of all.
+            sizes = {p.name: p.stat().st_size for p in target.model_dir.iterdir() if p.is_file()}
+            arrived = complete_at(gets, sizes)
+            record["fetch_end"] = {k: round(v - t0, 3) for k, v in sorted(arrived.items())}
+            record["last_byte_s"] = max(arrived.values()) - t0
+            record["last_get_s"] = max(g.end for g in gets) - t0
         found = s3trace.overlaps(gets)
         record["duplicate_bytes"] = sum(o.extra_bytes for o in found)
         record["duplicates"] = [

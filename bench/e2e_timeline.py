@@ -4,7 +4,7 @@
 e2e payload (``raw/e2e-latest.json``) and prints, per run: when the sidecar's process
 logged it was serving, planned and opened ``/startz`` (seconds from t0, the pod's
 start); when the server's ranks began reading; and per shard, in load order, when the
-storage sent its last byte (the S3 server's GET log) and when the last rank finished
+storage had first sent all its bytes (the S3 server's GET log) and when the last rank finished
 copying it. ``lag`` is the second minus the first: how long after a shard had arrived
 the server was done with it. A load that runs behind the warm-up shows a small, even
 lag; a load that starts after the warm-up has ended shows the whole load after the last
@@ -62,6 +62,10 @@ def _describe(record: dict[str, Any]) -> list[str]:
         head += f", gate {record['gate_s']:.2f} s"
     if "last_byte_s" in record:
         head += f", last byte {record['last_byte_s']:.1f} s"
+        if record.get("last_get_s", 0.0) > record["last_byte_s"] + 0.5:
+            head += f" (refetches until {record['last_get_s']:.1f} s)"
+    if record.get("fetched_bytes"):
+        head += f", fetched {record['fetched_bytes'] / record['bytes']:.2f} x"
     if "warmup_s" in record:
         head += f", warm-up done {record['warmup_s']:.1f} s"
     head += (

@@ -210,3 +210,17 @@ def test_shapes_are_presets_that_flags_override() -> None:
     smoke = e2e.config_from_args(_args("--smoke", "--e2e-shape", "long-warmup"))
     assert smoke.shard_bytes == e2e.E2EConfig.smoke().shard_bytes  # toy sizes stay
     assert smoke.modes == long.modes
+
+
+def test_an_object_arrives_when_its_bytes_were_first_all_sent() -> None:
+    from bench.s3trace import Get
+
+    gets = [
+        Get("model/a", 0, 49, 50, 0.0, 1.0),
+        Get("model/b", 0, 99, 100, 0.0, 2.0),
+        Get("model/a", 50, 99, 50, 0.5, 3.0),  # a is whole here
+        Get("model/a", 0, 9, 10, 8.0, 9.0),  # a refetch: not its arrival
+        Get("model/c", 0, 9, 10, 1.0, 4.0),  # never whole: its last GET
+    ]
+
+    assert e2e.complete_at(gets, {"a": 100, "b": 100, "c": 20}) == {"a": 3.0, "b": 2.0, "c": 4.0}
