@@ -647,12 +647,16 @@ def _serve_events(log: IO[str], t0_wall: float) -> list[list[Any]]:
     return events[:40]
 
 
-def complete_at(gets: list[s3trace.Get], sizes: dict[str, int]) -> dict[str, float]:
-    """When each object had first been sent whole: the end of the GET that completed it.
+def complete_at(
+    gets: list[s3trace.Get], sizes: dict[str, int], fraction: float = 1.0
+) -> dict[str, float]:
+    """When each object had first been sent whole (or *fraction* of it): the end of the
+    GET that got it there.
 
     :param gets: the S3 server's GET log.
     :param sizes: object name (the key's last part) to size.
-    :return: name to ``time.monotonic()``; an object never sent whole gets the end of
+    :param fraction: of the object's bytes, 1.0 for all.
+    :return: name to ``time.monotonic()``; an object never sent so far gets the end of
         its last GET.
     """
     by_key: dict[str, list[s3trace.Get]] = {}
@@ -664,7 +668,7 @@ def complete_at(gets: list[s3trace.Get], sizes: dict[str, int]) -> dict[str, flo
         found[name] = max(g.end for g in mine)
         for get in sorted(mine, key=lambda g: g.end):
             covered = _merge([*covered, (get.first, get.first + get.sent)])
-            if sum(end - first for first, end in covered) >= sizes.get(name, 0) > 0:
+            if sum(end - first for first, end in covered) >= fraction * sizes.get(name, 0) > 0:
                 found[name] = get.end
                 break
     return found
@@ -853,6 +857,9 @@ def run_once(
             record["fetch_end"] = {k: round(v - t0, 3) for k, v in sorted(arrived.items())}
             record["last_byte_s"] = max(arrived.values()) - t0
             record["last_get_s"] = max(g.end for g in gets) - t0
+            # When half of each had arrived: the warm-up's order (a stream per file).
+            half = complete_at(gets, sizes, 0.5)
+            record["fetch_half"] = {k: round(v - t0, 3) for k, v in sorted(half.items())}
         found = s3trace.overlaps(gets)
         record["duplicate_bytes"] = sum(o.extra_bytes for o in found)
         record["duplicates"] = [

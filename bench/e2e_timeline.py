@@ -52,6 +52,16 @@ def shard_rows(record: dict[str, Any]) -> list[tuple[str, float | None, float, f
     return rows
 
 
+def half_fetched(record: dict[str, Any]) -> dict[str, float]:
+    """When half of each shard had arrived (seconds from t0), if logged.
+
+    :param record: one e2e record.
+    :return: shard name to seconds.
+    """
+    found: dict[str, float] = record.get("fetch_half", {})
+    return found
+
+
 def _describe(record: dict[str, Any]) -> list[str]:
     head = (
         f"{record['storage']} {record['mode']} rep {record['rep']}: loaded "
@@ -77,11 +87,15 @@ def _describe(record: dict[str, Any]) -> list[str]:
     events = startup_events(record)
     if events:
         lines.append("  sidecar: " + ", ".join(f"{k} {v:.2f} s" for k, v in events.items()))
+    half = half_fetched(record)
     for name, fetched, done, lag in shard_rows(record):
         short = name.split("-of-")[0]
         fetched_text = "-" if fetched is None else f"{fetched:6.1f}"
         lag_text = "-" if lag is None else f"{lag:+6.1f}"
-        lines.append(f"  {short}: fetched {fetched_text}  loaded {done:6.1f}  lag {lag_text}")
+        first = f"half {half[name]:6.1f}  " if name in half else ""
+        lines.append(
+            f"  {short}: {first}fetched {fetched_text}  loaded {done:6.1f}  lag {lag_text}"
+        )
     return lines
 
 

@@ -224,3 +224,4 @@ def test_an_object_arrives_when_its_bytes_were_first_all_sent() -> None:
     ]
 
     assert e2e.complete_at(gets, {"a": 100, "b": 100, "c": 20}) == {"a": 3.0, "b": 2.0, "c": 4.0}
+    assert e2e.complete_at(gets, {"a": 100, "b": 100, "c": 20}, 0.5)["a"] == 1.0
