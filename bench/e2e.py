@@ -860,6 +860,12 @@ def run_once(
             # When half of each had arrived: the warm-up's order (a stream per file).
             half = complete_at(gets, sizes, 0.5)
             record["fetch_half"] = {k: round(v - t0, 3) for k, v in sorted(half.items())}
+            # The first 3 s of GETs: what the warm-up's start asked the storage for.
+            record["early_gets"] = [
+                [g.key.rsplit("/", 1)[-1], g.first, g.sent, round(g.start - t0, 3)]
+                for g in gets
+                if g.start - t0 < 3.0
+            ][:80]
         found = s3trace.overlaps(gets)
         record["duplicate_bytes"] = sum(o.extra_bytes for o in found)
         record["duplicates"] = [
