@@ -408,8 +408,10 @@ def _tree_size(path: Path) -> tuple[int, int]:
 def _storage(
     storage: str, config: E2EConfig, data_dir: Path, log: Callable[[str], None]
 ) -> Iterator[Target]:
-    sharded = data_dir / "e2e" / "bucket" / "model"  # bucket/ is the S3 server's backing
-    gguf_dir = data_dir / "e2e" / "gguf"
+    # A shape's model lives in its own folder: switching shapes does not rewrite gigabytes.
+    root = data_dir / ("e2e" if config.shape == "default" else f"e2e-{config.shape}")
+    sharded = root / "bucket" / "model"  # bucket/ is the S3 server's backing
+    gguf_dir = root / "gguf"
     if storage == "fuse-gguf":
         log(f"e2e: GGUF-like model, {config.gguf_bytes / 2**30:.2f} GiB (written once)")
         write_gguf_like(gguf_dir / "model-Q8_0.gguf", config.gguf_bytes)
