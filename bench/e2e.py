@@ -42,7 +42,10 @@ Storages: ``local`` (the sharded model on local disk), ``s3fs`` (s3fs
 ``fuse-gguf`` and ``fuse-sharded`` (the parallel-stream FUSE fixture serving a
 single-file GGUF-like model, and the sharded model). Mounted fixtures serve the
 real files (``--backing``); cold means those files and the mount's pages are
-evicted (``vmtouch -e``, i.e. ``POSIX_FADV_DONTNEED``, only our files).
+evicted (``vmtouch -e``, i.e. ``POSIX_FADV_DONTNEED``, only our files). During a
+run the backing files are dropped again every 0.5 s: a real store's copy does not
+sit in the client's page cache, and on a model of a third of the memory it would
+push the mount's pages out (:class:`_BackingDropper`).
 """
 
 import argparse
@@ -557,6 +560,44 @@ def _spawn_ranks(
     return procs
 
 
+class _BackingDropper(threading.Thread):
+    """Drop the fixture's backing files from the page cache every *interval_s* seconds.
+
+    The S3 server and the FUSE fixture read the model from local backing files, whose
+    pages would sit in this machine's page cache beside the mount's own: twice the
+    model, where a real object store keeps its copy on another machine. On a model
+    near half the memory the kernel then reclaims the mount's pages (the warm-up's
+    oldest) and the storage is asked for them again. ``POSIX_FADV_DONTNEED`` on the
+    backing files only (never the mount's) keeps the fixture's copy off the machine.
+    """
+
+    def __init__(self, paths: list[Path], interval_s: float = 0.5) -> None:
+        super().__init__(daemon=True, name="backing-dropper")
+        self.paths = paths
+        self.interval_s = interval_s
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval_s):
+            for path in self.paths:
+                with contextlib.suppress(OSError):
+                    fd = os.open(path, os.O_RDONLY)
+                    try:
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    finally:
+                        os.close(fd)
+
+
+def _backing_files(target: Target) -> list[Path]:
+    """The fixture's backing files (none for local disk, where they are the model)."""
+    if target.storage == "local":
+        return []
+    files: list[Path] = []
+    for root in target.evict[1:]:
+        files += [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else [root]
+    return files
+
+
 class _Exit(threading.Thread):
     """Wait for a child and remember when it exited (``time.monotonic()``)."""
 
@@ -740,6 +781,8 @@ def run_once(
     logs = (tempfile.TemporaryFile(mode="w+"), tempfile.TemporaryFile(mode="w+"))  # noqa: SIM115
     probes: list[_Probe] = []
     procs: list[subprocess.Popen[str]] = []
+    dropper = _BackingDropper(_backing_files(target))
+    dropper.start()
     busy_before, children_before = machine_busy_s(), _children_cpu_s()
     t0 = time.monotonic()
     t0_wall = time.time()
@@ -828,6 +871,7 @@ def run_once(
     except (RuntimeError, subprocess.TimeoutExpired, OSError, ValueError) as err:
         record["error"] = str(err)[-800:]
     finally:
+        dropper.stop.set()
         for probe in probes:
             probe.stop.set()
         for proc in procs:
