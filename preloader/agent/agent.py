@@ -80,6 +80,9 @@ class Agent:
             for root in dict.fromkeys(config.selection.paths)
         ]
         self._stop = threading.Event()
+        # Held while the first pass's end is decided and while a snapshot is taken, so the
+        # HTTP thread never sees one gate decided and the state not yet (or the reverse).
+        self._deciding = threading.RLock()
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
         self._started = time.monotonic()
@@ -128,9 +131,13 @@ class Agent:
         """The agent's state now, from memory only.
 
         Called from the HTTP server's thread while the agent's loop runs: it reads plain
-        attributes (each read atomic under the GIL) into a new frozen object, never
-        mutates, never awaits.
+        attributes into a new frozen object, never mutates, never awaits; the end of the
+        first pass is decided under the same lock, so a snapshot sees all of it or none.
         """
+        with self._deciding:
+            return self._take_snapshot()
+
+    def _take_snapshot(self) -> AgentSnapshot:
         paths = tuple(self._path_snapshot(model) for model in self._models)
         rate = sum(p.rate for p, m in zip(paths, self._models, strict=True) if not m.warmed)
         remaining = sum(max(0, p.bytes - p.read_bytes) for p in paths)
@@ -211,10 +218,11 @@ class Agent:
                     break
                 await self._first_pass.warm(model)
             group.cancel_scope.cancel()
-        self._first_pass_done = not self._stop.is_set()
-        self._gate.pass_over(self._gate_policy() if self._first_pass_done else None)
-        self._update_ready()
-        self._pass_ended = True  # after the decision: /status says it with the gates
+        with self._deciding:
+            self._first_pass_done = not self._stop.is_set()
+            self._gate.pass_over(self._gate_policy() if self._first_pass_done else None)
+            self._pass_ended = True
+            self._update_ready()
         self._events.changed()
 
     async def recheck(self) -> None:
@@ -307,8 +315,7 @@ class Agent:
             if phase in states:
                 return phase
         if not self._pass_ended:
-            # Every path is read and verified; readiness and the start gate are being
-            # decided: no state before they are, so none disagrees with /readyz.
+            # Every path is read and verified; the pass's end is not decided yet.
             return "verifying"
         if all(state == "failed" for state in states):
             return "failed"
