@@ -152,7 +152,8 @@ class NodeLabeler:
         return self._repairs
 
     def collector(self) -> Collector:
-        """Prometheus families: ``preloader_node_label{path,label}`` and the error counter."""
+        """Prometheus families: ``preloader_node_label{path,label}``, the error and repair
+        counters."""
         return _LabelCollector(self)
 
     # -- lifecycle ----------------------------------------------------------------------
