@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from dataclasses import dataclass, field
@@ -159,7 +160,8 @@ def warm_exit_code(report: WarmReport, config: WarmConfig) -> int:
     """The exit code for a finished warm pass, before ``--best-effort`` applies.
 
     The first that applies wins: interrupted, timed out, read errors, residency
-    unverifiable (only with ``--require-verified``), resident share too low.
+    unverifiable (only with ``--require-verified``), resident share too low (of the
+    bytes read: a trim's cold bytes are the ``--on-overflow trim`` policy's, not a failure).
     """
     if report.interrupted:
         return errors.EXIT_INTERRUPTED
@@ -167,7 +169,10 @@ def warm_exit_code(report: WarmReport, config: WarmConfig) -> int:
         return errors.EXIT_TIMEOUT
     if report.errors or report.walk_errors:
         return errors.EXIT_READ_ERRORS
-    ratio = report.resident_ratio
+    # Under --on-overflow trim the share judged is of what the trim kept: the policy
+    # accepts a model warmed only as far as the budget allows (the figures reported are
+    # still over the whole model, with the trim named).
+    ratio = report.warmed_ratio
     if ratio is None:
         return errors.EXIT_UNVERIFIED if config.require_verified else errors.EXIT_OK
     if ratio < config.min_resident:
@@ -262,7 +267,7 @@ async def _warm(config: WarmConfig, progress: WarmProgress, stop: threading.Even
     )
     async with anyio.create_task_group() as display:
         display.start_soon(show_progress, progress, log, config.progress, config.progress_interval)
-        result.report = await warm_plan(
+        report = await warm_plan(
             plan,
             config.options,
             progress=progress,
@@ -270,6 +275,8 @@ async def _warm(config: WarmConfig, progress: WarmProgress, stop: threading.Even
             stop=stop,
         )
         display.cancel_scope.cancel()
+    # Every figure is over the model as planned: what the trim left cold counts as cold.
+    result.report = dataclasses.replace(report, cold_bytes=check.cold_bytes)
     if config.lock and not stop.is_set():
         await _hold_pinned(result, plan, config, stop)
     return result

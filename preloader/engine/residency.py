@@ -170,7 +170,8 @@ def _put_into(
 
 def _measure_open(spec: FileSpec, fd: int, after_read: bool) -> FileResidency:
     resident = pagecache.fd_residency(fd, spec.size)
-    size_now = os.fstat(fd).st_size
+    stat = os.fstat(fd)
+    size_now = stat.st_size
     if after_read and size_now < spec.size:
         return FileResidency(
             spec.path,
@@ -179,7 +180,10 @@ def _measure_open(spec: FileSpec, fd: int, after_read: bool) -> FileResidency:
             f"shrank from {spec.size} to {size_now} bytes since it was read",
             changed=True,
         )
-    if size_now > spec.size:  # still being written (a download in progress)
+    # Larger with the planned mtime: the plan covers a prefix (a trim to the memory budget
+    # cut it there), not a file that grew.
+    prefix = spec.mtime_ns is not None and stat.st_mtime_ns == spec.mtime_ns
+    if size_now > spec.size and not prefix:  # still being written (a download in progress)
         return FileResidency(
             spec.path,
             spec.size,
