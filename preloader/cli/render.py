@@ -304,9 +304,19 @@ def _rest_lines(the_plan: Plan, check: BudgetCheck) -> list[str]:
     return lines
 
 
-def budget_line(check: BudgetCheck) -> str:
+def budget_line(check: BudgetCheck, known: bool = True) -> str:
+    """The ``status`` budget line; ``known``: the residency it was given is measured (when
+    not, how much is missing is unknown too, and no verdict is claimed)."""
     allowance = check.allowance_bytes
-    if allowance is None:
+    if not known:
+        verdict = (
+            "residency is unknown, so what is missing is unknown (the whole model, "
+            f"{format_bytes(check.planned_bytes)}, would "
+            f"{'fit' if allowance is not None and check.planned_bytes <= allowance else 'not fit'})"
+        )
+        if allowance is None:
+            verdict = "residency and the budget are unknown"
+    elif allowance is None:
         verdict = "the budget is unknown"
     elif check.over_budget:
         verdict = (

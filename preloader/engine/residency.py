@@ -20,6 +20,7 @@ from ..kernel import pagecache, reclaim
 from ..kernel.fileread import OPEN_FLAGS
 from ..planning.planner import Plan
 from ..planning.specs import FileSpec
+from ..units import PAGE_SIZE, format_bytes
 from .prefetch import measuring_threads
 from .reading import Handoff, cancel_after_stop, describe, open_regular, slide_deadline
 from .reports import FileResidency, Residencies, ResidencyColumns, ResidencyReport
@@ -384,9 +385,26 @@ def _evict_one(spec: FileSpec) -> FileResidency:
 
     def evict_and_measure() -> FileResidency:
         pagecache.evict(fd)
-        return FileResidency(spec.path, spec.size, pagecache.fd_residency(fd, spec.size))
+        resident = pagecache.fd_residency(fd, spec.size)
+        return FileResidency(spec.path, spec.size, resident, _kept_why(fd) if resident else None)
 
     return _on_open_file(spec, fd, "evict", evict_and_measure)
+
+
+def _kept_why(fd: int) -> str:
+    """Why pages of an evicted file stayed cached: dirty ones (cachestat counts them), or
+    pages in use, which ``POSIX_FADV_DONTNEED`` leaves alone."""
+    try:
+        stat = pagecache.cachestat(fd)
+    except OSError:
+        return "kept by the kernel: dirty pages and pages a process maps or locks stay"
+    unwritten = stat.dirty + stat.writeback
+    if unwritten:
+        return (
+            f"{format_bytes(unwritten * PAGE_SIZE)} dirty: the kernel drops a page only once "
+            "it is written back (sync, then evict again)"
+        )
+    return "kept by the kernel: pages a process maps or locks stay"
 
 
 async def evict_plan(plan: Plan, concurrency: int = 4) -> ResidencyReport:

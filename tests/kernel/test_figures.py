@@ -21,7 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from preloader import errors
 from preloader.cli.demomodel import write_demo_model
 
-from ..lib.cli import run_cli, run_cli_in_cgroup
+from ..lib.cli import NOBODY, run_cli, run_cli_in_cgroup
+from ..lib.marks import needs_root
 from ..lib.residency import evict_tree, fincore_resident_bytes
 from ..lib.serve import Served, start_serve
 
@@ -171,3 +172,29 @@ def test_warm_ends_with_one_human_line_on_console_logs_and_json_stays_parseable(
     lines = _log_lines(as_json.stderr)
     assert len(lines) == len(as_json.stderr.splitlines())  # every stderr line is JSON
     assert lines[-1]["summary"].startswith(f"warmed {files} files, 320.0 MiB, 100.0% of the")
+
+
+def test_evict_says_why_dirty_pages_stay(shared_tmp: Path) -> None:
+    written = shared_tmp / "fresh.safetensors"
+    with open(written, "wb") as handle:  # dirty until the flusher writes it (seconds later)
+        handle.write(b"\1" * (4 * MiB))
+    done = run_cli("evict", str(written), "--json")
+    assert done.returncode == errors.EXIT_OK, done.stderr
+    (item,) = json.loads(done.stdout)["per_file"]
+    if not item["resident_bytes"]:
+        pytest.skip("the pages were written back before the eviction")
+    assert "dirty: the kernel drops a page only once it is written back" in item["reason"]
+    stayed = [line for line in _log_lines(done.stderr) if line["event"] == "pages stayed"]
+    assert stayed and stayed[0]["path"] == str(written)
+    written.unlink()
+
+
+@needs_root
+def test_status_as_non_owner_does_not_say_the_missing_bytes_fit(shared_tmp: Path) -> None:
+    model = shared_tmp / "model"
+    write_demo_model(str(model), 8 * MiB, shards=4)
+    done = run_cli("status", str(model), "--summary", user=NOBODY)
+    assert done.returncode == errors.EXIT_OK, done.stderr
+    (line,) = [x for x in done.stdout.splitlines() if x.startswith("memory budget:")]
+    assert "residency is unknown, so what is missing is unknown" in line
+    assert "not resident fit" not in line
