@@ -327,9 +327,11 @@ async def _prepare(the_plan: Plan, config: WarmConfig) -> BudgetCheck:
         the_plan, on_overflow=config.on_overflow, headroom=config.headroom
     )
     render.log_budget(check, log)
-    proactive = reclaim.note()
-    if proactive is not None:
-        log.warning("proactive reclaim", detail=proactive)
+    proactive = reclaim.headline(reclaim.find_schemes())
+    if proactive is not None:  # a warning once a boot; the details are in --json
+        (log.warning if reclaim.first_this_boot() else log.info)(
+            "proactive reclaim", detail=proactive
+        )
     if check.over_budget and config.on_overflow == "fail":
         raise errors.OverBudgetError(
             check.message() + "; raise the memory limit, narrow the plan with "
