@@ -89,7 +89,11 @@ def test_warm_json_ratios_are_over_the_model_and_never_above_fincore(
     true_share = _true_share(model)
     assert report["model_bytes"] == report["budget"]["planned_bytes"] == planned
     assert report["resident_ratio"] == report["resident_bytes"] / planned
-    assert report["resident_ratio"] <= true_share
+    # Under warn the cgroup is at its limit when the pass is measured, and the process's own
+    # allocations after that (the report, the exit) reclaim a few more pages before fincore
+    # can look: up to 1 MiB of them is that, not a claim.
+    after = 1 * MiB / planned if overflow == "warn" else 0.0
+    assert report["resident_ratio"] <= true_share + after
     summary = _log_lines(done.stderr)[-1]
     assert summary["event"].startswith("warm finished"), done.stderr
     assert f"{report['resident_ratio']:.1%} of the model resident" in summary["summary"]
@@ -103,6 +107,14 @@ def test_warm_json_ratios_are_over_the_model_and_never_above_fincore(
         assert not any("grew" in item["cause"] for item in report["not_resident"])
     if limit == TINY:
         assert report["files"] == 0 and report["resident_ratio"] == 0.0
+    if overflow == "warn":
+        # A local disk in a small cgroup: the limit took the pages, no FUSE mount is involved.
+        causes = [item["cause"] for item in report["not_resident"]]
+        assert causes, report
+        for cause in causes:
+            assert "direct_io" not in cause and "bypass" not in cause, cause
+            assert "at open" not in cause, cause
+            assert "cgroup limit" in cause, cause
 
 
 def _settled(server: Served) -> dict[str, Any] | None:
