@@ -78,7 +78,8 @@ class WarmFlags:
     "--min-resident",
     "PRELOADER_MIN_RESIDENT",
     0.99,
-    "Exit 4 when less than this share of the bytes is resident after warming.",
+    "Exit 4 when less than this share of the bytes read is resident after warming (what "
+    "--on-overflow trim leaves cold is not counted; the reported ratios still are).",
     least=0.0,
     most=1.0,
 )

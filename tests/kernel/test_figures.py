@@ -94,6 +94,9 @@ def test_warm_json_ratios_are_over_the_model_and_never_above_fincore(
     # can look: up to 1 MiB of them is that, not a claim.
     after = 1 * MiB / planned if overflow == "warn" else 0.0
     assert report["resident_ratio"] <= true_share + after
+    status = json.loads(run_cli("status", str(model), "--json").stdout)
+    assert status["bytes"] == planned
+    assert status["resident_ratio"] <= _true_share(model)
     summary = _log_lines(done.stderr)[-1]
     assert summary["event"].startswith("warm finished"), done.stderr
     assert f"{report['resident_ratio']:.1%} of the model resident" in summary["summary"]
