@@ -41,7 +41,7 @@ from ..settings import DEFAULT_CONCURRENCY, ServeConfig
 from ..units import format_bytes, printable
 from .firstpass import FirstPass
 from .keepwarm import KeepWarm
-from .snapshot import FILE_STATES, AgentSnapshot, PathSnapshot
+from .snapshot import FILE_STATES, AgentSnapshot, PathSnapshot, trim_reason
 from .startgate import StartGate, estimate_guard_bytes
 from .state import AgentEvents, PassContext, ServedPath
 
@@ -140,7 +140,7 @@ class Agent:
     def _take_snapshot(self) -> AgentSnapshot:
         paths = tuple(self._path_snapshot(model) for model in self._models)
         rate = sum(p.rate for p, m in zip(paths, self._models, strict=True) if not m.warmed)
-        remaining = sum(max(0, p.bytes - p.read_bytes) for p in paths)
+        remaining = sum(max(0, p.bytes - p.cold_bytes - p.read_bytes) for p in paths)
         if not self._first_pass_done and self._models:
             eta = remaining / rate if rate > 0 else None
         else:
@@ -350,8 +350,8 @@ class Agent:
         if state == "planning":
             text = "planning: walking " + ", ".join(printable(p.path) for p in paths)
         elif state in ("warming", "verifying"):
-            done = sum(min(p.read_bytes, p.bytes) for p in paths)
-            total = sum(p.bytes for p in paths)
+            done = sum(min(p.read_bytes, p.bytes - p.cold_bytes) for p in paths)
+            total = sum(p.bytes - p.cold_bytes for p in paths)
             text = f"{state}: {format_bytes(done)} of {format_bytes(total)} read"
         else:
             weak = [p for p in paths if p.warm_ratio < self.config.ready_ratio]
@@ -365,6 +365,9 @@ class Agent:
                 )
             else:
                 text = "warm: " + ", ".join(f"{p.path} {p.warm_ratio:.1%}" for p in paths)
+            trimmed = [p for p in paths if p.cold_bytes]
+            if trimmed:
+                text += "; " + trim_reason(trimmed[0], self.config.ready_ratio)
             broken = [(p, detail) for p in paths for detail in p.error_details[:1]]
             if broken and not failed:
                 count = sum(p.errors for p in paths)
@@ -396,7 +399,7 @@ class Agent:
             path=printable(model.root),
             state=self._model_state(model),
             files=len(model.plan.files),
-            bytes=model.plan.total_bytes,
+            bytes=model.plan.total_bytes + model.cold_bytes,  # the model, before a trim
             read_bytes=model.progress.bytes_read + model.rewarm_bytes,
             rewarm_bytes=model.rewarm_bytes,
             resident_bytes=resident,

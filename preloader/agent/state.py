@@ -93,7 +93,8 @@ class ServedPath:
         return total
 
     def warm_ratio(self) -> float:
-        total = self.plan.total_bytes
+        """Warm share of the path's whole model: bytes a trim left cold count as cold."""
+        total = self.plan.total_bytes + self.cold_bytes
         return self.warm_bytes() / total if total else 1.0
 
     def file_states(self) -> Counter[str]:

@@ -101,7 +101,12 @@ _METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         "Room for page cache: the least of the memory cgroup's free bytes and MemAvailable.",
         (),
     ),
-    ("preloader_target_bytes", "gauge", "Bytes planned to be warm.", ("path",)),
+    (
+        "preloader_target_bytes",
+        "gauge",
+        "Bytes of the model as planned, before a trim to the memory budget.",
+        ("path",),
+    ),
     (
         "preloader_resident_bytes",
         "gauge",
