@@ -85,7 +85,10 @@ def _by_cachestat(fd: int, index: int, spec: FileSpec, chunk_size: int) -> Chunk
     counts = [
         pagecache.cached_pages(fd, start, chunk_size) for start in range(0, spec.size, chunk_size)
     ]
-    evicted = pagecache.cachestat(fd, 0, spec.size).evicted
+    try:
+        evicted: int | None = pagecache.cachestat(fd, 0, spec.size).evicted
+    except OSError:  # answered just above; should it refuse now, the count stays unknown
+        evicted = None
     lost = _lost(index, spec, chunk_size, counts)
     return ChunkResidency(index, spec.path, spec.size, resident, lost, evicted_pages=evicted)
 
