@@ -417,4 +417,9 @@ class Agent:
             last_check=model.last_check,
             cold_bytes=model.cold_bytes,
             failed_reason=model.failed_reason,
+            server_drop_policy=self.config.on_server_drop,
+            server_dropped_files=model.drops.files,
+            server_dropped_bytes=model.drops.bytes,
+            server_drop_held_files=len(model.drops.held),
+            server_drop_held_bytes=model.drops.held_bytes(),
         )

@@ -63,6 +63,15 @@ class PathSnapshot:
     last_check: float | None
     cold_bytes: int = 0
     failed_reason: str | None = None
+    server_drop_policy: str = "hold"
+    server_dropped_files: int = 0
+    server_dropped_bytes: int = 0
+    server_drop_held_files: int = 0
+    server_drop_held_bytes: int = 0
+
+    @property
+    def server_drop_detected(self) -> bool:
+        return self.server_dropped_files > 0
 
     @property
     def warm_ratio(self) -> float:
@@ -107,6 +116,14 @@ class PathSnapshot:
             "last_check": self.last_check,
             "cold_bytes": self.cold_bytes,
             "failed_reason": self.failed_reason,
+            "server_drop": {
+                "detected": self.server_drop_detected,
+                "policy": self.server_drop_policy,
+                "files": self.server_dropped_files,
+                "bytes": self.server_dropped_bytes,
+                "held_files": self.server_drop_held_files,
+                "held_bytes": self.server_drop_held_bytes,
+            },
         }
 
 

@@ -27,6 +27,7 @@ from ..engine.reports import WarmProgress, WarmReport
 from ..planning.planner import Plan
 from ..settings import ServeConfig, WarmOptions
 from ..units import printable
+from .serverdrop import ServerDrops
 
 __all__ = ["AgentEvents", "FileView", "PassContext", "ServedPath"]
 
@@ -69,6 +70,7 @@ class ServedPath:
         self.read_since_clean: set[tuple[int, int]] | None = None
         self.cold_bytes = 0
         self.failed_reason: str | None = None
+        self.drops = ServerDrops()
 
     @property
     def warmed(self) -> bool:

@@ -29,6 +29,9 @@ def _config(*paths: Path, **overrides: object) -> ServeConfig:
         "selection": Selection(tuple(str(p) for p in paths)),
         "options": WarmOptions(concurrency=2, chunk_size=MiB),
         "recheck_seconds": 30.0,
+        # Pages are lost with POSIX_FADV_DONTNEED here, standing in for reclaim; a reader's
+        # drop is held, not re-read, by default (see preloader.agent.serverdrop).
+        "on_server_drop": "rewarm",
     }
     settings.update(overrides)
     return ServeConfig(**settings)  # type: ignore[arg-type]
