@@ -276,7 +276,7 @@ class ServeConfig:
     start_lead: float = 0.0
     recheck_seconds: float = 30.0
     max_backoff_seconds: float = 900.0
-    on_server_drop: ServerDropPolicy = "hold"
+    on_server_drop: ServerDropPolicy = "rewarm"
     shutdown_seconds: float = 1.0
     node_labels: NodeLabelConfig | None = None
     allow_missing: bool = False

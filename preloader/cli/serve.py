@@ -137,11 +137,11 @@ class ServeFlags:
     "--on-server-drop",
     "PRELOADER_ON_SERVER_DROP",
     SERVER_DROP_POLICIES,
-    "hold",
+    "rewarm",
     "Files the server drops from the page cache after loading them (sglang "
     "--weight-loader-drop-cache-after-load: whole files gone with no memory pressure): "
-    "'hold' leaves them alone until they are resident again, so the storage is not read "
-    "again after every load; 'rewarm' re-reads them. Either way /status, "
+    "'rewarm' re-reads them (a second read of the storage after every load); 'hold' "
+    "leaves them alone until they are resident again. Either way /status, "
     "preloader_server_drop_detected and a log line say so.",
 )
 @node_label_options

@@ -80,7 +80,16 @@ def test_a_server_dropping_the_shards_is_detected_and_not_fetched_again(
 ) -> None:
     shards = _shards(model_dir)
     shard_bytes = sum(p.stat().st_size for p in shards)
-    server = track(served, str(model_dir), "--recheck-seconds", "0.2", "--chunk-size", "1MiB")
+    server = track(
+        served,
+        str(model_dir),
+        "--recheck-seconds",
+        "0.2",
+        "--chunk-size",
+        "1MiB",
+        "--on-server-drop",
+        "hold",
+    )
     server.poll(lambda: ready_body(server))
     assert _path(server)["server_drop"]["detected"] is False
 
@@ -123,7 +132,7 @@ def test_a_server_dropping_the_shards_is_detected_and_not_fetched_again(
 
 
 @needs_vmtouch
-def test_rewarm_policy_reads_the_dropped_shards_again_and_says_how_to_stop_it(
+def test_by_default_the_dropped_shards_are_read_again_and_the_log_says_how_to_stop_it(
     model_dir: Path, served: list[Served]
 ) -> None:
     shards = _shards(model_dir)
@@ -135,8 +144,7 @@ def test_rewarm_policy_reads_the_dropped_shards_again_and_says_how_to_stop_it(
         "0.2",
         "--chunk-size",
         "1MiB",
-        env={"PRELOADER_ON_SERVER_DROP": "rewarm"},
-    )
+    )  # rewarm is the default
     server.poll(lambda: ready_body(server))
     _load_and_drop(shards)
 
@@ -163,7 +171,7 @@ def test_evicting_unrelated_files_is_no_server_drop(
     path = _after_checks(server, 3)
     assert path["server_drop"] == {
         "detected": False,
-        "policy": "hold",
+        "policy": "rewarm",
         "files": 0,
         "bytes": 0,
         "held_files": 0,
