@@ -27,6 +27,7 @@ from ..engine.reports import WarmProgress, WarmReport
 from ..planning.planner import Plan
 from ..settings import ServeConfig, WarmOptions
 from ..units import printable
+from .serverdrop import ServerDrops
 
 __all__ = ["AgentEvents", "FileView", "PassContext", "ServedPath"]
 
@@ -72,6 +73,7 @@ class ServedPath:
         # What the root resolved to when it was planned (a revision's snapshot folder
         # behind a link).
         self.target: str | None = None
+        self.drops = ServerDrops()
 
     def replace_plan(self) -> None:
         """Forget the plan and what was measured of it, before the root is planned again
@@ -89,6 +91,7 @@ class ServedPath:
         self.read_since_clean = None
         self.cold_bytes = 0
         self.failed_reason = None
+        self.drops.held.clear()  # file indices of the old plan
 
     @property
     def warmed(self) -> bool:
@@ -113,7 +116,8 @@ class ServedPath:
         return total
 
     def warm_ratio(self) -> float:
-        total = self.plan.total_bytes
+        """Warm share of the path's whole model: bytes a trim left cold count as cold."""
+        total = self.plan.total_bytes + self.cold_bytes
         return self.warm_bytes() / total if total else 1.0
 
     def file_states(self) -> Counter[str]:
