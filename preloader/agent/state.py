@@ -189,11 +189,19 @@ class AgentEvents:
     """
 
     def __init__(self, on_event: Callable[[EngineEvent], None] | None = None) -> None:
-        self.emit = Emitter(on_event)
+        self._on_event = on_event
+        self.emit = Emitter(self._counted)
         self.change = anyio.Event()
         """Set (and replaced by a fresh one) at every change a snapshot would show."""
         self.generation = 0
-        """Counts those changes: front ends key what they render from a snapshot on it."""
+        """Counts those changes, and every event too: front ends key what they render
+        from a snapshot on it. An event is counted before it is logged, after the state
+        it reports was set, so whoever saw the log line gets a snapshot that shows it."""
+
+    def _counted(self, event: EngineEvent) -> None:
+        self.generation += 1
+        if self._on_event is not None:
+            self._on_event(event)
 
     def changed(self) -> None:
         """Wake everyone waiting on :attr:`change`; count the change."""
