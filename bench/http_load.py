@@ -69,14 +69,25 @@ def _evict(model: Path) -> None:
 
 
 class _Serve:
-    """``preloader serve MODEL`` on 127.0.0.1 and an ephemeral port, its port read from
-    the ``serving`` log line."""
+    """``preloader serve MODEL [ARGS]`` on 127.0.0.1 and an ephemeral port, its port read
+    from the ``serving`` log line; keep-warm off unless ``recheck`` says otherwise."""
 
-    def __init__(self, model: Path) -> None:
+    def __init__(
+        self, model: Path, args: tuple[str, ...] | list[str] = (), recheck: str = "0"
+    ) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PRELOADER_")}
         env.update(PRELOADER_LOG_FORMAT="json", PRELOADER_HOST="127.0.0.1", PRELOADER_PORT="0")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "preloader", "serve", str(model), "--recheck-seconds", "0"],
+            [
+                sys.executable,
+                "-m",
+                "preloader",
+                "serve",
+                str(model),
+                "--recheck-seconds",
+                recheck,
+                *args,
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -59,9 +59,9 @@ class Agent:
     :param config: the serve settings (paths, read options, readiness, keep-warm).
     :param on_event: called on the event loop for engine events (per-file errors, ...) and
         the agent's own: ``planned``, ``skipped``, ``warmed``, ``start``, ``ready``,
-        ``unready``, ``timeout``, ``start_lead_too_long``, ``rewarmed``, ``degraded``,
-        ``recovered``, ``failed``. ``path`` is the file for engine events and the served
-        path for the agent's.
+        ``unready``, ``timeout``, ``start_lead_too_long``, ``rewarmed``, ``replanned``,
+        ``degraded``, ``recovered``, ``failed``. ``path`` is the file for engine events and
+        the served path for the agent's.
     """
 
     def __init__(
@@ -117,7 +117,10 @@ class Agent:
             context, self._gate, is_ready=lambda: self._ready, on_start=self._emit_start
         )
         self._keep_warm = KeepWarm(
-            context, checked=self._update_ready, round_done=self._read_budget
+            context,
+            checked=self._update_ready,
+            round_done=self._read_budget,
+            replan_if_changed=self._first_pass.replan_if_changed,
         )
 
     # -- what front ends read ---------------------------------------------------------
@@ -126,6 +129,12 @@ class Agent:
     def stopped(self) -> anyio.Event:
         """Set once :meth:`run` has returned."""
         return self._stopped
+
+    @property
+    def generation(self) -> int:
+        """A number that grows at every change a snapshot would show (not the progress of
+        bytes read, which moves between changes). Read from any thread."""
+        return self._events.generation
 
     def snapshot(self) -> AgentSnapshot:
         """The agent's state now, from memory only.
@@ -230,7 +239,7 @@ class Agent:
         for model in self._models:
             if self._stop.is_set():
                 return
-            if model.kept_warm:
+            if model.warmed:
                 await self._keep_warm.check(model)
         await self._read_budget()
         self._update_ready()

@@ -13,6 +13,7 @@ caught up with the warm-up. Runs on the agent's event loop; see
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 
@@ -60,61 +61,117 @@ class FirstPass:
     async def plan_all(self) -> None:
         seen: dict[tuple[int, int], str] = {}
         for model in self._context.models:
-            if self._context.stop.is_set():
+            if self._context.stop.is_set() or not await self._plan_one(model, seen):
                 return
-            try:
-                plan = await self._walk(model.root)
-            except Exception as err:  # a bug must not take the other paths down
-                self._context.events.fail(model, f"planning failed: {type(err).__name__}: {err}")
-                continue
-            if plan is None:  # stopped while walking
-                return
-            files = []
-            skipped = list(plan.skipped)
-            for spec in plan.files:
-                first = seen.setdefault((spec.dev, spec.ino), model.root)
-                if first == model.root:
-                    files.append(spec)
-                else:
-                    skipped.append(
-                        Skipped(spec.path, f"same file already served under {printable(first)}")
-                    )
-            model.plan = Plan(plan.roots, tuple(files), tuple(skipped), plan.choices, plan.problems)
-            model.read_in_full = [False] * len(files)
-            model.state = "warming"
-            for item in skipped:
-                self._emit(EventKind.SKIPPED, item.path, item.reason)
-            for spec in files:
-                note = sparse_note(spec)
-                if note is not None:
-                    self._emit(EventKind.SPARSE_FILE, spec.path, note)
-            for problem in plan.problems:
-                if not problem.fatal:
-                    self._emit(EventKind.ODD_LAYOUT, problem.path, problem.message)
-            fatal = [problem for problem in plan.problems if problem.fatal]
-            if fatal:
-                # As `warm` refuses it (exit 8): an incomplete model never opens the gate.
-                for problem in fatal:
-                    self._emit(EventKind.INCOMPLETE_MODEL, problem.path, problem.message)
-                cause = f"incomplete model: {printable(fatal[0].path)}: {fatal[0].message}"
-                self._context.events.fail(model, cause, reason="incomplete", where=fatal[0].path)
-                continue
-            self._emit(
-                EventKind.PLANNED,
-                model.root,
-                f"{len(files)} files, {format_bytes(model.plan.total_bytes)}, "
-                f"{len(skipped)} skipped",
-            )
-            self._context.events.changed()
 
-    async def _walk(self, root: str) -> Plan | None:
-        """Plan one path in a worker thread; ``None`` when a stop came first.
+    async def replan_if_changed(self, model: ServedPath, files_failed: bool) -> bool:
+        """Plan ``model`` again and warm it when its root now holds another revision.
+
+        Another revision: the root resolves elsewhere (a link switched to another snapshot
+        folder), or, when ``files_failed`` (a keep-warm measurement could not open some
+        planned files), a fresh walk finds a planned file's path with another size or
+        modification time (files replaced). A file only removed is not a new revision: it
+        stays a counted error, retried. Metadata only.
+
+        :return: whether it planned and warmed the path again.
+        """
+        target = await anyio.to_thread.run_sync(
+            os.path.realpath, model.root, abandon_on_cancel=True
+        )
+        if model.target is not None and target != model.target:
+            was = printable(model.target)
+            await self._replan(model, f"now resolves to {printable(target)} (was {was})")
+            return True
+        if not files_failed:
+            return False
+        walked = await self._walk(model.root)
+        if walked is None:
+            return False
+        found = {spec.path: (spec.size, spec.mtime_ns) for spec in walked[0].files}
+        replaced = [
+            spec.path
+            for spec in model.plan.files
+            if found.get(spec.path, (spec.size, spec.mtime_ns)) != (spec.size, spec.mtime_ns)
+        ]
+        if not replaced:  # a file only gone stays a counted error, retried
+            return False
+        where = printable(replaced[0])
+        await self._replan(model, f"{len(replaced)} planned files replaced (first {where})")
+        return True
+
+    async def _replan(self, model: ServedPath, why: str) -> None:
+        """Forget ``model``'s plan, plan it again and warm it (the other paths' files stay
+        theirs: a file reached from two paths is served under the first). The new plan is
+        not trimmed to the memory budget again."""
+        self._emit(EventKind.REPLANNED, model.root, f"{why}: planning and warming it again")
+        model.replace_plan()
+        self._context.events.changed()
+        seen = {
+            (spec.dev, spec.ino): other.root
+            for other in self._context.models
+            if other is not model
+            for spec in other.plan.files
+        }
+        if await self._plan_one(model, seen) and not self._context.stop.is_set():
+            await self.warm(model)
+
+    async def _plan_one(self, model: ServedPath, seen: dict[tuple[int, int], str]) -> bool:
+        """Plan one path (files in ``seen`` are another path's); False when stopped."""
+        try:
+            walked = await self._walk(model.root)
+        except Exception as err:  # a bug must not take the other paths down
+            self._context.events.fail(model, f"planning failed: {type(err).__name__}: {err}")
+            return True
+        if walked is None:  # stopped while walking
+            return False
+        plan, model.target = walked
+        files = []
+        skipped = list(plan.skipped)
+        for spec in plan.files:
+            first = seen.setdefault((spec.dev, spec.ino), model.root)
+            if first == model.root:
+                files.append(spec)
+            else:
+                skipped.append(
+                    Skipped(spec.path, f"same file already served under {printable(first)}")
+                )
+        model.plan = Plan(plan.roots, tuple(files), tuple(skipped), plan.choices, plan.problems)
+        model.read_in_full = [False] * len(files)
+        model.state = "warming"
+        for item in skipped:
+            self._emit(EventKind.SKIPPED, item.path, item.reason)
+        for spec in files:
+            note = sparse_note(spec)
+            if note is not None:
+                self._emit(EventKind.SPARSE_FILE, spec.path, note)
+        for problem in plan.problems:
+            if not problem.fatal:
+                self._emit(EventKind.ODD_LAYOUT, problem.path, problem.message)
+        fatal = [problem for problem in plan.problems if problem.fatal]
+        if fatal:
+            # As `warm` refuses it (exit 8): an incomplete model never opens the gate.
+            for problem in fatal:
+                self._emit(EventKind.INCOMPLETE_MODEL, problem.path, problem.message)
+            cause = f"incomplete model: {printable(fatal[0].path)}: {fatal[0].message}"
+            self._context.events.fail(model, cause, reason="incomplete", where=fatal[0].path)
+            return True
+        self._emit(
+            EventKind.PLANNED,
+            model.root,
+            f"{len(files)} files, {format_bytes(model.plan.total_bytes)}, {len(skipped)} skipped",
+        )
+        self._context.events.changed()
+        return True
+
+    async def _walk(self, root: str) -> tuple[Plan, str] | None:
+        """Plan one path in a worker thread, with what the root resolves to; ``None``
+        when a stop came first.
 
         Abandoned on stop: a ``readdir`` stuck on storage that stopped answering cannot be
         interrupted, and a stop must not wait for it (nor for a walk of 200,000 files).
         """
         selection = self._context.config.selection
-        plans: list[Plan] = []
+        plans: list[tuple[Plan, str]] = []
         async with anyio.create_task_group() as group:
 
             async def cancel_on_stop() -> None:
@@ -124,8 +181,11 @@ class FirstPass:
             group.start_soon(cancel_on_stop)
             plans.append(
                 await anyio.to_thread.run_sync(
-                    lambda: build_plan(
-                        [root], selection.include, selection.exclude, selection.all_formats
+                    lambda: (
+                        build_plan(
+                            [root], selection.include, selection.exclude, selection.all_formats
+                        ),
+                        os.path.realpath(root),
                     ),
                     abandon_on_cancel=True,
                 )

@@ -40,6 +40,9 @@ class KeepWarm:
     :param checked: called after each path's check (the agent decides readiness again).
     :param round_done: awaited after a round that checked a path (the agent reads the
         memory budget again).
+    :param replan_if_changed: awaited at each check, before measuring (``False``) and
+        when files could not be measured (``True``): plans and warms the path again when
+        it holds another revision now, and says whether it did.
     """
 
     def __init__(
@@ -47,11 +50,13 @@ class KeepWarm:
         context: PassContext,
         checked: Callable[[], None],
         round_done: Callable[[], Awaitable[None]],
+        replan_if_changed: Callable[[ServedPath, bool], Awaitable[bool]] | None = None,
     ) -> None:
         self._context = context
         self._emit = context.events.emit
         self._checked = checked
         self._round_done = round_done
+        self._replan_if_changed = replan_if_changed
 
     async def run(self) -> None:
         """Check each warmed path when it is due, until the agent stops."""
@@ -59,7 +64,7 @@ class KeepWarm:
         for model in self._context.models:
             model.drops.shadow_mark = mark
         while not self._context.stopping.is_set():
-            due = [m for m in self._context.models if m.kept_warm]
+            due = [m for m in self._context.models if m.kept_warm or self._watched(m)]
             if not due:
                 await self._context.stopping.wait()
                 return
@@ -76,9 +81,25 @@ class KeepWarm:
             with anyio.move_on_after(max(0.0, delay)):
                 await self._context.stopping.wait()
 
+    def _watched(self, model: ServedPath) -> bool:
+        """A warmed path refused as a whole (incomplete) is still watched for a new revision."""
+        return self._replan_if_changed is not None and model.warmed and model.target is not None
+
     async def check(self, model: ServedPath) -> None:
-        """Measure ``model`` now, re-read the chunks that lost pages, and settle its state."""
+        """Plan ``model`` again if it holds another revision now; else measure it, re-read
+        the chunks that lost pages, and settle its state."""
+        replan = self._replan_if_changed
+        replanned = replan is not None and await replan(model, False)
+        if replanned or not model.kept_warm:
+            # Also after a re-plan that failed (an incomplete revision, a walk that
+            # raised): the next look is an interval away, never at once.
+            model.next_check = time.monotonic() + model.interval
+            return
         measured = await measure_chunks(model.plan, self._context.chunk_size, self._context.readers)
+        failed = any(item.error is not None for item in measured)
+        if failed and replan is not None and await replan(model, True):
+            model.next_check = time.monotonic() + model.interval
+            return
         self._find_drops(model, measured)
         held = model.drops.held
         lost: list[Chunk] = []

@@ -70,7 +70,28 @@ class ServedPath:
         self.read_since_clean: set[tuple[int, int]] | None = None
         self.cold_bytes = 0
         self.failed_reason: str | None = None
+        # What the root resolved to when it was planned (a revision's snapshot folder
+        # behind a link).
+        self.target: str | None = None
         self.drops = ServerDrops()
+
+    def replace_plan(self) -> None:
+        """Forget the plan and what was measured of it, before the root is planned again
+        (it now resolves to another revision). Errors, evictions and bytes re-read keep
+        counting; the warm pass's progress starts again with the new plan."""
+        self.state = "planning"
+        self.plan = Plan((self.root,), ())
+        self.progress = WarmProgress()
+        self.warm_started = None
+        self.warm_seconds = None
+        self.read_in_full = []
+        self.views = None
+        self.strikes = 0
+        self.degraded_reason = None
+        self.read_since_clean = None
+        self.cold_bytes = 0
+        self.failed_reason = None
+        self.drops.held.clear()  # file indices of the old plan
 
     @property
     def warmed(self) -> bool:
@@ -168,12 +189,23 @@ class AgentEvents:
     """
 
     def __init__(self, on_event: Callable[[EngineEvent], None] | None = None) -> None:
-        self.emit = Emitter(on_event)
+        self._on_event = on_event
+        self.emit = Emitter(self._counted)
         self.change = anyio.Event()
         """Set (and replaced by a fresh one) at every change a snapshot would show."""
+        self.generation = 0
+        """Counts those changes, and every event too: front ends key what they render
+        from a snapshot on it. An event is counted before it is logged, after the state
+        it reports was set, so whoever saw the log line gets a snapshot that shows it."""
+
+    def _counted(self, event: EngineEvent) -> None:
+        self.generation += 1
+        if self._on_event is not None:
+            self._on_event(event)
 
     def changed(self) -> None:
-        """Wake everyone waiting on :attr:`change`."""
+        """Wake everyone waiting on :attr:`change`; count the change."""
+        self.generation += 1
         change, self.change = self.change, anyio.Event()
         change.set()
 

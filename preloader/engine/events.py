@@ -48,6 +48,7 @@ class EventKind(str, enum.Enum):
     SKIPPED = "skipped"
     WARMED = "warmed"
     REWARMED = "rewarmed"
+    REPLANNED = "replanned"
     START = "start"
     START_LEAD_TOO_LONG = "start_lead_too_long"
     READY = "ready"

@@ -11,6 +11,7 @@ import errno
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -47,6 +48,8 @@ _FALLBACK = {"sendfile": "read", "mmap": "read"}
 # stuck in the kernel (storage that stopped answering) is abandoned after this long.
 STOP_GRACE_SECONDS = 1.0
 _STOP_POLL_SECONDS = 0.05
+# When each stop event was first seen set (see cancel_after_stop); gone with the event.
+_STOP_SEEN: weakref.WeakKeyDictionary[threading.Event, float] = weakref.WeakKeyDictionary()
 
 # What the ahead-open of a small file found (see _open_ahead).
 _PREFETCHED = "prefetched"
@@ -367,9 +370,13 @@ async def cancel_after_stop(
     """Cancel ``scope`` once ``stop`` has been set for ``grace`` seconds.
 
     Work that polls ``stop`` ends on its own well within the grace; this bounds the rest
-    (a read or an open stuck in the kernel on storage that stopped answering).
+    (a read or an open stuck in the kernel on storage that stopped answering). The grace
+    runs from when the stop was first seen, by this call or an earlier stage's: a
+    verification that starts after a stopped read pass gets what is left of it, not a
+    grace of its own, so a stop waits one grace in all.
     """
     while not stop.is_set():
         await anyio.sleep(_STOP_POLL_SECONDS)
-    await anyio.sleep(grace)
+    seen = _STOP_SEEN.setdefault(stop, time.monotonic())
+    await anyio.sleep(max(0.0, seen + grace - time.monotonic()))
     scope.cancel()

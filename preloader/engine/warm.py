@@ -21,6 +21,7 @@ from ..planning.specs import Chunk
 from ..settings import WarmOptions
 from .events import EngineEvent
 from .ledger import assemble
+from .reading import STOP_GRACE_SECONDS
 from .readpass import ReadPass
 from .reports import WarmProgress, WarmReport
 from .verify import verify_pass
@@ -31,6 +32,17 @@ __all__ = ["RewarmReport", "rewarm_chunks", "warm_plan"]
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _verify_timeout(engine: ReadPass, options: WarmOptions) -> float | None:
+    """The read timeout, for each verification open and measurement; once a read was given
+    up as stalled, the stop grace instead: the storage has already been waited on for a
+    whole read timeout, and a storage that stopped answering would hang every open for
+    another one. Healthy storage answers an open in far less."""
+    timeout = options.read_timeout
+    if timeout is not None and engine.ledger.stalled:
+        return min(timeout, STOP_GRACE_SECONDS)
+    return timeout
 
 
 async def warm_plan(
@@ -61,7 +73,7 @@ async def warm_plan(
     if options.verify:  # 2. what stayed resident
         engine.set_state("verifying")
         verification = await verify_pass(
-            engine.ledger, options.concurrency, timeout=options.read_timeout, stop=stop
+            engine.ledger, options.concurrency, timeout=_verify_timeout(engine, options), stop=stop
         )
     # 3. the report's files, with the cause of what is not resident
     results = assemble(engine.ledger, verification, engine.fail_after, engine.emit)

@@ -2,16 +2,17 @@
 
 ``/healthz``, ``/startz``, ``/readyz``, ``/status`` and ``/metrics`` (Starlette), GET and
 HEAD only. Handlers only read the agent's in-memory snapshot; they never touch the
-filesystem. The process around it (binding, signals, shutdown) is :mod:`.server`'s.
+filesystem. ``/healthz`` reads nothing at all; the others share one snapshot and one
+rendering of each body per agent change (:mod:`.renderings`). The process around it
+(binding, signals, shutdown) is :mod:`.server`'s.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -21,7 +22,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..agent.agent import Agent
-from .metrics import make_registry
+from .renderings import Renderings, encode_json
 
 __all__ = ["MAX_REQUEST_HEAD", "create_app"]
 
@@ -34,10 +35,7 @@ class _JSON(JSONResponse):
     sent escaped rather than failing the request with a 500."""
 
     def render(self, content: Any) -> bytes:
-        try:
-            return super().render(content)
-        except UnicodeEncodeError:
-            return json.dumps(content, separators=(",", ":")).encode("ascii")
+        return encode_json(content)
 
 
 # The most bytes of request line and headers a request may have. h11 refuses more only
@@ -85,24 +83,26 @@ class _LimitRequest:
             await self.app(scope, receive, send_closing if has_body else send)
 
 
-def create_app(agent: Agent, collectors: Iterable[Collector] = ()) -> Starlette:
+def create_app(
+    agent: Agent, collectors: Iterable[Collector] = (), renderings: Renderings | None = None
+) -> Starlette:
     """The ASGI app over ``agent``: GET (and HEAD) on five paths, nothing else.
 
     :param collectors: more metric families for ``/metrics`` (the node labeler's).
+    :param renderings: the shared renderings (default: a new one over ``agent`` and
+        ``collectors``; tests pass theirs to count what was built).
     """
-    registry = make_registry(agent.snapshot)
-    for collector in collectors:
-        registry.register(collector)
+    shared = renderings if renderings is not None else Renderings(agent, collectors)
 
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok\n", headers=_NO_STORE)
 
     async def readyz(request: Request) -> Response:
-        snap = agent.snapshot()
+        snap = await shared.snapshot()
         return _JSON(snap.readyz_json(), status_code=200 if snap.ready else 503, headers=_NO_STORE)
 
     async def startz(request: Request) -> Response:
-        snap = agent.snapshot()
+        snap = await shared.snapshot()
         gate = snap.start_gate
         assert gate is not None  # the agent always reports its start gate
         return JSONResponse(
@@ -112,12 +112,12 @@ def create_app(agent: Agent, collectors: Iterable[Collector] = ()) -> Starlette:
         )
 
     async def status(request: Request) -> Response:
-        return _JSON(agent.snapshot().to_json(), headers=_NO_STORE)
+        body = await shared.body("status")
+        return Response(body, media_type="application/json", headers=_NO_STORE)
 
     async def metrics(request: Request) -> Response:
-        return Response(
-            generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST, **_NO_STORE}
-        )
+        body = await shared.body("metrics")
+        return Response(body, headers={"Content-Type": CONTENT_TYPE_LATEST, **_NO_STORE})
 
     app = Starlette(
         routes=[

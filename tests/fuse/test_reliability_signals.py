@@ -191,3 +191,31 @@ def test_a_read_stuck_in_storage_is_given_up_after_the_engines_stop_grace(
     assert seconds >= reading.STOP_GRACE_SECONDS  # the stuck read was waited for
     assert "stop grace ran out" not in [line.get("event") for line in run.logs]
     assert report["read_bytes"] < report["bytes"]
+
+
+@needs_fuse
+def test_a_stop_waits_one_grace_in_all_when_reads_and_opens_both_hang(
+    fuse_fs: Callable[..., FuseMount], start_cli: Callable[..., CliProcess]
+) -> None:
+    """Storage that stopped answering (a FUSE daemon stopped): a read hangs, and so does the
+    verification's open of another file. The stop grace runs once, from the signal: the
+    verification that starts after the stopped read pass gets what is left of it, not a
+    grace of its own (it took two, 2.07 s)."""
+    from preloader.engine import reading
+
+    fs = fuse_fs(
+        _spec(
+            {
+                "model-00001-of-00002.safetensors": {"stall_from": MiB},
+                "model-00002-of-00002.safetensors": {"stall_open": 2},
+            }
+        )
+    )
+    run = start_cli("warm", "--json", "--chunk-size", "1MiB", str(fs.mountpoint))
+    fs.wait_for("STALL read /model-00001-of-00002.safetensors")
+    sent = _stop(run, signal.SIGTERM, 1)
+    _, seconds = _summary(run, sent, "stalled read and open, SIGTERM once")
+    assert reading.STOP_GRACE_SECONDS <= seconds < 2 * reading.STOP_GRACE_SECONDS
+    fs.__exit__(None, None, None)  # a thread in the stuck open is released with the mount
+    report = _finish(run)
+    assert report["read_bytes"] < report["bytes"]

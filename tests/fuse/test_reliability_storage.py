@@ -10,6 +10,7 @@ logs every such attempt as ``MUTATE``).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -165,3 +166,39 @@ def test_a_verification_open_that_never_returns_is_given_up(
     assert code == errors.EXIT_OK
     report = json.loads(stdout)
     assert report["read_bytes"] == report["bytes"] and report["errors"] == 0
+
+
+def test_a_stalled_read_and_a_stalled_verification_open_wait_one_read_timeout(
+    fuse_fs: Callable[..., FuseMount], start_cli: Callable[..., CliProcess]
+) -> None:
+    """A read stalls, then the verification's open of another file stalls too (storage that
+    stopped answering). The first is given up after the read timeout; the second, once the
+    storage has already hung for a whole read timeout, after the stop grace instead of a
+    second read timeout (``--read-timeout 10`` took 20 s)."""
+    from preloader.engine import reading
+
+    timeout = 4
+    fs = fuse_fs(
+        _spec(
+            changes={
+                "model-00001-of-00002.safetensors": {"stall_from": MiB},
+                "tokenizer.json": {"stall_open": 2},
+            }
+        )
+    )
+    started = time.monotonic()
+    run = start_cli(
+        "warm", "--json", "--chunk-size", "1MiB", "--read-timeout", str(timeout),
+        str(fs.mountpoint),
+    )  # fmt: skip
+    summary = run.wait_for("warm finished, residency unverified", timeout=60)
+    seconds = time.monotonic() - started
+    print(f"\nstalled read and verification open: summary {seconds:.2f} s after the start")
+    assert fs.wait_for("STALL open /tokenizer.json")
+    assert seconds < timeout + reading.STOP_GRACE_SECONDS + timeout / 2
+    stalled = f"not measured: stalled for more than {reading.STOP_GRACE_SECONDS:g} s"
+    assert f"tokenizer.json: {stalled}" in summary["unverified"]
+    assert summary["exit_code"] == errors.EXIT_READ_ERRORS
+    fs.__exit__(None, None, None)
+    code, _ = run.finish(timeout=30)
+    assert code == errors.EXIT_READ_ERRORS
