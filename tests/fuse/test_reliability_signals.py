@@ -171,6 +171,23 @@ def test_signal_while_verifying(
     assert report["read_bytes"] == report["bytes"]
 
 
+def _wait_for_a_thread_in_fuse(pid: int, deadline: float = 30.0) -> None:
+    """Return once a thread of ``pid`` sleeps in the kernel's FUSE read path (its wchan,
+    or its stack where readable, names fuse or a folio/page wait); fail at the deadline."""
+    give_up = time.monotonic() + deadline
+    while time.monotonic() < give_up:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                wchan = (task / "wchan").read_text()
+                stack = (task / "stack").read_text() if (task / "stack").exists() else ""
+            except OSError:
+                continue
+            if any(k in wchan + stack for k in ("fuse", "folio_wait", "wait_on_page")):
+                return
+        time.sleep(0.01)  # polling the kernel's view of the threads, not a synchronisation guess
+    raise AssertionError(f"no thread of {pid} is waiting on a FUSE read")
+
+
 @needs_fuse
 def test_a_read_stuck_in_storage_is_given_up_after_the_engines_stop_grace(
     fuse_fs: Callable[..., FuseMount], start_cli: Callable[..., CliProcess]
@@ -185,6 +202,9 @@ def test_a_read_stuck_in_storage_is_given_up_after_the_engines_stop_grace(
     fs = fuse_fs(_spec({"model-00001-of-00002.safetensors": {"stall_from": MiB}}))
     run = start_cli("warm", "--json", "--chunk-size", "1MiB", str(fs.mountpoint))
     fs.wait_for("STALL read /model-00001-of-00002.safetensors")
+    # The stalled request may be the kernel's readahead, issued before any worker asks for
+    # those pages: signal once a worker thread really sleeps on the FUSE read.
+    _wait_for_a_thread_in_fuse(run.proc.pid)
     sent = _stop(run, signal.SIGTERM, 1)
     _, seconds = _summary(run, sent, "stalled read, SIGTERM once")
     report = _finish(run)
