@@ -59,9 +59,9 @@ class Agent:
     :param config: the serve settings (paths, read options, readiness, keep-warm).
     :param on_event: called on the event loop for engine events (per-file errors, ...) and
         the agent's own: ``planned``, ``skipped``, ``warmed``, ``start``, ``ready``,
-        ``unready``, ``timeout``, ``start_lead_too_long``, ``rewarmed``, ``degraded``,
-        ``recovered``, ``failed``. ``path`` is the file for engine events and the served
-        path for the agent's.
+        ``unready``, ``timeout``, ``start_lead_too_long``, ``first pass over`` (both
+        gates decided), ``rewarmed``, ``degraded``, ``recovered``, ``failed``. ``path``
+        is the file for engine events and the served path for the agent's.
     """
 
     def __init__(
@@ -195,6 +195,7 @@ class Agent:
         if not self._models:
             if not self._missing:
                 self._emit(EventKind.READY, detail=self._reason(()))
+            self._emit_pass_over()
             self._events.changed()
             return
         # Small reads of /sys, on a worker thread as the memory budget's are.
@@ -215,6 +216,8 @@ class Agent:
         self._gate.pass_over(self._gate_policy() if self._first_pass_done else None)
         self._update_ready()
         self._pass_ended = True  # after the decision: /status says it with the gates
+        if self._first_pass_done:
+            self._emit_pass_over()
         self._events.changed()
 
     async def recheck(self) -> None:
@@ -275,6 +278,22 @@ class Agent:
             EventKind.START, detail=self._gate.snapshot(time.monotonic(), self._ready).reason
         )
         self._events.changed()
+
+    def _emit_pass_over(self) -> None:
+        """Say that the first pass is over and how both gates were decided (logged once,
+        after the decision: what a reader of ``/readyz`` and ``/startz`` now sees)."""
+        snap = self.snapshot()
+        gate = snap.start_gate
+        self._emit(
+            EventKind.FIRST_PASS_OVER,
+            detail=f"/readyz: {snap.reason}; /startz: {gate.reason}",
+            fields=(
+                ("ready", snap.ready),
+                ("startz", gate.open),
+                ("opened_by", gate.opened_by),
+                ("verdict", gate.verdict),
+            ),
+        )
 
     def _condition(self) -> bool:
         if self._missing:
