@@ -283,7 +283,7 @@ class Agent:
         """Say that the first pass is over and how both gates were decided (logged once,
         after the decision: what a reader of ``/readyz`` and ``/startz`` now sees)."""
         snap = self.snapshot()
-        gate = snap.start_gate
+        gate = self._gate.snapshot(time.monotonic(), snap.ready, snap.reason)
         self._emit(
             EventKind.FIRST_PASS_OVER,
             detail=f"/readyz: {snap.reason}; /startz: {gate.reason}",
