@@ -94,12 +94,17 @@ class Agent:
         self._budget: MemoryBudget | None = None
         self._proactive_reclaim: str | None = None  # read at start-up (reclaim.note)
         self._gate = StartGate(
-            config.start_lead, self._started, estimate_guard_bytes(readers, chunk_size)
+            config.start_lead,
+            self._started,
+            estimate_guard_bytes(readers, chunk_size),
+            policy=self._gate_policy(),
         )
         if self._ready:
             self._gate.ready_opened(self._started)
         elif not self._models:  # no pass to wait for: decided now
             self._gate.pass_over(self._gate_policy())
+        elif self._missing:  # /readyz cannot open: no estimate may open /startz
+            self._gate.block(self._reason(()))
         context = PassContext(
             config,
             self._models,
@@ -111,7 +116,11 @@ class Agent:
             self._stopping,
         )
         self._first_pass = FirstPass(
-            context, self._gate, is_ready=lambda: self._ready, on_start=self._emit_start
+            context,
+            self._gate,
+            is_ready=lambda: self._ready,
+            on_start=self._emit_start,
+            known_unready=self._known_unready,
         )
         self._keep_warm = KeepWarm(
             context, checked=self._update_ready, round_done=self._read_budget
@@ -278,6 +287,18 @@ class Agent:
             EventKind.START, detail=self._gate.snapshot(time.monotonic(), self._ready).reason
         )
         self._events.changed()
+
+    def _known_unready(self) -> str | None:
+        """Why ``/readyz`` cannot open when the first pass ends, known already (a missing
+        root, a path failed as a whole: an incomplete model, a planning failure, every
+        file failed), or ``None``."""
+        failed = [m for m in self._models if m.state == "failed"]
+        if not self._missing and not failed:
+            return None
+        if failed and not self._missing:
+            model = failed[0]
+            return model.failed_reason or f"{printable(model.root)}: every file failed to read"
+        return self._reason(())
 
     def _emit_pass_over(self) -> None:
         """Say that the first pass is over and how both gates were decided (logged once,

@@ -42,6 +42,9 @@ class FirstPass:
     :param gate: the start gate the pass's progress feeds.
     :param is_ready: whether ``/readyz`` is open now (for the gate's snapshot).
     :param on_start: called when the estimate opens the start gate.
+    :param known_unready: why ``/readyz`` cannot open when the pass ends, if that is known
+        already (a path failed as a whole, a missing root); it keeps the estimate from
+        opening the start gate.
     """
 
     def __init__(
@@ -50,12 +53,14 @@ class FirstPass:
         gate: StartGate,
         is_ready: Callable[[], bool],
         on_start: Callable[[], None],
+        known_unready: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._context = context
         self._emit = context.events.emit
         self._gate = gate
         self._is_ready = is_ready
         self._on_start = on_start
+        self._known_unready = known_unready
 
     async def plan_all(self) -> None:
         seen: dict[tuple[int, int], str] = {}
@@ -205,6 +210,9 @@ class FirstPass:
         while True:
             now = time.monotonic()
             done, total = self._first_pass_bytes()
+            cause = self._known_unready()
+            if cause is not None:
+                self._gate.block(cause)
             if self._gate.observe(now, done, total):
                 self._on_start()
             if self._gate.watching_ahead and now >= next_check:

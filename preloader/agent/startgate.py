@@ -247,10 +247,16 @@ class StartGate:
     :param started: the agent's start (monotonic seconds).
     :param min_bytes: no estimate before the first pass has read this much (at most a
         quarter of it): see :func:`estimate_guard_bytes`.
+    :param policy: what decides the gate when ``/readyz`` cannot open (the
+        ``PRELOADER_TIMEOUT`` policy), named in the reason of a gate :meth:`block` keeps
+        shut.
     """
 
-    def __init__(self, lead: float, started: float, min_bytes: int = 0) -> None:
+    def __init__(
+        self, lead: float, started: float, min_bytes: int = 0, policy: str | None = None
+    ) -> None:
         self.lead = lead
+        self._decides = policy or "it opens only with /readyz"
         self._started = started
         self._min_bytes = min_bytes
         self._samples: deque[RateSample] = deque()
@@ -265,6 +271,7 @@ class StartGate:
         self._measurable = True
         self._caught_up = False
         self._policy: str | None = None  # set when the first pass is over
+        self._blocked: str | None = None  # why /readyz cannot open, known before the end
 
     @property
     def is_open(self) -> bool:
@@ -294,10 +301,19 @@ class StartGate:
             min_bytes=min(self._min_bytes, bytes_total // 4),
         )
         estimate = self._estimate
+        if self._blocked is not None:
+            return False
         if self.lead > 0 and not self.is_open and estimate is not None and estimate <= self.lead:
             self._estimate_at_open = estimate
             return self.open(now, "estimate")
         return False
+
+    def block(self, cause: str) -> None:
+        """``/readyz`` is known not to open when the pass ends (a path failed, an
+        incomplete model, a missing root): no estimate opens the gate from now on, and
+        the reason names ``cause``. ``/readyz`` and the deadline still open it.
+        """
+        self._blocked = cause
 
     def open(self, now: float, by: str) -> bool:
         """Open the gate (it stays open); :return: whether it was closed."""
@@ -394,6 +410,8 @@ class StartGate:
             # The pass is over: no estimate will open it, only /readyz or the deadline.
             why = cause or "/readyz is closed"
             return f"closed: the first pass is over and /readyz is closed ({why}); {self._policy}"
+        if self._blocked is not None:
+            return f"closed: /readyz cannot open ({self._blocked}); {self._decides}"
         if self.lead <= 0:
             return "closed: opens with /readyz (start lead 0)"
         if self._estimate is None:

@@ -519,3 +519,17 @@ def test_a_gate_still_shut_when_the_pass_is_over_never_gives_a_false_estimate() 
         "closed: the first pass is over and /readyz is closed (/m: 2 files failed); "
         "no PRELOADER_TIMEOUT is set: it opens only with /readyz"
     )
+
+
+def test_a_blocked_gate_ignores_the_estimate_and_names_the_cause() -> None:
+    gate = StartGate(lead=1000.0, started=0.0, policy="it opens only with /readyz")
+    gate.block("incomplete model: /m/b.safetensors: missing")
+    assert _feed(gate, 100, 10_000, until=9.0) is None  # the estimate alone would open it
+    snap = gate.snapshot(9.0, ready=False)
+    assert snap.estimate_seconds is not None and not snap.open
+    assert snap.reason == (
+        "closed: /readyz cannot open (incomplete model: /m/b.safetensors: missing); "
+        "it opens only with /readyz"
+    )
+    gate.ready_opened(10.0)  # /readyz (or the deadline) still opens it
+    assert gate.snapshot(10.0, ready=True).opened_by == "ready"
