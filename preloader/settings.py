@@ -248,6 +248,9 @@ class ServeConfig:
     :ivar timeout_policy: ``ready`` (become ready, loudly) or ``unready`` (stay unready).
     :ivar start_lead: seconds before the first pass's estimated end at which ``/startz``
         opens (see :mod:`preloader.agent.startgate`); 0 opens it with ``/readyz``.
+    :ivar start_min_rate: bytes per second the node's storage never reads below
+        (``--start-min-rate``): a mount not measured yet is estimated at it, so
+        ``/startz`` may open before the first measured estimate; ``None``: no floor.
     :ivar recheck_seconds: keep-warm interval; 0 turns keep-warm off.
     :ivar max_backoff_seconds: longest keep-warm interval after repeated losses.
     :ivar shutdown_seconds: how long a stop waits for reads and requests to finish.
@@ -266,6 +269,7 @@ class ServeConfig:
     timeout: float | None = None
     timeout_policy: TimeoutPolicy = "ready"
     start_lead: float = 0.0
+    start_min_rate: float | None = None
     recheck_seconds: float = 30.0
     max_backoff_seconds: float = 900.0
     shutdown_seconds: float = 1.0
@@ -281,6 +285,13 @@ class ServeConfig:
         if not 0 <= self.port <= 65535:
             raise UsageError(f"port {self.port}: must be between 0 and 65535")
         parse_start_lead(self.start_lead)
+        if self.start_min_rate is not None and not (
+            math.isfinite(self.start_min_rate) and self.start_min_rate > 0
+        ):
+            raise UsageError(
+                f"start min rate {self.start_min_rate!r}: must be a finite number of bytes "
+                "per second > 0 (PRELOADER_START_MIN_RATE / --start-min-rate)"
+            )
         if self.recheck_seconds < 0 or self.max_backoff_seconds < 0:
             raise UsageError("recheck and back-off seconds must not be negative")
 

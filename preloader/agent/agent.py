@@ -39,10 +39,11 @@ from ..kernel import reclaim
 from ..planning.budget import MemoryBudget, read_memory_budget
 from ..settings import DEFAULT_CONCURRENCY, ServeConfig
 from ..units import format_bytes, printable
+from .estimate import estimate_guard_bytes
 from .firstpass import FirstPass
 from .keepwarm import KeepWarm
 from .snapshot import FILE_STATES, AgentSnapshot, PathSnapshot
-from .startgate import StartGate, estimate_guard_bytes
+from .startgate import StartGate
 from .state import AgentEvents, PassContext, ServedPath
 
 __all__ = [
@@ -98,6 +99,7 @@ class Agent:
             self._started,
             estimate_guard_bytes(readers, chunk_size),
             policy=self._gate_policy(),
+            floor=config.start_min_rate,
         )
         if self._ready:
             self._gate.ready_opened(self._started)
@@ -220,6 +222,9 @@ class Agent:
                 if self._stop.is_set():
                     break
                 await self._first_pass.warm(model)
+                # Reads ahead of the warm-up that ended since the last check would go
+                # unseen once the next path (or the pass's end) reads over them.
+                await self._first_pass.check_ahead_now()
             group.cancel_scope.cancel()
         self._first_pass_done = not self._stop.is_set()
         self._gate.pass_over(self._gate_policy() if self._first_pass_done else None)

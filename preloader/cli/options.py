@@ -60,6 +60,7 @@ __all__ = [
     "node_label_options",
     "read_options",
     "selection_options",
+    "start_min_rate_option",
     "timeout_option",
 ]
 
@@ -438,6 +439,20 @@ best_effort_option: Callable[[_F], _F] = flag_option(
     "--best-effort",
     envvar="PRELOADER_BEST_EFFORT",
     help="Always exit 0 (log what went wrong): a failing postStart hook kills the container.",
+)
+
+
+start_min_rate_option: Callable[[_F], _F] = option(
+    "--start-min-rate",
+    envvar="PRELOADER_START_MIN_RATE",
+    type=Size(),
+    default="0",
+    metavar="BYTES_PER_S",
+    show_default=True,
+    help="A read rate (bytes a second, e.g. 200MiB) that this node's storage never falls "
+    "below: a mount not measured yet is estimated at it, so /startz opens at once when "
+    "the plan's bytes could not take longer than --start-lead even at this rate (opened_by "
+    "'floor'), and a measured rate replaces it as soon as there is one. 0: no floor.",
 )
 
 

@@ -9,6 +9,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from ..lib.cli import run_cli
 from ..lib.fusefs import FuseMount
 from ..lib.marks import needs_fuse
 from ..lib.residency import evict_tree
@@ -76,3 +79,90 @@ def test_an_incomplete_model_beside_a_good_one_keeps_the_start_gate_shut(
     status, body = server.json("/startz")
     assert status == 503 and "incomplete model" in body["reason"]
     assert server.stop()[0] == 0
+
+
+def _local_model(root: Path, size: int) -> Path:
+    root.mkdir(parents=True)
+    (root / "model.safetensors").write_bytes(os.urandom(size))
+    evict_tree(root)
+    return root
+
+
+@needs_fuse
+def test_a_fast_local_path_does_not_lend_its_rate_to_a_slow_mount(
+    shared_tmp: Path, fuse_fs: Callable[..., FuseMount], served: list[Served]
+) -> None:
+    local = _local_model(shared_tmp / "local", 32 * MiB)
+    # 64 MiB at 4 MiB/s after it (16 s), held at 8 MiB: one rate for the pass, measured
+    # over the local read, promised the FUSE bytes in well under the lead.
+    fs = fuse_fs(
+        {"files": {"a.safetensors": {"size": 64 * MiB, "rate": 4 * MiB, "gate_from": 8 * MiB}}}
+    )
+    server = track(
+        served,
+        "-c",
+        "1",
+        "--chunk-size",
+        "1MiB",
+        "--recheck-seconds",
+        "0",
+        env={"PRELOADER_PATHS": f"{local}:{fs.mountpoint}", "PRELOADER_START_LEAD": "3"},
+    )
+    fs.wait_for("GATE read")
+    gate = server.poll(
+        lambda: (lambda g: g if g["estimate_seconds"] is not None else None)(_gate(server))
+    )
+    status, body = server.json("/startz")
+    assert (status, body["opened_by"]) == (503, None)
+    assert body["reason"].startswith("closed: estimated ")
+    assert gate["estimate_seconds"] > 3  # 56 MiB left at 4 MiB/s
+    fs.release()
+    server.wait_for_log(lambda line: line.get("event") == "first pass over")
+    assert server.stop()[0] == 0
+
+
+@needs_fuse
+@pytest.mark.parametrize(("floor", "opens"), [("1MiB", True), ("64KiB", False)])
+def test_a_floor_rate_opens_the_start_gate_at_once_only_for_a_plan_shorter_than_the_lead(
+    fuse_fs: Callable[..., FuseMount], served: list[Served], floor: str, opens: bool
+) -> None:
+    # 4 MiB held from the first byte: no rate is ever measured. At 1 MiB/s the plan takes
+    # at most 4 s, within the lead of 30 s; at 64 KiB/s it could take 64 s.
+    fs = fuse_fs({"files": {"a.safetensors": {"size": 4 * MiB, "gate_from": 0}}})
+    server = track(
+        served,
+        str(fs.mountpoint),
+        "--chunk-size",
+        "1MiB",
+        "--recheck-seconds",
+        "0",
+        env={"PRELOADER_START_LEAD": "30", "PRELOADER_START_MIN_RATE": floor},
+    )
+    fs.wait_for("GATE read")
+    if opens:
+        line = server.wait_for_log(lambda entry: entry.get("event") == "start")
+        assert "PRELOADER_START_MIN_RATE" in line["detail"]
+        status, body = server.json("/startz")
+        assert (status, body["opened_by"]) == (200, "floor")
+        assert server.json("/readyz")[0] == 503  # the warm-up is held: not resident
+    else:
+        gate = server.poll(
+            lambda: (lambda g: g if g["estimate_seconds"] is not None else None)(_gate(server))
+        )
+        assert gate["estimate_seconds"] == pytest.approx(64, abs=1)
+        status, body = server.json("/startz")
+        assert (status, body["opened_by"]) == (503, None)
+    fs.release()
+    over = server.wait_for_log(lambda entry: entry.get("event") == "first pass over")
+    assert over["opened_by"] == ("floor" if opens else "ready")
+    assert server.stop()[0] == 0
+
+
+def test_serve_refuses_a_bad_floor_rate_in_one_line(shared_tmp: Path) -> None:
+    result = run_cli(
+        "serve", "--host", "127.0.0.1", "--port", "0", str(shared_tmp),
+        env={"PRELOADER_START_MIN_RATE": "fast"},
+    )  # fmt: skip
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert "PRELOADER_START_MIN_RATE" in line or "--start-min-rate" in line
