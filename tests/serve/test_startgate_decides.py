@@ -166,3 +166,41 @@ def test_serve_refuses_a_bad_floor_rate_in_one_line(shared_tmp: Path) -> None:
     assert result.returncode == 2
     (line,) = result.stderr.splitlines()
     assert "PRELOADER_START_MIN_RATE" in line or "--start-min-rate" in line
+
+
+@needs_fuse
+def test_a_catch_up_that_ends_between_two_checks_is_seen_at_the_paths_end(
+    fuse_fs: Callable[..., FuseMount], served: list[Served]
+) -> None:
+    # Two paths on one mount: the first read at 4 MiB/s and held before its last MiB.
+    fs = fuse_fs(
+        {
+            "files": {
+                "a/a.safetensors": {"size": 8 * MiB, "rate": 4 * MiB, "gate_from": 7 * MiB},
+                "b/b.safetensors": {"size": 4 * MiB},
+            }
+        }
+    )
+    server = track(
+        served,
+        str(fs.path("a")),
+        str(fs.path("b")),
+        "-c",
+        "1",
+        "--chunk-size",
+        "1MiB",
+        "--recheck-seconds",
+        "0",
+        env={"PRELOADER_START_LEAD": "3600"},
+    )
+    server.wait_for_log(lambda line: line.get("event") == "start")
+    # The first residency measurement (the baseline) is taken...
+    server.poll(lambda: True if _gate(server)["ahead_bytes"] is not None else None)
+    # ...then the "server" reads the second path, and the warm-up goes on: it ends well
+    # within the 2 s until the next periodic check, reading the second path from memory.
+    assert len((fs.path("b") / "b.safetensors").read_bytes()) == 4 * MiB
+    fs.release()
+    over = server.wait_for_log(lambda line: line.get("event") == "first pass over")
+    assert over["verdict"] == "caught_up"
+    server.wait_for_log(lambda line: line.get("event") == "start_lead_too_long")
+    assert server.stop()[0] == 0
