@@ -204,3 +204,84 @@ def test_a_catch_up_that_ends_between_two_checks_is_seen_at_the_paths_end(
     assert over["verdict"] == "caught_up"
     server.wait_for_log(lambda line: line.get("event") == "start_lead_too_long")
     assert server.stop()[0] == 0
+
+
+# ------------------------------------------------------------------ every gate decides
+
+_DECIDES = {
+    ("0", "ready"): "no PRELOADER_TIMEOUT is set: it opens only with /readyz",
+    ("3600", "ready"): "PRELOADER_TIMEOUT 3600 s (policy 'ready') opens it at the deadline",
+    (
+        "3600",
+        "unready",
+    ): "PRELOADER_TIMEOUT 3600 s has policy 'unready': it opens only with /readyz",
+}
+
+
+def _end_state(end: str, shared_tmp: Path, request: pytest.FixtureRequest) -> tuple[str, str]:
+    """Paths (``PRELOADER_PATHS``) whose first pass ends as ``end``; the cause it names."""
+    good = _local_model(shared_tmp / "good", 2 * MiB)
+    if end == "all_ok":
+        return str(good), ""
+    if end == "incomplete":
+        broken = _incomplete(shared_tmp / "broken")
+        return f"{broken}:{good}", "model-00002-of-00002.safetensors"
+    if end == "missing_root":
+        return f"{shared_tmp / 'misspelt'}:{good}", "misspelt"
+    assert end == "failed_file"
+    fs = request.getfixturevalue("fuse_fs")(
+        {
+            "files": {
+                "model-00001-of-00002.safetensors": {"size": 2 * MiB},
+                "model-00002-of-00002.safetensors": {"size": 2 * MiB, "eio": [[0, 2 * MiB]]},
+            }
+        }
+    )
+    return f"{good}:{fs.mountpoint}", "model-00002-of-00002.safetensors"
+
+
+@pytest.mark.parametrize("lead", ["0", "3"])
+@pytest.mark.parametrize(("timeout", "policy"), list(_DECIDES))
+@pytest.mark.parametrize(
+    "end",
+    ["all_ok", "incomplete", "missing_root", pytest.param("failed_file", marks=needs_fuse)],
+)
+def test_after_the_first_pass_every_gate_is_open_or_names_its_cause_and_policy(
+    shared_tmp: Path,
+    served: list[Served],
+    request: pytest.FixtureRequest,
+    end: str,
+    timeout: str,
+    policy: str,
+    lead: str,
+) -> None:
+    paths, cause = _end_state(end, shared_tmp, request)
+    server = track(
+        served,
+        "--chunk-size",
+        "1MiB",
+        "--recheck-seconds",
+        "0",
+        "--timeout",
+        timeout,
+        "--timeout-policy",
+        policy,
+        env={"PRELOADER_PATHS": paths, "PRELOADER_START_LEAD": lead},
+    )
+    over = server.wait_for_log(lambda line: line.get("event") == "first pass over")
+    ready_code, ready = server.json("/readyz")
+    start_code, start = server.json("/startz")
+    _, status = server.json("/status")
+    # What the log line says is what the endpoints answer, and no phase is left pending.
+    assert (over["ready"], over["startz"]) == (ready_code == 200, start_code == 200)
+    assert status["state"] not in ("planning", "warming", "verifying")
+    assert status["start_gate"]["verdict"] != "pending"
+    if end == "all_ok":
+        assert (ready_code, start_code) == (200, 200)
+        return
+    assert ready_code == 503 and cause in ready["reason"]
+    if start_code == 200:  # only an estimate made before any failure was known opens it
+        assert end == "failed_file" and start["opened_by"] == "estimate"
+        return
+    assert cause in start["reason"] and _DECIDES[(timeout, policy)] in start["reason"]
+    assert status["start_gate"]["verdict"] == "unready"
