@@ -115,12 +115,16 @@ def markdown(
         lines += [
             f"### {titles.get(scenario, scenario)} ({size / 2**30:.2f} GiB)",
             "",
-            "| tool | wall s (median) | GB/s | vs one-liner | vs limit | CPU s/GB "
-            "| CPU s/GB excl. start-up | peak RSS MB | resident after (median / min) |",
-            "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+            "| tool | wall s (median) | GB/s | vs one-liner | vs engines' prefetch | vs limit "
+            "| CPU s/GB | CPU s/GB excl. start-up | peak RSS MB | resident after (median / min) |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
+        prefetch = _find(cells, "engine-prefetch")
         for cell in cells:
             speedup = f"{one_liner.wall_s / cell.wall_s:.2f}x" if one_liner and cell.wall_s else "-"
+            vs_prefetch = (
+                f"{prefetch.wall_s / cell.wall_s:.2f}x" if prefetch and cell.wall_s else "-"
+            )
             vs_fio = f"{cell.gb_per_s / fio.gb_per_s:.2f}" if fio and fio.gb_per_s else "-"
             excl = "-"
             if cell.family == "preloader" and cell.bytes:
@@ -131,7 +135,8 @@ def markdown(
             if cell.failed_runs:
                 label += f" **{cell.failed_runs}/{cell.runs} runs failed**"
             lines.append(
-                f"| {label} | {cell.wall_s:.2f} | {cell.gb_per_s:.2f} | {speedup} | {vs_fio} "
+                f"| {label} | {cell.wall_s:.2f} | {cell.gb_per_s:.2f} | {speedup} | {vs_prefetch} "
+                f"| {vs_fio} "
                 f"| {cell.cpu_s_per_gb:.3f} | {excl} "
                 f"| {'' if cell.rss_exact else '<= '}{cell.max_rss_mib:.0f} "
                 f"| {cell.resident_after * 100:.2f}% / {cell.resident_after_min * 100:.2f}% |"
@@ -279,6 +284,7 @@ def write_chart(summaries: Sequence[Summary], titles: dict[str, str], path: Path
         "vmtouch": "#c9a227",
         "fio": "#4c72b0",
         "s3-direct": "#4c72b0",
+        "engine-prefetch": "#8172b2",
         "preloader": "#2a9d5c",
     }
     for axis, (scenario, cells) in zip(axes[:, 0], grouped.items(), strict=True):

@@ -339,7 +339,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--tools",
-        help="comma list of families (one-liner, vmtouch, fio, s3-direct, preloader) or tool names "
+        help="comma list of families (one-liner, vmtouch, fio, s3-direct, engine-prefetch, "
+        "preloader) or tool names "
         "(preloader-c8, preloader-auto); default all",
     )
     parser.add_argument(

@@ -22,7 +22,7 @@ class Tool:
 
     name: str  # stable key in raw results
     label: str  # what the tables show
-    family: str  # "one-liner", "vmtouch", "fio", "s3-direct" or "preloader"
+    family: str  # "one-liner", "vmtouch", "fio", "s3-direct", "engine-prefetch" or "preloader"
     concurrency: str | None = None  # preloader's -c value; None: its default
 
     def applies_to(self, scenario: Scenario) -> bool:
@@ -68,6 +68,9 @@ class Tool:
         if self.family == "s3-direct":
             # The same objects (bucket "models", prefix "model/"), straight from the server.
             return [sys.executable, "-m", "bench.s3get", s3_url, "models", "model/"]
+        if self.family == "engine-prefetch":
+            # vLLM's and SGLang's page-cache prefetch, one rank: a file a thread, 16 MiB reads.
+            return [sys.executable, "-m", "bench.loader", str(target), "--prefetch-only"]
         return preloader_argv(target, self.concurrency)
 
 
@@ -111,6 +114,7 @@ def build_tools(sweep: list[str], with_auto: bool, only: set[str] | None) -> lis
         Tool("vmtouch", "vmtouch -t", "vmtouch"),
         Tool("fio", "fio --direct=1 (device)", "fio"),
         Tool("s3-direct", "range GETs, 16 connections (network)", "s3-direct"),
+        Tool("engine-prefetch", "engines' prefetch (4 threads, 16 MiB)", "engine-prefetch"),
         Tool("preloader", "preloader (default)", "preloader"),
     ]
     tools += [

@@ -91,6 +91,8 @@ class NodeLabelConfig:
     :ivar node_name: the Node to label (``NODE_NAME`` from the downward API).
     :ivar keys: ``(served path, label key)`` for every served path.
     :ivar grace_seconds: how long a path may stay ``degraded`` before its label goes.
+    :ivar resync_seconds: how often the node is read again to put right labels changed
+        by someone else.
     :ivar kubeconfig: a kubeconfig file to use instead of the in-cluster service account.
     :ivar service_account: where the in-cluster token, CA and namespace are mounted.
     """
@@ -100,6 +102,7 @@ class NodeLabelConfig:
     grace_seconds: float = 60.0
     kubeconfig: str | None = None
     service_account: str = SERVICE_ACCOUNT
+    resync_seconds: float = 60.0
 
     @classmethod
     def resolve(
@@ -109,6 +112,7 @@ class NodeLabelConfig:
         model_names: Sequence[str] = (),
         grace_seconds: float = 60.0,
         kubeconfig: str | None = None,
+        resync_seconds: float = 60.0,
     ) -> NodeLabelConfig:
         """Check the settings and derive one label key per path.
 
@@ -141,4 +145,10 @@ class NodeLabelConfig:
                     "give one of them --model-name PATH=NAME"
                 )
             keys[key] = path
-        return cls(node_name, tuple((p, k) for k, p in keys.items()), grace_seconds, kubeconfig)
+        return cls(
+            node_name,
+            tuple((p, k) for k, p in keys.items()),
+            grace_seconds,
+            kubeconfig,
+            resync_seconds=resync_seconds,
+        )

@@ -10,10 +10,17 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-__all__ = ["configure", "get_logger"]
+__all__ = ["configure", "get_logger", "human"]
 
 LEVELS = ("debug", "info", "warning", "error")
 FORMATS = ("auto", "console", "json")
+
+_human = False  # the format configure chose is console: people read stderr
+
+
+def human() -> bool:
+    """Whether the logs are for people (console), not one JSON object a line."""
+    return _human
 
 
 def configure(level: str = "info", fmt: str = "auto") -> None:
@@ -26,8 +33,10 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
 
     import structlog
 
+    global _human
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
+    _human = fmt == "console"
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
         if fmt == "console"

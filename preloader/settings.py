@@ -32,12 +32,14 @@ __all__ = [
     "DEFAULT_HEADROOM",
     "ON_OVERFLOW_POLICIES",
     "READ_METHODS",
+    "SERVER_DROP_POLICIES",
     "TIMEOUT_POLICIES",
     "Headroom",
     "OnOverflow",
     "ReadMethod",
     "Selection",
     "ServeConfig",
+    "ServerDropPolicy",
     "TimeoutPolicy",
     "WaitConfig",
     "WarmConfig",
@@ -79,6 +81,10 @@ SPLIT_MODES: tuple[SplitMode, ...] = get_args(SplitMode)
 
 TimeoutPolicy = Literal["ready", "unready"]
 TIMEOUT_POLICIES: tuple[TimeoutPolicy, ...] = get_args(TimeoutPolicy)
+ServerDropPolicy = Literal["hold", "rewarm"]
+"""What keep-warm does with files the server dropped from the page cache after reading
+them: ``hold`` leaves them out until they are resident again, ``rewarm`` reads them again."""
+SERVER_DROP_POLICIES: tuple[ServerDropPolicy, ...] = get_args(ServerDropPolicy)
 
 
 @dataclass(frozen=True)
@@ -253,6 +259,8 @@ class ServeConfig:
         ``/startz`` may open before the first measured estimate; ``None``: no floor.
     :ivar recheck_seconds: keep-warm interval; 0 turns keep-warm off.
     :ivar max_backoff_seconds: longest keep-warm interval after repeated losses.
+    :ivar on_server_drop: what keep-warm does with files the server dropped after reading
+        them (see :mod:`preloader.agent.serverdrop`).
     :ivar shutdown_seconds: how long a stop waits for reads and requests to finish.
     :ivar node_labels: label the node per warm path and post Events (``--node-label``);
         ``None``: off.
@@ -272,6 +280,7 @@ class ServeConfig:
     start_min_rate: float | None = None
     recheck_seconds: float = 30.0
     max_backoff_seconds: float = 900.0
+    on_server_drop: ServerDropPolicy = "rewarm"
     shutdown_seconds: float = 1.0
     node_labels: NodeLabelConfig | None = None
     allow_missing: bool = False
@@ -284,6 +293,11 @@ class ServeConfig:
             raise UsageError(f"timeout policy {self.timeout_policy!r}: must be one of {choices}")
         if not 0 <= self.port <= 65535:
             raise UsageError(f"port {self.port}: must be between 0 and 65535")
+        if self.on_server_drop not in SERVER_DROP_POLICIES:
+            choices = ", ".join(SERVER_DROP_POLICIES)
+            raise UsageError(
+                f"server drop policy {self.on_server_drop!r}: must be one of {choices}"
+            )
         parse_start_lead(self.start_lead)
         if self.start_min_rate is not None and not (
             math.isfinite(self.start_min_rate) and self.start_min_rate > 0

@@ -42,7 +42,7 @@ from ..units import format_bytes, printable
 from .estimate import estimate_guard_bytes
 from .firstpass import FirstPass
 from .keepwarm import KeepWarm
-from .snapshot import FILE_STATES, AgentSnapshot, PathSnapshot
+from .snapshot import FILE_STATES, AgentSnapshot, PathSnapshot, trim_reason
 from .startgate import StartGate
 from .state import AgentEvents, PassContext, ServedPath
 
@@ -81,6 +81,9 @@ class Agent:
             for root in dict.fromkeys(config.selection.paths)
         ]
         self._stop = threading.Event()
+        # Held while the first pass's end is decided and while a snapshot is taken, so the
+        # HTTP thread never sees one gate decided and the state not yet (or the reverse).
+        self._deciding = threading.RLock()
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
         self._started = time.monotonic()
@@ -139,12 +142,16 @@ class Agent:
         """The agent's state now, from memory only.
 
         Called from the HTTP server's thread while the agent's loop runs: it reads plain
-        attributes (each read atomic under the GIL) into a new frozen object, never
-        mutates, never awaits.
+        attributes into a new frozen object, never mutates, never awaits; the end of the
+        first pass is decided under the same lock, so a snapshot sees all of it or none.
         """
+        with self._deciding:
+            return self._take_snapshot()
+
+    def _take_snapshot(self) -> AgentSnapshot:
         paths = tuple(self._path_snapshot(model) for model in self._models)
         rate = sum(p.rate for p, m in zip(paths, self._models, strict=True) if not m.warmed)
-        remaining = sum(max(0, p.bytes - p.read_bytes) for p in paths)
+        remaining = sum(max(0, p.bytes - p.cold_bytes - p.read_bytes) for p in paths)
         if not self._first_pass_done and self._models:
             eta = remaining / rate if rate > 0 else None
         else:
@@ -226,11 +233,12 @@ class Agent:
                 # unseen once the next path (or the pass's end) reads over them.
                 await self._first_pass.check_ahead_now()
             group.cancel_scope.cancel()
-        self._first_pass_done = not self._stop.is_set()
-        self._gate.pass_over(self._gate_policy() if self._first_pass_done else None)
-        self._update_ready()
-        self._pass_ended = True  # after the decision: /status says it with the gates
-        if self._first_pass_done:
+        with self._deciding:
+            self._first_pass_done = not self._stop.is_set()
+            self._gate.pass_over(self._gate_policy() if self._first_pass_done else None)
+            self._pass_ended = True
+            self._update_ready()
+        if self._first_pass_done:  # after the decision: the line says what the gates say
             self._emit_pass_over()
         self._events.changed()
 
@@ -352,8 +360,7 @@ class Agent:
             if phase in states:
                 return phase
         if not self._pass_ended:
-            # Every path is read and verified; readiness and the start gate are being
-            # decided: no state before they are, so none disagrees with /readyz.
+            # Every path is read and verified; the pass's end is not decided yet.
             return "verifying"
         if all(state == "failed" for state in states):
             return "failed"
@@ -388,8 +395,8 @@ class Agent:
         if state == "planning":
             text = "planning: walking " + ", ".join(printable(p.path) for p in paths)
         elif state in ("warming", "verifying"):
-            done = sum(min(p.read_bytes, p.bytes) for p in paths)
-            total = sum(p.bytes for p in paths)
+            done = sum(min(p.read_bytes, p.bytes - p.cold_bytes) for p in paths)
+            total = sum(p.bytes - p.cold_bytes for p in paths)
             text = f"{state}: {format_bytes(done)} of {format_bytes(total)} read"
         else:
             weak = [p for p in paths if p.warm_ratio < self.config.ready_ratio]
@@ -403,6 +410,9 @@ class Agent:
                 )
             else:
                 text = "warm: " + ", ".join(f"{p.path} {p.warm_ratio:.1%}" for p in paths)
+            trimmed = [p for p in paths if p.cold_bytes]
+            if trimmed:
+                text += "; " + trim_reason(trimmed[0], self.config.ready_ratio)
             broken = [(p, detail) for p in paths for detail in p.error_details[:1]]
             if broken and not failed:
                 count = sum(p.errors for p in paths)
@@ -434,7 +444,7 @@ class Agent:
             path=printable(model.root),
             state=self._model_state(model),
             files=len(model.plan.files),
-            bytes=model.plan.total_bytes,
+            bytes=model.plan.total_bytes + model.cold_bytes,  # the model, before a trim
             read_bytes=model.progress.bytes_read + model.rewarm_bytes,
             rewarm_bytes=model.rewarm_bytes,
             resident_bytes=resident,
@@ -452,4 +462,9 @@ class Agent:
             last_check=model.last_check,
             cold_bytes=model.cold_bytes,
             failed_reason=model.failed_reason,
+            server_drop_policy=self.config.on_server_drop,
+            server_dropped_files=model.drops.files,
+            server_dropped_bytes=model.drops.bytes,
+            server_drop_held_files=len(model.drops.held),
+            server_drop_held_bytes=model.drops.held_bytes(),
         )

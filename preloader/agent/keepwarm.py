@@ -4,7 +4,9 @@ After the first pass, :class:`KeepWarm` measures each warmed path every
 ``recheck_seconds`` (:func:`~preloader.engine.keepwarm.measure_chunks`), re-reads only the
 chunks that lost pages (:func:`~preloader.engine.warm.rewarm_chunks`), and backs off while
 the same pages keep being lost (``degraded`` after :data:`DEGRADE_AFTER` checks in a row,
-the interval doubling up to ``max_backoff_seconds``). Runs on the agent's event loop; see
+the interval doubling up to ``max_backoff_seconds``). Files a reader dropped on purpose
+(:mod:`~preloader.agent.serverdrop`) are said, and under ``--on-server-drop hold`` left
+alone until they are resident again. Runs on the agent's event loop; see
 :class:`~preloader.agent.agent.Agent` for the whole.
 """
 
@@ -16,11 +18,12 @@ from collections.abc import Awaitable, Callable, Sequence
 import anyio
 
 from ..engine.events import EventKind
-from ..engine.keepwarm import measure_chunks
+from ..engine.keepwarm import ChunkResidency, measure_chunks
 from ..engine.residency import eviction_causes
 from ..engine.warm import rewarm_chunks
 from ..planning.specs import Chunk, iter_chunks
 from ..units import format_bytes
+from .serverdrop import describe, dropped_by_reader, shadow_prunes
 from .state import PassContext, ServedPath
 
 __all__ = ["DEGRADE_AFTER", "KeepWarm"]
@@ -52,6 +55,9 @@ class KeepWarm:
 
     async def run(self) -> None:
         """Check each warmed path when it is due, until the agent stops."""
+        mark = shadow_prunes()
+        for model in self._context.models:
+            model.drops.shadow_mark = mark
         while not self._context.stopping.is_set():
             due = [m for m in self._context.models if m.kept_warm]
             if not due:
@@ -73,9 +79,15 @@ class KeepWarm:
     async def check(self, model: ServedPath) -> None:
         """Measure ``model`` now, re-read the chunks that lost pages, and settle its state."""
         measured = await measure_chunks(model.plan, self._context.chunk_size, self._context.readers)
+        self._find_drops(model, measured)
+        held = model.drops.held
         lost: list[Chunk] = []
         evicted = 0
         for item in measured:
+            if item.file_index in held:
+                if item.resident_bytes is not None and item.resident_bytes >= item.size:
+                    del held[item.file_index]  # read again: watched as any file from now on
+                continue
             if item.reason is not None and not model.read_in_full[item.file_index]:
                 lost.extend(self._all_chunks(model, item.file_index))  # never read in full
             else:
@@ -96,6 +108,27 @@ class KeepWarm:
             await self._rewarm(model, lost, evicted)
         model.settle()
         model.next_check = time.monotonic() + model.interval
+
+    def _find_drops(self, model: ServedPath, measured: Sequence[ChunkResidency]) -> None:
+        """Say which files a reader dropped since the last check; hold them under ``hold``."""
+        drops = model.drops
+        mark = shadow_prunes()
+        kept = mark is not None and mark == drops.shadow_mark
+        drops.shadow_mark = mark
+        previous = None if model.views is None else [v.resident_bytes for v in model.views]
+        found = [
+            item
+            for item in dropped_by_reader(previous, measured, kept)
+            if item.file_index not in drops.held
+        ]
+        if not found:
+            return
+        hold = self._context.config.on_server_drop == "hold"
+        drops.files += len(found)
+        drops.bytes += sum(item.size for item in found)
+        if hold:
+            drops.held.update((item.file_index, item.size) for item in found)
+        self._emit(EventKind.SERVER_DROP, model.root, describe(found, hold))
 
     async def _rewarm(self, model: ServedPath, lost: Sequence[Chunk], evicted: int) -> None:
         keys = {(chunk.file_index, chunk.index) for chunk in lost}

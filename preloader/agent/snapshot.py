@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from .._version import __version__
 from ..engine.reports import resident_share
 from ..planning.budget import MemoryBudget
+from ..units import format_bytes
 from .startgate import StartGateSnapshot
 
-__all__ = ["FILE_STATES", "STATES", "AgentSnapshot", "PathSnapshot"]
+__all__ = ["FILE_STATES", "STATES", "AgentSnapshot", "PathSnapshot", "trim_reason"]
 
 STATES = ("planning", "warming", "verifying", "ready", "degraded", "failed")
 """What the agent (and each path) is doing; ``/status`` ``state``."""
@@ -28,7 +29,8 @@ then as last measured (``unknown``: the kernel will not tell)."""
 class PathSnapshot:
     """One served path (``MODEL_DIR`` or a ``--path``), as of the snapshot.
 
-    :ivar bytes: planned bytes (``preloader_target_bytes``).
+    :ivar bytes: the model's planned bytes, before a trim to the memory budget
+        (``preloader_target_bytes``): every ratio is over these.
     :ivar read_bytes: bytes read so far, first pass and re-reads together.
     :ivar resident_bytes: resident bytes at the last measurement; ``None`` before the first
         one or when the kernel will not tell for some file (:attr:`residency_unknown_reason`).
@@ -61,6 +63,15 @@ class PathSnapshot:
     last_check: float | None
     cold_bytes: int = 0
     failed_reason: str | None = None
+    server_drop_policy: str = "hold"
+    server_dropped_files: int = 0
+    server_dropped_bytes: int = 0
+    server_drop_held_files: int = 0
+    server_drop_held_bytes: int = 0
+
+    @property
+    def server_drop_detected(self) -> bool:
+        return self.server_dropped_files > 0
 
     @property
     def warm_ratio(self) -> float:
@@ -105,7 +116,31 @@ class PathSnapshot:
             "last_check": self.last_check,
             "cold_bytes": self.cold_bytes,
             "failed_reason": self.failed_reason,
+            "server_drop": {
+                "detected": self.server_drop_detected,
+                "policy": self.server_drop_policy,
+                "files": self.server_dropped_files,
+                "bytes": self.server_dropped_bytes,
+                "held_files": self.server_drop_held_files,
+                "held_bytes": self.server_drop_held_bytes,
+            },
         }
+
+
+def trim_reason(path: PathSnapshot, ready_ratio: float) -> str:
+    """The words for a path the memory budget trimmed, for the ready reason.
+
+    A trimmed model is judged like any other, over all its bytes: it is ready only when
+    the ready ratio is at most the share that fits, which only an explicitly lowered
+    ``PRELOADER_READY_RATIO`` allows.
+    """
+    text = (
+        f"{path.path} trimmed to the memory budget: {format_bytes(path.bytes - path.cold_bytes)} "
+        f"of {format_bytes(path.bytes)} warmed, {format_bytes(path.cold_bytes)} stay cold"
+    )
+    if path.warm_ratio < ready_ratio:
+        text += " (raise the memory limit, or lower PRELOADER_READY_RATIO to accept it)"
+    return text
 
 
 @dataclass(frozen=True)

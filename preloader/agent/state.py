@@ -27,6 +27,7 @@ from ..engine.reports import WarmProgress, WarmReport
 from ..planning.planner import Plan
 from ..settings import ServeConfig, WarmOptions
 from ..units import printable
+from .serverdrop import ServerDrops
 
 __all__ = ["AgentEvents", "FileView", "PassContext", "ServedPath"]
 
@@ -69,6 +70,7 @@ class ServedPath:
         self.read_since_clean: set[tuple[int, int]] | None = None
         self.cold_bytes = 0
         self.failed_reason: str | None = None
+        self.drops = ServerDrops()
 
     @property
     def warmed(self) -> bool:
@@ -93,7 +95,8 @@ class ServedPath:
         return total
 
     def warm_ratio(self) -> float:
-        total = self.plan.total_bytes
+        """Warm share of the path's whole model: bytes a trim left cold count as cold."""
+        total = self.plan.total_bytes + self.cold_bytes
         return self.warm_bytes() / total if total else 1.0
 
     def file_states(self) -> Counter[str]:

@@ -358,6 +358,7 @@ class NodeLabelArgs:
     model_names: tuple[str, ...]
     label_grace: float
     kubeconfig: str | None
+    label_resync: float
 
     def resolve(self, paths: Sequence[str]) -> NodeLabelConfig | None:
         """The labeler's settings for the served ``paths``; ``None`` when off.
@@ -370,7 +371,12 @@ class NodeLabelArgs:
         from ..labels import NodeLabelConfig
 
         return NodeLabelConfig.resolve(
-            self.node_name, paths, self.model_names, self.label_grace, self.kubeconfig
+            self.node_name,
+            paths,
+            self.model_names,
+            self.label_grace,
+            self.kubeconfig,
+            resync_seconds=self.label_resync,
         )
 
 
@@ -411,6 +417,14 @@ node_label_options: Callable[[_F], _F] = _stack(
             "Seconds a path may stay degraded before its node label is removed (a "
             "failed path loses it at once).",
         ),
+        number_option(
+            "--label-resync",
+            "PRELOADER_LABEL_RESYNC_SECONDS",
+            60.0,
+            "Seconds between two reads of the node that put back (or take off) labels "
+            "someone else changed.",
+            least=0.1,
+        ),
         option(
             "--kubeconfig",
             envvar="KUBECONFIG",
@@ -420,13 +434,13 @@ node_label_options: Callable[[_F], _F] = _stack(
         ),
         _bundle(
             "node_labels",
-            ("node_label", "node_name", "model_names", "label_grace", "kubeconfig"),
+            ("node_label", "node_name", "model_names", "label_grace", "kubeconfig", "label_resync"),
             NodeLabelArgs,
         ),
     ]
 )
-"""``--node-label``, ``--node-name``, ``--model-name``, ``--label-grace``, ``--kubeconfig``:
-``node_labels`` (a :class:`NodeLabelArgs`)."""
+"""``--node-label``, ``--node-name``, ``--model-name``, ``--label-grace``, ``--kubeconfig``,
+``--label-resync``: ``node_labels`` (a :class:`NodeLabelArgs`)."""
 
 
 # -- output and exit ---------------------------------------------------------------------

@@ -10,10 +10,12 @@ import signal
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import click
+
 from .. import errors
 from .._version import __version__
 from ..engine.reports import ResidencyReport, WarmProgress, WarmReport
-from ..logs import get_logger
+from ..logs import get_logger, human
 from ..planning.budget import BudgetCheck
 from ..planning.planner import Plan
 from ..planning.specs import sparse_note
@@ -32,6 +34,8 @@ __all__ = [
     "skipped",
     "summarise",
     "summarise_stopped",
+    "summary_line",
+    "trim_note",
 ]
 
 
@@ -174,6 +178,9 @@ def summarise(
         fields["cold_bytes"] = extras["cold_bytes"]
     if "pinned_bytes" in extras:
         fields["pinned_bytes"] = extras["pinned_bytes"]
+    if extras.get("cold_bytes"):
+        fields["trimmed"] = trim_note(report)
+    fields["summary"] = summary_line(report)
     if ratio is None:
         fields["unverified"] = report.residency_unknown_reason
         log.warning("warm finished, residency unverified", **fields)
@@ -182,6 +189,8 @@ def summarise(
     else:
         log.error("warm finished with problems", **fields)
     outcome.announce()
+    if human():  # JSON logs carry the same words as the summary field above
+        click.echo(fields["summary"], err=True)
     if config.json:
         document = report.to_json()
         document.update(extras)
@@ -189,6 +198,31 @@ def summarise(
         document["paths"] = list(config.selection.paths)
         document["version"] = __version__
         print_json(document)
+
+
+def trim_note(report: WarmReport) -> str:
+    """What ``--on-overflow trim`` left out, in words."""
+    return (
+        f"trimmed to the memory budget: {format_bytes(report.bytes)} of "
+        f"{format_bytes(report.bytes + report.cold_bytes)} planned were warmed, "
+        f"{format_bytes(report.cold_bytes)} stay cold"
+    )
+
+
+def summary_line(report: WarmReport) -> str:
+    """The warm summary for people: ``warmed N files, X, Y% resident in Z s``.
+
+    The share is of the whole planned model: a trim's cold bytes count as not resident.
+    """
+    ratio = report.resident_ratio
+    share = f"{ratio:.1%} of the model resident" if ratio is not None else "residency unknown"
+    line = (
+        f"warmed {len(report.files)} files, {format_bytes(report.bytes)}, {share} "
+        f"in {report.seconds:.1f} s"
+    )
+    if report.cold_bytes:
+        line += f" ({format_bytes(report.cold_bytes)} left cold by the memory budget)"
+    return line
 
 
 def residency_lines(report: ResidencyReport, per_file: bool) -> Iterator[str]:
@@ -270,9 +304,19 @@ def _rest_lines(the_plan: Plan, check: BudgetCheck) -> list[str]:
     return lines
 
 
-def budget_line(check: BudgetCheck) -> str:
+def budget_line(check: BudgetCheck, known: bool = True) -> str:
+    """The ``status`` budget line; ``known``: the residency it was given is measured (when
+    not, how much is missing is unknown too, and no verdict is claimed)."""
     allowance = check.allowance_bytes
-    if allowance is None:
+    if not known:
+        verdict = (
+            "residency is unknown, so what is missing is unknown (the whole model, "
+            f"{format_bytes(check.planned_bytes)}, would "
+            f"{'fit' if allowance is not None and check.planned_bytes <= allowance else 'not fit'})"
+        )
+        if allowance is None:
+            verdict = "residency and the budget are unknown"
+    elif allowance is None:
         verdict = "the budget is unknown"
     elif check.over_budget:
         verdict = (

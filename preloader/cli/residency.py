@@ -16,6 +16,7 @@ from ..planning.budget import BudgetCheck, check_plan
 from ..planning.planner import Plan, plan_selection
 from ..settings import DEFAULT_HEADROOM, Selection
 from ..signals import StopSignals
+from ..units import printable
 from . import render
 from .options import BudgetArgs, SelectionArgs, budget_options, json_option, selection_options
 from .outcome import (
@@ -187,8 +188,11 @@ def _run_residency(selection: Selection, as_json: bool, summary: bool, evict: bo
         for line in render.residency_lines(report, per_file=not summary):
             click.echo(line)
         if check is not None:
-            click.echo(render.budget_line(check))
+            click.echo(render.budget_line(check, known=report.resident_bytes is not None))
     if evict:
+        for item in report.files:
+            if item.resident_bytes and item.reason:
+                log.warning("pages stayed", path=printable(item.path), reason=item.reason)
         log.info(
             "evicted",
             files=len(report.files),

@@ -8,7 +8,14 @@ from dataclasses import dataclass
 import anyio
 import click
 
-from ..settings import TIMEOUT_POLICIES, ServeConfig, TimeoutPolicy, parse_start_lead
+from ..settings import (
+    SERVER_DROP_POLICIES,
+    TIMEOUT_POLICIES,
+    ServeConfig,
+    ServerDropPolicy,
+    TimeoutPolicy,
+    parse_start_lead,
+)
 from .options import (
     NodeLabelArgs,
     ReadArgs,
@@ -44,6 +51,7 @@ class ServeFlags:
     start_min_rate: int
     recheck_seconds: float
     max_backoff: float
+    on_server_drop: ServerDropPolicy
     allow_missing: bool
 
 
@@ -129,6 +137,17 @@ class ServeFlags:
     "Longest keep-warm interval: while the same pages keep being lost, the interval "
     "doubles up to this (state 'degraded').",
 )
+@choice_option(
+    "--on-server-drop",
+    "PRELOADER_ON_SERVER_DROP",
+    SERVER_DROP_POLICIES,
+    "rewarm",
+    "Files the server drops from the page cache after loading them (sglang "
+    "--weight-loader-drop-cache-after-load: whole files gone with no memory pressure): "
+    "'rewarm' re-reads them (a second read of the storage after every load); 'hold' "
+    "leaves them alone until they are resident again. Either way /status, "
+    "preloader_server_drop_detected and a log line say so.",
+)
 @node_label_options
 @click.pass_context
 @bundle("flags", ServeFlags)
@@ -166,6 +185,7 @@ def serve(
             start_min_rate=flags.start_min_rate or None,
             recheck_seconds=flags.recheck_seconds,
             max_backoff_seconds=flags.max_backoff,
+            on_server_drop=flags.on_server_drop,
             node_labels=node_labels.resolve(resolved.paths),
             allow_missing=flags.allow_missing,
         )

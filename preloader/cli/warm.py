@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from dataclasses import dataclass, field
@@ -77,7 +78,8 @@ class WarmFlags:
     "--min-resident",
     "PRELOADER_MIN_RESIDENT",
     0.99,
-    "Exit 4 when less than this share of the bytes is resident after warming.",
+    "Exit 4 when less than this share of the bytes read is resident after warming (what "
+    "--on-overflow trim leaves cold is not counted; the reported ratios still are).",
     least=0.0,
     most=1.0,
 )
@@ -159,7 +161,8 @@ def warm_exit_code(report: WarmReport, config: WarmConfig) -> int:
     """The exit code for a finished warm pass, before ``--best-effort`` applies.
 
     The first that applies wins: interrupted, timed out, read errors, residency
-    unverifiable (only with ``--require-verified``), resident share too low.
+    unverifiable (only with ``--require-verified``), resident share too low (of the
+    bytes read: a trim's cold bytes are the ``--on-overflow trim`` policy's, not a failure).
     """
     if report.interrupted:
         return errors.EXIT_INTERRUPTED
@@ -167,7 +170,10 @@ def warm_exit_code(report: WarmReport, config: WarmConfig) -> int:
         return errors.EXIT_TIMEOUT
     if report.errors or report.walk_errors:
         return errors.EXIT_READ_ERRORS
-    ratio = report.resident_ratio
+    # Under --on-overflow trim the share judged is of what the trim kept: the policy
+    # accepts a model warmed only as far as the budget allows (the figures reported are
+    # still over the whole model, with the trim named).
+    ratio = report.warmed_ratio
     if ratio is None:
         return errors.EXIT_UNVERIFIED if config.require_verified else errors.EXIT_OK
     if ratio < config.min_resident:
@@ -262,7 +268,7 @@ async def _warm(config: WarmConfig, progress: WarmProgress, stop: threading.Even
     )
     async with anyio.create_task_group() as display:
         display.start_soon(show_progress, progress, log, config.progress, config.progress_interval)
-        result.report = await warm_plan(
+        report = await warm_plan(
             plan,
             config.options,
             progress=progress,
@@ -270,6 +276,8 @@ async def _warm(config: WarmConfig, progress: WarmProgress, stop: threading.Even
             stop=stop,
         )
         display.cancel_scope.cancel()
+    # Every figure is over the model as planned: what the trim left cold counts as cold.
+    result.report = dataclasses.replace(report, cold_bytes=check.cold_bytes)
     if config.lock and not stop.is_set():
         await _hold_pinned(result, plan, config, stop)
     return result
@@ -320,9 +328,11 @@ async def _prepare(the_plan: Plan, config: WarmConfig) -> BudgetCheck:
         the_plan, on_overflow=config.on_overflow, headroom=config.headroom
     )
     render.log_budget(check, log)
-    proactive = reclaim.note()
-    if proactive is not None:
-        log.warning("proactive reclaim", detail=proactive)
+    proactive = reclaim.headline(reclaim.find_schemes())
+    if proactive is not None:  # a warning once a boot; the details are in --json
+        (log.warning if reclaim.first_this_boot() else log.info)(
+            "proactive reclaim", detail=proactive
+        )
     if check.over_budget and config.on_overflow == "fail":
         raise errors.OverBudgetError(
             check.message() + "; raise the memory limit, narrow the plan with "

@@ -62,6 +62,7 @@ class EventKind(str, enum.Enum):
     SPARSE_FILE = "sparse file"
     TRIMMED = "trimmed"
     PROACTIVE_RECLAIM = "proactive reclaim"
+    SERVER_DROP = "server drop"
 
     def __str__(self) -> str:
         return self.value
@@ -114,6 +115,7 @@ LEVELS: dict[EventKind, int] = {
     EventKind.ODD_LAYOUT: logging.WARNING,
     EventKind.SPARSE_FILE: logging.WARNING,
     EventKind.PROACTIVE_RECLAIM: logging.WARNING,
+    EventKind.SERVER_DROP: logging.WARNING,
     EventKind.TRIMMED: logging.WARNING,
     EventKind.TIMEOUT: logging.ERROR,
     EventKind.DEGRADED: logging.WARNING,

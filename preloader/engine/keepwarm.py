@@ -44,6 +44,10 @@ class ChunkResidency(NamedTuple):
         file cannot be opened or measured, every chunk (a re-read will retry it).
     :ivar reason: why the kernel will not tell residency (the file itself is fine).
     :ivar error: why the file could not be opened or measured.
+    :ivar evicted_pages: for a file with pages missing, measured by ``cachestat``: the
+        pages of it the kernel counts as evicted (``nr_evicted``: reclaim leaves a shadow
+        entry for each page it takes; ``POSIX_FADV_DONTNEED``, truncation and
+        ``drop_caches`` leave none). ``None`` where not measured (a whole file, mincore).
     """
 
     file_index: int
@@ -53,6 +57,7 @@ class ChunkResidency(NamedTuple):
     lost: tuple[Chunk, ...] = ()
     reason: str | None = None
     error: str | None = None
+    evicted_pages: int | None = None
 
 
 def _file_chunks(file_index: int, spec: FileSpec, chunk_size: int) -> tuple[Chunk, ...]:
@@ -75,14 +80,17 @@ def _lost(index: int, spec: FileSpec, chunk_size: int, counts: Sequence[int]) ->
 
 
 def _by_cachestat(fd: int, index: int, spec: FileSpec, chunk_size: int) -> ChunkResidency:
-    """A file with pages missing: one cachestat per chunk."""
+    """A file with pages missing: one cachestat per chunk, and one for its evicted pages."""
     resident = pagecache.fd_residency(fd, spec.size)
     counts = [
         pagecache.cached_pages(fd, start, chunk_size) for start in range(0, spec.size, chunk_size)
     ]
-    return ChunkResidency(
-        index, spec.path, spec.size, resident, _lost(index, spec, chunk_size, counts)
-    )
+    try:
+        evicted: int | None = pagecache.cachestat(fd, 0, spec.size).evicted
+    except OSError:  # answered just above; should it refuse now, the count stays unknown
+        evicted = None
+    lost = _lost(index, spec, chunk_size, counts)
+    return ChunkResidency(index, spec.path, spec.size, resident, lost, evicted_pages=evicted)
 
 
 def _by_mincore(fd: int, index: int, spec: FileSpec, chunk_size: int) -> ChunkResidency:

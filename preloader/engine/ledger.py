@@ -20,7 +20,7 @@ from ..planning.filetable import FileTable, optional
 from .events import Emitter, ErrorReason, EventKind
 from .reading import FileState
 from .reports import FileResults, ResidencyColumns
-from .residency import explain, unknown_residency
+from .residency import Probe, explain, unknown_residency
 
 __all__ = ["Ledger", "Verification", "assemble"]
 
@@ -30,12 +30,12 @@ class Verification:
     """What :func:`~.verify.verify_pass` measured, by the file's index in the pass.
 
     :ivar residency: residency now of every file opened again (not of stalled ones).
-    :ivar bypass: for a file read in full, resident then and gone at the re-open,
-        whether a fresh plain read bypasses the cache (:func:`~.residency.bypass_probe`).
+    :ivar bypass: for a file read in full and not resident at all now, what a one-page
+        probe found (:func:`~.residency.bypass_probe`).
     """
 
     residency: ResidencyColumns
-    bypass: dict[int, bool | None]
+    bypass: dict[int, Probe | None]
 
 
 class Ledger:
@@ -99,7 +99,7 @@ def assemble(
     files = ledger.files
     if verification is None:
         residency = ResidencyColumns(len(files), "not verified")
-        bypass: dict[int, bool | None] = {}
+        bypass: dict[int, Probe | None] = {}
     else:
         residency, bypass = verification.residency, verification.bypass
     for index in ledger.stalled if verification is not None else ():

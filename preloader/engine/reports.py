@@ -407,6 +407,7 @@ class WarmReport:
     verified: bool = True
     autotune: Autotune | None = None
     proactive_reclaim: str | None = None
+    cold_bytes: int = 0  # planned bytes a trim left out: every ratio counts them as cold
 
     @property
     def bytes(self) -> int:
@@ -456,12 +457,17 @@ class WarmReport:
 
     @property
     def resident_ratio(self) -> float | None:
+        return resident_share(self.resident_bytes, self.bytes + self.cold_bytes)
+
+    @property
+    def warmed_ratio(self) -> float | None:  # of what was read: the part a trim kept
         return resident_share(self.resident_bytes, self.bytes)
 
     def to_json(self) -> dict[str, object]:
         return {
             "files": len(self.files),
             "bytes": self.bytes,
+            "model_bytes": self.bytes + self.cold_bytes,
             "read_bytes": self.read_bytes,
             "resident_bytes": self.resident_bytes,
             "resident_ratio": self.resident_ratio,

@@ -11,7 +11,7 @@ import errno
 import os
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -20,6 +20,7 @@ from ..kernel import pagecache, reclaim
 from ..kernel.fileread import OPEN_FLAGS
 from ..planning.planner import Plan
 from ..planning.specs import FileSpec
+from ..units import PAGE_SIZE, format_bytes
 from .prefetch import measuring_threads
 from .reading import Handoff, cancel_after_stop, describe, open_regular, slide_deadline
 from .reports import FileResidency, Residencies, ResidencyColumns, ResidencyReport
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from ..planning.filetable import FileTable
 
 __all__ = [
+    "Probe",
     "bypass_probe",
     "evict_plan",
     "eviction_causes",
@@ -54,32 +56,53 @@ _VERIFY_WORKERS = 16
 _RESIDENT_SHARE = 0.999
 
 
+Probe = Literal["bypass", "invalidates", "keeps"]
+"""What a one-page probe of a file not resident after the pass found
+(:func:`bypass_probe`)."""
+
+
 def explain(
-    spec: FileSpec, after_read: int | None, now: int, bypass: bool | None = None
+    spec: FileSpec, after_read: int | None, now: int, probe: Probe | None = None
 ) -> str | None:
     """Why a file that was read in full is not resident now, or ``None`` if it is.
 
-    :param bypass: a fresh plain read left the page cache untouched (see
-        :func:`pagecache.read_bypasses_cache`); ``None`` when not probed or unknown.
+    Each cause is told by evidence, never assumed: a bypass of the page cache only where a
+    fresh one-page read was not cached, a filesystem dropping the cache at open only
+    where that page went at the next open, and otherwise eviction.
+
+    :param after_read: resident bytes right after its last chunk, on the read descriptor.
+    :param probe: :func:`bypass_probe`'s finding; ``None`` when not probed or unknown.
     """
     if spec.size == 0 or now >= spec.size * _RESIDENT_SHARE:
         return None
     share = now / spec.size
+    if probe == "bypass":
+        return (
+            "reads bypass the page cache (FUSE direct_io or a similar mount: a fresh read "
+            "was not cached): a server reading this file goes to the storage every time; "
+            "warming cannot help here"
+        )
     if after_read is not None and after_read < spec.size * _RESIDENT_SHARE:
+        if after_read > 0 or probe is not None:  # the cache does hold this file's pages
+            return (
+                f"only {after_read / spec.size:.1%} resident right after reading, "
+                f"{share:.1%} now: pages were reclaimed while the pass ran "
+                f"({eviction_causes()})"
+            )
         return (
-            f"only {after_read / spec.size:.1%} resident right after reading: the filesystem "
-            "bypasses the page cache (FUSE direct_io, some network mounts) or memory is short"
+            "not resident right after reading: the filesystem bypasses the page cache, or "
+            f"pages were reclaimed at once ({eviction_causes()}); a probe could not tell"
         )
-    if after_read is not None and now == 0 and bypass:
-        return (
-            "reads bypass the page cache (FUSE direct_io or a similar mount): a server "
-            "reading this file goes to the storage every time; warming cannot help here"
-        )
-    if after_read is not None and now == 0:
+    if after_read is not None and now == 0 and probe == "invalidates":
         return (
             "resident after reading but dropped when the file was opened again: the "
             "filesystem invalidates the page cache at open (FUSE without kernel_cache/"
             "keep_cache, e.g. rclone mount); warming cannot help here"
+        )
+    if after_read is not None and now == 0:
+        return (
+            "resident right after reading, none of it after the pass: dropped or evicted "
+            f"meanwhile (a cache drop, {eviction_causes()})"
         )
     return f"{share:.1%} resident: pages were evicted after reading ({eviction_causes()})"
 
@@ -170,7 +193,8 @@ def _put_into(
 
 def _measure_open(spec: FileSpec, fd: int, after_read: bool) -> FileResidency:
     resident = pagecache.fd_residency(fd, spec.size)
-    size_now = os.fstat(fd).st_size
+    stat = os.fstat(fd)
+    size_now = stat.st_size
     if after_read and size_now < spec.size:
         return FileResidency(
             spec.path,
@@ -179,7 +203,10 @@ def _measure_open(spec: FileSpec, fd: int, after_read: bool) -> FileResidency:
             f"shrank from {spec.size} to {size_now} bytes since it was read",
             changed=True,
         )
-    if size_now > spec.size:  # still being written (a download in progress)
+    # Larger with the planned mtime: the plan covers a prefix (a trim to the memory budget
+    # cut it there), not a file that grew.
+    prefix = spec.mtime_ns is not None and stat.st_mtime_ns == spec.mtime_ns
+    if size_now > spec.size and not prefix:  # still being written (a download in progress)
         return FileResidency(
             spec.path,
             spec.size,
@@ -205,17 +232,36 @@ def _on_open_file(
         os.close(fd)
 
 
-def bypass_probe(spec: FileSpec) -> bool | None:
+def bypass_probe(spec: FileSpec) -> Probe | None:
+    """Read one byte of a file not resident after the pass, and tell what its filesystem
+    does with the page: ``bypass`` (the read left it uncached: FUSE ``direct_io``),
+    ``invalidates`` (cached, then gone at the next open), ``keeps`` (still cached: the
+    file's pages went some other way), ``None`` when this cannot tell."""
     try:
         fd = open_regular(spec)
     except OSError:
         return None
     try:
-        return pagecache.read_bypasses_cache(fd, spec.size)
+        bypass = pagecache.read_bypasses_cache(fd, spec.size)
     except OSError:
         return None
     finally:
         os.close(fd)
+    if bypass is None:
+        return None
+    if bypass:
+        return "bypass"
+    try:
+        fd = open_regular(spec)  # the page is cached now: does an open drop it?
+    except OSError:
+        return None
+    try:
+        cached = pagecache.cachestat(fd, 0, PAGE_SIZE).cached
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return "keeps" if cached else "invalidates"
 
 
 async def map_files(
@@ -380,9 +426,26 @@ def _evict_one(spec: FileSpec) -> FileResidency:
 
     def evict_and_measure() -> FileResidency:
         pagecache.evict(fd)
-        return FileResidency(spec.path, spec.size, pagecache.fd_residency(fd, spec.size))
+        resident = pagecache.fd_residency(fd, spec.size)
+        return FileResidency(spec.path, spec.size, resident, _kept_why(fd) if resident else None)
 
     return _on_open_file(spec, fd, "evict", evict_and_measure)
+
+
+def _kept_why(fd: int) -> str:
+    """Why pages of an evicted file stayed cached: dirty ones (cachestat counts them), or
+    pages in use, which ``POSIX_FADV_DONTNEED`` leaves alone."""
+    try:
+        stat = pagecache.cachestat(fd)
+    except OSError:
+        return "kept by the kernel: dirty pages and pages a process maps or locks stay"
+    unwritten = stat.dirty + stat.writeback
+    if unwritten:
+        return (
+            f"{format_bytes(unwritten * PAGE_SIZE)} dirty: the kernel drops a page only once "
+            "it is written back (sync, then evict again)"
+        )
+    return "kept by the kernel: pages a process maps or locks stay"
 
 
 async def evict_plan(plan: Plan, concurrency: int = 4) -> ResidencyReport:

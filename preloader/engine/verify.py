@@ -42,14 +42,14 @@ async def verify_pass(
     await _measure_into(
         residency, files, healthy, workers, after_read=True, timeout=timeout, stop=stop
     )
-    # Read in full, resident then, gone at the next open: tell a filesystem that drops the
-    # cache at open from one whose reads bypass it (direct_io), with one page.
+    # Read in full and none of it resident now: one page tells a filesystem whose reads
+    # bypass the cache (direct_io) from one that drops it at open, and both from eviction.
     suspects = [
         index
         for index in healthy
         if residency.resident_bytes(index) == 0
         and index not in ledger.errors
-        and ledger.resident_after_read(index)
+        and ledger.resident_after_read(index) is not None
         and not residency.changed(index)
     ]
     probed = await map_files(

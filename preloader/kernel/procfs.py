@@ -7,7 +7,7 @@ the capability mask, which several modules read; the mount table is :mod:`.mount
 
 from __future__ import annotations
 
-__all__ = ["parse_cap_eff", "read_text"]
+__all__ = ["parse_cap_eff", "read_text", "vmstat_counter"]
 
 
 def read_text(path: str) -> str | None:
@@ -25,3 +25,18 @@ def parse_cap_eff(status_text: str) -> int:
         if line.startswith("CapEff:"):
             return int(line.split()[1], 16)
     return 0
+
+
+def vmstat_counter(name: str, text: str | None = None) -> int | None:
+    """One counter of ``/proc/vmstat`` (or of ``text``, its contents), ``None`` when absent.
+
+    :param name: the counter, as ``workingset_nodereclaim``.
+    :param text: the file's text; read now when not given.
+    :return: its value, or ``None`` where the file or the counter is missing.
+    """
+    body = read_text("/proc/vmstat") if text is None else text
+    for line in (body or "").splitlines():
+        key, _, value = line.partition(" ")
+        if key == name and value.strip().isdigit():
+            return int(value)
+    return None

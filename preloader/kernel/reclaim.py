@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
+import tempfile
 from dataclasses import dataclass
 
 from ..units import format_bytes
 from .procfs import read_text
 
-__all__ = ["ReclaimScheme", "describe", "find_schemes", "note"]
+__all__ = ["ReclaimScheme", "describe", "find_schemes", "first_this_boot", "headline", "note"]
 
 _KDAMONDS = "kernel/mm/damon/admin/kdamonds"
 _DAMON_RECLAIM = "module/damon_reclaim/parameters"
@@ -215,3 +217,52 @@ def describe(schemes: tuple[ReclaimScheme, ...]) -> str | None:
 def note() -> str | None:
     """:func:`describe` of this machine's schemes, read once per process."""
     return describe(find_schemes())
+
+
+def headline(schemes: tuple[ReclaimScheme, ...]) -> str | None:
+    """A short line for the log: which scheme drops idle page cache, and what keeps pages
+    (:func:`describe` has the details, in ``--json`` and ``/status``)."""
+    if not schemes:
+        return None
+    where = ", ".join(scheme.where for scheme in schemes)
+    return f"{where} drops idle page cache on this machine; --lock (or a server's mmap) keeps it"
+
+
+_BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def first_this_boot(directory: str | None = None, boot_id_path: str = _BOOT_ID) -> bool:
+    """Whether this is the first call on this boot for this user, remembered in a marker
+    file outside any model directory (``directory``, default the temporary folder).
+
+    A marker that cannot be read or written counts as the first call: saying a warning
+    twice is better than never.
+    """
+    boot = read_text(boot_id_path)
+    if boot is None:
+        return True
+    marker = os.path.join(
+        directory or tempfile.gettempdir(), f"preloader-proactive-reclaim-{os.getuid()}"
+    )
+    if read_text(marker) == boot:
+        return False
+    _write_marker(marker, boot)
+    return True
+
+
+def _write_marker(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` in a shared temporary folder, safely: never through a
+    symbolic link, and only into a plain file of this user's with no other name."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_nlink == 1:
+            os.ftruncate(fd, 0)
+            os.write(fd, text.encode("ascii", "replace"))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

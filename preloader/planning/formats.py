@@ -187,10 +187,8 @@ def split_part(name: str) -> tuple[str, int, int, str] | None:
 
 
 def read_safetensors_index(path: str) -> list[str]:
-    """The shard names of a ``*.safetensors.index.json``, in ``weight_map`` order.
-
-    Loaders map tensor names to shards through ``weight_map``; the order of first
-    appearance is the order a model is laid out (and read) layer by layer.
+    """The shard names of a ``*.safetensors.index.json``, in order of first appearance
+    in its ``weight_map`` (the plan warms them in file-name order, as loaders read them).
 
     :raises ValueError: when the file is not such an index (or is larger than 64 MiB).
     :raises OSError: when it cannot be read.
@@ -334,9 +332,13 @@ class _Folder:
                         "(such as consolidated.safetensors) that loaders skip; "
                         "--all-formats warms it"
                     )
+        # The index says which shards the server loads; it loads them in natural file-name
+        # order (vLLM's safetensors_weights_iterator sorts by _natural_sort_key; SGLang's
+        # loader and both engines' prefetch split the same sorted list), not in the order
+        # weight_map's tensor names happen to sort (layers.0, layers.1, layers.10, ...).
         self.shard_order = [
             self.by_name[s]
-            for s in named
+            for s in sorted(named, key=natural_key)
             if s in self.by_name and self.by_name[s] not in self.skipped
         ]
 
@@ -425,8 +427,9 @@ def arrange(
 
     Rules, per folder:
 
-    - a ``*.safetensors.index.json`` orders the shards it names as its ``weight_map``
-      does; shards it names but the folder lacks are a :class:`Problem`; safetensors
+    - a ``*.safetensors.index.json`` picks the shards, warmed in natural file-name order
+      (the order vLLM's and SGLang's loaders open them); shards it names but the folder
+      lacks are a :class:`Problem`; safetensors
       files it does not name (``consolidated.safetensors``) are skipped;
     - ``.bin``/``.pt``/``.pth`` beside ``.safetensors`` are skipped (the same weights);
     - split sets (``name-00001-of-00003.gguf``) missing a part are a :class:`Problem`;
@@ -461,7 +464,7 @@ def arrange(
         if folder.shard_order:
             reorder.append(folder.shard_order)
     order = [i for i in range(len(entries)) if i not in skipped]
-    # Indexed shards take the slots they already hold, in index order: everything else
+    # Indexed shards take the slots they already hold, in the loaders' order: everything else
     # (metadata first, other folders) keeps its place.
     position = {index: slot for slot, index in enumerate(order)}
     for shard_order in reorder:

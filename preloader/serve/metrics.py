@@ -101,7 +101,12 @@ _METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         "Room for page cache: the least of the memory cgroup's free bytes and MemAvailable.",
         (),
     ),
-    ("preloader_target_bytes", "gauge", "Bytes planned to be warm.", ("path",)),
+    (
+        "preloader_target_bytes",
+        "gauge",
+        "Bytes of the model as planned, before a trim to the memory budget.",
+        ("path",),
+    ),
     (
         "preloader_resident_bytes",
         "gauge",
@@ -139,6 +144,26 @@ _METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         "preloader_evictions_detected",
         "counter",
         "Chunks found with pages lost at a keep-warm check.",
+        ("path",),
+    ),
+    (
+        "preloader_server_drop_detected",
+        "gauge",
+        "1 once a reader (the server) was seen dropping whole files of the path from the "
+        "page cache with no memory pressure (--on-server-drop).",
+        ("path",),
+    ),
+    (
+        "preloader_server_dropped_files",
+        "counter",
+        "Files found dropped whole by a reader, not by reclaim, at keep-warm checks.",
+        ("path",),
+    ),
+    (
+        "preloader_server_drop_held_bytes",
+        "gauge",
+        "Bytes of dropped files keep-warm leaves alone until they are resident again "
+        "(--on-server-drop hold).",
         ("path",),
     ),
     (
@@ -236,6 +261,11 @@ class AgentCollector(Collector):
                 f["preloader_warm_duration_seconds"].add_metric(label, p.warm_seconds)
             f["preloader_evictions_detected"].add_metric(label, p.evictions_detected)
             f["preloader_degraded"].add_metric(label, 1 if p.degraded_reason else 0)
+            f["preloader_server_drop_detected"].add_metric(
+                label, 1 if p.server_drop_detected else 0
+            )
+            f["preloader_server_dropped_files"].add_metric(label, p.server_dropped_files)
+            f["preloader_server_drop_held_bytes"].add_metric(label, p.server_drop_held_bytes)
             f["preloader_recheck_interval_seconds"].add_metric(label, p.recheck_seconds)
             if p.last_check is not None:
                 f["preloader_last_check_timestamp_seconds"].add_metric(label, p.last_check)

@@ -83,7 +83,9 @@ def test_local_scenario_runs_every_competitor_on_a_cold_cache(
 
     records = raw["records"]
     families = {record["family"] for record in records}
-    expected = {"one-liner", "vmtouch", "preloader"} | ({"fio"} if shutil.which("fio") else set())
+    expected = {"one-liner", "vmtouch", "engine-prefetch", "preloader"} | (
+        {"fio"} if shutil.which("fio") else set()
+    )
     assert families == expected
     assert {record["tool"] for record in records} >= {"preloader", "preloader-auto"}
     for record in records:
@@ -100,6 +102,7 @@ def test_local_scenario_runs_every_competitor_on_a_cold_cache(
     table = (out / "results.md").read_text()
     assert "| preloader (default) |" in table
     assert "| one-liner (cat, -P 4) |" in table
+    assert "| engines' prefetch (4 threads, 16 MiB) |" in table and "vs engines' prefetch" in table
     assert "[1/" in result.stderr  # the progress line
 
 
@@ -173,15 +176,33 @@ def test_e2e_scenario_loads_a_real_model_in_every_mode_from_a_cold_cache(
     records = raw["records"]
     assert raw["framework"] == "np"
     modes = {record["mode"] for record in records}
-    expected = {"cold", "one-liner", "warm", "sidecar-readyz", "sidecar-startz"}
-    if "sidecar-startz" in raw["skipped"]:
-        assert raw["skipped"]["sidecar-startz"] == "skipped: this preloader has no --start-lead"
-        expected.discard("sidecar-startz")
+    expected = {
+        "cold",
+        "one-liner",
+        "warm",
+        "engine-prefetch",
+        "sidecar-readyz",
+        "sidecar-startz",
+        "sidecar-startz+engine-prefetch",
+        "resident",
+        "fastest-read",
+    }
+    for mode in ("sidecar-startz", "sidecar-startz+engine-prefetch"):
+        if mode in raw["skipped"]:
+            assert raw["skipped"][mode] == "skipped: this preloader has no --start-lead"
+            expected.discard(mode)
     assert modes == expected
     total = _tensor_bytes(data / "e2e" / "bucket" / "model")
     for record in records:
         assert record["ok"], record
-        assert record["resident_before"] < 0.01, f"{record['mode']} did not start cold"
+        if record["mode"] == "resident":  # made resident before t0: the bound's load half
+            assert record["resident_before"] >= 0.999, record
+        else:
+            assert record["resident_before"] < 0.01, f"{record['mode']} did not start cold"
+        if record["mode"] == "fastest-read":  # no server: a full read of the model only
+            assert "loaded_s" not in record and record["warmup_s"] > 0, record
+            assert record["resident_after"] >= 0.999, record
+            continue
         # Between them the ranks copied every tensor byte exactly once.
         assert record["copied_bytes"] == total, record
         # No rank read a weight before the server's start-up was over.
@@ -192,8 +213,17 @@ def test_e2e_scenario_loads_a_real_model_in_every_mode_from_a_cold_cache(
         if record["mode"] == "sidecar-readyz":
             # The server started only once /readyz was 200.
             assert record["gate_s"] == record["warmup_s"]
+        if "engine-prefetch" in record["mode"]:
+            # The ranks' prefetch shares cover the shards, each once.
+            shares = [name for share in record["prefetch"] for name in share["files"]]
+            assert sorted(shares) == sorted(
+                p.name for p in (data / "e2e" / "bucket" / "model").glob("*.safetensors")
+            )
+        else:
+            assert "prefetch" not in record
     table = (out / "e2e.md").read_text()
     assert "| local disk, sharded | 2 |" in table
+    assert "x prefetch" in table and "x bound" in table
     assert "numpy" in table
 
 
@@ -245,7 +275,7 @@ def test_e2e_scenario_loads_through_s3fs_and_the_fuse_fixture_from_real_bytes(
         "--e2e-storage",
         "s3fs,fuse-gguf",
         "--e2e-modes",
-        "cold,warm",
+        "cold,warm,engine-prefetch",
         "--e2e-framework",
         "np",
         "--e2e-startup",
@@ -253,9 +283,10 @@ def test_e2e_scenario_loads_through_s3fs_and_the_fuse_fixture_from_real_bytes(
     )
 
     records = raw["records"]
+    # One process maps the GGUF file: the engines' prefetch of shards has no place there.
     assert {(r["storage"], r["mode"]) for r in records} == {
         (storage, mode) for storage in ("s3fs", "fuse-gguf") for mode in ("cold", "warm")
-    }
+    } | {("s3fs", "engine-prefetch")}
     for record in records:
         assert record["ok"], record
         assert record["resident_before"] < 0.01, record
@@ -263,7 +294,7 @@ def test_e2e_scenario_loads_through_s3fs_and_the_fuse_fixture_from_real_bytes(
         # warm reads the whole tree, the loader every weight file (not config.json).
         config = data / "e2e" / "bucket" / "model" / "config.json"
         skipped = config.stat().st_size if record["storage"] == "s3fs" else 0
-        wanted = record["bytes"] - (skipped if record["mode"] == "cold" else 0)
+        wanted = record["bytes"] - (skipped if record["mode"] in {"cold", "engine-prefetch"} else 0)
         assert record["fetched_bytes"] >= wanted, record
         if record["storage"] == "fuse-gguf":
             assert record["ranks"] == 1  # one llama.cpp-like process maps the file

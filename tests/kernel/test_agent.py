@@ -29,6 +29,9 @@ def _config(*paths: Path, **overrides: object) -> ServeConfig:
         "selection": Selection(tuple(str(p) for p in paths)),
         "options": WarmOptions(concurrency=2, chunk_size=MiB),
         "recheck_seconds": 30.0,
+        # Pages are lost with POSIX_FADV_DONTNEED here, standing in for reclaim; a reader's
+        # drop is held, not re-read, by default (see preloader.agent.serverdrop).
+        "on_server_drop": "rewarm",
     }
     settings.update(overrides)
     return ServeConfig(**settings)  # type: ignore[arg-type]
@@ -286,3 +289,37 @@ async def test_a_file_error_counts_under_the_reason_the_engine_gave(tmp_path: Pa
         "incomplete": 0,
         "internal": 0,
     }
+
+
+@needs_vmtouch
+async def test_a_snapshot_taken_while_the_pass_end_is_decided_sees_all_of_it(
+    model_dir: Path,
+) -> None:
+    # The HTTP thread reads snapshots while the agent decides the first pass's end (the
+    # state, /readyz and /startz): it must see the decision whole, never /readyz open with
+    # the state still "verifying" (seen under load) nor the reverse.
+    import threading
+
+    agent = Agent(_config(model_dir))
+    seen: list[AgentSnapshot] = []
+    reader: list[threading.Thread] = []
+    alive: list[bool] = []
+    decide = agent._gate.pass_over
+
+    def pass_over(*args: object) -> None:
+        decide(*args)  # type: ignore[arg-type]
+        # Half-way through the decision: another thread asks for a snapshot now.
+        thread = threading.Thread(target=lambda: seen.append(agent.snapshot()))
+        thread.start()
+        reader.append(thread)
+        thread.join(0.2)
+        alive.append(thread.is_alive())  # it waits for the decision's end
+
+    agent._gate.pass_over = pass_over  # type: ignore[method-assign]
+    await agent.start_up()
+    [thread] = reader
+    thread.join(DEADLINE)
+    assert alive == [True]
+    [snap] = seen
+    assert (snap.state, snap.ready, snap.start_gate.open) == ("ready", True, True)
+    assert snap.reason.startswith("warm: ")

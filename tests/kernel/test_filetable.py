@@ -135,8 +135,9 @@ def _index(folder: Path, shards: list[str]) -> None:
 
 
 def test_format_rules_apply_per_folder_and_keep_the_rest_in_place(tmp_path: Path) -> None:
-    # Two models and plain folders between them: each model's index orders its shards in
-    # the slots they hold; skips come in plan order, whatever folder they are in.
+    # Two models and plain folders between them: each model's index picks its shards, which
+    # fill the slots they hold in the loaders' file order; skips come in plan order,
+    # whatever folder they are in.
     for model in ("m1", "m3"):
         shards = [f"model-0000{n}-of-00002.safetensors" for n in (2, 1)]
         _index(tmp_path / model, shards)
@@ -150,11 +151,11 @@ def test_format_rules_apply_per_folder_and_keep_the_rest_in_place(tmp_path: Path
     assert [os.path.relpath(f.path, tmp_path) for f in plan.files] == [
         "m1/model.safetensors.index.json",
         "m3/model.safetensors.index.json",
-        "m1/model-00002-of-00002.safetensors",
         "m1/model-00001-of-00002.safetensors",
+        "m1/model-00002-of-00002.safetensors",
         "m2/w.bin",
-        "m3/model-00002-of-00002.safetensors",
         "m3/model-00001-of-00002.safetensors",
+        "m3/model-00002-of-00002.safetensors",
         "m4/a.Q4_K_M.gguf",
     ]
     assert [os.path.relpath(s.path, tmp_path) for s in plan.skipped] == [

@@ -89,8 +89,9 @@ def _reasons(root: Path) -> dict[str, str]:
 # -- safetensors -------------------------------------------------------------------------
 
 
-def test_shards_are_warmed_in_index_order(tmp_path: Path) -> None:
-    # Layers 0-1 live in shard 3, layers 2-3 in shard 1, layer 4 in shard 2.
+def test_shards_named_by_the_index_are_warmed_in_the_loaders_file_order(tmp_path: Path) -> None:
+    # Layers 0-1 live in shard 3, layers 2-3 in shard 1, layer 4 in shard 2: weight_map
+    # names shard 3 first, but loaders open the shards in natural file-name order.
     names = write_safetensors_model(tmp_path, shards=3, index_order=[2, 2, 0, 0, 1])
     assert read_safetensors_index(str(tmp_path / "model.safetensors.index.json")) == [
         names[2],
@@ -101,10 +102,24 @@ def test_shards_are_warmed_in_index_order(tmp_path: Path) -> None:
         "config.json",
         "model.safetensors.index.json",
         "tokenizer.json",
-        names[2],
         names[0],
         names[1],
+        names[2],
     ]
+
+
+def test_shard_names_sort_naturally_not_as_text(tmp_path: Path) -> None:
+    names = write_safetensors_model(tmp_path, shards=3)
+    renamed = dict(
+        zip(names, ("w-2.safetensors", "w-10.safetensors", "w-1.safetensors"), strict=True)
+    )
+    for old, new in renamed.items():
+        (tmp_path / old).rename(tmp_path / new)
+    index = tmp_path / "model.safetensors.index.json"
+    document = json.loads(index.read_text())
+    document["weight_map"] = {t: renamed[n] for t, n in document["weight_map"].items()}
+    index.write_text(json.dumps(document))
+    assert _planned(tmp_path)[-3:] == ["w-1.safetensors", "w-2.safetensors", "w-10.safetensors"]
 
 
 def test_reading_the_index_does_not_warm_it(shared_tmp: Path) -> None:
@@ -342,8 +357,8 @@ def test_arrange_is_per_folder_and_keeps_other_files_in_place() -> None:
     assert [entries[i].relpath for i in result.order] == [
         "a/config.json",
         "a/model.safetensors.index.json",
-        "a/model-00002-of-00002.safetensors",
         "a/model-00001-of-00002.safetensors",
+        "a/model-00002-of-00002.safetensors",
         "b/pytorch_model.bin",
     ]
     assert [entries[i].relpath for i, _ in result.skipped] == ["a/pytorch_model.bin"]

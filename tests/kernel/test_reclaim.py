@@ -174,3 +174,39 @@ def test_warm_reports_what_this_machine_runs(model_dir: Path) -> None:
     assert report["proactive_reclaim"] == reclaim.describe(reclaim.find_schemes())
     warned = "proactive reclaim" in result.stderr
     assert warned == (report["proactive_reclaim"] is not None)
+
+
+def test_the_log_line_is_short_and_warned_once_a_boot(tmp_path: Path) -> None:
+    _kdamond(tmp_path / "sys")
+    schemes = reclaim.find_schemes(str(tmp_path / "sys"))
+    line = reclaim.headline(schemes)
+    assert line is not None and "DAMON kdamond 0, scheme 0" in line and "--lock" in line
+    full = reclaim.describe(schemes)
+    assert full is not None and len(line) < 120 < len(full)
+    assert reclaim.headline(()) is None
+    boot = tmp_path / "boot_id"
+    boot.write_text("one\n")
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    assert reclaim.first_this_boot(str(markers), str(boot)) is True
+    assert reclaim.first_this_boot(str(markers), str(boot)) is False  # the same boot
+    boot.write_text("two\n")
+    assert reclaim.first_this_boot(str(markers), str(boot)) is True  # after a reboot
+    assert reclaim.first_this_boot(str(markers), str(boot)) is False
+
+
+def test_the_marker_is_never_written_through_a_link(tmp_path: Path) -> None:
+    boot = tmp_path / "boot_id"
+    boot.write_text("one\n")
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    (markers / f"preloader-proactive-reclaim-{os.getuid()}").symlink_to(victim)
+    assert reclaim.first_this_boot(str(markers), str(boot)) is True
+    assert victim.read_text() == "keep me"
+    os.link(victim, markers / "hard")
+    (markers / f"preloader-proactive-reclaim-{os.getuid()}").unlink()
+    os.link(victim, markers / f"preloader-proactive-reclaim-{os.getuid()}")
+    assert reclaim.first_this_boot(str(markers), str(boot)) is True
+    assert victim.read_text() == "keep me"

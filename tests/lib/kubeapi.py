@@ -17,7 +17,11 @@ labeler uses, with the API server's JSON shapes:
 
 A bearer token is required (401 ``Status`` otherwise). :attr:`KubeApi.refuse` makes
 every request answer a 403 ``Status`` as RBAC does; :meth:`KubeApi.down` closes the
-listening socket so that connections are refused.
+listening socket so that connections are refused. :meth:`KubeApi.hold_next` keeps the
+answer to the next request of a method (applied and recorded, as the API server has done
+by the time its reply is on the way) until :meth:`KubeApi.release`: a request in flight
+at a moment the test chooses, synchronised on the stand-in having seen it.
+:meth:`KubeApi.remove_label` changes the node out of band, as ``kubectl label`` would.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any
 __all__ = ["KubeApi", "Request", "merge_patch"]
 
 MERGE = "application/merge-patch+json"
+_HOLD_SECONDS = 60.0  # a bound against a test that never releases, not a synchronisation
 STRATEGIC = "application/strategic-merge-patch+json"
 
 
@@ -99,6 +104,10 @@ class KubeApi:
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._connections: set[socket.socket] = set()
+        self._hold: str | None = None
+        self._released = threading.Event()
+        #: Requests whose answer was held (see :meth:`hold_next`).
+        self.held: list[Request] = []
         self.port = 0
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -123,8 +132,27 @@ class KubeApi:
         self._thread = threading.Thread(target=server.serve_forever, daemon=True)
         self._thread.start()
 
+    def hold_next(self, method: str) -> None:
+        """Hold the answer to the next ``method`` request until :meth:`release`."""
+        with self.changed:
+            self._hold = method
+            self._released.clear()
+
+    def release(self) -> None:
+        """Answer the held request (and hold nothing more)."""
+        with self.changed:
+            self._hold = None
+        self._released.set()
+
+    def remove_label(self, key: str) -> None:
+        """Take a label off the node behind the agent's back."""
+        with self.changed:
+            del self.labels[key]
+            self.resource_version = str(next(self._version))
+
     def down(self) -> None:
         """Stop listening and drop open connections: refused until :meth:`up`."""
+        self.release()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -294,13 +322,20 @@ def _handler(api: KubeApi) -> type[BaseHTTPRequestHandler]:
                         code,
                     )
                 )
+                held = api._hold == self.command
+                if held:
+                    api._hold = None
+                    api.held.append(api.requests[-1])
                 api.changed.notify_all()
+            if held:
+                api._released.wait(_HOLD_SECONDS)
             data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            with contextlib.suppress(OSError):  # the client may have gone while held
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
         do_GET = do_PATCH = do_POST = do_PUT = do_DELETE = _serve  # noqa: N815 - http.server's names
 

@@ -100,8 +100,14 @@ class Served:
             self.proc.stderr.close()
 
 
-def start_serve(*args: str, env: dict[str, str] | None = None, user: int | None = None) -> Served:
-    """Start ``preloader serve ARGS`` on 127.0.0.1 and an ephemeral port (as ``user``)."""
+def start_serve(
+    *args: str,
+    env: dict[str, str] | None = None,
+    user: int | None = None,
+    cgroup: str | None = None,
+) -> Served:
+    """Start ``preloader serve ARGS`` on 127.0.0.1 and an ephemeral port (as ``user``; in
+    the memory ``cgroup``, a directory the process moves itself into first)."""
     base_env = cli_env({"PRELOADER_HOST": "127.0.0.1", "PRELOADER_PORT": "0", **(env or {})})
     prefix = (
         [sys.executable, "-m", "preloader"]
@@ -112,6 +118,8 @@ def start_serve(*args: str, env: dict[str, str] | None = None, user: int | None 
             str(user),
         ]
     )
+    if cgroup is not None:
+        prefix = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', cgroup, *prefix]
     proc = subprocess.Popen(
         [*prefix, "serve", *args],
         cwd=REPO,  # `python -m preloader` imports this checkout's package

@@ -116,6 +116,9 @@ def _serve_config(*paths: Path) -> ServeConfig:
         selection=Selection(tuple(str(p) for p in paths)),
         options=WarmOptions(concurrency=2, chunk_size=MiB),
         recheck_seconds=30.0,
+        # Pages are lost with POSIX_FADV_DONTNEED here, standing in for reclaim; a reader's
+        # drop is held, not re-read, by default (see preloader.agent.serverdrop).
+        on_server_drop="rewarm",
     )
 
 

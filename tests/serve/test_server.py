@@ -99,7 +99,12 @@ def test_readyz_is_503_with_a_reason_until_the_files_can_be_read(
 def test_evicted_files_are_rewarmed_by_the_running_agent(
     model_dir: Path, served: list[Served]
 ) -> None:
-    server = track(served, str(model_dir), "--recheck-seconds", "0.1", "--chunk-size", "1MiB")
+    # The eviction stands in for reclaim: a reader's drop is held by default (serverdrop).
+    server = track(
+        served,
+        *(str(model_dir), "--recheck-seconds", "0.1", "--chunk-size", "1MiB"),
+        env={"PRELOADER_ON_SERVER_DROP": "rewarm"},
+    )
     server.poll(lambda: ready_body(server))
     evict_tree(model_dir)
     assert vmtouch_resident(model_dir)[0] == 0

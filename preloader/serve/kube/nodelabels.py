@@ -12,6 +12,14 @@ path turns ``ready``; it is removed when the path has been ``degraded`` for
 :meth:`NodeLabeler.withdraw`, bounded in time by the caller. A SIGKILL leaves the labels
 behind; the next start reconciles: every label of this scheme (prefix ``preloader.dev/``,
 value ``warm``) that is not warm now is removed from the node before anything else.
+A request the stop interrupts (the PATCH in flight when SIGTERM comes) leaves the node's
+labels unknown: the stop reads the node again and removes every label of the scheme,
+and the keys that PATCH was setting, so one SIGTERM never leaves a label behind.
+
+Every ``resync_seconds`` the node is read again and its labels put right: a label someone
+else removed (or set) comes back (or goes) as the agent's state says, counted in
+``preloader_node_label_repairs_total``. After a failed request the labeler waits out its
+back-off before the next one, whatever the agent does meanwhile.
 
 Each transition of a path into ``ready``, ``degraded`` or ``failed`` is also posted as a
 core/v1 Event about the Node (namespace ``default``, as the kubelet posts node events),
@@ -62,6 +70,8 @@ only in ``default`` (the kubelet's choice too)."""
 STOP_SECONDS = 5.0
 """The longest a stop waits for the labels to be removed (the DaemonSet's
 ``terminationGracePeriodSeconds`` is 10)."""
+MIN_BACKOFF_SECONDS = 1.0
+"""The wait after the first failed try; it doubles with each failure after it."""
 MAX_BACKOFF_SECONDS = 60.0
 """The longest wait between two tries while the API server fails."""
 REQUEST_SECONDS = 5.0
@@ -117,9 +127,13 @@ class NodeLabeler:
         # Labels of our scheme on the node as last read or written; None: not known.
         self._on_node: set[str] | None = None
         self._node_uid: str | None = None
+        # Keys a PATCH that was interrupted was setting: they may be on the node.
+        self._maybe_set: set[str] = set()
         self._events: deque[NodeEvent] = deque(maxlen=_MAX_QUEUED_EVENTS)
         self._errors: Counter[str] = Counter(dict.fromkeys(OPERATIONS, 0))
+        self._repairs = 0
         self._backoff = 0.0
+        self._next_resync = time.monotonic() + config.resync_seconds
         self._log = get_logger()
 
     # -- what front ends read ---------------------------------------------------------
@@ -133,8 +147,13 @@ class NodeLabeler:
         """Failed API requests so far, by operation (:data:`OPERATIONS`)."""
         return dict(self._errors)
 
+    def repairs(self) -> int:
+        """Times a periodic read found the node's labels changed by someone else."""
+        return self._repairs
+
     def collector(self) -> Collector:
-        """Prometheus families: ``preloader_node_label{path,label}`` and the error counter."""
+        """Prometheus families: ``preloader_node_label{path,label}``, the error and repair
+        counters."""
         return _LabelCollector(self)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -143,12 +162,20 @@ class NodeLabeler:
         """Follow ``agent`` until cancelled; failures of the API are retried, never raised."""
         while True:
             snap = agent.snapshot()
+            resync = time.monotonic() >= self._next_resync
+            if resync:
+                self._next_resync = time.monotonic() + self.config.resync_seconds
             try:
                 self._observe(snap.paths)
-                await self._reconcile()
+                await self._reconcile(resync)
             except Exception as err:  # a bug here must not take the agent down
                 self._backoff = MAX_BACKOFF_SECONDS
                 self._log.error("node labeler failed", error=f"{type(err).__name__}: {err}")
+            if self._backoff:
+                # A failing API server is not asked again before the back-off is over, however
+                # often the agent's state moves meanwhile; the next try sees the latest state.
+                await anyio.sleep(self._backoff)
+                continue
             seen = self._states(snap)
 
             def moved(now: AgentSnapshot, seen: tuple[str, ...] = seen) -> bool:
@@ -164,12 +191,20 @@ class NodeLabeler:
         logged either way; bound it with a timeout.
         """
         try:
+            if self._maybe_set:
+                self._log.warning(
+                    "a node label request was interrupted by the stop; reading the node again",
+                    node=self.config.node_name,
+                    labels=sorted(self._maybe_set),
+                )
             if self._on_node is None:
                 await self._read_node()
-            stale = sorted(self._on_node or ())
+            # A merge patch that removes a key the node does not have changes nothing.
+            stale = sorted((self._on_node or set()) | self._maybe_set)
             if stale:
                 labels = await self._patch(dict.fromkeys(stale))
                 self._on_node = _ours(labels)
+                self._maybe_set.clear()
                 self._log.info("node labels removed", node=self.config.node_name, labels=stale)
         except KubeError as err:
             self._failed(err, "could not remove the node labels before exit")
@@ -209,26 +244,34 @@ class NodeLabeler:
         return wanted
 
     def _next_wake(self) -> float:
-        if self._backoff:
-            return self._backoff
         now = time.monotonic()
-        ends = [
+        ends = [self._next_resync - now]
+        ends += [
             watch.degraded_since + self.config.grace_seconds - now
             for watch in self._paths.values()
             if watch.degraded_since is not None
             and watch.key in (self._on_node or ())
             and now - watch.degraded_since < self.config.grace_seconds
         ]
-        return max(0.0, min(ends)) if ends else float("inf")
+        return max(0.0, min(ends))
 
-    async def _reconcile(self) -> None:
+    async def _reconcile(self, resync: bool = False) -> None:
         try:
-            if self._on_node is None:
+            known = self._on_node
+            if resync or self._on_node is None:
                 await self._read_node()
             on_node = self._on_node or set()
             wanted = self._wanted()
             changes: dict[str, str | None] = dict.fromkeys(sorted(on_node - wanted))
             changes.update(dict.fromkeys(sorted(wanted - on_node), LABEL_VALUE))
+            if resync and known is not None and known != on_node:
+                self._repairs += 1
+                self._log.warning(
+                    "node labels changed by someone else; putting them right",
+                    node=self.config.node_name,
+                    expected=sorted(known),
+                    found=sorted(on_node),
+                )
             if changes:
                 labels = await self._patch(changes)
                 self._on_node = _ours(labels)
@@ -242,7 +285,7 @@ class NodeLabeler:
                 await self._post(self._events[0])
                 self._events.popleft()
         except KubeError as err:
-            self._backoff = min(MAX_BACKOFF_SECONDS, max(1.0, self._backoff * 2))
+            self._backoff = min(MAX_BACKOFF_SECONDS, max(MIN_BACKOFF_SECONDS, self._backoff * 2))
             self._failed(err, f"Kubernetes API failed; next try in {self._backoff:g} s")
         else:
             self._backoff = 0.0
@@ -266,6 +309,13 @@ class NodeLabeler:
         except Exception as err:
             self._on_node = None
             raise KubeError("patch", _describe(err)) from err
+        except BaseException:
+            # Cancelled (the stop) while the request was in flight: the API server may have
+            # applied it. The node's labels are unknown until read again, and the keys
+            # this patch was setting may be there (see withdraw).
+            self._on_node = None
+            self._maybe_set.update(k for k, v in changes.items() if v is not None)
+            raise
 
     async def _post(self, event: NodeEvent) -> None:
         try:
@@ -318,7 +368,7 @@ class _LabelCollector(Collector):
     def describe(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         yield from self._families()
 
-    def _families(self) -> tuple[GaugeMetricFamily, CounterMetricFamily]:
+    def _families(self) -> tuple[GaugeMetricFamily, CounterMetricFamily, CounterMetricFamily]:
         return (
             GaugeMetricFamily(
                 "preloader_node_label",
@@ -330,14 +380,21 @@ class _LabelCollector(Collector):
                 "Failed Kubernetes API requests of the node labeler, by operation.",
                 labels=["operation"],
             ),
+            CounterMetricFamily(
+                "preloader_node_label_repairs",
+                "Periodic reads of the node that found its preloader.dev/ labels changed by "
+                "someone else (and put them right).",
+            ),
         )
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        gauge, counter = self._families()
+        gauge, counter, repairs = self._families()
         labels = self._labeler.labels()
         for path, key in self._labeler.config.keys:
             gauge.add_metric([path, key], 1 if labels.get(path) else 0)
         for operation, count in sorted(self._labeler.api_errors().items()):
             counter.add_metric([operation], count)
+        repairs.add_metric([], self._labeler.repairs())
         yield gauge
         yield counter
+        yield repairs
