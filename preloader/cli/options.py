@@ -462,11 +462,9 @@ start_min_rate_option: Callable[[_F], _F] = option(
     type=Size(),
     default="0",
     metavar="BYTES_PER_S",
-    show_default=True,
-    help="A read rate (bytes a second, e.g. 200MiB) that this node's storage never falls "
-    "below: a mount not measured yet is estimated at it, so /startz opens at once when "
-    "the plan's bytes could not take longer than --start-lead even at this rate (opened_by "
-    "'floor'), and a measured rate replaces it as soon as there is one. 0: no floor.",
+    help="A rate (bytes a second: 200MiB) the node's storage never reads below; a mount not "
+    "measured yet is estimated at it, so /startz opens at once if the plan could not take "
+    "longer than --start-lead at it (opened_by 'floor'). Default 0: no floor.",
 )
 
 
