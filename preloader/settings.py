@@ -254,6 +254,9 @@ class ServeConfig:
     :ivar timeout_policy: ``ready`` (become ready, loudly) or ``unready`` (stay unready).
     :ivar start_lead: seconds before the first pass's estimated end at which ``/startz``
         opens (see :mod:`preloader.agent.startgate`); 0 opens it with ``/readyz``.
+    :ivar start_min_rate: bytes per second the node's storage never reads below
+        (``--start-min-rate``): a mount not measured yet is estimated at it, so
+        ``/startz`` may open before the first measured estimate; ``None``: no floor.
     :ivar recheck_seconds: keep-warm interval; 0 turns keep-warm off.
     :ivar max_backoff_seconds: longest keep-warm interval after repeated losses.
     :ivar on_server_drop: what keep-warm does with files the server dropped after reading
@@ -274,6 +277,7 @@ class ServeConfig:
     timeout: float | None = None
     timeout_policy: TimeoutPolicy = "ready"
     start_lead: float = 0.0
+    start_min_rate: float | None = None
     recheck_seconds: float = 30.0
     max_backoff_seconds: float = 900.0
     on_server_drop: ServerDropPolicy = "rewarm"
@@ -295,6 +299,13 @@ class ServeConfig:
                 f"server drop policy {self.on_server_drop!r}: must be one of {choices}"
             )
         parse_start_lead(self.start_lead)
+        if self.start_min_rate is not None and not (
+            math.isfinite(self.start_min_rate) and self.start_min_rate > 0
+        ):
+            raise UsageError(
+                f"start min rate {self.start_min_rate!r}: must be a finite number of bytes "
+                "per second > 0 (PRELOADER_START_MIN_RATE / --start-min-rate)"
+            )
         if self.recheck_seconds < 0 or self.max_backoff_seconds < 0:
             raise UsageError("recheck and back-off seconds must not be negative")
 

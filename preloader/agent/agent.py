@@ -39,10 +39,11 @@ from ..kernel import reclaim
 from ..planning.budget import MemoryBudget, read_memory_budget
 from ..settings import DEFAULT_CONCURRENCY, ServeConfig
 from ..units import format_bytes, printable
+from .estimate import estimate_guard_bytes
 from .firstpass import FirstPass
 from .keepwarm import KeepWarm
 from .snapshot import FILE_STATES, AgentSnapshot, PathSnapshot, trim_reason
-from .startgate import StartGate, estimate_guard_bytes
+from .startgate import StartGate
 from .state import AgentEvents, PassContext, ServedPath
 
 __all__ = [
@@ -59,9 +60,10 @@ class Agent:
     :param config: the serve settings (paths, read options, readiness, keep-warm).
     :param on_event: called on the event loop for engine events (per-file errors, ...) and
         the agent's own: ``planned``, ``skipped``, ``warmed``, ``start``, ``ready``,
-        ``unready``, ``timeout``, ``start_lead_too_long``, ``rewarmed``, ``replanned``,
-        ``degraded``, ``recovered``, ``failed``. ``path`` is the file for engine events and
-        the served path for the agent's.
+        ``unready``, ``timeout``, ``start_lead_too_long``, ``first pass over`` (both
+        gates decided), ``rewarmed``, ``replanned``, ``degraded``, ``recovered``,
+        ``failed``. ``path`` is the file for engine events and the served path for the
+        agent's.
     """
 
     def __init__(
@@ -97,12 +99,18 @@ class Agent:
         self._budget: MemoryBudget | None = None
         self._proactive_reclaim: str | None = None  # read at start-up (reclaim.note)
         self._gate = StartGate(
-            config.start_lead, self._started, estimate_guard_bytes(readers, chunk_size)
+            config.start_lead,
+            self._started,
+            estimate_guard_bytes(readers, chunk_size),
+            policy=self._gate_policy(),
+            floor=config.start_min_rate,
         )
         if self._ready:
             self._gate.ready_opened(self._started)
         elif not self._models:  # no pass to wait for: decided now
             self._gate.pass_over(self._gate_policy())
+        elif self._missing:  # /readyz cannot open: no estimate may open /startz
+            self._gate.block(self._reason(()))
         context = PassContext(
             config,
             self._models,
@@ -114,7 +122,11 @@ class Agent:
             self._stopping,
         )
         self._first_pass = FirstPass(
-            context, self._gate, is_ready=lambda: self._ready, on_start=self._emit_start
+            context,
+            self._gate,
+            is_ready=lambda: self._ready,
+            on_start=self._emit_start,
+            known_unready=self._known_unready,
         )
         self._keep_warm = KeepWarm(
             context,
@@ -211,6 +223,7 @@ class Agent:
         if not self._models:
             if not self._missing:
                 self._emit(EventKind.READY, detail=self._reason(()))
+            self._emit_pass_over()
             self._events.changed()
             return
         # Small reads of /sys, on a worker thread as the memory budget's are.
@@ -226,12 +239,17 @@ class Agent:
                 if self._stop.is_set():
                     break
                 await self._first_pass.warm(model)
+                # Reads ahead of the warm-up that ended since the last check would go
+                # unseen once the next path (or the pass's end) reads over them.
+                await self._first_pass.check_ahead_now()
             group.cancel_scope.cancel()
         with self._deciding:
             self._first_pass_done = not self._stop.is_set()
             self._gate.pass_over(self._gate_policy() if self._first_pass_done else None)
             self._pass_ended = True
             self._update_ready()
+        if self._first_pass_done:  # after the decision: the line says what the gates say
+            self._emit_pass_over()
         self._events.changed()
 
     async def recheck(self) -> None:
@@ -292,6 +310,34 @@ class Agent:
             EventKind.START, detail=self._gate.snapshot(time.monotonic(), self._ready).reason
         )
         self._events.changed()
+
+    def _known_unready(self) -> str | None:
+        """Why ``/readyz`` cannot open when the first pass ends, known already (a missing
+        root, a path failed as a whole: an incomplete model, a planning failure, every
+        file failed), or ``None``."""
+        failed = [m for m in self._models if m.state == "failed"]
+        if not self._missing and not failed:
+            return None
+        if failed and not self._missing:
+            model = failed[0]
+            return model.failed_reason or f"{printable(model.root)}: every file failed to read"
+        return self._reason(())
+
+    def _emit_pass_over(self) -> None:
+        """Say that the first pass is over and how both gates were decided (logged once,
+        after the decision: what a reader of ``/readyz`` and ``/startz`` now sees)."""
+        snap = self.snapshot()
+        gate = self._gate.snapshot(time.monotonic(), snap.ready, snap.reason)
+        self._emit(
+            EventKind.FIRST_PASS_OVER,
+            detail=f"/readyz: {snap.reason}; /startz: {gate.reason}",
+            fields=(
+                ("ready", snap.ready),
+                ("startz", gate.open),
+                ("opened_by", gate.opened_by),
+                ("verdict", gate.verdict),
+            ),
+        )
 
     def _condition(self) -> bool:
         if self._missing:

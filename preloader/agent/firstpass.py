@@ -29,6 +29,7 @@ from ..planning.planner import Plan, build_plan
 from ..planning.specs import Skipped, sparse_note
 from ..settings import DEFAULT_HEADROOM
 from ..units import format_bytes, printable
+from .estimate import MountProgress
 from .startgate import AHEAD_CHECK_SECONDS, TICK_SECONDS, StartGate
 from .state import PassContext, ServedPath
 
@@ -43,6 +44,9 @@ class FirstPass:
     :param gate: the start gate the pass's progress feeds.
     :param is_ready: whether ``/readyz`` is open now (for the gate's snapshot).
     :param on_start: called when the estimate opens the start gate.
+    :param known_unready: why ``/readyz`` cannot open when the pass ends, if that is known
+        already (a path failed as a whole, a missing root); it keeps the estimate from
+        opening the start gate.
     """
 
     def __init__(
@@ -51,12 +55,14 @@ class FirstPass:
         gate: StartGate,
         is_ready: Callable[[], bool],
         on_start: Callable[[], None],
+        known_unready: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._context = context
         self._emit = context.events.emit
         self._gate = gate
         self._is_ready = is_ready
         self._on_start = on_start
+        self._known_unready = known_unready
 
     async def plan_all(self) -> None:
         seen: dict[tuple[int, int], str] = {}
@@ -259,18 +265,53 @@ class FirstPass:
         done = sum(min(m.progress.bytes_arrived, m.plan.total_bytes) for m in self._context.models)
         return done, sum(m.plan.total_bytes for m in self._context.models)
 
+    def _mounts(self) -> list[MountProgress]:
+        """The pass's progress per mount (a path's mount: the device of its first file);
+        paths failed as a whole are left out, nothing more of them will be read."""
+        mounts: dict[object, list[int]] = {}
+        for model in self._context.models:
+            if model.state == "failed" and model.warm_started is None:
+                continue
+            files = model.plan.files
+            key: object = files[0].dev if files else model.root
+            entry = mounts.setdefault(key, [0, 0, 0])
+            entry[0] += min(model.progress.bytes_arrived, model.plan.total_bytes)
+            entry[1] += model.plan.total_bytes
+            entry[2] |= model.warm_started is not None
+        return [
+            MountProgress(key, done, total, bool(started))
+            for key, (done, total, started) in mounts.items()
+        ]
+
     async def watch_start_gate(self) -> None:
-        """Sample the first pass, open the start gate by the estimate, watch for reads ahead."""
-        next_check = 0.0
+        """Sample the first pass, open the start gate by the estimate, watch for reads ahead.
+
+        The residency checks run beside the sampling, never in its way: a check that waits
+        on a stalled FUSE mount must not freeze the estimate.
+        """
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._watch_ahead)
+            while True:
+                cause = self._known_unready()
+                if cause is not None:
+                    self._gate.block(cause)
+                if self._gate.observe_mounts(time.monotonic(), self._mounts()):
+                    self._on_start()
+                await anyio.sleep(TICK_SECONDS)
+
+    async def _watch_ahead(self) -> None:
         while True:
-            now = time.monotonic()
-            done, total = self._first_pass_bytes()
-            if self._gate.observe(now, done, total):
-                self._on_start()
-            if self._gate.watching_ahead and now >= next_check:
+            if self._gate.watching_ahead:
                 await self._check_ahead()
-                next_check = time.monotonic() + AHEAD_CHECK_SECONDS
-            await anyio.sleep(TICK_SECONDS)
+                await anyio.sleep(AHEAD_CHECK_SECONDS)
+            else:
+                await anyio.sleep(TICK_SECONDS)
+
+    async def check_ahead_now(self) -> None:
+        """One residency check now, if the gate opened early and nothing is ahead yet
+        (at a path's end: the next path's reads would hide what got ahead)."""
+        if self._gate.watching_ahead:
+            await self._check_ahead()
 
     async def _check_ahead(self) -> None:
         concurrency = self._context.readers

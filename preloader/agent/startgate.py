@@ -7,15 +7,16 @@ back until the last byte is warm adds that start-up to the warm-up. The start ga
 ``lead`` seconds before the first pass's estimated end instead, so the two overlap; it
 also opens whenever ``/readyz`` does (at lead 0 only then), and once open it stays open.
 
-The estimate (:func:`estimate_seconds_left`) is the bytes the first pass has left over its
-read rate, the rate being the bytes read over the last :data:`WINDOW_SECONDS` of the pass
-(since its start while it is younger): a sliding-window mean, sampled every
+The estimate is the first pass's time left, summed over the mounts it reads from, each
+mount's bytes left over that mount's own read rate (:mod:`.estimate`), sampled every
 :data:`TICK_SECONDS`. Bytes count as they arrive, every read step of a chunk (8 MiB; see
 :attr:`.WarmProgress.bytes_arrived`), not when the chunk completes: a pass of a few 64 MiB
 chunks per stream would otherwise show nothing for a second and then a jump. There is no
-estimate before the pass has run :data:`MIN_SECONDS` and read :func:`estimate_guard_bytes`
-(the first bytes of a stream can land at once and promise an absurd rate), nor while no
-byte arrived in the window (a stall is no reason to start the server).
+estimate that opens the gate while a mount with bytes left has no rate past the guards
+(:data:`~.estimate.MIN_SECONDS` and :func:`~.estimate.estimate_guard_bytes`) and no floor
+rate stands in for it, nor while a mount stalls (a stall is no reason to start the
+server). While ``/readyz`` is known not to open (:meth:`StartGate.block`), nothing but
+``/readyz`` or the deadline opens it.
 
 Whether the lead was right (:func:`lead_verdict`): a server that starts early reads the
 shards in the order the warm-up reads them, behind it, from memory. If its start-up was
@@ -32,34 +33,22 @@ front ends read :meth:`StartGate.snapshot`, which does no I/O.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .estimate import MIN_SECONDS, MountProgress, MountRates
+
 __all__ = [
     "AHEAD_CHECK_SECONDS",
-    "MIN_SECONDS",
+    "EARLY",
     "OPENED_BY",
     "TICK_SECONDS",
     "VERDICTS",
-    "WINDOW_SECONDS",
-    "RateSample",
     "StartGate",
     "StartGateSnapshot",
     "ahead_bytes",
-    "estimate_guard_bytes",
-    "estimate_seconds_left",
     "lead_verdict",
 ]
-
-WINDOW_SECONDS = 20.0
-"""The read rate is the mean over this many seconds of the first pass."""
-
-MIN_SECONDS = 0.25
-"""No estimate before the first pass has run this long. Short on purpose: a gate that opens
-too early starts the server beside the warm-up, which is what a postStart hook does anyway,
-while one that waits for a long guard adds the guard to a short warm-up (local disk: 2 GiB
-in 0.5-1 s) and to the server's start after it."""
 
 TICK_SECONDS = 0.1
 """How often the agent samples the first pass's progress and decides the gate."""
@@ -67,76 +56,17 @@ TICK_SECONDS = 0.1
 AHEAD_CHECK_SECONDS = 2.0
 """How often residency is measured between the start gate and the first pass's end."""
 
-OPENED_BY = ("estimate", "ready", "timeout")
-"""What opened the start gate: the estimate fell to the lead, ``/readyz`` opened, or the
-``PRELOADER_TIMEOUT`` deadline passed under the ``ready`` policy."""
+OPENED_BY = ("estimate", "floor", "ready", "timeout")
+"""What opened the start gate: the estimate fell to the lead (``floor``: with the
+operator's floor rate standing in for a mount not measured yet, so possibly before the
+first measured estimate), ``/readyz`` opened, or the ``PRELOADER_TIMEOUT`` deadline passed
+under the ``ready`` policy."""
+
+EARLY = ("estimate", "floor")
+"""The openings before ``/readyz``: the server may start beside the warm-up."""
 
 VERDICTS = ("pending", "together", "behind", "caught_up", "unknown", "unready")
 """Label values of ``preloader_start_lead_verdict``; see :func:`lead_verdict`."""
-
-
-@dataclass(frozen=True)
-class RateSample:
-    """The first pass's progress at one moment: monotonic seconds, bytes read."""
-
-    seconds: float
-    bytes_done: int
-
-
-def estimate_seconds_left(
-    samples: Sequence[RateSample],
-    bytes_left: int,
-    *,
-    window: float = WINDOW_SECONDS,
-    min_seconds: float = MIN_SECONDS,
-    min_bytes: int = 0,
-) -> float | None:
-    """Seconds the first pass has left: ``bytes_left`` over the windowed read rate.
-
-    :param samples: progress samples in time order; the first is the pass's start.
-    :param bytes_left: planned bytes not read yet.
-    :param window: the rate is measured from the newest sample back to the newest sample
-        at least this many seconds older (to the first sample while the pass is younger).
-    :param min_seconds: no estimate until the samples span this long.
-    :param min_bytes: nor until this many bytes arrived over them.
-    :return: the estimate, 0 when nothing is left, or ``None`` when there is too little
-        data (the samples span less than ``min_seconds`` or ``min_bytes``) or no byte
-        arrived in the window.
-    """
-    if len(samples) < 2:
-        return None
-    newest = samples[-1]
-    if newest.seconds - samples[0].seconds < min_seconds:
-        return None
-    if bytes_left > 0 and newest.bytes_done - samples[0].bytes_done < min_bytes:
-        return None
-    oldest = samples[0]
-    for sample in samples:
-        if newest.seconds - sample.seconds < window:
-            break
-        oldest = sample
-    span = newest.seconds - oldest.seconds
-    if span <= 0:
-        return None
-    if bytes_left <= 0:
-        return 0.0
-    rate = (newest.bytes_done - oldest.bytes_done) / span
-    if rate <= 0:
-        return None
-    return bytes_left / rate
-
-
-def estimate_guard_bytes(concurrency: int, chunk_size: int) -> int:
-    """Bytes the first pass must have read before its rate is trusted: one chunk per
-    worker and one more.
-
-    Each stream's first bytes come in a burst on storage that fetches ahead (s3fs loads
-    50 MB with parallel GETs at the first read of a file): with the 0.25 s guard alone,
-    the s3fs end-to-end runs opened ``/startz`` at lead 8 s 8.1-12.3 s before the warm-up's
-    end (8.0-9.6 s with this guard, then counted per chunk). On a local disk this many
-    bytes take less than the time guard.
-    """
-    return (max(1, concurrency) + 1) * chunk_size
 
 
 def ahead_bytes(resident_bytes: int, read_bytes: int, baseline: int) -> int:
@@ -173,7 +103,7 @@ def lead_verdict(
     waiting = "unready" if pass_over else "pending"
     if opened_by is None:
         return waiting
-    if opened_by != "estimate":
+    if opened_by not in EARLY:
         return "together"
     if caught_up:
         return "caught_up"
@@ -247,13 +177,27 @@ class StartGate:
     :param started: the agent's start (monotonic seconds).
     :param min_bytes: no estimate before the first pass has read this much (at most a
         quarter of it): see :func:`estimate_guard_bytes`.
+    :param floor: bytes per second the node's storage never reads below
+        (``--start-min-rate``): it stands in for a mount with no measured rate yet, see
+        :class:`~.estimate.MountRates`.
+    :param policy: what decides the gate when ``/readyz`` cannot open (the
+        ``PRELOADER_TIMEOUT`` policy), named in the reason of a gate :meth:`block` keeps
+        shut.
     """
 
-    def __init__(self, lead: float, started: float, min_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        lead: float,
+        started: float,
+        min_bytes: int = 0,
+        policy: str | None = None,
+        floor: float | None = None,
+    ) -> None:
         self.lead = lead
+        self._decides = policy or "it opens only with /readyz"
         self._started = started
-        self._min_bytes = min_bytes
-        self._samples: deque[RateSample] = deque()
+        self._rates = MountRates(min_bytes, floor)
+        self._floor = floor
         self._estimate: float | None = None
         self._opened_by: str | None = None
         self._opened_at: float | None = None
@@ -265,6 +209,7 @@ class StartGate:
         self._measurable = True
         self._caught_up = False
         self._policy: str | None = None  # set when the first pass is over
+        self._blocked: str | None = None  # why /readyz cannot open, known before the end
 
     @property
     def is_open(self) -> bool:
@@ -277,27 +222,33 @@ class StartGate:
     @property
     def watching_ahead(self) -> bool:
         """Whether the start gate opened early and nothing has been seen ahead yet."""
-        return self._opened_by == "estimate" and not self._caught_up and self._measurable
+        return self._opened_by in EARLY and not self._caught_up and self._measurable
 
     def observe(self, now: float, bytes_done: int, bytes_total: int) -> bool:
-        """Sample the first pass; open the gate when the estimate is at most the lead.
+        """:meth:`observe_mounts` for a pass on one mount, started."""
+        return self.observe_mounts(now, [MountProgress("", bytes_done, bytes_total, True)])
+
+    def observe_mounts(self, now: float, mounts: Sequence[MountProgress]) -> bool:
+        """Sample the first pass, per mount; open the gate when the estimate is at most
+        the lead.
 
         :return: whether this call opened the gate.
         """
-        self._samples.append(RateSample(now, bytes_done))
-        # Keep one sample older than the window, so the window always has its full span.
-        while len(self._samples) > 2 and now - self._samples[1].seconds > WINDOW_SECONDS:
-            self._samples.popleft()
-        self._estimate = estimate_seconds_left(
-            self._samples,
-            bytes_total - bytes_done,
-            min_bytes=min(self._min_bytes, bytes_total // 4),
-        )
-        estimate = self._estimate
-        if self.lead > 0 and not self.is_open and estimate is not None and estimate <= self.lead:
-            self._estimate_at_open = estimate
-            return self.open(now, "estimate")
+        estimate = self._rates.observe(now, mounts)
+        self._estimate = estimate.seconds
+        if self._blocked is not None or not estimate.trusted or estimate.seconds is None:
+            return False
+        if self.lead > 0 and not self.is_open and estimate.seconds <= self.lead:
+            self._estimate_at_open = estimate.seconds
+            return self.open(now, "floor" if estimate.floor else "estimate")
         return False
+
+    def block(self, cause: str) -> None:
+        """``/readyz`` is known not to open when the pass ends (a path failed, an
+        incomplete model, a missing root): no estimate opens the gate from now on, and
+        the reason names ``cause``. ``/readyz`` and the deadline still open it.
+        """
+        self._blocked = cause
 
     def open(self, now: float, by: str) -> bool:
         """Open the gate (it stays open); :return: whether it was closed."""
@@ -320,7 +271,7 @@ class StartGate:
             ``PRELOADER_TIMEOUT`` policy), named in the reason; ``None`` when the pass was
             stopped rather than finished.
         """
-        self._estimate = 0.0 if self._samples else None
+        self._estimate = 0.0 if self._rates.sampled else None
         self._policy = policy
 
     def measured(self, resident_bytes: int | None, read_bytes: int, slack: int) -> bool:
@@ -386,6 +337,13 @@ class StartGate:
                 f"open: the first pass's estimated time left was "
                 f"{self._estimate_at_open or 0.0:.1f} s, within the lead of {self.lead:g} s"
             )
+        if self._opened_by == "floor":
+            return (
+                f"open: the first pass's estimated time left was "
+                f"{self._estimate_at_open or 0.0:.1f} s at most (mounts not measured yet at "
+                f"the floor rate of {self._floor or 0:g} B/s, PRELOADER_START_MIN_RATE), "
+                f"within the lead of {self.lead:g} s"
+            )
         if self._opened_by == "ready":
             return "open: /readyz opened"
         if self._opened_by == "timeout":
@@ -394,6 +352,8 @@ class StartGate:
             # The pass is over: no estimate will open it, only /readyz or the deadline.
             why = cause or "/readyz is closed"
             return f"closed: the first pass is over and /readyz is closed ({why}); {self._policy}"
+        if self._blocked is not None:
+            return f"closed: /readyz cannot open ({self._blocked}); {self._decides}"
         if self.lead <= 0:
             return "closed: opens with /readyz (start lead 0)"
         if self._estimate is None:

@@ -60,6 +60,7 @@ __all__ = [
     "node_label_options",
     "read_options",
     "selection_options",
+    "start_min_rate_option",
     "timeout_option",
 ]
 
@@ -452,6 +453,18 @@ best_effort_option: Callable[[_F], _F] = flag_option(
     "--best-effort",
     envvar="PRELOADER_BEST_EFFORT",
     help="Always exit 0 (log what went wrong): a failing postStart hook kills the container.",
+)
+
+
+start_min_rate_option: Callable[[_F], _F] = option(
+    "--start-min-rate",
+    envvar="PRELOADER_START_MIN_RATE",
+    type=Size(),
+    default="0",
+    metavar="BYTES_PER_S",
+    help="A rate (bytes a second: 200MiB) the node's storage never reads below; a mount not "
+    "measured yet is estimated at it, so /startz opens at once if the plan could not take "
+    "longer than --start-lead at it (opened_by 'floor'). Default 0: no floor.",
 )
 
 

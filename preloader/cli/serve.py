@@ -28,6 +28,7 @@ from .options import (
     option,
     read_options,
     selection_options,
+    start_min_rate_option,
     timeout_option,
 )
 from .outcome import SERVE_EXIT_CODES_HELP, execute
@@ -47,6 +48,7 @@ class ServeFlags:
     timeout: float
     timeout_policy: TimeoutPolicy
     start_lead: str
+    start_min_rate: int
     recheck_seconds: float
     max_backoff: float
     on_server_drop: ServerDropPolicy
@@ -114,11 +116,13 @@ class ServeFlags:
     default="0",
     show_default=True,
     help="/startz (the server container's startupProbe) opens once the first pass's "
-    "estimated time left (bytes left over the read rate of the last 20 s; no estimate "
-    "before 2 s of reading) is at most this, so the server's own start-up overlaps the "
-    "warm-up's tail; it also opens with /readyz, and at --timeout under policy 'ready'. "
+    "estimated time left (per mount, bytes left over its read rate of the last 20 s; no "
+    "estimate before 0.25 s and a few chunks of reading) is at most this, so the "
+    "server's own start-up overlaps the warm-up's tail; it also opens with /readyz, and "
+    "at --timeout under policy 'ready'. "
     "0: together with /readyz. Set it to about the server's start-up time.",
 )
+@start_min_rate_option
 @number_option(
     "--recheck-seconds",
     "PRELOADER_RECHECK_SECONDS",
@@ -178,6 +182,7 @@ def serve(
             timeout=flags.timeout or None,
             timeout_policy=flags.timeout_policy,
             start_lead=parse_start_lead(flags.start_lead),
+            start_min_rate=flags.start_min_rate or None,
             recheck_seconds=flags.recheck_seconds,
             max_backoff_seconds=flags.max_backoff,
             on_server_drop=flags.on_server_drop,

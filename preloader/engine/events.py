@@ -51,6 +51,7 @@ class EventKind(str, enum.Enum):
     REPLANNED = "replanned"
     START = "start"
     START_LEAD_TOO_LONG = "start_lead_too_long"
+    FIRST_PASS_OVER = "first pass over"  # noqa: S105 - an event name, not a secret
     READY = "ready"
     UNREADY = "unready"
     TIMEOUT = "timeout"
@@ -76,12 +77,14 @@ class EngineEvent:
     :ivar path: the file or served path it is about, if any.
     :ivar detail: the human-readable cause or state.
     :ivar reason: for ``file_error`` and ``failed``: why, as a metric label.
+    :ivar fields: more structured fields for ``serve``'s log line (name, JSON value).
     """
 
     kind: EventKind
     path: str = ""
     detail: str = ""
     reason: ErrorReason | None = None
+    fields: tuple[tuple[str, object], ...] = ()
 
 
 class Emitter:
@@ -100,9 +103,10 @@ class Emitter:
         path: str = "",
         detail: str = "",
         reason: ErrorReason | None = None,
+        fields: tuple[tuple[str, object], ...] = (),
     ) -> None:
         if self.on_event is not None:
-            self.on_event(EngineEvent(kind, path, detail, reason))
+            self.on_event(EngineEvent(kind, path, detail, reason, fields))
 
 
 LEVELS: dict[EventKind, int] = {
@@ -156,4 +160,5 @@ def log_event(event: EngineEvent, *, worded: bool = False) -> None:
             fields["path"] = printable(event.path)
         if event.detail:
             fields["detail"] = event.detail
+        fields.update(event.fields)
     get_logger().log(level, name, **fields)

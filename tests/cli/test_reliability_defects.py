@@ -102,9 +102,10 @@ def test_serve_keeps_the_gate_shut_on_an_incomplete_model(
     warm = run_cli("warm", str(model))
     assert warm.returncode == errors.EXIT_INCOMPLETE_MODEL
     server = track(served, str(model), "--recheck-seconds", "0")
-    # The path's `failed` line is logged once its state is set; the `incomplete model`
-    # line before it, while the HTTP thread may still see the path warming.
-    server.wait_for_log(lambda entry: entry["event"] == "failed")
+    # `first pass over` is logged once readiness and the start gate are decided; the
+    # `failed` and `incomplete model` lines come before the decision.
+    over = server.wait_for_log(lambda entry: entry["event"] == "first pass over")
+    assert (over["ready"], over["startz"], over["verdict"]) == (False, False, "unready")
     line = server.wait_for_log(lambda entry: entry["event"] == "incomplete model")
     assert line["level"] == "error" and "model-00002-of-00002" in line["detail"]
     status, body = server.json("/readyz")

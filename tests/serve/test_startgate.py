@@ -9,16 +9,15 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from preloader.agent.startgate import (
+from preloader.agent.estimate import (
     MIN_SECONDS,
     WINDOW_SECONDS,
+    MountProgress,
     RateSample,
-    StartGate,
-    ahead_bytes,
     estimate_guard_bytes,
     estimate_seconds_left,
-    lead_verdict,
 )
+from preloader.agent.startgate import StartGate, ahead_bytes, lead_verdict
 from preloader.errors import UsageError
 from preloader.settings import parse_start_lead
 
@@ -519,3 +518,95 @@ def test_a_gate_still_shut_when_the_pass_is_over_never_gives_a_false_estimate() 
         "closed: the first pass is over and /readyz is closed (/m: 2 files failed); "
         "no PRELOADER_TIMEOUT is set: it opens only with /readyz"
     )
+
+
+def test_a_blocked_gate_ignores_the_estimate_and_names_the_cause() -> None:
+    gate = StartGate(lead=1000.0, started=0.0, policy="it opens only with /readyz")
+    gate.block("incomplete model: /m/b.safetensors: missing")
+    assert _feed(gate, 100, 10_000, until=9.0) is None  # the estimate alone would open it
+    snap = gate.snapshot(9.0, ready=False)
+    assert snap.estimate_seconds is not None and not snap.open
+    assert snap.reason == (
+        "closed: /readyz cannot open (incomplete model: /m/b.safetensors: missing); "
+        "it opens only with /readyz"
+    )
+    gate.ready_opened(10.0)  # /readyz (or the deadline) still opens it
+    assert gate.snapshot(10.0, ready=True).opened_by == "ready"
+
+
+# ------------------------------------------------------------------ per mount, floor, stall
+
+
+def _mounts(fast: int, slow: int, slow_started: bool) -> list[MountProgress]:
+    """A local mount of 1,000 bytes, read, then a slow one of 10,000 bytes."""
+    return [
+        MountProgress("local", fast, 1000, True),
+        MountProgress("fuse", slow, 10_000, slow_started),
+    ]
+
+
+def test_a_mount_not_read_yet_leaves_no_estimate_that_opens_the_gate() -> None:
+    gate = StartGate(lead=3.0, started=0.0)
+    # The local mount is read at 4,000 B/s: one rate for the pass would promise 2.75 s.
+    for step in range(5):
+        assert not gate.observe_mounts(step * 0.1, _mounts(min(1000, 400 * step), 0, False))
+    assert gate.snapshot(0.4, ready=False).estimate_seconds is None
+
+
+def test_each_mount_is_estimated_at_its_own_rate() -> None:
+    gate = StartGate(lead=3.0, started=0.0)
+    gate.observe_mounts(0.0, _mounts(0, 0, False))
+    gate.observe_mounts(0.5, _mounts(1000, 0, True))  # the slow mount starts
+    opened = None
+    for tick in range(1, 200):
+        now = 0.5 + tick * 0.1
+        if gate.observe_mounts(now, _mounts(1000, 100 * tick, True)):  # 1,000 B/s
+            opened = now
+            break
+    # 3 s left at 1,000 B/s: 7,000 of 10,000 bytes read, 7.5 s into the pass.
+    assert opened == pytest.approx(7.5)
+    snap = gate.snapshot(opened, ready=False)
+    assert snap.opened_by == "estimate" and snap.estimate_at_open_seconds == pytest.approx(3.0)
+
+
+def test_a_floor_rate_opens_the_gate_before_any_estimate_when_the_plan_is_short() -> None:
+    gate = StartGate(lead=30.0, started=0.0, floor=1000.0)
+    # 11,000 bytes at no less than 1,000 B/s: at most 11 s, within the lead of 30 s.
+    assert gate.observe_mounts(0.0, _mounts(0, 0, False)) is True
+    snap = gate.snapshot(0.0, ready=False)
+    assert snap.opened_by == "floor" and snap.estimate_at_open_seconds == pytest.approx(11.0)
+    assert snap.reason.startswith("open: the first pass's estimated time left was 11.0 s at most")
+    assert gate.watching_ahead  # an early opening: the lead's verdict is measured
+
+
+def test_a_floor_never_opens_the_gate_for_a_plan_longer_than_the_lead() -> None:
+    gate = StartGate(lead=5.0, started=0.0, floor=1000.0)
+    assert gate.observe_mounts(0.0, _mounts(0, 0, False)) is False  # at most 11 s: too long
+    assert gate.snapshot(0.0, ready=False).estimate_seconds == pytest.approx(11.0)
+    # A measured rate replaces the floor: 100 B/s on the local mount is slower.
+    for tick in range(1, 5):
+        assert not gate.observe_mounts(tick * 0.1, _mounts(10 * tick, 0, False))
+    assert gate.snapshot(0.4, ready=False).estimate_seconds == pytest.approx(960 / 100 + 10.0)
+
+
+def test_through_a_stall_the_estimate_grows_and_never_opens_the_gate() -> None:
+    gate = StartGate(lead=1000.0, started=0.0, min_bytes=10**9)
+    for second in range(6):  # 100 B/s for 5 s: a quarter of 2,000 bytes at the end
+        gate.observe(float(second), 100 * second, 2000)
+    assert gate.is_open  # the estimate opened it (1,500 B left at 100 B/s)
+    shown = []
+    for second in range(6, 80, 8):  # then nothing arrives, for longer than the window
+        assert not gate.observe(float(second), 500, 2000)
+        shown.append(gate.snapshot(float(second), ready=False).estimate_seconds)
+    assert all(value is not None for value in shown)
+    assert shown == sorted(shown) and len(set(shown)) == len(shown)  # grows at every sample
+
+
+def test_a_stall_keeps_a_shut_gate_shut() -> None:
+    gate = StartGate(lead=100.0, started=0.0, min_bytes=10**9)
+    gate.observe(0.0, 0, 100_000)
+    gate.observe(1.0, 1000, 100_000)  # 1,000 B/s, too little for the guard (a quarter)
+    for second in range(2, 60, 5):
+        assert not gate.observe(float(second), 1000, 100_000)
+    snap = gate.snapshot(60.0, ready=False)
+    assert not snap.open and snap.estimate_seconds is not None
