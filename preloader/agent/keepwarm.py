@@ -41,8 +41,8 @@ class KeepWarm:
     :param round_done: awaited after a round that checked a path (the agent reads the
         memory budget again).
     :param replan_if_changed: awaited at each check, before measuring (``False``) and
-        when files could not be measured (``True``): plans and warms the path again when
-        it holds another revision now, and says whether it did.
+        when files could not be measured or grew (``True``): plans and warms the path
+        again when it holds another revision now, and says whether it did.
     """
 
     def __init__(
@@ -96,8 +96,11 @@ class KeepWarm:
             model.next_check = time.monotonic() + model.interval
             return
         measured = await measure_chunks(model.plan, self._context.chunk_size, self._context.readers)
-        failed = any(item.error is not None for item in measured)
-        if failed and replan is not None and await replan(model, True):
+        # A planned file that grew (still being written, or appended to) is planned and
+        # warmed again with its new size, as a file replaced in place is; while it keeps
+        # growing, each check does so again ("warm again once it is complete").
+        changed = any(item.error is not None or item.grown_to is not None for item in measured)
+        if changed and replan is not None and await replan(model, True):
             model.next_check = time.monotonic() + model.interval
             return
         self._find_drops(model, measured)

@@ -132,6 +132,36 @@ async def test_a_loss_after_a_clean_check_is_not_a_repeat(model_dir: Path) -> No
     assert path.state == "ready" and path.recheck_seconds == 30.0
 
 
+@needs_vmtouch
+async def test_a_file_that_grew_after_the_first_pass_is_planned_and_warmed_again(
+    model_dir: Path,
+) -> None:
+    events: list[EngineEvent] = []
+    agent = Agent(_config(model_dir), events.append)
+    await agent.start_up()
+    planned = agent.snapshot().paths[0].bytes
+    shard = sorted(model_dir.glob("*.safetensors"))[1]
+    size, mtime_ns = shard.stat().st_size, shard.stat().st_mtime_ns
+    with shard.open("ab") as out:  # still being written after the first pass
+        out.write(os.urandom(3 * MiB + 5))
+        out.flush()
+        os.fsync(out.fileno())  # written back: clean pages can be evicted
+    os.utime(shard, ns=(mtime_ns, mtime_ns + 1_000_000_000))  # a write's new mtime, surely
+    evict_tree(shard)  # the appended bytes were never read by the pass
+    assert vmtouch_resident(shard)[0] == 0
+
+    await agent.recheck()
+    snap = agent.snapshot()
+    [path] = snap.paths
+    assert path.bytes == planned + 3 * MiB + 5  # the plan has the file's new size
+    [said] = [e for e in events if e.kind is EventKind.REPLANNED]
+    assert str(shard) in said.detail
+    assert f"grew from {size} to {size + 3 * MiB + 5} bytes" in said.detail
+    assert (path.state, path.resident_bytes) == ("ready", path.bytes)
+    pages, total = vmtouch_resident(shard)
+    assert pages == total  # the grown file is warm, appended bytes and all
+
+
 @pytest.mark.parametrize(
     ("damage", "reason"),
     [("delete", "read"), ("replace", "changed")],
