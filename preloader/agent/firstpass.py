@@ -75,9 +75,9 @@ class FirstPass:
 
         Another revision: the root resolves elsewhere (a link switched to another snapshot
         folder), or, when ``files_failed`` (a keep-warm measurement could not open some
-        planned files), a fresh walk finds a planned file's path with another size or
-        modification time (files replaced). A file only removed is not a new revision: it
-        stays a counted error, retried. Metadata only.
+        planned files, or found one grown), a fresh walk finds a planned file's path with
+        another size or modification time (files replaced, or grown). A file only removed
+        is not a new revision: it stays a counted error, retried. Metadata only.
 
         :return: whether it planned and warmed the path again.
         """
@@ -95,14 +95,18 @@ class FirstPass:
             return False
         found = {spec.path: (spec.size, spec.mtime_ns) for spec in walked[0].files}
         replaced = [
-            spec.path
+            (spec, found[spec.path][0])
             for spec in model.plan.files
             if found.get(spec.path, (spec.size, spec.mtime_ns)) != (spec.size, spec.mtime_ns)
         ]
         if not replaced:  # a file only gone stays a counted error, retried
             return False
-        where = printable(replaced[0])
-        await self._replan(model, f"{len(replaced)} planned files replaced (first {where})")
+        first, size_now = replaced[0]
+        how = f"grew from {first.size} to {size_now} bytes" if size_now > first.size else "replaced"
+        await self._replan(
+            model,
+            f"{len(replaced)} planned files changed (first {printable(first.path)}: {how})",
+        )
         return True
 
     async def _replan(self, model: ServedPath, why: str) -> None:

@@ -20,7 +20,7 @@ import anyio
 from ..engine.events import EventKind
 from ..engine.keepwarm import ChunkResidency, measure_chunks
 from ..engine.residency import eviction_causes
-from ..engine.warm import rewarm_chunks
+from ..engine.warm import RewarmReport, rewarm_chunks
 from ..planning.specs import Chunk, iter_chunks
 from ..units import format_bytes
 from .serverdrop import describe, dropped_by_reader, shadow_prunes
@@ -41,8 +41,8 @@ class KeepWarm:
     :param round_done: awaited after a round that checked a path (the agent reads the
         memory budget again).
     :param replan_if_changed: awaited at each check, before measuring (``False``) and
-        when files could not be measured (``True``): plans and warms the path again when
-        it holds another revision now, and says whether it did.
+        when files could not be measured or grew (``True``): plans and warms the path
+        again when it holds another revision now, and says whether it did.
     """
 
     def __init__(
@@ -96,8 +96,11 @@ class KeepWarm:
             model.next_check = time.monotonic() + model.interval
             return
         measured = await measure_chunks(model.plan, self._context.chunk_size, self._context.readers)
-        failed = any(item.error is not None for item in measured)
-        if failed and replan is not None and await replan(model, True):
+        # A planned file that grew (still being written, or appended to) is planned and
+        # warmed again with its new size, as a file replaced in place is; while it keeps
+        # growing, each check does so again ("warm again once it is complete").
+        changed = any(item.error is not None or item.grown_to is not None for item in measured)
+        if changed and replan is not None and await replan(model, True):
             model.next_check = time.monotonic() + model.interval
             return
         self._find_drops(model, measured)
@@ -194,6 +197,17 @@ class KeepWarm:
             measured = await measure_chunks(
                 model.plan, self._context.chunk_size, self._context.readers
             )
+            if model.degraded_reason is not None and _restored(measured, keys, report):
+                # The node held what was read again: the path is whole now, so it is not
+                # degraded (nor unlabelled) for the backed-off interval. The strikes and
+                # the interval stay: the next loss of these pages degrades it again.
+                model.degraded_reason = None
+                self._emit(
+                    EventKind.RECOVERED,
+                    model.root,
+                    "every lost page is resident again after the re-read; next check in "
+                    f"{model.interval:g} s",
+                )
             model.apply_measurement(measured)
 
     def _all_chunks(self, model: ServedPath, index: int) -> list[Chunk]:
@@ -203,3 +217,26 @@ class KeepWarm:
             for chunk in iter_chunks([spec], self._context.chunk_size)
             if chunk.length > 0
         ]
+
+
+def _restored(
+    measured: Sequence[ChunkResidency], keys: set[tuple[int, int]], report: RewarmReport
+) -> bool:
+    """Whether the re-read brought back every chunk in ``keys``, as measured just after it.
+
+    :param measured: the measurement taken right after the re-read.
+    :param keys: ``(file_index, chunk_index)`` of the chunks that were re-read.
+    :param report: the re-read's report (an error or an interruption restores nothing).
+    :return: ``True`` when each re-read file is measured and none of those chunks lacks a page.
+    """
+    if report.errors or report.interrupted:
+        return False
+    files = {file_index for file_index, _ in keys}
+    for item in measured:
+        if item.file_index not in files:
+            continue
+        if item.error is not None or item.resident_bytes is None:
+            return False
+        if any((chunk.file_index, chunk.index) in keys for chunk in item.lost):
+            return False
+    return True

@@ -48,6 +48,9 @@ class ChunkResidency(NamedTuple):
         pages of it the kernel counts as evicted (``nr_evicted``: reclaim leaves a shadow
         entry for each page it takes; ``POSIX_FADV_DONTNEED``, truncation and
         ``drop_caches`` leave none). ``None`` where not measured (a whole file, mincore).
+    :ivar grown_to: the file's size now, where it grew since planning (the same file,
+        larger, with another modification time: still being written, or appended to);
+        only the planned bytes are measured. ``None`` otherwise.
     """
 
     file_index: int
@@ -58,6 +61,7 @@ class ChunkResidency(NamedTuple):
     reason: str | None = None
     error: str | None = None
     evicted_pages: int | None = None
+    grown_to: int | None = None
 
 
 def _file_chunks(file_index: int, spec: FileSpec, chunk_size: int) -> tuple[Chunk, ...]:
@@ -122,7 +126,24 @@ def _measure_file(index: int, spec: FileSpec, chunk_size: int) -> ChunkResidency
 
 
 def _measure_open(fd: int, index: int, spec: FileSpec, chunk_size: int) -> ChunkResidency:
-    """Measure the planned file open as ``fd``; the caller closes it."""
+    """Measure the planned file open as ``fd`` (its planned bytes), and say whether it
+    grew since planning; the caller closes it."""
+    measured = _measure_planned(fd, index, spec, chunk_size)
+    if measured.error is not None:
+        return measured
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return measured
+    # Larger with the planned mtime: the plan covers a prefix (a trim to the memory budget
+    # cut it there), not a file that grew.
+    if st.st_size > spec.size and st.st_mtime_ns != spec.mtime_ns:
+        return measured._replace(grown_to=st.st_size)
+    return measured
+
+
+def _measure_planned(fd: int, index: int, spec: FileSpec, chunk_size: int) -> ChunkResidency:
+    """Measure the planned bytes of the file open as ``fd``; the caller closes it."""
     try:
         if spec.size == 0:
             return ChunkResidency(index, spec.path, 0, 0)

@@ -92,7 +92,10 @@ async def test_a_clean_recheck_reads_nothing(model_dir: Path) -> None:
 
 
 async def test_pages_lost_again_and_again_degrade_and_back_off(model_dir: Path) -> None:
-    agent = Agent(_config(model_dir, recheck_seconds=30.0, max_backoff_seconds=100.0))
+    events: list[EngineEvent] = []
+    agent = Agent(
+        _config(model_dir, recheck_seconds=30.0, max_backoff_seconds=100.0), events.append
+    )
     await agent.start_up()
     intervals = []
     states = []
@@ -103,11 +106,14 @@ async def test_pages_lost_again_and_again_degrade_and_back_off(model_dir: Path) 
         intervals.append(path.recheck_seconds)
         states.append(path.state)
         assert path.resident_bytes == path.bytes  # re-read all the same
-    assert states == ["ready"] * (DEGRADE_AFTER - 1) + ["degraded"] * 3
+    # Each repeated loss degrades the path and backs off; each re-read here restores every
+    # page, so the path is whole (ready) again after it, while the backed-off interval stays.
     assert intervals == [30.0] * (DEGRADE_AFTER - 1) + [60.0, 100.0, 100.0]
-    snap = agent.snapshot()
-    assert snap.state == "degraded" and snap.ready  # latched
-    assert "lost again" in (snap.paths[0].degraded_reason or "")
+    assert states == ["ready"] * (DEGRADE_AFTER + 2)
+    kinds = [e.kind for e in events if e.kind in (EventKind.DEGRADED, EventKind.RECOVERED)]
+    assert kinds == [EventKind.DEGRADED, EventKind.RECOVERED] * 3
+    degraded = [e for e in events if e.kind is EventKind.DEGRADED]
+    assert "lost again" in degraded[-1].detail
 
     await agent.recheck()  # nothing lost this time
     [path] = agent.snapshot().paths
@@ -124,6 +130,36 @@ async def test_a_loss_after_a_clean_check_is_not_a_repeat(model_dir: Path) -> No
         await agent.recheck()  # clean again after each re-read
     [path] = agent.snapshot().paths
     assert path.state == "ready" and path.recheck_seconds == 30.0
+
+
+@needs_vmtouch
+async def test_a_file_that_grew_after_the_first_pass_is_planned_and_warmed_again(
+    model_dir: Path,
+) -> None:
+    events: list[EngineEvent] = []
+    agent = Agent(_config(model_dir), events.append)
+    await agent.start_up()
+    planned = agent.snapshot().paths[0].bytes
+    shard = sorted(model_dir.glob("*.safetensors"))[1]
+    size, mtime_ns = shard.stat().st_size, shard.stat().st_mtime_ns
+    with shard.open("ab") as out:  # still being written after the first pass
+        out.write(os.urandom(3 * MiB + 5))
+        out.flush()
+        os.fsync(out.fileno())  # written back: clean pages can be evicted
+    os.utime(shard, ns=(mtime_ns, mtime_ns + 1_000_000_000))  # a write's new mtime, surely
+    evict_tree(shard)  # the appended bytes were never read by the pass
+    assert vmtouch_resident(shard)[0] == 0
+
+    await agent.recheck()
+    snap = agent.snapshot()
+    [path] = snap.paths
+    assert path.bytes == planned + 3 * MiB + 5  # the plan has the file's new size
+    [said] = [e for e in events if e.kind is EventKind.REPLANNED]
+    assert str(shard) in said.detail
+    assert f"grew from {size} to {size + 3 * MiB + 5} bytes" in said.detail
+    assert (path.state, path.resident_bytes) == ("ready", path.bytes)
+    pages, total = vmtouch_resident(shard)
+    assert pages == total  # the grown file is warm, appended bytes and all
 
 
 @pytest.mark.parametrize(

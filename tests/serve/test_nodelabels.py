@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from preloader.agent.agent import Agent
 from preloader.agent.keepwarm import DEGRADE_AFTER
+from preloader.engine.events import EngineEvent, EventKind
 from preloader.errors import UsageError
 from preloader.labels import LABEL_PREFIX, NodeLabelConfig, label_key, label_name
 from preloader.serve.kube import nodelabels
@@ -201,6 +202,23 @@ async def test_stale_labels_of_the_scheme_are_removed_at_start(
         await _until(kube, lambda api: api.ours() == {key: "warm"})
 
 
+class _Node:
+    """A node that cannot hold the model while ``full``: its pages go again right after
+    each re-read (keep-warm measures them lost then, and the path stays degraded).
+
+    :param model_dir: the files it evicts.
+    """
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        self.full = True
+
+    def on_event(self, event: EngineEvent) -> None:
+        """Evict the model once a re-read is reported, before keep-warm measures it."""
+        if self.full and event.kind is EventKind.REWARMED:
+            evict_tree(self.model_dir)
+
+
 async def _degrade(agent: Agent, model_dir: Path) -> None:
     for _ in range(DEGRADE_AFTER):
         evict_tree(model_dir)  # the same pages lost again after every re-read
@@ -212,7 +230,8 @@ async def _degrade(agent: Agent, model_dir: Path) -> None:
 async def test_a_degraded_path_keeps_its_label_within_the_grace(
     model_dir: Path, kube: KubeApi, tmp_path: Path
 ) -> None:
-    agent = Agent(_serve_config(model_dir))
+    node = _Node(model_dir)
+    agent = Agent(_serve_config(model_dir), node.on_event)
     key = LABEL_PREFIX + model_dir.name
     async with _labelling(agent, kube, tmp_path, grace=3600):
         await agent.start_up()
@@ -228,14 +247,16 @@ async def test_a_degraded_path_keeps_its_label_within_the_grace(
 async def test_a_path_degraded_past_the_grace_loses_its_label(
     model_dir: Path, kube: KubeApi, tmp_path: Path
 ) -> None:
-    agent = Agent(_serve_config(model_dir))
+    node = _Node(model_dir)
+    agent = Agent(_serve_config(model_dir), node.on_event)
     key = LABEL_PREFIX + model_dir.name
     async with _labelling(agent, kube, tmp_path, grace=0):
         await agent.start_up()
         await _until(kube, lambda api: api.ours() == {key: "warm"})
         await _degrade(agent, model_dir)
         await _until(kube, lambda api: not api.ours())
-        await agent.recheck()  # nothing lost this time: warm again, labelled again
+        node.full = False  # the node holds the model again: the next re-read restores it
+        await agent.recheck()  # whole again after the re-read: warm again, labelled again
         await _until(kube, lambda api: len(api.events) == 3)
         assert kube.ours() == {key: "warm"}
     assert kube.event_reasons() == ["ModelWarm", "ModelDegraded", "ModelWarm"]
