@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from preloader import errors
-from preloader.cli.demomodel import write_demo_model
 from preloader.kernel.cgroups import (
     memory_cgroup_dirs,
     parse_limit,
@@ -29,7 +26,7 @@ from preloader.settings import Headroom, parse_headroom
 
 from ..cli.test_cli import _log_lines
 from ..lib.cli import REPO, run_cli, run_cli_in_cgroup
-from ..lib.residency import evict_tree, fincore_resident_bytes
+from ..lib.residency import fincore_resident_bytes
 
 MiB = 1024 * 1024
 
@@ -312,25 +309,7 @@ def test_without_psutil_meminfo_is_read_directly() -> None:
 
 # -- warm inside a real memory cgroup smaller than the model --------------------------------
 
-MODEL_BYTES = 320 * MiB
 CGROUP_LIMIT = 160 * MiB
-
-
-@pytest.fixture(scope="module")
-def _big_model_files() -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="preloader-test-", dir="/var/tmp"))
-    try:
-        write_demo_model(str(root / "model"), MODEL_BYTES, shards=10)
-        yield root / "model"
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def big_model(_big_model_files: Path) -> Path:
-    """A 320 MiB, 10-shard safetensors model, evicted: twice the cgroup limit below."""
-    evict_tree(_big_model_files)
-    return _big_model_files
 
 
 def _shards(model: Path) -> list[Path]:
