@@ -361,14 +361,6 @@ def test_in_cluster_config_without_the_service_host_is_a_usage_error(
 # ------------------------------------------------------------------ a real serve process
 
 
-@pytest.fixture
-def served() -> Iterator[list[_serve.Served]]:
-    started: list[_serve.Served] = []
-    yield started
-    for server in started:
-        server.kill()
-
-
 def test_serve_labels_the_node_and_removes_the_label_on_sigterm(
     model_dir: Path, kube: KubeApi, tmp_path: Path, served: list[_serve.Served]
 ) -> None:

@@ -43,14 +43,6 @@ def kube() -> Iterator[KubeApi]:
         yield api
 
 
-@pytest.fixture
-def served() -> Iterator[list[_serve.Served]]:
-    started: list[_serve.Served] = []
-    yield started
-    for server in started:
-        server.kill()
-
-
 def _start(
     served: list[_serve.Served], kube: KubeApi, tmp_path: Path, root: Path, *extra: str
 ) -> _serve.Served:
