@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # only serve builds one, so warm does not load it
 
 __all__ = [
     "AUTO_CONCURRENCY",
+    "AUTO_START_CONCURRENCY",
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_CONCURRENCY",
     "DEFAULT_HEADROOM",
@@ -50,11 +51,18 @@ __all__ = [
     "resolve_selection",
 ]
 
-DEFAULT_CONCURRENCY = 4
-"""Parallel chunk reads when ``-c`` is not given (the reference one-liner's ``-P 4``)."""
-
 AUTO_CONCURRENCY = 0
 """``concurrency`` value that asks the engine to find the knee itself."""
+
+AUTO_START_CONCURRENCY = 4
+"""Where ``-c auto`` starts (the reference one-liner's ``-P 4``), so it never reads
+slower than four readers; it doubles from there while throughput grows."""
+
+DEFAULT_CONCURRENCY = AUTO_CONCURRENCY
+"""Parallel chunk reads when ``-c`` is not given: ``auto``. A fixed four left a storage
+that caps each stream (ossfs 2.0, Mountpoint, the parallel-stream FUSE fixture) at four
+streams' pace: 8 x 1 GiB through the fixture, 4 readers 32.4 s, auto 21.8 s (it settled
+at 8)."""
 
 DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
 """Bytes per chunk when ``--chunk-size`` is not given."""

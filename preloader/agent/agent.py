@@ -37,7 +37,7 @@ import anyio.to_thread
 from ..engine.events import ERROR_REASONS, EngineEvent, EventKind
 from ..kernel import reclaim
 from ..planning.budget import MemoryBudget, read_memory_budget
-from ..settings import DEFAULT_CONCURRENCY, ServeConfig
+from ..settings import AUTO_START_CONCURRENCY, ServeConfig
 from ..units import format_bytes, printable
 from .estimate import estimate_guard_bytes
 from .firstpass import FirstPass
@@ -74,9 +74,9 @@ class Agent:
         self._emit = self._events.emit
         options = dataclasses.replace(config.options, timeout=None, verify=True)
         chunk_size = config.options.chunk_size_for()
-        # Readers for the agent's own measuring and the start gate's guard (-c auto: the
-        # default it starts at).
-        readers = max(1, config.options.concurrency or DEFAULT_CONCURRENCY)
+        # Readers for the agent's own measuring and the start gate's guard (-c auto: where
+        # it starts).
+        readers = max(1, config.options.concurrency or AUTO_START_CONCURRENCY)
         self._models = [
             ServedPath(root, config.recheck_seconds, config.ready_ratio)
             for root in dict.fromkeys(config.selection.paths)

@@ -28,7 +28,6 @@ from .. import errors
 from ..logs import FORMATS, LEVELS, get_logger
 from ..settings import (
     DEFAULT_CHUNK_SIZE,
-    DEFAULT_CONCURRENCY,
     DEFAULT_HEADROOM,
     ON_OVERFLOW_POLICIES,
     READ_METHODS,
@@ -243,7 +242,7 @@ def concurrency_option(help: str) -> Callable[[_F], _F]:
         "-c",
         "--concurrency",
         envvar="PRELOADER_CONC",
-        default=str(DEFAULT_CONCURRENCY),
+        default="auto",
         show_default=True,
         metavar="N|auto",
         callback=checked_concurrency,
@@ -281,8 +280,8 @@ def read_options(chunk_help: str, method_help: str) -> Callable[[_F], _F]:
             concurrency_option(
                 "Parallel readers, each reading one file front to back; at the end of a "
                 "pass idle readers split the files left (not on s3fs, where files of "
-                "512 MiB or more are read two at a time, in order). 'auto' raises it "
-                "while throughput still grows."
+                "512 MiB or more are read two at a time, in order). 'auto' starts at 4 "
+                "and doubles while throughput still grows by 10%."
             ),
             option(
                 "--chunk-size",

@@ -10,6 +10,7 @@ from preloader.errors import UsageError
 from preloader.settings import (
     AUTO_CONCURRENCY,
     DEFAULT_CONCURRENCY,
+    WarmOptions,
     parse_concurrency,
     resolve_selection,
 )
@@ -38,6 +39,7 @@ def test_format_bytes() -> None:
 
 def test_concurrency() -> None:
     assert parse_concurrency(None) == parse_concurrency("") == DEFAULT_CONCURRENCY
+    assert DEFAULT_CONCURRENCY == AUTO_CONCURRENCY == WarmOptions().concurrency  # -c auto
     assert parse_concurrency("8") == 8
     assert parse_concurrency("auto") == parse_concurrency("AUTO") == AUTO_CONCURRENCY
     with pytest.raises(UsageError):
