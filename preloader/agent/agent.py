@@ -101,7 +101,9 @@ class Agent:
         self._gate = StartGate(
             config.start_lead,
             self._started,
-            estimate_guard_bytes(readers, chunk_size),
+            # The guard is in the chunks the mount's pass cuts (-c auto: finer for small
+            # plans), not the plain size keep-warm uses.
+            lambda total: estimate_guard_bytes(readers, options.chunk_size_for(total)),
             policy=self._gate_policy(),
             floor=config.start_min_rate,
         )

@@ -33,7 +33,7 @@ front ends read :meth:`StartGate.snapshot`, which does no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .estimate import MIN_SECONDS, MountProgress, MountRates
@@ -175,8 +175,9 @@ class StartGate:
     :param lead: seconds before the first pass's estimated end to open (0: with
         ``/readyz`` only).
     :param started: the agent's start (monotonic seconds).
-    :param min_bytes: no estimate before the first pass has read this much (at most a
-        quarter of it): see :func:`estimate_guard_bytes`.
+    :param min_bytes: no estimate for a mount before the first pass has read this much
+        of it (at most a quarter of it): a number, or a function of the mount's planned
+        bytes; see :func:`estimate_guard_bytes`.
     :param floor: bytes per second the node's storage never reads below
         (``--start-min-rate``): it stands in for a mount with no measured rate yet, see
         :class:`~.estimate.MountRates`.
@@ -189,7 +190,7 @@ class StartGate:
         self,
         lead: float,
         started: float,
-        min_bytes: int = 0,
+        min_bytes: int | Callable[[int], int] = 0,
         policy: str | None = None,
         floor: float | None = None,
     ) -> None:

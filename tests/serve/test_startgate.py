@@ -67,6 +67,16 @@ def test_the_gate_waits_for_the_guard_bytes_at_most_a_quarter_of_the_pass() -> N
     assert _feed(small, 100, 1000, until=9.0) == 2.5  # a quarter of 1,000 bytes
 
 
+def test_the_guard_may_follow_the_mounts_planned_bytes() -> None:
+    # The agent's guard is in the chunks the pass cuts, finer for a smaller plan: a tenth
+    # of the mount here. 100 B/s over 10,000 bytes: 1,000 bytes by t = 10; a fixed guard
+    # of 3,000 bytes would hold the gate until t = 30.
+    gate = StartGate(lead=1000.0, started=0.0, min_bytes=lambda total: total // 10)
+    assert _feed(gate, 100, 10_000, until=40.0) == 10.0
+    fixed = StartGate(lead=1000.0, started=0.0, min_bytes=3_000)
+    assert _feed(fixed, 100, 10_000, until=40.0) == 25.0  # a quarter of the mount
+
+
 def test_estimate_is_bytes_left_over_the_rate() -> None:
     assert estimate_seconds_left(_steady(100, 10), 1000) == pytest.approx(10.0)
     assert estimate_seconds_left(_steady(100, 10), 0) == 0.0
