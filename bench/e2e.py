@@ -176,6 +176,7 @@ class E2EConfig:
     reps: int = 1  # one round is ~12 minutes on 2 cores; -n 3 for medians
     startup_s: float = 8.0
     lead_s: float | None = None  # None: the start-up delay
+    start_min_rate: int | None = None  # serve --start-min-rate, bytes a second (None: none)
     shards: int = 4
     shard_bytes: int = 512 * MiB
     gguf_bytes: int = 2048 * MiB
@@ -292,6 +293,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--e2e-ranks", help="comma list of rank counts (default 4; 1,4,8 for all)")
     group.add_argument("--e2e-startup", type=float, help="server start-up seconds (default 8)")
     group.add_argument("--e2e-lead", type=float, help="serve --start-lead (default: start-up)")
+    group.add_argument(
+        "--e2e-start-min-rate",
+        type=_size,
+        help="serve --start-min-rate, bytes a second (200MiB), for every /startz mode",
+    )
     group.add_argument("--e2e-shards", type=int, help="safetensors shards (default 4)")
     group.add_argument("--e2e-shard-size", type=_size, help="bytes per shard (default 512MiB)")
     group.add_argument("--e2e-gguf-size", type=_size, help="the GGUF file (default 2GiB)")
@@ -357,6 +363,7 @@ def config_from_args(args: argparse.Namespace) -> E2EConfig:
         "reps": args.reps,
         "startup_s": args.e2e_startup,
         "lead_s": args.e2e_lead,
+        "start_min_rate": getattr(args, "e2e_start_min_rate", None),
         "shards": args.e2e_shards,
         "shard_bytes": args.e2e_shard_size,
         "gguf_bytes": args.e2e_gguf_size,
@@ -368,6 +375,11 @@ def config_from_args(args: argparse.Namespace) -> E2EConfig:
         "timeout_s": args.timeout if args.timeout != 600.0 else None,
     }
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _floor_note(config: dict[str, Any]) -> str:
+    rate = config.get("start_min_rate")
+    return f", `--start-min-rate {rate / MiB:g}MiB`" if rate else ""
 
 
 def resolve_framework(wanted: str) -> str:
@@ -652,6 +664,8 @@ def _warmer(
         lead = config.lead_of(mode)
         if lead is not None:
             argv += ["--start-lead", f"{lead:g}"]
+            if config.start_min_rate:
+                argv += ["--start-min-rate", str(config.start_min_rate)]
         return argv
     return None
 
@@ -1475,7 +1489,8 @@ def render(out: Path, payload: dict[str, Any], machine: dict[str, str]) -> Path:
         f"Loader: `bench.loader`, safetensors {payload['safetensors']} `safe_open` with "
         f"framework `{framework}` ({loader}), slices on `{config['device']}`, {held}; server "
         f"start-up {config['startup_s']:g} s; `serve --start-lead {lead:g}` unless the mode "
-        f"names its own; the engines' prefetch on {config.get('prefetch_threads', 4)} threads "
+        f"names its own{_floor_note(config)}; the engines' prefetch on "
+        f"{config.get('prefetch_threads', 4)} threads "
         f"per rank in 16 MiB blocks; safetensors {config['shards']} x "
         f"{config['shard_bytes'] / MiB:.0f} MiB; GGUF "
         f"{config['gguf_bytes'] / MiB:.0f} MiB; S3 {config['s3_latency_ms']:g} ms first byte, "

@@ -212,6 +212,16 @@ def test_shapes_are_presets_that_flags_override() -> None:
     assert smoke.modes == long.modes
 
 
+def test_a_floor_rate_goes_to_every_startz_sidecar_and_nowhere_else(tmp_path: Path) -> None:
+    config = e2e.config_from_args(_args("--e2e-start-min-rate", "200MiB"))
+    assert config.start_min_rate == 200 * 2**20
+    target = e2e.Target("local", tmp_path, tmp_path, (), 1, 1)
+    startz = e2e._warmer("sidecar-startz:9.5", target, config, {}, 9400) or []
+    assert startz[startz.index("--start-min-rate") + 1] == str(200 * 2**20)
+    readyz = e2e._warmer("sidecar-readyz", target, config, {}, 9400) or []
+    assert "--start-min-rate" not in readyz
+
+
 def test_an_object_arrives_when_its_bytes_were_first_all_sent() -> None:
     from bench.s3trace import Get
 
