@@ -36,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..units import format_bytes
 from .estimate import MIN_SECONDS, MountProgress, MountRates
 
 __all__ = [
@@ -342,7 +343,8 @@ class StartGate:
             return (
                 f"open: the first pass's estimated time left was "
                 f"{self._estimate_at_open or 0.0:.1f} s at most (mounts not measured yet at "
-                f"the floor rate of {self._floor or 0:g} B/s, PRELOADER_START_MIN_RATE), "
+                f"the floor rate of {format_bytes(int(self._floor or 0))}/s, "
+                "PRELOADER_START_MIN_RATE), "
                 f"within the lead of {self.lead:g} s"
             )
         if self._opened_by == "ready":

@@ -586,6 +586,12 @@ def test_a_floor_rate_opens_the_gate_before_any_estimate_when_the_plan_is_short(
     snap = gate.snapshot(0.0, ready=False)
     assert snap.opened_by == "floor" and snap.estimate_at_open_seconds == pytest.approx(11.0)
     assert snap.reason.startswith("open: the first pass's estimated time left was 11.0 s at most")
+    fast = StartGate(lead=30.0, started=0.0, floor=240.0 * 2**20)
+    assert fast.observe_mounts(0.0, _mounts(0, 0, False)) is True
+    assert (
+        "the floor rate of 240.0 MiB/s, PRELOADER_START_MIN_RATE"
+        in fast.snapshot(0.0, False).reason
+    )
     assert gate.watching_ahead  # an early opening: the lead's verdict is measured
 
 
