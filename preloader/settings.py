@@ -61,7 +61,7 @@ slower than four readers; it doubles from there while throughput grows."""
 DEFAULT_CONCURRENCY = AUTO_CONCURRENCY
 """Parallel chunk reads when ``-c`` is not given: ``auto``. A fixed four left a storage
 that caps each stream (ossfs 2.0, Mountpoint, the parallel-stream FUSE fixture) at four
-streams' pace: 8 x 1 GiB through the fixture, 4 readers 32.4 s, auto 21.8 s (it settled
+streams' pace: 8 x 1 GiB through the fixture, 4 readers 32.4 s, auto 21.2 s (it settled
 at 8)."""
 
 DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024

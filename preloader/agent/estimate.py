@@ -80,11 +80,7 @@ def estimate_seconds_left(
         return None
     if bytes_left > 0 and newest.bytes_done - samples[0].bytes_done < min_bytes:
         return None
-    oldest = samples[0]
-    for sample in samples:
-        if newest.seconds - sample.seconds < window:
-            break
-        oldest = sample
+    oldest = _window_start(samples, window)
     span = newest.seconds - oldest.seconds
     if span <= 0:
         return None
@@ -228,9 +224,16 @@ def _stalled(first: RateSample, samples: Sequence[RateSample]) -> bool:
         return False
     if newest.bytes_done == first.bytes_done and newest.seconds - first.seconds < WINDOW_SECONDS:
         return False
+    return newest.bytes_done == _window_start(samples, WINDOW_SECONDS).bytes_done
+
+
+def _window_start(samples: Sequence[RateSample], window: float) -> RateSample:
+    """The newest sample at least *window* seconds older than the newest (the first one
+    when none is that old): where a sliding window over *samples* begins."""
+    newest = samples[-1]
     oldest = samples[0]
     for sample in samples:
-        if newest.seconds - sample.seconds < WINDOW_SECONDS:
+        if newest.seconds - sample.seconds < window:
             break
         oldest = sample
-    return newest.bytes_done == oldest.bytes_done
+    return oldest
