@@ -101,8 +101,9 @@ class Agent:
         self._gate = StartGate(
             config.start_lead,
             self._started,
-            # The guard is in the chunks the mount's pass cuts (-c auto: finer for small
-            # plans), not the plain size keep-warm uses.
+            # The guard is in the chunks a pass cuts (-c auto: finer for small plans), not
+            # the plain size keep-warm uses; sized by the mount's planned bytes, so a mount
+            # that several paths share gets the coarser chunks and so the larger guard.
             lambda total: estimate_guard_bytes(readers, options.chunk_size_for(total)),
             policy=self._gate_policy(),
             floor=config.start_min_rate,
