@@ -46,9 +46,10 @@ async def test_warm_makes_a_cold_model_fully_resident(model_dir: Path) -> None:
 async def test_a_big_file_is_read_by_several_workers_once_per_chunk_with_one_open(
     shared_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Chunks of 16 MiB: larger than any readahead window (at most 8 MiB here), so the
-    # kernel's readahead of one chunk never caches all of the next, which would then
-    # rightly be skipped as already resident.
+    # Chunks of 16 MiB, four workers: the four whole chunks are read at once, so none
+    # can be cached by another's readahead first. The tail chunk may be: a disk with a
+    # large read_ahead_kb caches it while the chunk before it is read, and a chunk
+    # whose every page is cached is rightly skipped, never read twice.
     big_file = shared_tmp / "model.gguf"
     with open(big_file, "wb") as handle:
         handle.write(os.urandom(4 * 16 * MiB + 9 * MiB + 123))  # a tail chunk too
@@ -77,7 +78,8 @@ async def test_a_big_file_is_read_by_several_workers_once_per_chunk_with_one_ope
     report = await warm_plan(plan, WarmOptions(concurrency=4, chunk_size=16 * MiB, verify=False))
     monkeypatch.undo()
     size = big_file.stat().st_size
-    assert sorted(reads) == [(o, min(16 * MiB, size - o)) for o in range(0, size, 16 * MiB)]
+    chunks = [(o, min(16 * MiB, size - o)) for o in range(0, size, 16 * MiB)]
+    assert set(chunks[:4]) <= set(reads) <= set(chunks)
     assert set(reads.values()) == {1}
     assert len(threads) > 1
     assert opens[str(big_file)] == 1
