@@ -303,7 +303,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--e2e-serve-lock",
         action="store_true",
         default=None,
-        help="serve --lock for every sidecar: the warmed pages are pinned (mlock) until it stops",
+        help="serve --lock for every sidecar: the warmed pages are pinned (mlock) until it "
+        "stops; the resident mode's model is held by vmtouch -dl",
     )
     group.add_argument("--e2e-shards", type=int, help="safetensors shards (default 4)")
     group.add_argument("--e2e-shard-size", type=_size, help="bytes per shard (default 512MiB)")
@@ -388,7 +389,8 @@ def config_from_args(args: argparse.Namespace) -> E2EConfig:
 def _serve_flags_note(config: dict[str, Any]) -> str:
     rate = config.get("start_min_rate")
     note = f", `--start-min-rate {rate / MiB:g}MiB`" if rate else ""
-    return note + (", `--lock`" if config.get("serve_lock") else "")
+    locked = ", `--lock` (the resident model held by `vmtouch -dl`)"
+    return note + (locked if config.get("serve_lock") else "")
 
 
 def resolve_framework(wanted: str) -> str:
@@ -775,7 +777,12 @@ def run_once(
     base, _ = split_mode(mode)
     for path in target.evict:
         measure.evict(path)
-    if base == "resident":
+    pinned: int | None = None  # a vmtouch -dl daemon's pid
+    if base == "resident" and config.serve_lock:
+        # Fetched before t0 and held, as the sidecars' --lock holds theirs: the load alone.
+        with tempfile.TemporaryDirectory() as scratch:
+            pinned = measure.pin(target.model_dir, Path(scratch) / "vmtouch.pid")
+    elif base == "resident":
         measure.touch(target.model_dir)  # fetched before t0: the load alone is timed
     before = measure.residency(target.model_dir).ratio
     if target.stats:
@@ -902,6 +909,8 @@ def run_once(
         for proc in procs:
             _kill(proc)
         _kill(warmer)
+        if pinned is not None:
+            measure.unpin(pinned)
         # CPU over the run: every process on the machine (the FUSE client, the fixture,
         # other sessions), and our children alone (the ranks and the warm-up).
         record["machine_cpu_s"] = machine_busy_s() - busy_before

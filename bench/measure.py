@@ -14,7 +14,9 @@ Page-cache state is set and read with ``vmtouch``, never with preloader.
 
 import os
 import re
+import select
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -163,6 +165,39 @@ def touch(path: Path) -> None:
     )
     if result.returncode != 0:
         raise RuntimeError(f"vmtouch -t {path} failed: {result.stderr.strip()}")
+
+
+def pin(path: Path, pidfile: Path) -> int:
+    """Bring every page under *path* into the page cache and hold it there (``vmtouch -dl``:
+    a daemon that keeps the pages locked until it is killed).
+
+    :param path: a file or directory.
+    :param pidfile: where vmtouch writes the daemon's pid (it removes it when it exits).
+    :return: the daemon's pid, for :func:`unpin`.
+    :raises RuntimeError: when vmtouch fails.
+    """
+    argv = ["vmtouch", "-q", "-d", "-l", "-w", "-m", "1024G", "-P", str(pidfile), str(path)]
+    # Not a pipe: the daemon keeps what it inherits open, and a pipe would never end.
+    with tempfile.TemporaryFile("w+") as errors:
+        code = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=errors, check=False)
+        errors.seek(0)
+        if code.returncode != 0 or not pidfile.exists():
+            raise RuntimeError(f"vmtouch -dl {path} failed: {errors.read().strip()}")
+    return int(pidfile.read_text())
+
+
+def unpin(pid: int) -> None:
+    """End a :func:`pin` daemon and wait (10 s at most) until it is gone: its pages are
+    no longer locked, and can be evicted for the next run."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+        select.select([pidfd], [], [], 10.0)  # readable once the process has exited
+    finally:
+        os.close(pidfd)
 
 
 def evict(path: Path) -> None:

@@ -16,6 +16,9 @@ import pytest
 
 from bench import e2e, loader
 
+from ..lib.marks import needs_vmtouch
+from ..lib.residency import evict_tree, vmtouch_resident
+
 REPO = Path(__file__).resolve().parents[2]
 RANK_FLAGS = ("--ranks", "3", "--framework", "np", "--prefetch", "--discard")
 READ_FLAGS = ("--prefetch-threads", "3", "--prefetch-block", "65536")
@@ -231,7 +234,8 @@ def test_serve_lock_goes_to_every_sidecar_and_into_the_header(tmp_path: Path) ->
         assert "--lock" in (e2e._warmer(mode, target, config, {}, 9400) or [])
     assert "--lock" not in (e2e._warmer("warm", target, config, {}, 9400) or [])
     assert not e2e.config_from_args(_args()).serve_lock
-    assert e2e._serve_flags_note(dataclasses.asdict(config)) == ", `--lock`"
+    note = e2e._serve_flags_note(dataclasses.asdict(config))
+    assert note == ", `--lock` (the resident model held by `vmtouch -dl`)"
 
 
 def test_an_object_arrives_when_its_bytes_were_first_all_sent() -> None:
@@ -247,3 +251,27 @@ def test_an_object_arrives_when_its_bytes_were_first_all_sent() -> None:
 
     assert e2e.complete_at(gets, {"a": 100, "b": 100, "c": 20}) == {"a": 3.0, "b": 2.0, "c": 4.0}
     assert e2e.complete_at(gets, {"a": 100, "b": 100, "c": 20}, 0.5)["a"] == 1.0
+
+
+@needs_vmtouch
+def test_the_pinned_resident_model_stays_under_dontneed_until_unpinned(
+    shared_tmp: Path,
+) -> None:
+    from bench import measure
+
+    model = shared_tmp / "model"
+    model.mkdir()
+    for name in ("a.safetensors", "b.safetensors"):
+        with open(model / name, "wb") as handle:
+            handle.write(os.urandom(3 * 2**20))
+            os.fsync(handle.fileno())  # dirty pages cannot be evicted
+    evict_tree(model)
+    pid = measure.pin(model, shared_tmp / "vmtouch.pid")
+    try:
+        assert vmtouch_resident(model) == (2 * 768, 2 * 768)
+        evict_tree(model)  # POSIX_FADV_DONTNEED leaves locked pages alone
+        assert vmtouch_resident(model)[0] == 2 * 768
+    finally:
+        measure.unpin(pid)
+    evict_tree(model)  # unpin waits for the daemon's exit: nothing holds the pages
+    assert vmtouch_resident(model)[0] == 0
