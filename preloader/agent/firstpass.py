@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import anyio
 import anyio.to_thread
@@ -47,6 +47,8 @@ class FirstPass:
     :param known_unready: why ``/readyz`` cannot open when the pass ends, if that is known
         already (a path failed as a whole, a missing root); it keeps the estimate from
         opening the start gate.
+    :param planned_again: awaited when a path was planned again, before it is warmed again
+        (``--lock`` releases the pins of the files no longer planned).
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class FirstPass:
         is_ready: Callable[[], bool],
         on_start: Callable[[], None],
         known_unready: Callable[[], str | None] = lambda: None,
+        planned_again: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._context = context
         self._emit = context.events.emit
@@ -63,6 +66,7 @@ class FirstPass:
         self._is_ready = is_ready
         self._on_start = on_start
         self._known_unready = known_unready
+        self._planned_again = planned_again
 
     async def plan_all(self) -> None:
         seen: dict[tuple[int, int], str] = {}
@@ -122,7 +126,11 @@ class FirstPass:
             if other is not model
             for spec in other.plan.files
         }
-        if await self._plan_one(model, seen) and not self._context.stop.is_set():
+        if not await self._plan_one(model, seen):
+            return
+        if self._planned_again is not None:
+            await self._planned_again()
+        if not self._context.stop.is_set():
             await self.warm(model)
 
     async def _plan_one(self, model: ServedPath, seen: dict[tuple[int, int], str]) -> bool:

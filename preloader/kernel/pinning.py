@@ -16,6 +16,7 @@ import errno
 import os
 import resource
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from ..units import format_bytes
@@ -168,10 +169,14 @@ class PinSet:
         with self._lock:
             return sum(p.length for p in self._pins)
 
-    def release(self) -> int:
-        """Unlock everything; return the bytes released."""
+    def release(self, only: Collection[Pin] | None = None) -> int:
+        """Unlock everything, or only the pins in ``only``; return the bytes released."""
         with self._lock:
-            pins, self._pins = self._pins, []
+            if only is None:
+                pins, self._pins = self._pins, []
+            else:
+                pins = [p for p in self._pins if p in only]
+                self._pins = [p for p in self._pins if p not in only]
         for pin in pins:
             if pin.length:
                 unlock(pin.addr, pin.length)
