@@ -177,6 +177,7 @@ class E2EConfig:
     startup_s: float = 8.0
     lead_s: float | None = None  # None: the start-up delay
     start_min_rate: int | None = None  # serve --start-min-rate, bytes a second (None: none)
+    serve_lock: bool = False  # serve --lock: every sidecar pins what it warmed
     shards: int = 4
     shard_bytes: int = 512 * MiB
     gguf_bytes: int = 2048 * MiB
@@ -298,6 +299,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_size,
         help="serve --start-min-rate, bytes a second (200MiB), for every /startz mode",
     )
+    group.add_argument(
+        "--e2e-serve-lock",
+        action="store_true",
+        default=None,
+        help="serve --lock for every sidecar: the warmed pages are pinned (mlock) until it stops",
+    )
     group.add_argument("--e2e-shards", type=int, help="safetensors shards (default 4)")
     group.add_argument("--e2e-shard-size", type=_size, help="bytes per shard (default 512MiB)")
     group.add_argument("--e2e-gguf-size", type=_size, help="the GGUF file (default 2GiB)")
@@ -364,6 +371,7 @@ def config_from_args(args: argparse.Namespace) -> E2EConfig:
         "startup_s": args.e2e_startup,
         "lead_s": args.e2e_lead,
         "start_min_rate": getattr(args, "e2e_start_min_rate", None),
+        "serve_lock": getattr(args, "e2e_serve_lock", None),
         "shards": args.e2e_shards,
         "shard_bytes": args.e2e_shard_size,
         "gguf_bytes": args.e2e_gguf_size,
@@ -377,9 +385,10 @@ def config_from_args(args: argparse.Namespace) -> E2EConfig:
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _floor_note(config: dict[str, Any]) -> str:
+def _serve_flags_note(config: dict[str, Any]) -> str:
     rate = config.get("start_min_rate")
-    return f", `--start-min-rate {rate / MiB:g}MiB`" if rate else ""
+    note = f", `--start-min-rate {rate / MiB:g}MiB`" if rate else ""
+    return note + (", `--lock`" if config.get("serve_lock") else "")
 
 
 def resolve_framework(wanted: str) -> str:
@@ -666,6 +675,8 @@ def _warmer(
             argv += ["--start-lead", f"{lead:g}"]
             if config.start_min_rate:
                 argv += ["--start-min-rate", str(config.start_min_rate)]
+        if config.serve_lock:
+            argv.append("--lock")
         return argv
     return None
 
@@ -1489,7 +1500,7 @@ def render(out: Path, payload: dict[str, Any], machine: dict[str, str]) -> Path:
         f"Loader: `bench.loader`, safetensors {payload['safetensors']} `safe_open` with "
         f"framework `{framework}` ({loader}), slices on `{config['device']}`, {held}; server "
         f"start-up {config['startup_s']:g} s; `serve --start-lead {lead:g}` unless the mode "
-        f"names its own{_floor_note(config)}; the engines' prefetch on "
+        f"names its own{_serve_flags_note(config)}; the engines' prefetch on "
         f"{config.get('prefetch_threads', 4)} threads "
         f"per rank in 16 MiB blocks; safetensors {config['shards']} x "
         f"{config['shard_bytes'] / MiB:.0f} MiB; GGUF "

@@ -4,6 +4,7 @@ Real files and real reader processes; no timings asserted.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -220,6 +221,17 @@ def test_a_floor_rate_goes_to_every_startz_sidecar_and_nowhere_else(tmp_path: Pa
     assert startz[startz.index("--start-min-rate") + 1] == str(200 * 2**20)
     readyz = e2e._warmer("sidecar-readyz", target, config, {}, 9400) or []
     assert "--start-min-rate" not in readyz
+
+
+def test_serve_lock_goes_to_every_sidecar_and_into_the_header(tmp_path: Path) -> None:
+    config = e2e.config_from_args(_args("--e2e-serve-lock"))
+    assert config.serve_lock
+    target = e2e.Target("local", tmp_path, tmp_path, (), 1, 1)
+    for mode in ("sidecar-startz", "sidecar-readyz", "sidecar-startz+engine-prefetch"):
+        assert "--lock" in (e2e._warmer(mode, target, config, {}, 9400) or [])
+    assert "--lock" not in (e2e._warmer("warm", target, config, {}, 9400) or [])
+    assert not e2e.config_from_args(_args()).serve_lock
+    assert e2e._serve_flags_note(dataclasses.asdict(config)) == ", `--lock`"
 
 
 def test_an_object_arrives_when_its_bytes_were_first_all_sent() -> None:
