@@ -135,6 +135,7 @@ class Agent:
             on_start=self._emit_start,
             known_unready=self._known_unready,
             planned_again=self._pins.sync,
+            on_file_read=self._pins.pin_read if self.config.lock else None,
         )
         self._keep_warm = KeepWarm(
             context,

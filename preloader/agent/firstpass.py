@@ -26,7 +26,7 @@ from ..engine.residency import measure_residency
 from ..engine.warm import warm_plan
 from ..planning.budget import BudgetCheck, MemoryBudget, check_plan
 from ..planning.planner import Plan, build_plan
-from ..planning.specs import Skipped, sparse_note
+from ..planning.specs import FileSpec, Skipped, sparse_note
 from ..settings import DEFAULT_HEADROOM
 from ..units import format_bytes, printable
 from .estimate import MountProgress
@@ -49,6 +49,8 @@ class FirstPass:
         opening the start gate.
     :param planned_again: awaited when a path was planned again, before it is warmed again
         (``--lock`` releases the pins of the files no longer planned).
+    :param on_file_read: handed to the pass (see :func:`~preloader.engine.warm.warm_plan`):
+        ``--lock`` pins each shard as soon as it is read.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class FirstPass:
         on_start: Callable[[], None],
         known_unready: Callable[[], str | None] = lambda: None,
         planned_again: Callable[[], Awaitable[None]] | None = None,
+        on_file_read: Callable[[FileSpec, int], None] | None = None,
     ) -> None:
         self._context = context
         self._emit = context.events.emit
@@ -67,6 +70,7 @@ class FirstPass:
         self._on_start = on_start
         self._known_unready = known_unready
         self._planned_again = planned_again
+        self._on_file_read = on_file_read
 
     async def plan_all(self) -> None:
         seen: dict[tuple[int, int], str] = {}
@@ -256,6 +260,7 @@ class FirstPass:
                 progress=model.progress,
                 on_event=lambda event: self._context.events.engine_event(model, event),
                 stop=self._context.stop,
+                on_file_read=self._on_file_read,
             )
         except Exception as err:  # a bug must not take the other paths down
             self._context.events.fail(model, f"warm pass failed: {type(err).__name__}: {err}")

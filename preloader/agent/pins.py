@@ -5,8 +5,11 @@ cache that sits idle, with no memory pressure; pinned pages stay under any schem
 :class:`PinKeeper` asks for the permission before the first pass (:meth:`PinKeeper.prepare`:
 ``CAP_IPC_LOCK``, or ``RLIMIT_MEMLOCK`` above the bytes the pass plans). A refusal is said
 once, as an error line and in ``/status``, and the agent warms and serves unpinned: a
-warm-up never blocks a rollout, and readiness never waits for a pin. Once the first pass
-is over, :meth:`PinKeeper.sync` pins every planned file that was read in full, in a worker
+warm-up never blocks a rollout, and readiness never waits for a pin. A shard (a file of
+several chunks) is pinned as soon as the pass has read all of it (:meth:`PinKeeper.pin_read`,
+on the worker thread that read it, through its open descriptor): a long warm-up's first
+shards are not paged out while it reads the last. Once the first pass is over,
+:meth:`PinKeeper.sync` pins every other planned file that was read in full, in a worker
 thread (:class:`~preloader.kernel.pinning.PinSet`). It runs again when a path is planned
 again (a new revision: the pins of files no longer planned are released before the new
 ones are read) and after every keep-warm round (the new files, once warm). Never more is
@@ -15,14 +18,16 @@ plan (after its trim to the budget), or a new revision up to the budget's room t
 lock that fails midway releases every pin, says why and pins nothing more. Everything is
 released when the agent stops.
 
-Runs on the agent's event loop; front ends read :meth:`PinKeeper.snapshot` from their own
+Runs on the agent's event loop, but for :meth:`PinKeeper.pin_read` (worker threads): what
+is held is guarded by a lock. Front ends read :meth:`PinKeeper.snapshot` from their own
 thread (a :class:`~preloader.kernel.pinning.PinSet` may be read from any thread).
 """
 
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import anyio
 import anyio.to_thread
@@ -75,9 +80,9 @@ class LockSnapshot:
 class _Pinned:
     """What one pinning run in the worker thread did."""
 
-    pins: list[tuple[_Key, Pin]]
-    skipped: list[str]
-    passed: list[_Key]
+    pins: list[tuple[_Key, Pin]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    passed: list[_Key] = field(default_factory=list)
     failure: str | None = None
 
 
@@ -93,9 +98,13 @@ class PinKeeper:
         self._emit = context.events.emit
         self._on = context.config.lock
         self._pins = PinSet()
-        # Touched only on the event loop: what is pinned, and files not to try again (over
-        # the budget, or gone: keep-warm plans a replaced file again, under a new key).
+        # What is pinned, by planned file: the pass's worker threads add to it.
+        self._lock = threading.Lock()
         self._held: dict[_Key, Pin] = {}
+        self._unsaid: list[Pin] = []  # pinned by the pass, not logged yet
+        self._failed_midway: str | None = None  # a lock the pass's thread could not take
+        # Touched only on the event loop: files not to try again (over the budget, or gone:
+        # keep-warm plans a replaced file again, under a new key).
         self._passed: set[_Key] = set()
         self._ceiling: int | None = None  # bytes to pin at most; None: no limit known
         self._error: str | None = None
@@ -126,6 +135,33 @@ class PinKeeper:
         if refusal is not None:
             self._refuse(refusal)
 
+    def pin_read(self, spec: FileSpec, fd: int) -> None:
+        """Pin a file the pass has just read in full, through its open ``fd`` (the pass's
+        ``on_file_read``, on the worker thread that read it; never raises).
+
+        A file already pinned, one over the budget's room, or any file after a refusal is
+        left alone; :meth:`sync` says so once the pass is over. A lock refused (the limit,
+        the capability) stops all pinning: :meth:`sync` releases every pin and says why.
+        """
+        if not self._on or self._error is not None or self._context.stop.is_set():
+            return
+        key = _key(spec)
+        with self._lock:  # one pin at a time: the room is counted right
+            if self._failed_midway is not None or key in self._held:
+                return
+            room = None if self._ceiling is None else self._ceiling - self._pins.pinned_bytes
+            if room is not None and spec.size > room:
+                return
+            try:
+                pin = self._pins.pin_open(spec.path, fd, spec.size)
+            except OSError as err:
+                if err.errno in _REFUSED:
+                    cause = f"{printable(spec.path)}: cannot pin: {err.strerror or err}"
+                    self._failed_midway = cause
+                return  # otherwise sync tries again by its path, and says what failed
+            self._held[key] = pin
+            self._unsaid.append(pin)
+
     def _refuse(self, cause: str) -> None:
         self._error = cause
         self._emit(EventKind.LOCK_REFUSED, detail=f"{cause}; warming and serving unpinned")
@@ -139,18 +175,24 @@ class PinKeeper:
         """
         if not self._on or self._error is not None:
             return
+        if self._failed_midway is not None:
+            await self._fail(self._failed_midway)
+            return
+        with self._lock:
+            held = set(self._held)
         planned: set[_Key] = set()
         warm: dict[_Key, FileSpec] = {}
         for model in self._context.models:
             for spec, full in zip(model.plan.files, model.read_in_full, strict=True):
                 key = _key(spec)
                 planned.add(key)
-                if full and key not in self._held and key not in self._passed:
+                if full and key not in held and key not in self._passed:
                     warm[key] = spec
         self._passed &= planned
-        gone = [key for key in self._held if key not in planned]
+        gone = [key for key in held if key not in planned]
         if gone:
-            pins = {self._held.pop(key) for key in gone}
+            with self._lock:
+                pins = {self._held.pop(key) for key in gone}
             released = await anyio.to_thread.run_sync(self._pins.release, pins)
             self._emit(
                 EventKind.UNPINNED,
@@ -158,25 +200,26 @@ class PinKeeper:
                 fields=(("bytes", released),),
             )
             self._context.events.changed()
-        if not warm or self._context.stop.is_set():
-            return
-        room = None if self._ceiling is None else self._ceiling - self._pins.pinned_bytes
-        done = await anyio.to_thread.run_sync(
-            self._pin_in_thread, list(warm.items()), room, abandon_on_cancel=True
-        )
-        self._held.update(done.pins)
+        done = _Pinned()
+        if warm and not self._context.stop.is_set():
+            room = None if self._ceiling is None else self._ceiling - self._pins.pinned_bytes
+            done = await anyio.to_thread.run_sync(
+                self._pin_in_thread, list(warm.items()), room, abandon_on_cancel=True
+            )
+        with self._lock:
+            self._held.update(done.pins)
+            new = [*self._unsaid, *(pin for _, pin in done.pins)]
+            self._unsaid.clear()
         self._passed.update(done.passed)
         if done.failure is not None:
-            released = await anyio.to_thread.run_sync(self._pins.release)
-            self._held.clear()
-            self._refuse(f"{done.failure} (released all {format_bytes(released)} pinned)")
+            await self._fail(done.failure)
             return
-        if not done.pins and not done.skipped:  # stopped before the first file
+        if not new and not done.skipped:  # nothing new, or stopped before the first file
             return
         snap = self.snapshot()
         assert snap is not None
         detail = (
-            f"{len(done.pins)} files, {format_bytes(sum(p.length for _, p in done.pins))} "
+            f"{len(new)} files, {format_bytes(sum(p.length for p in new))} "
             f"pinned (mmap + mlock), held until SIGTERM or SIGINT"
         )
         if done.skipped:
@@ -185,10 +228,18 @@ class PinKeeper:
         self._emit(EventKind.PINNED, detail=detail, fields=fields)
         self._context.events.changed()
 
+    async def _fail(self, cause: str) -> None:
+        """A lock refused midway: release every pin and serve unpinned, saying why."""
+        released = await anyio.to_thread.run_sync(self._pins.release)
+        with self._lock:
+            self._held.clear()
+            self._unsaid.clear()
+        self._refuse(f"{cause} (released all {format_bytes(released)} pinned)")
+
     def _pin_in_thread(self, todo: list[tuple[_Key, FileSpec]], room: int | None) -> _Pinned:
         """Pin ``todo`` in order while ``room`` bytes last (``None``: no limit); a worker
         thread's part."""
-        done = _Pinned([], [], [])
+        done = _Pinned()
         for key, spec in todo:
             if self._context.stop.is_set():
                 break
@@ -219,7 +270,9 @@ class PinKeeper:
             return
         with anyio.CancelScope(shield=True):
             released = await anyio.to_thread.run_sync(self._pins.release)
-        self._held.clear()
+        with self._lock:
+            self._held.clear()
+            self._unsaid.clear()
         self._emit(
             EventKind.UNPINNED,
             detail=f"{format_bytes(released)} unpinned at the stop",

@@ -151,8 +151,8 @@ class ServeFlags:
     "preloader_server_drop_detected and a log line say so.",
 )
 @lock_option(
-    "Once the first pass is over, pin the warmed files with mmap + mlock (like vmtouch -l) "
-    "until SIGTERM/SIGINT, so neither memory pressure nor proactive reclaim (a DAMON pageout "
+    "Pin the warmed files with mmap + mlock (like vmtouch -l; each shard once read, the "
+    "rest after the first pass) until SIGTERM/SIGINT, so neither memory pressure nor proactive reclaim (a DAMON pageout "
     "scheme) pages them out; a new revision's files replace the old ones' pins. Without the "
     "permission it warms and serves unpinned: one error line, /status lock.error, "
     "preloader_lock_error 1."

@@ -6,8 +6,9 @@ long as the mapping lives; the pages stay charged to the memory cgroup that read
 Locking needs ``CAP_IPC_LOCK`` or room under ``RLIMIT_MEMLOCK`` (often only 8 MiB in a
 container), so :func:`memlock_permission` is asked first and a refusal is explained.
 
-A mapping keeps its file referenced after the descriptor is closed, so no file handle
-stays open while pages are pinned (FUSE clients reserve memory per open handle).
+A mapping keeps its file referenced after the descriptor is closed: no descriptor stays
+open while pages are pinned, but on a FUSE mount the client keeps the file open until the
+pin is released (s3fs keeps a deleted temporary file of no blocks open for it).
 """
 
 from __future__ import annotations
@@ -150,10 +151,17 @@ class PinSet:
         """
         fd = open_planned(path, dev, ino, mtime_ns, blocking=False)
         try:
-            length = min(length, os.fstat(fd).st_size)
-            addr = lock_file(fd, length) if length > 0 else 0
+            return self.pin_open(path, fd, length)
         finally:
             os.close(fd)
+
+    def pin_open(self, path: str, fd: int, length: int) -> Pin:
+        """Lock the first ``length`` bytes of ``path``, open as ``fd`` (left open).
+
+        :raises OSError: when it cannot be locked.
+        """
+        length = min(length, os.fstat(fd).st_size)
+        addr = lock_file(fd, length) if length > 0 else 0
         pin = Pin(path, addr, length)
         with self._lock:
             self._pins.append(pin)

@@ -9,6 +9,7 @@ refusal with a real ``RLIMIT_MEMLOCK`` (prlimit) and a process without ``CAP_IPC
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from preloader.kernel.pinning import parse_vm_locked
 
 from ..lib.cli import NOBODY
-from ..lib.marks import needs_root, needs_vmtouch
+from ..lib.fusefs import FuseMount
+from ..lib.marks import needs_fuse, needs_root, needs_vmtouch
 from ..lib.residency import evict_tree, vmtouch_resident
 from ..lib.serve import Served, ready_body, track
 
@@ -205,3 +207,38 @@ def test_a_replaced_shard_is_pinned_again_and_the_old_pin_released(
     server.poll(released)
     assert server.json("/status")[1]["paths"][0]["bytes"] == 4 * MiB
     assert server.stop()[0] == 0
+
+
+@needs_fuse
+def test_a_shard_is_pinned_as_soon_as_it_is_read_while_the_pass_reads_the_next(
+    fuse_fs: Callable[..., FuseMount], served: list[Served]
+) -> None:
+    # A proactive reclaimer may page out the first shards of a long warm-up before the
+    # last is read: each shard is pinned once all of it is. The second shard is held
+    # before its first byte, so the pass cannot end while the first is seen pinned.
+    fs = fuse_fs(
+        {
+            "files": {
+                "model-00001-of-00002.safetensors": {"size": 8 * MiB},
+                "model-00002-of-00002.safetensors": {"size": 8 * MiB, "gate_from": 0},
+            }
+        }
+    )
+    server = track(
+        served, str(fs.mountpoint), "--lock", "--chunk-size", "1MiB", "--recheck-seconds", "0"
+    )
+    fs.wait_for("GATE read")
+    lock = server.poll(lambda: _pinned(server, 8 * MiB))
+    assert lock["pinned_files"] == 1
+    assert _vm_locked(server.proc.pid) == 8 * MiB
+    assert not [line for line in server.logs if line.get("event") == "first pass over"]
+    fs.release()
+    lock = server.poll(lambda: _pinned(server, 16 * MiB))
+    assert lock == {"pinned_bytes": 16 * MiB, "pinned_files": 2, "error": None}
+    # One line for the pass's pins, once it is over.
+    line = server.wait_for_log(lambda line: line.get("event") == "pinned")
+    assert line["pinned_bytes"] == 16 * MiB and line["pinned_files"] == 2
+    assert server.stop()[0] == 0
+    line = server.wait_for_log(lambda line: line.get("event") == "released pinned pages")
+    assert line["bytes"] == 16 * MiB
+    assert len([line for line in server.logs if line.get("event") == "pinned"]) == 1
