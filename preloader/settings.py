@@ -274,6 +274,8 @@ class ServeConfig:
         ``None``: off.
     :ivar allow_missing: a ``MODEL_DIR`` or ``PRELOADER_PATHS`` entry that does not exist
         is skipped, as ``warm`` does; by default ``/readyz`` stays closed and names it.
+    :ivar lock: pin the warmed files with ``mmap`` + ``mlock`` once the first pass is over,
+        until the agent stops (``--lock``; without the permission it serves unpinned).
     """
 
     selection: Selection
@@ -292,6 +294,7 @@ class ServeConfig:
     shutdown_seconds: float = 1.0
     node_labels: NodeLabelConfig | None = None
     allow_missing: bool = False
+    lock: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ready_ratio <= 1.0:

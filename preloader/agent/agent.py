@@ -14,7 +14,8 @@ never prints; it reports through an :class:`~preloader.engine.events.EngineEvent
 One :class:`Agent`, composed of parts with one job each, which own their state and are
 handed what they share: :mod:`.state` (the served paths and :class:`~.state.AgentEvents`,
 the agent's voice), :class:`~.firstpass.FirstPass` (plan, trim to the budget, the first
-pass and the start gate's watch), :class:`~.keepwarm.KeepWarm` (the keep-warm loop). The
+pass and the start gate's watch), :class:`~.keepwarm.KeepWarm` (the keep-warm loop),
+:class:`~.pins.PinKeeper` (``--lock``: pin what was warmed, release at the stop). The
 agent itself keeps the lifecycle, readiness, the start gate's latch and the memory budget,
 and builds the snapshot front ends read.
 
@@ -42,6 +43,7 @@ from ..units import format_bytes, printable
 from .estimate import estimate_guard_bytes
 from .firstpass import FirstPass
 from .keepwarm import KeepWarm
+from .pins import PinKeeper
 from .snapshot import FILE_STATES, AgentSnapshot, PathSnapshot, trim_reason
 from .startgate import StartGate
 from .state import AgentEvents, PassContext, ServedPath
@@ -62,7 +64,8 @@ class Agent:
         the agent's own: ``planned``, ``skipped``, ``warmed``, ``start``, ``ready``,
         ``unready``, ``timeout``, ``start_lead_too_long``, ``first pass over`` (both
         gates decided), ``rewarmed``, ``replanned``, ``degraded``, ``recovered``,
-        ``failed``. ``path`` is the file for engine events and the served path for the
+        ``failed``, and with ``--lock`` ``pinned``, ``cannot lock``, ``released pinned
+        pages``. ``path`` is the file for engine events and the served path for the
         agent's.
     """
 
@@ -124,17 +127,20 @@ class Agent:
             self._stop,
             self._stopping,
         )
+        self._pins = PinKeeper(context)
         self._first_pass = FirstPass(
             context,
             self._gate,
             is_ready=lambda: self._ready,
             on_start=self._emit_start,
             known_unready=self._known_unready,
+            planned_again=self._pins.sync,
+            on_file_read=self._pins.pin_read if self.config.lock else None,
         )
         self._keep_warm = KeepWarm(
             context,
             checked=self._update_ready,
-            round_done=self._read_budget,
+            round_done=self._round_done,
             replan_if_changed=self._first_pass.replan_if_changed,
         )
 
@@ -185,6 +191,7 @@ class Agent:
             memory_budget=self._budget,
             start_gate=self._gate.snapshot(time.monotonic(), self._ready, reason),
             proactive_reclaim=self._proactive_reclaim,
+            lock=self._pins.snapshot(),
         )
 
     async def wait_until(self, predicate: Callable[[AgentSnapshot], bool]) -> AgentSnapshot:
@@ -213,12 +220,14 @@ class Agent:
                 if self.config.timeout is not None:
                     group.start_soon(self._deadline, self.config.timeout)
                 await self.start_up()
+                await self._pins.sync()  # after the gates: readiness never waits for a pin
                 if self.config.recheck_seconds > 0 and self._models:
                     await self._keep_warm.run()
                 else:
                     await self._stopping.wait()
                 group.cancel_scope.cancel()
         finally:
+            await self._pins.release()
             self._stopped.set()
 
     async def start_up(self) -> None:
@@ -236,6 +245,7 @@ class Agent:
         await self._first_pass.plan_all()
         await self._read_budget()
         self._first_pass.trim_to_budget(self._budget)
+        await self._pins.prepare(self._budget)
         async with anyio.create_task_group() as group:
             group.start_soon(self._first_pass.watch_start_gate)
             for model in self._models:
@@ -283,6 +293,10 @@ class Agent:
             detail = f"not warm after {seconds:g} s: staying unready (timeout policy 'unready')"
         self._emit(EventKind.TIMEOUT, detail=detail)
         self._events.changed()
+
+    async def _round_done(self) -> None:
+        await self._read_budget()
+        await self._pins.sync()  # a path planned again: its new files, now warm
 
     async def _read_budget(self) -> None:
         # A few small reads of /proc and /sys, on a worker thread, on the agent's schedule.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import anyio
 import anyio.to_thread
@@ -26,7 +26,7 @@ from ..engine.residency import measure_residency
 from ..engine.warm import warm_plan
 from ..planning.budget import BudgetCheck, MemoryBudget, check_plan
 from ..planning.planner import Plan, build_plan
-from ..planning.specs import Skipped, sparse_note
+from ..planning.specs import FileSpec, Skipped, sparse_note
 from ..settings import DEFAULT_HEADROOM
 from ..units import format_bytes, printable
 from .estimate import MountProgress
@@ -47,6 +47,10 @@ class FirstPass:
     :param known_unready: why ``/readyz`` cannot open when the pass ends, if that is known
         already (a path failed as a whole, a missing root); it keeps the estimate from
         opening the start gate.
+    :param planned_again: awaited when a path was planned again, before it is warmed again
+        (``--lock`` releases the pins of the files no longer planned).
+    :param on_file_read: handed to the pass (see :func:`~preloader.engine.warm.warm_plan`):
+        ``--lock`` pins each shard as soon as it is read.
     """
 
     def __init__(
@@ -56,6 +60,8 @@ class FirstPass:
         is_ready: Callable[[], bool],
         on_start: Callable[[], None],
         known_unready: Callable[[], str | None] = lambda: None,
+        planned_again: Callable[[], Awaitable[None]] | None = None,
+        on_file_read: Callable[[FileSpec, int], None] | None = None,
     ) -> None:
         self._context = context
         self._emit = context.events.emit
@@ -63,6 +69,8 @@ class FirstPass:
         self._is_ready = is_ready
         self._on_start = on_start
         self._known_unready = known_unready
+        self._planned_again = planned_again
+        self._on_file_read = on_file_read
 
     async def plan_all(self) -> None:
         seen: dict[tuple[int, int], str] = {}
@@ -122,7 +130,11 @@ class FirstPass:
             if other is not model
             for spec in other.plan.files
         }
-        if await self._plan_one(model, seen) and not self._context.stop.is_set():
+        if not await self._plan_one(model, seen):
+            return
+        if self._planned_again is not None:
+            await self._planned_again()
+        if not self._context.stop.is_set():
             await self.warm(model)
 
     async def _plan_one(self, model: ServedPath, seen: dict[tuple[int, int], str]) -> bool:
@@ -248,6 +260,7 @@ class FirstPass:
                 progress=model.progress,
                 on_event=lambda event: self._context.events.engine_event(model, event),
                 stop=self._context.stop,
+                on_file_read=self._on_file_read,
             )
         except Exception as err:  # a bug must not take the other paths down
             self._context.events.fail(model, f"warm pass failed: {type(err).__name__}: {err}")

@@ -13,6 +13,7 @@ from .._version import __version__
 from ..engine.reports import resident_share
 from ..planning.budget import MemoryBudget
 from ..units import format_bytes
+from .pins import LockSnapshot
 from .startgate import StartGateSnapshot
 
 __all__ = ["FILE_STATES", "STATES", "AgentSnapshot", "PathSnapshot", "trim_reason"]
@@ -158,6 +159,8 @@ class AgentSnapshot:
     :ivar start_gate: what ``/startz`` answers, and whether its lead was right.
     :ivar proactive_reclaim: what on this machine drops idle page cache with no memory
         pressure (a DAMON ``pageout`` scheme), ``None`` when nothing this process can see.
+    :ivar lock: what ``--lock`` holds pinned, and why not when it may not; ``None``
+        without ``--lock``.
     """
 
     state: str
@@ -174,6 +177,7 @@ class AgentSnapshot:
     start_gate: StartGateSnapshot | None = None
     proactive_reclaim: str | None = None
     missing_paths: tuple[str, ...] = ()
+    lock: LockSnapshot | None = None
     version: str = __version__
 
     @property
@@ -242,5 +246,6 @@ class AgentSnapshot:
             "memory_budget": None if self.memory_budget is None else self.memory_budget.to_json(),
             "start_gate": None if self.start_gate is None else self.start_gate.to_json(),
             "proactive_reclaim": self.proactive_reclaim,
+            "lock": None if self.lock is None else self.lock.to_json(),
             "paths": [p.to_json() for p in self.paths],
         }

@@ -55,6 +55,7 @@ __all__ = [
     "bundle",
     "concurrency_option",
     "json_option",
+    "lock_option",
     "log_options",
     "node_label_options",
     "read_options",
@@ -117,14 +118,8 @@ def choice_option(
     name: str, envvar: str, choices: Sequence[str], default: str, help: str
 ) -> Callable[[_F], _F]:
     """One of ``choices``, default shown."""
-    return option(
-        name,
-        envvar=envvar,
-        type=click.Choice(choices),
-        default=default,
-        show_default=True,
-        help=help,
-    )
+    kind = click.Choice(choices)
+    return option(name, envvar=envvar, type=kind, default=default, show_default=True, help=help)
 
 
 def flag_option(*names: str, envvar: str, help: str) -> Callable[[_F], _F]:
@@ -159,12 +154,7 @@ class SelectionArgs:
                 if candidate and not os.path.exists(candidate):
                     get_logger().warning("path does not exist; skipped", path=printable(candidate))
         return resolve_selection(
-            self.paths,
-            self.model_dir,
-            self.env_paths,
-            self.include,
-            self.exclude,
-            self.all_formats,
+            self.paths, self.model_dir, self.env_paths, self.include, self.exclude, self.all_formats
         )
 
 
@@ -465,6 +455,17 @@ start_min_rate_option: Callable[[_F], _F] = option(
     "measured yet is estimated at it, so /startz opens at once if the plan could not take "
     "longer than --start-lead at it (opened_by 'floor'). Default 0: no floor.",
 )
+
+
+def lock_option(what: str) -> Callable[[_F], _F]:
+    """``--lock``/``PRELOADER_LOCK``: ``what`` the command pins and when, then the cost."""
+    return flag_option(
+        "--lock",
+        envvar="PRELOADER_LOCK",
+        help=what + " Pinned pages count against the container's memory limit. Needs "
+        "CAP_IPC_LOCK (Kubernetes: securityContext.capabilities.add: [IPC_LOCK]) or "
+        "RLIMIT_MEMLOCK above the plan's bytes.",
+    )
 
 
 def timeout_option(help: str, envvar: str = "PRELOADER_TIMEOUT") -> Callable[[_F], _F]:

@@ -23,6 +23,7 @@ from .options import (
     allow_missing_option,
     bundle,
     choice_option,
+    lock_option,
     node_label_options,
     number_option,
     option,
@@ -53,6 +54,7 @@ class ServeFlags:
     max_backoff: float
     on_server_drop: ServerDropPolicy
     allow_missing: bool
+    lock: bool
 
 
 @click.command(epilog=SERVE_EXIT_CODES_HELP)
@@ -148,6 +150,13 @@ class ServeFlags:
     "leaves them alone until they are resident again. Either way /status, "
     "preloader_server_drop_detected and a log line say so.",
 )
+@lock_option(
+    "Pin the warmed files with mmap + mlock (like vmtouch -l; each shard once read, the "
+    "rest after the first pass) until SIGTERM/SIGINT, so neither memory pressure nor proactive reclaim (a DAMON pageout "
+    "scheme) pages them out; a new revision's files replace the old ones' pins. Without the "
+    "permission it warms and serves unpinned: one error line, /status lock.error, "
+    "preloader_lock_error 1."
+)
 @node_label_options
 @click.pass_context
 @bundle("flags", ServeFlags)
@@ -188,6 +197,7 @@ def serve(
             on_server_drop=flags.on_server_drop,
             node_labels=node_labels.resolve(resolved.paths),
             allow_missing=flags.allow_missing,
+            lock=flags.lock,
         )
 
     # uvicorn, starlette and prometheus-client only for this command; imported here, while

@@ -34,6 +34,7 @@ from .options import (
     bundle,
     flag_option,
     json_option,
+    lock_option,
     number_option,
     option,
     read_options,
@@ -110,12 +111,10 @@ class WarmFlags:
     "Seconds between progress log lines when there is no bar (0: none).",
 )
 @budget_options
-@flag_option(
-    "--lock",
-    envvar="PRELOADER_LOCK",
-    help="After warming, pin the pages with mmap + mlock (like vmtouch -l) and keep "
-    "running until SIGTERM/SIGINT, then release them and exit. Needs CAP_IPC_LOCK or "
-    "RLIMIT_MEMLOCK above the plan's size (exit 9 otherwise). Never in a postStart hook.",
+@lock_option(
+    "After warming, pin the pages with mmap + mlock (like vmtouch -l) and keep running "
+    "until SIGTERM/SIGINT, then release them and exit. Never in a postStart hook; exit 9 "
+    "when it may not pin."
 )
 @click.pass_context
 @bundle("flags", WarmFlags)

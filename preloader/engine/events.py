@@ -64,6 +64,9 @@ class EventKind(str, enum.Enum):
     TRIMMED = "trimmed"
     PROACTIVE_RECLAIM = "proactive reclaim"
     SERVER_DROP = "server drop"
+    PINNED = "pinned"
+    UNPINNED = "released pinned pages"
+    LOCK_REFUSED = "cannot lock"
 
     def __str__(self) -> str:
         return self.value
@@ -117,6 +120,7 @@ LEVELS: dict[EventKind, int] = {
     EventKind.SPARSE_FILE: logging.WARNING,
     EventKind.PROACTIVE_RECLAIM: logging.WARNING,
     EventKind.SERVER_DROP: logging.WARNING,
+    EventKind.LOCK_REFUSED: logging.ERROR,
     EventKind.TRIMMED: logging.WARNING,
     EventKind.TIMEOUT: logging.ERROR,
     EventKind.DEGRADED: logging.WARNING,

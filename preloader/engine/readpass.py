@@ -18,7 +18,7 @@ import anyio
 import anyio.to_thread
 
 from ..planning.planner import Plan
-from ..planning.specs import Chunk
+from ..planning.specs import Chunk, FileSpec
 from ..settings import AUTO_CONCURRENCY, AUTO_START_CONCURRENCY, WarmOptions
 from .events import Emitter, EngineEvent, ErrorReason, EventKind
 from .holes import fill_holes
@@ -72,8 +72,10 @@ class ReadPass:
         on_event: Callable[[EngineEvent], None] | None,
         stop: threading.Event,
         chunks: Sequence[Chunk] | None = None,
+        on_file_read: Callable[[FileSpec, int], None] | None = None,
     ) -> None:
         self.plan = plan
+        self.on_file_read = on_file_read
         self.options = options
         self.progress = progress
         self.emit = Emitter(on_event)
@@ -371,12 +373,19 @@ class ReadPass:
         verify = state.error is None and self.options.verify
         whole = verify and self.every_chunk  # a keep-warm selection leaves the rest alone
 
+        # Only a whole first pass hands a file over, and only one read without an error.
+        hand_over = self.on_file_read if self.every_chunk and state.error is None else None
+        spec = state.spec
+
         def finish() -> int | None:
             try:
                 if whole:
                     # While the FUSE client still holds the data; not after a stop.
                     fill_holes(fd, size, method, self.stop.is_set)
-                return after_read(fd, size) if verify else None
+                resident = after_read(fd, size) if verify else None
+                if hand_over is not None and not self.stop.is_set():
+                    hand_over(spec, fd)  # measured first: what reading alone made resident
+                return resident
             finally:
                 os.close(fd)
 

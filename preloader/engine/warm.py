@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ..kernel import reclaim
 from ..planning.planner import Plan
-from ..planning.specs import Chunk
+from ..planning.specs import Chunk, FileSpec
 from ..settings import WarmOptions
 from .events import EngineEvent
 from .ledger import assemble
@@ -52,6 +52,7 @@ async def warm_plan(
     progress: WarmProgress | None = None,
     on_event: Callable[[EngineEvent], None] | None = None,
     stop: threading.Event | None = None,
+    on_file_read: Callable[[FileSpec, int], None] | None = None,
 ) -> WarmReport:
     """Read every chunk of ``plan`` into the page cache, then verify residency.
 
@@ -60,6 +61,11 @@ async def warm_plan(
     :param on_event: called on the event loop for errors, fallbacks and state changes.
     :param stop: set it (from any thread or a signal handler) to end the read pass early;
         the report then says ``interrupted``.
+    :param on_file_read: called in a worker thread with a file's spec and its open
+        descriptor as soon as every chunk of the file has been read without an error
+        (after its residency was measured, before the descriptor is closed), so a caller
+        can act on one shard while the pass reads the next (``serve --lock`` pins it). A file
+        of a single chunk (read whole, in a batch) is not handed over. It must not raise.
     :return: the report; per-file errors are in it, never raised.
     """
     options = options or WarmOptions()
@@ -67,7 +73,7 @@ async def warm_plan(
     stop = stop or threading.Event()
     cpu_before = _cpu_seconds()
     started = time.monotonic()
-    engine = ReadPass(plan, options, progress, on_event, stop)
+    engine = ReadPass(plan, options, progress, on_event, stop, on_file_read=on_file_read)
     await engine.run()  # 1. the read pass
     verification = None
     if options.verify:  # 2. what stayed resident

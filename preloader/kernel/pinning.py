@@ -6,8 +6,9 @@ long as the mapping lives; the pages stay charged to the memory cgroup that read
 Locking needs ``CAP_IPC_LOCK`` or room under ``RLIMIT_MEMLOCK`` (often only 8 MiB in a
 container), so :func:`memlock_permission` is asked first and a refusal is explained.
 
-A mapping keeps its file referenced after the descriptor is closed, so no file handle
-stays open while pages are pinned (FUSE clients reserve memory per open handle).
+A mapping keeps its file referenced after the descriptor is closed: no descriptor stays
+open while pages are pinned, but on a FUSE mount the client keeps the file open until the
+pin is released (s3fs keeps a deleted temporary file of no blocks open for it).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import errno
 import os
 import resource
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from ..units import format_bytes
@@ -149,10 +151,17 @@ class PinSet:
         """
         fd = open_planned(path, dev, ino, mtime_ns, blocking=False)
         try:
-            length = min(length, os.fstat(fd).st_size)
-            addr = lock_file(fd, length) if length > 0 else 0
+            return self.pin_open(path, fd, length)
         finally:
             os.close(fd)
+
+    def pin_open(self, path: str, fd: int, length: int) -> Pin:
+        """Lock the first ``length`` bytes of ``path``, open as ``fd`` (left open).
+
+        :raises OSError: when it cannot be locked.
+        """
+        length = min(length, os.fstat(fd).st_size)
+        addr = lock_file(fd, length) if length > 0 else 0
         pin = Pin(path, addr, length)
         with self._lock:
             self._pins.append(pin)
@@ -168,10 +177,14 @@ class PinSet:
         with self._lock:
             return sum(p.length for p in self._pins)
 
-    def release(self) -> int:
-        """Unlock everything; return the bytes released."""
+    def release(self, only: Collection[Pin] | None = None) -> int:
+        """Unlock everything, or only the pins in ``only``; return the bytes released."""
         with self._lock:
-            pins, self._pins = self._pins, []
+            if only is None:
+                pins, self._pins = self._pins, []
+            else:
+                pins = [p for p in self._pins if p in only]
+                self._pins = [p for p in self._pins if p not in only]
         for pin in pins:
             if pin.length:
                 unlock(pin.addr, pin.length)

@@ -96,6 +96,19 @@ _METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         (),
     ),
     (
+        "preloader_pinned_bytes",
+        "gauge",
+        "Bytes serve --lock holds pinned (mmap + mlock); 0 without --lock.",
+        (),
+    ),
+    (
+        "preloader_lock_error",
+        "gauge",
+        "1 when --lock may not pin (no CAP_IPC_LOCK, RLIMIT_MEMLOCK too small) or a lock "
+        "failed: the model is served unpinned (/status lock.error says why).",
+        (),
+    ),
+    (
         "preloader_memory_available_bytes",
         "gauge",
         "Room for page cache: the least of the memory cgroup's free bytes and MemAvailable.",
@@ -241,6 +254,9 @@ class AgentCollector(Collector):
                     [verdict], 1 if gate.verdict == verdict else 0
                 )
         f["preloader_proactive_reclaim"].add_metric([], 1 if snap.proactive_reclaim else 0)
+        lock = snap.lock
+        f["preloader_pinned_bytes"].add_metric([], lock.pinned_bytes if lock else 0)
+        f["preloader_lock_error"].add_metric([], 1 if lock and lock.error else 0)
         available = snap.memory_budget.available_bytes if snap.memory_budget else None
         if available is not None:
             f["preloader_memory_available_bytes"].add_metric([], available)

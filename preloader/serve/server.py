@@ -126,6 +126,7 @@ async def serve(config: ServeConfig, sock: socket.socket, node_api: NodeApi | No
             ready_ratio=config.ready_ratio,
             recheck_seconds=config.recheck_seconds,
             start_lead=config.start_lead,
+            lock=config.lock,
         )
         missing = [printable(p) for p in config.selection.missing]
         if missing and not config.allow_missing:

@@ -17,6 +17,7 @@ from preloader.engine.residency import evict_plan, measure_residency
 from preloader.engine.warm import rewarm_chunks, warm_plan
 from preloader.kernel import fileread, pagecache
 from preloader.planning.planner import build_plan
+from preloader.planning.specs import FileSpec
 from preloader.settings import AUTO_CONCURRENCY, WarmOptions
 
 from ..lib.marks import needs_vmtouch
@@ -84,6 +85,31 @@ async def test_a_big_file_is_read_by_several_workers_once_per_chunk_with_one_ope
     assert len(threads) > 1
     assert opens[str(big_file)] == 1
     assert report.read_bytes == size
+
+
+async def test_a_file_of_several_chunks_is_handed_over_once_all_of_it_is_read(
+    shared_tmp: Path,
+) -> None:
+    model = shared_tmp / "handover"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    shard = model / "model.safetensors"
+    with open(shard, "wb") as handle:
+        handle.write(os.urandom(3 * MiB + 4096))
+        os.fsync(handle.fileno())  # dirty pages cannot be evicted
+    evict_tree(model)
+    plan = build_plan([str(model)])
+    handed: list[tuple[str, int, int]] = []
+
+    def on_file_read(spec: FileSpec, fd: int) -> None:
+        # The descriptor is still open and every page of the file is read by now.
+        resident = pagecache.fd_residency(fd, spec.size)
+        handed.append((spec.path, os.fstat(fd).st_ino, resident))
+
+    options = WarmOptions(concurrency=3, chunk_size=MiB)
+    report = await warm_plan(plan, options, on_file_read=on_file_read)
+    assert report.errors == ()
+    assert handed == [(str(shard), shard.stat().st_ino, shard.stat().st_size)]
 
 
 async def test_auto_concurrency_warms_and_reports_what_it_settled_on(model_dir: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from preloader import errors
-from preloader.kernel.pinning import MemlockPermission, parse_vm_locked
+from preloader.kernel.pinning import MemlockPermission, PinSet, parse_vm_locked
 from preloader.kernel.procfs import parse_cap_eff
 
 from ..lib.cli import AS_USER, NOBODY, REPO, run_cli
@@ -98,6 +99,34 @@ def test_warm_lock_pins_until_signalled_then_releases(model_dir: Path) -> None:
     assert "released pinned pages" in events
     run_cli("evict", str(model_dir), check=True)
     assert vmtouch_resident(model_dir)[0] == 0
+
+
+@needs_vmtouch
+def test_a_pin_set_releases_only_the_pins_asked_for(model_dir: Path) -> None:
+    shards = sorted(model_dir.glob("*.safetensors"))[:2]
+    soft = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+    limit = None if soft == resource.RLIM_INFINITY else soft
+    size = sum(shard.stat().st_size for shard in shards)
+    if MemlockPermission(_has_cap_ipc_lock(), limit).refusal(size) is not None:
+        pytest.skip("mlock is not permitted here")
+    page = os.sysconf("SC_PAGE_SIZE")
+    before = _vm_locked(os.getpid())
+    pins = PinSet()
+    try:
+        first, second = (pins.pin(str(shard), shard.stat().st_size) for shard in shards)
+        locked = _vm_locked(os.getpid())
+        assert pins.release({first}) == first.length
+        assert pins.pins == (second,)
+        assert pins.pinned_bytes == second.length
+        assert _vm_locked(os.getpid()) == locked - -(-first.length // page) * page
+        # The released file's pages can go again; the pinned one's cannot.
+        run_cli("evict", *map(str, shards), check=True)
+        assert vmtouch_resident(shards[0])[0] == 0
+        pages, total = vmtouch_resident(shards[1])
+        assert pages == total
+    finally:
+        pins.release()
+    assert _vm_locked(os.getpid()) == before
 
 
 @needs_root

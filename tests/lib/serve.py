@@ -10,7 +10,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from .cli import AS_USER, REPO, cli_env
@@ -105,9 +105,11 @@ def start_serve(
     env: dict[str, str] | None = None,
     user: int | None = None,
     cgroup: str | None = None,
+    wrap: Sequence[str] = (),
 ) -> Served:
     """Start ``preloader serve ARGS`` on 127.0.0.1 and an ephemeral port (as ``user``; in
-    the memory ``cgroup``, a directory the process moves itself into first)."""
+    the memory ``cgroup``, a directory the process moves itself into first; under
+    ``wrap``, a command that execs the rest, such as ``prlimit --memlock=N:N``)."""
     base_env = cli_env({"PRELOADER_HOST": "127.0.0.1", "PRELOADER_PORT": "0", **(env or {})})
     prefix = (
         [sys.executable, "-m", "preloader"]
@@ -121,7 +123,7 @@ def start_serve(
     if cgroup is not None:
         prefix = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', cgroup, *prefix]
     proc = subprocess.Popen(
-        [*prefix, "serve", *args],
+        [*wrap, *prefix, "serve", *args],
         cwd=REPO,  # `python -m preloader` imports this checkout's package
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
