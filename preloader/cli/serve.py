@@ -152,8 +152,9 @@ class ServeFlags:
 )
 @lock_option(
     "Pin the warmed files with mmap + mlock (like vmtouch -l; each shard once read, the "
-    "rest after the first pass) until SIGTERM/SIGINT, so neither memory pressure nor proactive reclaim (a DAMON pageout "
-    "scheme) pages them out; a new revision's files replace the old ones' pins. Without the "
+    "rest after the first pass) until SIGTERM/SIGINT, so neither memory pressure nor "
+    "proactive reclaim (a DAMON pageout scheme) pages them out; a new revision's files "
+    "replace the old ones' pins. Without the "
     "permission it warms and serves unpinned: one error line, /status lock.error, "
     "preloader_lock_error 1."
 )
