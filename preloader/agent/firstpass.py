@@ -61,7 +61,7 @@ class FirstPass:
         on_start: Callable[[], None],
         known_unready: Callable[[], str | None] = lambda: None,
         planned_again: Callable[[], Awaitable[None]] | None = None,
-        on_file_read: Callable[[FileSpec, int], None] | None = None,
+        on_file_read: Callable[[FileSpec], None] | None = None,
     ) -> None:
         self._context = context
         self._emit = context.events.emit

@@ -7,8 +7,9 @@ cache that sits idle, with no memory pressure; pinned pages stay under any schem
 once, as an error line and in ``/status``, and the agent warms and serves unpinned: a
 warm-up never blocks a rollout, and readiness never waits for a pin. A shard (a file of
 several chunks) is pinned as soon as the pass has read all of it (:meth:`PinKeeper.pin_read`,
-on the worker thread that read it, through its open descriptor): a long warm-up's first
-shards are not paged out while it reads the last. Once the first pass is over,
+on the worker thread that read it, opened again once the pass has closed it: a FUSE client
+frees what it kept for the pass's open, s3fs a temporary copy of the whole file): a long
+warm-up's first shards are not paged out while it reads the last. Once the first pass is over,
 :meth:`PinKeeper.sync` pins every other planned file that was read in full, in a worker
 thread (:class:`~preloader.kernel.pinning.PinSet`). It runs again when a path is planned
 again (a new revision: the pins of files no longer planned are released before the new
@@ -135,9 +136,10 @@ class PinKeeper:
         if refusal is not None:
             self._refuse(refusal)
 
-    def pin_read(self, spec: FileSpec, fd: int) -> None:
-        """Pin a file the pass has just read in full, through its open ``fd`` (the pass's
-        ``on_file_read``, on the worker thread that read it; never raises).
+    def pin_read(self, spec: FileSpec) -> None:
+        """Pin a file the pass has just read in full and closed (the pass's
+        ``on_file_read``, on the worker thread that read it; never raises). It is opened
+        again, checked to be the planned file, mapped and locked, and closed.
 
         A file already pinned, one over the budget's room, or any file after a refusal is
         left alone; :meth:`sync` says so once the pass is over. A lock refused (the limit,
@@ -153,9 +155,9 @@ class PinKeeper:
             if room is not None and spec.size > room:
                 return
             try:
-                pin = self._pins.pin_open(spec.path, fd, spec.size)
+                pin = self._pins.pin(spec.path, spec.size, spec.dev, spec.ino, spec.mtime_ns)
             except OSError as err:
-                if err.errno in _REFUSED:
+                if err.errno in _REFUSED and not isinstance(err, FileChangedError):
                     cause = f"{printable(spec.path)}: cannot pin: {err.strerror or err}"
                     self._failed_midway = cause
                 return  # otherwise sync tries again by its path, and says what failed

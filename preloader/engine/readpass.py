@@ -72,7 +72,7 @@ class ReadPass:
         on_event: Callable[[EngineEvent], None] | None,
         stop: threading.Event,
         chunks: Sequence[Chunk] | None = None,
-        on_file_read: Callable[[FileSpec, int], None] | None = None,
+        on_file_read: Callable[[FileSpec], None] | None = None,
     ) -> None:
         self.plan = plan
         self.on_file_read = on_file_read
@@ -383,11 +383,13 @@ class ReadPass:
                     # While the FUSE client still holds the data; not after a stop.
                     fill_holes(fd, size, method, self.stop.is_set)
                 resident = after_read(fd, size) if verify else None
-                if hand_over is not None and not self.stop.is_set():
-                    hand_over(spec, fd)  # measured first: what reading alone made resident
-                return resident
             finally:
                 os.close(fd)
+            # After the close: a FUSE client frees what it kept for this open (s3fs: its
+            # temporary copy of the file), which a pin through this descriptor would hold.
+            if hand_over is not None and not self.stop.is_set():
+                hand_over(spec)
+            return resident
 
         state.resident_after_read = await anyio.to_thread.run_sync(finish, limiter=self.threads)
 

@@ -52,7 +52,7 @@ async def warm_plan(
     progress: WarmProgress | None = None,
     on_event: Callable[[EngineEvent], None] | None = None,
     stop: threading.Event | None = None,
-    on_file_read: Callable[[FileSpec, int], None] | None = None,
+    on_file_read: Callable[[FileSpec], None] | None = None,
 ) -> WarmReport:
     """Read every chunk of ``plan`` into the page cache, then verify residency.
 
@@ -61,11 +61,12 @@ async def warm_plan(
     :param on_event: called on the event loop for errors, fallbacks and state changes.
     :param stop: set it (from any thread or a signal handler) to end the read pass early;
         the report then says ``interrupted``.
-    :param on_file_read: called in a worker thread with a file's spec and its open
-        descriptor as soon as every chunk of the file has been read without an error
-        (after its residency was measured, before the descriptor is closed), so a caller
-        can act on one shard while the pass reads the next (``serve --lock`` pins it). A file
-        of a single chunk (read whole, in a batch) is not handed over. It must not raise.
+    :param on_file_read: called in a worker thread with a file's spec as soon as every
+        chunk of the file has been read without an error (after its residency was
+        measured and the pass's descriptor closed: a FUSE client frees what it kept for
+        that open), so a caller can act on one shard while the pass reads the next
+        (``serve --lock`` pins it). A file of a single chunk (read whole, in a batch) is
+        not handed over. It must not raise.
     :return: the report; per-file errors are in it, never raised.
     """
     options = options or WarmOptions()

@@ -8,7 +8,10 @@ container), so :func:`memlock_permission` is asked first and a refusal is explai
 
 A mapping keeps its file referenced after the descriptor is closed: no descriptor stays
 open while pages are pinned, but on a FUSE mount the client keeps the file open until the
-pin is released (s3fs keeps a deleted temporary file of no blocks open for it).
+pin is released. Whatever the client keeps for an open stays that long: s3fs writes what
+it fetches for an open to a temporary file on its disk, so a file is pinned through an
+open of its own, made after the read, which fetches nothing (its temporary file stays
+empty).
 """
 
 from __future__ import annotations
@@ -151,17 +154,10 @@ class PinSet:
         """
         fd = open_planned(path, dev, ino, mtime_ns, blocking=False)
         try:
-            return self.pin_open(path, fd, length)
+            length = min(length, os.fstat(fd).st_size)
+            addr = lock_file(fd, length) if length > 0 else 0
         finally:
             os.close(fd)
-
-    def pin_open(self, path: str, fd: int, length: int) -> Pin:
-        """Lock the first ``length`` bytes of ``path``, open as ``fd`` (left open).
-
-        :raises OSError: when it cannot be locked.
-        """
-        length = min(length, os.fstat(fd).st_size)
-        addr = lock_file(fd, length) if length > 0 else 0
         pin = Pin(path, addr, length)
         with self._lock:
             self._pins.append(pin)

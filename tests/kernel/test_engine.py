@@ -99,17 +99,24 @@ async def test_a_file_of_several_chunks_is_handed_over_once_all_of_it_is_read(
         os.fsync(handle.fileno())  # dirty pages cannot be evicted
     evict_tree(model)
     plan = build_plan([str(model)])
-    handed: list[tuple[str, int, int]] = []
+    handed: list[tuple[str, int, int, list[str]]] = []
 
-    def on_file_read(spec: FileSpec, fd: int) -> None:
-        # The descriptor is still open and every page of the file is read by now.
-        resident = pagecache.fd_residency(fd, spec.size)
-        handed.append((spec.path, os.fstat(fd).st_ino, resident))
+    def on_file_read(spec: FileSpec) -> None:
+        # Every page of the file is read by now, and the pass's descriptor closed.
+        fd = os.open(spec.path, os.O_RDONLY)
+        try:
+            resident = pagecache.fd_residency(fd, spec.size)
+            ino = os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+        fds = Path("/proc/self/fd")
+        held = [str(fd) for fd in fds.iterdir() if os.path.realpath(fd) == spec.path]
+        handed.append((spec.path, ino, resident, held))
 
     options = WarmOptions(concurrency=3, chunk_size=MiB)
     report = await warm_plan(plan, options, on_file_read=on_file_read)
     assert report.errors == ()
-    assert handed == [(str(shard), shard.stat().st_ino, shard.stat().st_size)]
+    assert handed == [(str(shard), shard.stat().st_ino, shard.stat().st_size, [])]
 
 
 async def test_auto_concurrency_warms_and_reports_what_it_settled_on(model_dir: Path) -> None:
