@@ -176,6 +176,9 @@ def pin(path: Path, pidfile: Path) -> int:
     :return: the daemon's pid, for :func:`unpin`.
     :raises RuntimeError: when vmtouch fails.
     """
+    # Read first, then lock through opens of the daemon's own: a FUSE client keeps what it
+    # fetched for an open (s3fs: a temporary copy on disk) for as long as the lock holds it.
+    touch(path)
     argv = ["vmtouch", "-q", "-d", "-l", "-w", "-m", "1024G", "-P", str(pidfile), str(path)]
     # Not a pipe: the daemon keeps what it inherits open, and a pipe would never end.
     with tempfile.TemporaryFile("w+") as errors:
