@@ -19,7 +19,9 @@ SGLang's ``--weight-loader-prefetch-checkpoints`` do: :class:`bench.loader.Prefe
 ``sidecar-readyz`` (``preloader serve``; the server starts once ``/readyz`` is
 200, as a native sidecar's startupProbe would hold it); ``sidecar-startz``
 (``preloader serve --start-lead S``; the server starts once ``/startz`` is 200);
-``sidecar-startz+engine-prefetch`` (both). A ``/startz`` mode may name its own lead,
+``sidecar-startz+engine-prefetch`` (both); ``sidecar-startz+lock`` (``serve --lock``
+beside the same sidecar unpinned, in the same run; ``--e2e-serve-lock`` pins every
+sidecar instead). A ``/startz`` mode may name its own lead,
 ``sidecar-startz:19``. The probes are polled every ``--e2e-probe-interval`` seconds
 (a kubelet probes every ``periodSeconds``, 1 s at least; a finer poll leaves the
 gate's own cost).
@@ -96,11 +98,19 @@ MODES = (
     "sidecar-readyz",
     "sidecar-startz",
     "sidecar-startz+engine-prefetch",
+    "sidecar-startz+lock",
 )
 BOUND_MODES = ("resident", "fastest-read")  # the physical bound's two halves
 ALL_MODES = MODES + BOUND_MODES
+DEFAULT_MODES = tuple(m for m in ALL_MODES if m != "sidecar-startz+lock")  # asked for by name
 STORAGES = ("local", "s3fs", "fuse-gguf", "fuse-sharded")
-PRELOADER_MODES = ("warm", "sidecar-readyz", "sidecar-startz", "sidecar-startz+engine-prefetch")
+PRELOADER_MODES = (
+    "warm",
+    "sidecar-readyz",
+    "sidecar-startz",
+    "sidecar-startz+engine-prefetch",
+    "sidecar-startz+lock",
+)
 NO_START_LEAD = "skipped: this preloader has no --start-lead"
 MODE_LABELS = {
     "cold": "cold (no warm-up)",
@@ -110,6 +120,7 @@ MODE_LABELS = {
     "sidecar-readyz": "sidecar, gate /readyz",
     "sidecar-startz": "sidecar, gate /startz + lead",
     "sidecar-startz+engine-prefetch": "sidecar /startz + engines' prefetch",
+    "sidecar-startz+lock": "sidecar, gate /startz + lead, `--lock`",
     "resident": "server on a resident model",
     "fastest-read": "fastest full read",
 }
@@ -171,7 +182,7 @@ class E2EConfig:
     """Everything one end-to-end run needs (sizes, fixtures, loader)."""
 
     storages: tuple[str, ...] = STORAGES
-    modes: tuple[str, ...] = ALL_MODES
+    modes: tuple[str, ...] = DEFAULT_MODES
     ranks: tuple[int, ...] = (4,)
     reps: int = 1  # one round is ~12 minutes on 2 cores; -n 3 for medians
     startup_s: float = 8.0
@@ -677,7 +688,7 @@ def _warmer(
             argv += ["--start-lead", f"{lead:g}"]
             if config.start_min_rate:
                 argv += ["--start-min-rate", str(config.start_min_rate)]
-        if config.serve_lock:
+        if config.serve_lock or base.endswith("+lock"):
             argv.append("--lock")
         return argv
     return None
@@ -1427,6 +1438,7 @@ _COLORS = {
     "sidecar-readyz": "#c9a227",
     "sidecar-startz": "#2a9d5c",
     "sidecar-startz+engine-prefetch": "#1d6b40",
+    "sidecar-startz+lock": "#5fbf8a",
     "resident": "#dddddd",
 }
 

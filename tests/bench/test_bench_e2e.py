@@ -233,7 +233,11 @@ def test_serve_lock_goes_to_every_sidecar_and_into_the_header(tmp_path: Path) ->
     for mode in ("sidecar-startz", "sidecar-readyz", "sidecar-startz+engine-prefetch"):
         assert "--lock" in (e2e._warmer(mode, target, config, {}, 9400) or [])
     assert "--lock" not in (e2e._warmer("warm", target, config, {}, 9400) or [])
-    assert not e2e.config_from_args(_args()).serve_lock
+    plain = e2e.config_from_args(_args())
+    assert not plain.serve_lock
+    # One sidecar pinned beside the same one unpinned, in the same run.
+    assert "--lock" in (e2e._warmer("sidecar-startz+lock:12", target, plain, {}, 9400) or [])
+    assert "--lock" not in (e2e._warmer("sidecar-startz", target, plain, {}, 9400) or [])
     note = e2e._serve_flags_note(dataclasses.asdict(config))
     assert note == ", `--lock` (the resident model held by `vmtouch -dl`)"
 
