@@ -7,11 +7,10 @@ cache that sits idle, with no memory pressure; pinned pages stay under any schem
 once, as an error line and in ``/status``, and the agent warms and serves unpinned: a
 warm-up never blocks a rollout, and readiness never waits for a pin. A shard (a file of
 several chunks) is pinned as soon as the pass has read all of it (:meth:`PinKeeper.pin_read`,
-on the worker thread that read it, opened again once the pass has closed it: a FUSE client
-frees what it kept for the pass's open, s3fs a temporary copy of the whole file): a long
-warm-up's first shards are not paged out while it reads the last. Once the first pass is over,
-:meth:`PinKeeper.sync` pins every other planned file that was read in full, in a worker
-thread (:class:`~preloader.kernel.pinning.PinSet`). It runs again when a path is planned
+opened again once the pass has closed it: a FUSE client frees what it kept for the pass's
+open, s3fs a temporary copy of the whole file): a long warm-up's first shards are not
+paged out while it reads the last. Once the first pass is over, :meth:`PinKeeper.sync`
+pins every other planned file that was read in full. It runs again when a path is planned
 again (a new revision: the pins of files no longer planned are released before the new
 ones are read) and after every keep-warm round (the new files, once warm). Never more is
 pinned than the memory budget allowed when the first pass was planned: the first pass's
@@ -19,23 +18,32 @@ plan (after its trim to the budget), or a new revision up to the budget's room t
 lock that fails midway releases every pin, says why and pins nothing more. Everything is
 released when the agent stops.
 
-Runs on the agent's event loop, but for :meth:`PinKeeper.pin_read` (worker threads): what
-is held is guarded by a lock. Front ends read :meth:`PinKeeper.snapshot` from their own
-thread (a :class:`~preloader.kernel.pinning.PinSet` may be read from any thread).
+Every pin is taken on one thread of its own, at the lowest CPU priority
+(:func:`~preloader.kernel.pinning.lowest_cpu_priority`), in the order asked: locking
+costs CPU, and the warm-up, the FUSE client and the server must not wait for it (pinned
+on the pass's threads, the bench's 8 GiB warm-up through s3fs took 3 s longer).
+
+Runs on the agent's event loop, but for the pinning thread: what is held is guarded by a
+lock. Front ends read :meth:`PinKeeper.snapshot` from their own thread (a
+:class:`~preloader.kernel.pinning.PinSet` may be read from any thread).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import anyio
 import anyio.to_thread
 
 from ..engine.events import EventKind
 from ..kernel.fileread import FileChangedError
-from ..kernel.pinning import Pin, PinSet, memlock_permission
+from ..kernel.pinning import Pin, PinSet, lowest_cpu_priority, memlock_permission
 from ..planning.budget import MemoryBudget
 from ..planning.specs import FileSpec
 from ..settings import DEFAULT_HEADROOM
@@ -49,6 +57,8 @@ _Key = tuple[str, int, int, int | None, int]
 
 _REFUSED = (errno.ENOMEM, errno.EPERM, errno.EAGAIN)
 """``mlock``'s answers when the limit or the missing capability forbids it."""
+
+_T = TypeVar("_T")
 
 
 def _key(spec: FileSpec) -> _Key:
@@ -99,11 +109,12 @@ class PinKeeper:
         self._emit = context.events.emit
         self._on = context.config.lock
         self._pins = PinSet()
-        # What is pinned, by planned file: the pass's worker threads add to it.
+        self._pinner: ThreadPoolExecutor | None = None  # the pinning thread, once prepared
+        # What is pinned, by planned file: the pinning thread adds to it.
         self._lock = threading.Lock()
         self._held: dict[_Key, Pin] = {}
         self._unsaid: list[Pin] = []  # pinned by the pass, not logged yet
-        self._failed_midway: str | None = None  # a lock the pass's thread could not take
+        self._failed_midway: str | None = None  # a lock pin_read's pin could not take
         # Touched only on the event loop: files not to try again (over the budget, or gone:
         # keep-warm plans a replaced file again, under a new key).
         self._passed: set[_Key] = set()
@@ -135,32 +146,53 @@ class PinKeeper:
         refusal = permission.refusal(planned)
         if refusal is not None:
             self._refuse(refusal)
+            return
+        self._pinner = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="preloader-pin", initializer=lowest_cpu_priority
+        )
+
+    async def _on_pinner(self, job: Callable[[], _T]) -> _T:
+        """Run ``job`` on the pinning thread, after every pin asked for before it."""
+        assert self._pinner is not None
+        future = self._pinner.submit(job)
+        return await anyio.to_thread.run_sync(future.result, abandon_on_cancel=True)
 
     def pin_read(self, spec: FileSpec) -> None:
-        """Pin a file the pass has just read in full and closed (the pass's
-        ``on_file_read``, on the worker thread that read it; never raises). It is opened
-        again, checked to be the planned file, mapped and locked, and closed.
+        """Ask for a file the pass has just read in full and closed to be pinned (the
+        pass's ``on_file_read``, from the worker thread that read it; never raises, never
+        waits): the pinning thread opens it again, checks it is the planned file, maps
+        and locks it, and closes it.
 
         A file already pinned, one over the budget's room, or any file after a refusal is
         left alone; :meth:`sync` says so once the pass is over. A lock refused (the limit,
         the capability) stops all pinning: :meth:`sync` releases every pin and says why.
         """
-        if not self._on or self._error is not None or self._context.stop.is_set():
+        pinner = self._pinner  # None once released
+        if pinner is None or self._error is not None or self._context.stop.is_set():
+            return
+        with contextlib.suppress(RuntimeError):  # shut down meanwhile: the agent stops
+            pinner.submit(self._pin_one, spec)
+
+    def _pin_one(self, spec: FileSpec) -> None:
+        """:meth:`pin_read`'s part on the pinning thread."""
+        if self._context.stop.is_set() or self._error is not None:
             return
         key = _key(spec)
-        with self._lock:  # one pin at a time: the room is counted right
+        with self._lock:
             if self._failed_midway is not None or key in self._held:
                 return
-            room = None if self._ceiling is None else self._ceiling - self._pins.pinned_bytes
-            if room is not None and spec.size > room:
-                return
-            try:
-                pin = self._pins.pin(spec.path, spec.size, spec.dev, spec.ino, spec.mtime_ns)
-            except OSError as err:
-                if err.errno in _REFUSED and not isinstance(err, FileChangedError):
-                    cause = f"{printable(spec.path)}: cannot pin: {err.strerror or err}"
+        room = None if self._ceiling is None else self._ceiling - self._pins.pinned_bytes
+        if room is not None and spec.size > room:
+            return
+        try:
+            pin = self._pins.pin(spec.path, spec.size, spec.dev, spec.ino, spec.mtime_ns)
+        except OSError as err:
+            if err.errno in _REFUSED and not isinstance(err, FileChangedError):
+                cause = f"{printable(spec.path)}: cannot pin: {err.strerror or err}"
+                with self._lock:
                     self._failed_midway = cause
-                return  # otherwise sync tries again by its path, and says what failed
+            return  # otherwise sync tries again by its path, and says what failed
+        with self._lock:
             self._held[key] = pin
             self._unsaid.append(pin)
 
@@ -175,8 +207,9 @@ class PinKeeper:
         The pins are made in a worker thread, one file at a time, stopping at the agent's
         stop (abandoned when cancelled: :meth:`release` still finds what it pinned).
         """
-        if not self._on or self._error is not None:
+        if self._pinner is None or self._error is not None:
             return
+        await self._on_pinner(lambda: None)  # the pins the pass asked for are taken
         if self._failed_midway is not None:
             await self._fail(self._failed_midway)
             return
@@ -204,10 +237,8 @@ class PinKeeper:
             self._context.events.changed()
         done = _Pinned()
         if warm and not self._context.stop.is_set():
-            room = None if self._ceiling is None else self._ceiling - self._pins.pinned_bytes
-            done = await anyio.to_thread.run_sync(
-                self._pin_in_thread, list(warm.items()), room, abandon_on_cancel=True
-            )
+            todo = list(warm.items())
+            done = await self._on_pinner(lambda: self._pin_in_thread(todo))
         with self._lock:
             self._held.update(done.pins)
             new = [*self._unsaid, *(pin for _, pin in done.pins)]
@@ -238,10 +269,10 @@ class PinKeeper:
             self._unsaid.clear()
         self._refuse(f"{cause} (released all {format_bytes(released)} pinned)")
 
-    def _pin_in_thread(self, todo: list[tuple[_Key, FileSpec]], room: int | None) -> _Pinned:
-        """Pin ``todo`` in order while ``room`` bytes last (``None``: no limit); a worker
-        thread's part."""
+    def _pin_in_thread(self, todo: list[tuple[_Key, FileSpec]]) -> _Pinned:
+        """Pin ``todo`` in order while the budget's room lasts; the pinning thread's part."""
         done = _Pinned()
+        room = None if self._ceiling is None else self._ceiling - self._pins.pinned_bytes
         for key, spec in todo:
             if self._context.stop.is_set():
                 break
@@ -268,9 +299,12 @@ class PinKeeper:
 
     async def release(self) -> None:
         """Unpin everything (the agent stops); shielded, so a cancelled stop still does it."""
-        if not self._pins.pins:
-            return
+        pinner, self._pinner = self._pinner, None
         with anyio.CancelScope(shield=True):
+            if pinner is not None:  # the pin being taken ends; those asked for are dropped
+                await anyio.to_thread.run_sync(lambda: pinner.shutdown(cancel_futures=True))
+            if not self._pins.pins:
+                return
             released = await anyio.to_thread.run_sync(self._pins.release)
         with self._lock:
             self._held.clear()

@@ -50,6 +50,18 @@ def _lock(server: Served) -> dict[str, Any]:
     return lock
 
 
+def _nice(stat: Path) -> int:
+    """The nice value in a ``/proc/.../stat`` file (field 19)."""
+    after_name = stat.read_text().rsplit(")", 1)[1].split()
+    return int(after_name[16])  # the fields from 3 on
+
+
+def _nice_values(pid: int) -> tuple[int, set[int]]:
+    """The process's own nice value, and those of all its threads."""
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    return _nice(Path(f"/proc/{pid}/stat")), {_nice(task / "stat") for task in tasks}
+
+
 def _pinned(server: Served, nbytes: int) -> dict[str, Any] | None:
     """``/status``'s ``lock`` once it holds ``nbytes`` pinned (for :meth:`Served.poll`)."""
     lock = _lock(server)
@@ -75,6 +87,9 @@ def test_serve_lock_pins_the_warmed_model_until_sigterm(
     lock = server.poll(lambda: _pinned(server, model_bytes))
     assert lock == {"pinned_bytes": model_bytes, "pinned_files": 8, "error": None}
     assert _vm_locked(server.proc.pid) >= model_bytes
+    # The pins were taken on a thread of their own at nice 19; the rest runs as started.
+    own, threads = _nice_values(server.proc.pid)
+    assert own < 19 and threads == {own, 19}
     assert _gauge(server, "preloader_pinned_bytes") == model_bytes
     assert _gauge(server, "preloader_lock_error") == 0
     line = server.wait_for_log(lambda line: line.get("event") == "pinned")
@@ -103,6 +118,8 @@ def test_without_lock_nothing_is_pinned(model_dir: Path, served: list[Served]) -
     assert _gauge(server, "preloader_pinned_bytes") == 0
     assert _gauge(server, "preloader_lock_error") == 0
     assert _vm_locked(server.proc.pid) == 0
+    own, threads = _nice_values(server.proc.pid)
+    assert threads == {own}  # no pinning thread
     assert server.stop()[0] == 0
 
 
