@@ -20,8 +20,12 @@ released when the agent stops.
 
 Every pin is taken on one thread of its own, at the lowest CPU priority
 (:func:`~preloader.kernel.pinning.lowest_cpu_priority`), in the order asked: locking
-costs CPU, and the warm-up, the FUSE client and the server must not wait for it (pinned
-on the pass's threads, the bench's 8 GiB warm-up through s3fs took 3 s longer).
+costs CPU (~0.15 s a GiB), which the warm-up, the FUSE client and the server need more.
+
+A pin keeps its file open in a FUSE client for as long as it holds it, and with it what
+the client keeps for an open that others share: s3fs keeps its temporary copy of a file
+the pass or the server had open when it was pinned (see docs/serve.md, "Pinning the
+model").
 
 Runs on the agent's event loop, but for the pinning thread: what is held is guarded by a
 lock. Front ends read :meth:`PinKeeper.snapshot` from their own thread (a

@@ -9,9 +9,10 @@ container), so :func:`memlock_permission` is asked first and a refusal is explai
 A mapping keeps its file referenced after the descriptor is closed: no descriptor stays
 open while pages are pinned, but on a FUSE mount the client keeps the file open until the
 pin is released. Whatever the client keeps for an open stays that long: s3fs writes what
-it fetches for an open to a temporary file on its disk, so a file is pinned through an
-open of its own, made after the read, which fetches nothing (its temporary file stays
-empty).
+it fetches for an open to a temporary file on its disk, shared by every open of the file
+at the time, so a file is pinned through an open of its own, made after the read, which
+fetches nothing (its temporary file stays empty unless another open of the file, a
+server's, holds the copy the read made).
 """
 
 from __future__ import annotations
@@ -100,8 +101,7 @@ def lowest_cpu_priority() -> None:
     refusal leaves the priority as it was.
 
     Locking is CPU work (every page of the file is mapped and moved to the unevictable
-    list, ~0.15 s per GiB from local disk), which a warm-up through a FUSE client bound
-    by CPU pays for in time when it runs beside the client.
+    list, ~0.15 s per GiB from local disk) that nothing waits for.
     """
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
