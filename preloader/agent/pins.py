@@ -208,8 +208,9 @@ class PinKeeper:
     async def sync(self) -> None:
         """Release the pins of files no longer planned; pin the planned files read in full.
 
-        The pins are made in a worker thread, one file at a time, stopping at the agent's
-        stop (abandoned when cancelled: :meth:`release` still finds what it pinned).
+        The pins are made on the pinning thread, after those the pass asked for, one file
+        at a time, stopping at the agent's stop (abandoned when cancelled: :meth:`release`
+        still finds what it pinned).
         """
         if self._pinner is None or self._error is not None:
             return
