@@ -274,8 +274,9 @@ class ServeConfig:
         ``None``: off.
     :ivar allow_missing: a ``MODEL_DIR`` or ``PRELOADER_PATHS`` entry that does not exist
         is skipped, as ``warm`` does; by default ``/readyz`` stays closed and names it.
-    :ivar lock: pin the warmed files with ``mmap`` + ``mlock`` once the first pass is over,
-        until the agent stops (``--lock``; without the permission it serves unpinned).
+    :ivar lock: pin the warmed files with ``mmap`` + ``mlock`` (each shard once read, the
+        rest after the first pass) until the agent stops (``--lock``; without the
+        permission it serves unpinned).
     """
 
     selection: Selection

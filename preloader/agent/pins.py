@@ -185,20 +185,13 @@ class PinKeeper:
         with self._lock:
             if self._failed_midway is not None or key in self._held:
                 return
-        room = None if self._ceiling is None else self._ceiling - self._pins.pinned_bytes
-        if room is not None and spec.size > room:
-            return
-        try:
-            pin = self._pins.pin(spec.path, spec.size, spec.dev, spec.ino, spec.mtime_ns)
-        except OSError as err:
-            if err.errno in _REFUSED and not isinstance(err, FileChangedError):
-                cause = f"{printable(spec.path)}: cannot pin: {err.strerror or err}"
-                with self._lock:
-                    self._failed_midway = cause
-            return  # otherwise sync tries again by its path, and says what failed
+        done = self._pin_in_thread([(key, spec)])
+        # A file skipped here (over the room, gone) is tried again by sync, which says why.
         with self._lock:
-            self._held[key] = pin
-            self._unsaid.append(pin)
+            self._held.update(done.pins)
+            self._unsaid.extend(pin for _, pin in done.pins)
+            if done.failure is not None:
+                self._failed_midway = done.failure
 
     def _refuse(self, cause: str) -> None:
         self._error = cause
